@@ -1,0 +1,49 @@
+"""speechlm_jax: align speech to a text LLM in JAX/Flax (MTBI, SALAD, VoiceTextBlender)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="speechlm_jax",
+    version="0.1.0",
+    description="Speech LLMs in JAX/Flax NNX that close the text-speech understanding gap.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["speechlm_jax", "speechlm_jax.*", "configs"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11.30",
+        "grain>=0.2.14",
+        "ml-collections>=1.0",
+        "absl-py>=2.1",
+        "numpy>=2.0",
+        "transformers>=4.57",
+        "tokenizers>=0.21",
+        "safetensors>=0.5",
+        "librosa>=0.10.2",
+        "soundfile>=0.12",
+        "soxr>=0.5",
+        "jiwer>=3.1",
+        "tensorflow-datasets>=4.9.9",
+        "array-record>=0.8.1",
+        "espeakng-loader>=0.2.4",
+        "matplotlib>=3.9",
+        "tensorboardX>=2.6.2",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # The references the tests compare against. torch is the CPU build that
+        # ships with the development image for Python 3.11; on newer Pythons the
+        # test suite needs a CPU torch installed by hand (see README).
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.6",
+            "hypothesis>=6.100",
+            "peft>=0.17",
+            "torch==2.13.0; python_version < '3.12'",
+        ],
+    },
+    entry_points={"console_scripts": []},
+)
