@@ -1,0 +1,108 @@
+"""Audio decoding: formats, resampling against librosa, channel mixing, and AudioError."""
+
+import librosa
+import numpy as np
+import pytest
+import soundfile as sf
+
+from speechlm_jax.data.audio import (
+    AudioError,
+    audio_duration,
+    decode_audio,
+    load_audio,
+    save_audio,
+    to_int16,
+)
+
+
+def _tone(sample_rate: int, seconds: float, channels: int = 1) -> np.ndarray:
+    """float32 [samples, channels]: a few partials below 7 kHz plus a little noise."""
+    t = np.arange(int(sample_rate * seconds)) / sample_rate
+    rng = np.random.default_rng(sample_rate)
+    mono = sum(0.2 * np.sin(2 * np.pi * f * t) for f in (220.0, 1234.5, 3100.0, 6500.0))
+    cols = [mono * (0.5 + 0.5 * c) + 0.01 * rng.standard_normal(t.size) for c in range(channels)]
+    return np.stack(cols, axis=1).astype(np.float32)
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".flac"])
+def test_int16_round_trip_is_exact(tmp_path, suffix):
+    audio = to_int16(_tone(16000, 0.5)[:, 0])
+    path = save_audio(tmp_path / f"clip{suffix}", audio, 16000)
+    loaded = load_audio(path)
+    assert loaded.dtype == np.int16 and loaded.shape == audio.shape
+    np.testing.assert_array_equal(loaded, audio)
+    assert audio_duration(path) == pytest.approx(0.5)
+    assert [p.name for p in tmp_path.iterdir()] == [f"clip{suffix}"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("native_rate", [22050, 44100])
+@pytest.mark.parametrize("suffix", [".wav", ".flac"])
+def test_resampling_matches_librosa(tmp_path, native_rate, suffix):
+    audio = _tone(native_rate, 1.0)[:, 0]
+    path = tmp_path / f"clip{suffix}"
+    sf.write(path, audio, native_rate, subtype="PCM_16")
+    stored = sf.read(path, dtype="float32")[0]
+    expected = librosa.resample(stored, orig_sr=native_rate, target_sr=16000, res_type="soxr_hq")
+    loaded = load_audio(path)
+    assert loaded.shape == expected.shape == (16000,)
+    np.testing.assert_allclose(loaded / 32768.0, expected, atol=2 / 32768)
+
+
+def test_stereo_is_averaged_to_mono(tmp_path):
+    stereo = _tone(16000, 0.25, channels=2)
+    path = tmp_path / "stereo.wav"
+    sf.write(path, stereo, 16000, subtype="FLOAT")
+    np.testing.assert_array_equal(load_audio(path), to_int16(stereo.mean(axis=1)))
+
+
+def test_decode_audio_from_bytes_equals_load_audio(tmp_path):
+    path = tmp_path / "clip.flac"
+    sf.write(path, _tone(44100, 0.3)[:, 0], 44100, subtype="PCM_16")
+    np.testing.assert_array_equal(decode_audio(path.read_bytes()), load_audio(path))
+
+
+def test_duration_limits(tmp_path):
+    path = save_audio(tmp_path / "clip.wav", to_int16(_tone(16000, 1.0)[:, 0]))
+    assert load_audio(path, min_seconds=0.5, max_seconds=2.0).shape == (16000,)
+    with pytest.raises(AudioError, match="too short"):
+        load_audio(path, min_seconds=1.5)
+    with pytest.raises(AudioError, match="too long"):
+        load_audio(path, max_seconds=0.5)
+
+
+def _bad_files(tmp_path):
+    missing = tmp_path / "missing.flac"
+    empty = tmp_path / "empty.flac"
+    empty.write_bytes(b"")
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    truncated = tmp_path / "truncated.flac"
+    save_audio(truncated, to_int16(_tone(16000, 1.0)[:, 0]))
+    truncated.write_bytes(truncated.read_bytes()[:30])
+    cut = tmp_path / "cut.flac"  # the header is intact, the stream stops halfway
+    save_audio(cut, to_int16(_tone(16000, 1.0)[:, 0]))
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    no_frames = tmp_path / "no_frames.wav"
+    sf.write(no_frames, np.zeros((0,), np.int16), 16000)
+    return [(missing, "missing"), (empty, "empty"), (garbage, "cannot decode"),
+            (truncated, "cannot decode"), (cut, "cannot decode"), (no_frames, "no audio frames")]  # fmt: skip
+
+
+def test_unusable_files_raise_audio_error(tmp_path):
+    for path, reason in _bad_files(tmp_path):
+        with pytest.raises(AudioError) as info:
+            load_audio(path)
+        assert isinstance(info.value, ValueError)
+        assert info.value.source == str(path) and reason in info.value.reason
+        assert str(path) in str(info.value)
+    with pytest.raises(AudioError, match="empty"):
+        decode_audio(b"")
+    with pytest.raises(AudioError, match="cannot decode"):
+        decode_audio(b"RIFF1234WAVEjunk", source="shard-3/17")
+
+
+def test_save_audio_rejects_float_and_unknown_suffix(tmp_path):
+    with pytest.raises(ValueError, match="int16"):
+        save_audio(tmp_path / "x.flac", np.zeros(10, np.float32))
+    with pytest.raises(ValueError, match="suffix"):
+        save_audio(tmp_path / "x.mp4", np.zeros(10, np.int16))
