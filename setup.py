@@ -27,6 +27,7 @@ setup(
         "soxr>=0.5",
         "jiwer>=3.1",
         "tensorflow-datasets>=4.9.9",
+        "importlib_resources>=6",
         "array-record>=0.8.1",
         "espeakng-loader>=0.2.4",
         "matplotlib>=3.9",
@@ -45,5 +46,9 @@ setup(
             "torch==2.13.0; python_version < '3.12'",
         ],
     },
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": [
+            "speechlm-synth=speechlm_jax.data.synth_cli:main",
+        ]
+    },
 )

@@ -1,0 +1,1 @@
+"""Tests of speechlm_jax.data."""

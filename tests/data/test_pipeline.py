@@ -1,0 +1,381 @@
+"""The Grain pipeline: batch contract, skips, mixture, host shards, exact resume via orbax."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+
+from speechlm_jax.data.audio import load_audio
+from speechlm_jax.data.features import audio_token_count
+from speechlm_jax.data.pipeline import (
+    PipelineConfig,
+    build_pipeline,
+    restore_iterator,
+    save_iterator,
+    to_global_arrays,
+)
+from speechlm_jax.sharding import make_mesh
+
+BUCKETS = ((16000, 48), (48000, 64))
+
+
+def _config(manifest, **overrides) -> PipelineConfig:
+    values = dict(
+        speech_sources=({"type": "manifest", "path": str(manifest)},),
+        buckets=BUCKETS,
+        max_slots=3,
+        teacher_tokens=64,
+        batch_size=2,
+        downsample=4,
+        num_threads=1,
+        prefetch_buffer_size=2,
+    )
+    values.update(overrides)
+    return PipelineConfig(**values)
+
+
+def _content(tok, batch, row) -> str:
+    """The teacher twin's user turn: the prompt with the transcript in it."""
+    ids = batch["teacher_tokens"][row][batch["teacher_input_mask"][row] > 0]
+    return tok.decode(ids)
+
+
+def _check_batch(batch, config: PipelineConfig, tok) -> None:
+    b, s = config.batch_size, config.max_slots
+    samples, t = batch["audio"].shape[2], batch["tokens"].shape[1]
+    assert (samples, t) in config.buckets
+    u = config.teacher_tokens
+    expected = {
+        "audio": ((b, s, samples), np.int16),
+        "audio_lens": ((b, s), np.int32),
+        "tokens": ((b, t), np.int32),
+        "positions": ((b, t), np.int32),
+        "input_mask": ((b, t), np.int32),
+        "audio_index": ((b, t), np.int32),
+        "targets": ((b, t), np.int32),
+        "loss_mask": ((b, t), np.float32),
+        "teacher_tokens": ((b, u), np.int32),
+        "teacher_positions": ((b, u), np.int32),
+        "teacher_input_mask": ((b, u), np.int32),
+        "teacher_targets": ((b, u), np.int32),
+        "teacher_loss_mask": ((b, u), np.float32),
+        "kl_mask": ((b, t), np.float32),
+        "teacher_index": ((b, t), np.int32),
+        "weight": ((b,), np.float32),
+        "task_id": ((b,), np.int32),
+    }
+    assert set(batch) == set(expected)
+    for key, (shape, dtype) in expected.items():
+        assert batch[key].shape == shape and batch[key].dtype == dtype, key
+    frames = audio_token_count(samples, config.downsample)
+    for i in range(b):
+        n = int(batch["input_mask"][i].sum())
+        assert batch["input_mask"][i, :n].all() and not batch["input_mask"][i, n:].any()
+        if batch["weight"][i] == 0:
+            assert n == 0
+            continue
+        np.testing.assert_array_equal(batch["positions"][i, :n], np.arange(n))
+        index = batch["audio_index"][i]
+        audio_pos = index >= 0
+        assert (batch["tokens"][i][audio_pos] == tok.audio_token_id).all()
+        for k in range(s):
+            length = batch["audio_lens"][i, k]
+            frames_k = index[(index >= k * frames) & (index < (k + 1) * frames)] - k * frames
+            np.testing.assert_array_equal(
+                frames_k, np.arange(audio_token_count(int(length), config.downsample))
+            )
+            assert not batch["audio"][i, k, length:].any()
+        on = batch["kl_mask"][i] > 0
+        np.testing.assert_array_equal(
+            batch["targets"][i][on], batch["teacher_targets"][i][batch["teacher_index"][i][on]]
+        )
+        assert (
+            batch["loss_mask"][i].sum() > 0
+            and batch["teacher_loss_mask"][i].sum() == batch["loss_mask"][i].sum()
+        )
+        np.testing.assert_array_equal(
+            batch["targets"][i][batch["loss_mask"][i] > 0],
+            batch["teacher_targets"][i][batch["teacher_loss_mask"][i] > 0],
+        )
+
+
+def _drain(iterator) -> list[dict]:
+    return list(iterator)
+
+
+def test_one_pass_yields_every_utterance_in_contract_batches(wav_manifest, word_tokenizer, sentences):
+    config = _config(wav_manifest, interleave_prob=0.5, span_max=2, kinds={"asr": 1.0})
+    iterator, stats = build_pipeline(config, tokenizer=word_tokenizer, split="eval", seed=1)
+    batches = _drain(iterator)
+    for batch in batches:
+        _check_batch(batch, config, word_tokenizer)
+    seen = [_content(word_tokenizer, b, i) for b in batches for i in range(2) if b["weight"][i] > 0]
+    assert len(seen) == len(sentences)
+    # Every teacher twin holds its full transcript, whether the student heard all of it or part.
+    assert sorted(next(s for s in sentences if f" {s} " in f" {c} ") for c in seen) == sorted(sentences)
+    slots = [int((b["audio_lens"][i] > 0).sum()) for b in batches for i in range(2) if b["weight"][i] > 0]
+    assert min(slots) == 1 and max(slots) > 1  # whole utterances and interleaved ones
+    counts = stats.as_dict()
+    assert counts["examples"] == len(sentences) and counts["skipped"] == 0
+    assert counts["batches"] == len(batches)
+
+
+def test_bad_files_are_skipped_and_counted(wav_manifest, word_tokenizer, tmp_path):
+    rows = [json.loads(line) for line in wav_manifest.read_text().splitlines()][:4]
+    for row in rows:
+        row["audio"] = str(wav_manifest.parent / row["audio"])
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "corrupt.flac").write_bytes(b"fLaC not really a flac file" * 10)
+    rows += [
+        {"id": "missing", "audio": str(tmp_path / "missing.wav"), "text": "hello world"},
+        {"id": "empty", "audio": str(tmp_path / "empty.wav"), "text": "hello world"},
+        {"id": "corrupt", "audio": str(tmp_path / "corrupt.flac"), "text": "hello world"},
+        {"id": "notext", "audio": rows[0]["audio"], "text": "  "},
+    ]
+    manifest = tmp_path / "bad.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken\n")
+    iterator, stats = build_pipeline(_config(manifest), tokenizer=word_tokenizer, split="eval")
+    batches = _drain(iterator)
+    assert sum(int(b["weight"].sum()) for b in batches) == 4
+    counts = stats.as_dict()
+    assert counts["examples"] == 4
+    assert counts["skipped/bad_audio"] == 3 and counts["skipped/empty_text"] == 1
+    assert counts["source_skipped/bad_json"] == 1 and counts["skipped"] == 5
+
+
+def test_overlong_examples_are_dropped_or_split(wav_manifest, word_tokenizer, sentences):
+    # Only 0.7 s (two words) fits a slot: longer utterances are dropped, or split at word boundaries.
+    buckets = ((11200, 64),)
+    iterator, stats = build_pipeline(
+        _config(wav_manifest, buckets=buckets), tokenizer=word_tokenizer, split="eval"
+    )
+    kept = sum(int(b["weight"].sum()) for b in _drain(iterator))
+    assert 0 < kept < len(sentences) and stats.as_dict()["skipped/too_long"] == len(sentences) - kept
+    config = _config(wav_manifest, buckets=buckets, overlong="split", max_slots=4)
+    iterator, stats = build_pipeline(config, tokenizer=word_tokenizer, split="eval")
+    batches = _drain(iterator)
+    counts = stats.as_dict()
+    assert counts["examples"] + counts.get("skipped/too_long", 0) == len(sentences)
+    assert counts["split"] > 0 and counts["examples"] > kept
+    for batch in batches:
+        _check_batch(batch, config, word_tokenizer)
+
+
+def test_resume_through_orbax_equals_uninterrupted(wav_manifest, word_tokenizer, tmp_path):
+    config = _config(wav_manifest, interleave_prob=0.5, batch_size=3, buckets=((24000, 64), (48000, 64)))
+    reference, _ = build_pipeline(config, tokenizer=word_tokenizer, seed=7)
+    expected = [next(reference) for _ in range(8)]
+
+    first, stats = build_pipeline(config, tokenizer=word_tokenizer, seed=7)
+    consumed = 0
+    while consumed < 2 or not any(first.get_state()["buffers"]):
+        next(first)
+        consumed += 1
+    assert consumed <= 4, "the test needs examples waiting in a bucket"
+    save_iterator(first, tmp_path / "data_state")
+    counts = stats.as_dict()
+
+    resumed, resumed_stats = build_pipeline(config, tokenizer=word_tokenizer, seed=7)
+    resumed = restore_iterator(resumed, tmp_path / "data_state")
+    assert resumed_stats.as_dict() == counts
+    for want in expected[consumed:]:
+        got = next(resumed)
+        assert set(got) == set(want)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_two_processes_read_disjoint_shards_covering_the_data(wav_manifest, word_tokenizer, sentences):
+    config = _config(wav_manifest)
+    shards = []
+    for process in range(2):
+        iterator, _ = build_pipeline(
+            config, tokenizer=word_tokenizer, split="eval", process_index=process, process_count=2
+        )
+        shards.append(
+            {_content(word_tokenizer, b, i) for b in iterator for i in range(2) if b["weight"][i] > 0}
+        )
+    assert len(shards[0]) == len(shards[1]) == len(sentences) // 2
+    assert not shards[0] & shards[1]
+    covered = {s for s in sentences for c in shards[0] | shards[1] if f" {s} " in f" {c} "}
+    assert covered == set(sentences)
+
+
+def test_text_mixture_is_weighted_and_deterministic(wav_manifest, word_tokenizer, sentences, tmp_path):
+    text = tmp_path / "text.jsonl"
+    text.write_text(
+        "".join(json.dumps({"instruction": f"Repeat {s}", "response": s}) + "\n" for s in sentences)
+    )
+    config = _config(wav_manifest, text_sources=(str(text),), text_weight=0.25, batch_size=4)
+    iterator, _ = build_pipeline(config, tokenizer=word_tokenizer, seed=3)
+    batches = [next(iterator) for _ in range(12)]
+    text_id = config.task_names.index("text_sft")
+    is_text = np.concatenate([b["task_id"] == text_id for b in batches])
+    assert abs(is_text.mean() - 0.25) < 0.1
+    for b in batches:
+        rows = b["task_id"] == text_id
+        # Text-only rows: no audio, the teacher twin is the student.
+        assert not b["audio_lens"][rows].any() and (b["audio_index"][rows] < 0).all()
+        t = b["tokens"].shape[1]
+        np.testing.assert_array_equal(b["tokens"][rows], b["teacher_tokens"][rows][:, :t])
+    again, _ = build_pipeline(config, tokenizer=word_tokenizer, seed=3)
+    for want in batches[:4]:
+        got = next(again)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    other, _ = build_pipeline(config, tokenizer=word_tokenizer, seed=4)
+    assert not all(np.array_equal(next(other)["tokens"], b["tokens"]) for b in batches[:3])
+
+
+def test_task_kinds_prompts_and_targets(wav_manifest, word_tokenizer, tmp_path):
+    from speechlm_jax.data.tasks import TASKS, TextTask, register_task
+
+    register_task(
+        TextTask("pipeline_echo", ("Repeat {content}",), ("Repeat : {content}",), answer=lambda s: s)
+    )
+    targets = tmp_path / "targets.jsonl"
+    targets.write_text(
+        "".join(
+            json.dumps({"id": f"u{i}", "task": "continuation", "prompt": p, "response": "yes"}) + "\n"
+            for i in range(0, 10, 2)
+            for p in TASKS["continuation"].prompts_train
+        )
+    )
+    config = _config(
+        wav_manifest,
+        kinds={"continuation": 1.0, "mixed_modal": 1.0},
+        tasks=("pipeline_echo",),
+        use_task_answer=True,
+        targets=(str(targets),),
+        prompt_split="heldout",
+    )
+    iterator, stats = build_pipeline(config, tokenizer=word_tokenizer, split="eval", seed=0)
+    batches = _drain(iterator)
+    counts = stats.as_dict()
+    # Continuation examples need the teacher's response: only even utterances have one,
+    # and only for training prompts, so held-out continuation examples are all skipped.
+    assert counts.get("skipped/no_target", 0) > 0
+    echo = config.task_names.index("pipeline_echo")
+    rows = [(b, i) for b in batches for i in range(2) if b["weight"][i] > 0]
+    assert rows and all(b["task_id"][i] == echo for b, i in rows)
+    for b, i in rows:
+        _check_batch(b, config, word_tokenizer)
+        content = _content(word_tokenizer, b, i)
+        assert content.startswith("Repeat :")
+        assert (b["audio_lens"][i] > 0).sum() == 1  # mixed-modal: one spoken span
+    del TASKS["pipeline_echo"]
+
+
+def test_to_global_arrays(wav_manifest, word_tokenizer):
+    mesh = make_mesh({"data": 4, "fsdp": 2})
+    iterator, _ = build_pipeline(_config(wav_manifest, batch_size=8), tokenizer=word_tokenizer)
+    batch = next(iterator)
+    arrays = to_global_arrays(batch, mesh)
+    for key, value in batch.items():
+        assert arrays[key].shape == value.shape
+        assert arrays[key].sharding.spec[0] == ("data", "fsdp")
+        np.testing.assert_array_equal(jax.device_get(arrays[key]), value)
+
+
+def test_interleaved_synthesized_speech_keeps_word_order(librispeech_corpus, word_tokenizer):
+    """Real TTS speech with word timings: every slot holds exactly the words it replaces."""
+    _, manifest = librispeech_corpus
+    rows = {r["text"]: r for r in map(json.loads, manifest.read_text().splitlines())}
+    config = _config(
+        manifest,
+        interleave_prob=1.0,
+        interleave_ratio=0.5,
+        span_min=1,
+        span_max=2,
+        buckets=((48000, 64),),
+        margin_s=0.02,
+    )
+    iterator, stats = build_pipeline(config, tokenizer=word_tokenizer, split="eval", seed=2)
+    frames = audio_token_count(48000, config.downsample)
+    checked = 0
+    for batch in iterator:
+        _check_batch(batch, config, word_tokenizer)
+        for i in np.flatnonzero(batch["weight"]):
+            teacher = batch["teacher_tokens"][i][batch["teacher_input_mask"][i] > 0].tolist()
+            text = next(s for s in rows if f" {s} " in f" {word_tokenizer.decode(teacher)} ")
+            ids = word_tokenizer.encode(text)
+            start = next(u for u in range(len(teacher)) if teacher[u : u + len(ids)] == ids)
+            # Expand each slot into the teacher tokens its last frame's KL index points past.
+            student, index = batch["tokens"][i], batch["audio_index"][i]
+            out, spans = [], []
+            for t in range(int(batch["input_mask"][i].sum())):
+                if index[t] < 0:
+                    out.append(int(student[t]))
+                elif index[t + 1] < 0:
+                    assert batch["kl_mask"][i, t] == 1
+                    end = int(batch["teacher_index"][i, t]) + 1
+                    spans.append((len(out) - start, end - start))
+                    out.extend(teacher[len(out) : end])
+            assert out == teacher
+            assert [k // frames for k in index[index >= 0]] == sorted(k // frames for k in index[index >= 0])
+            words = rows[text]["words"]
+            for k, (a, b) in enumerate(spans):
+                lo = max(0, round(words[a]["start"] * 16000 - 320))
+                samples = len(load_audio(manifest.parent / rows[text]["audio"]))
+                hi = min(samples, round(words[b - 1]["end"] * 16000 + 320))
+                assert abs(int(batch["audio_lens"][i, k]) - (hi - lo)) <= 1
+            checked += 1
+    assert checked == len(rows) and stats.as_dict()["skipped"] == 0
+
+
+def test_checkpoint_manager_composite_and_config_dict(wav_manifest, word_tokenizer, tmp_path):
+    """The trainer's way: the iterator as one item of an orbax CheckpointManager; a ConfigDict config."""
+    import grain
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+    config = ml_collections.ConfigDict(
+        dict(
+            speech_sources=[{"type": "manifest", "path": str(wav_manifest)}],
+            buckets=[[48000, 64], [24000, 64]],
+            max_slots=3,
+            teacher_tokens=64,
+            batch_size=3,
+            interleave_prob=0.5,
+            num_threads=1,
+            prefetch_buffer_size=2,
+        )
+    )
+    reference, _ = build_pipeline(config, tokenizer=word_tokenizer, seed=11)
+    expected = [next(reference) for _ in range(5)]
+    iterator, _ = build_pipeline(config, tokenizer=word_tokenizer, seed=11)
+    next(iterator), next(iterator)
+    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",)) as manager:
+        manager.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+        manager.wait_until_finished()
+    fresh, _ = build_pipeline(config, tokenizer=word_tokenizer, seed=11)
+    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",)) as manager:
+        restored = manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    for want in expected[2:]:
+        got = next(restored["data"])
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_spoken_qa_uses_the_records_question_and_answer(wav_manifest, word_tokenizer, tmp_path):
+    rows = [json.loads(line) for line in wav_manifest.read_text().splitlines()][:3]
+    for row in rows:
+        row["audio"] = str(wav_manifest.parent / row["audio"])
+        row["question"], row["answer"] = "What is said?", "yes"
+    rows.append(dict(rows[0], id="noq", question=None))
+    manifest = tmp_path / "qa.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = _config(manifest, kinds={"spoken_qa": 1.0})
+    iterator, stats = build_pipeline(config, tokenizer=word_tokenizer, split="eval")
+    batches = list(iterator)
+    assert stats.as_dict()["skipped/no_question"] == 1
+    qa = config.task_names.index("spoken_qa")
+    for b in batches:
+        _check_batch(b, config, word_tokenizer)
+        for i in np.flatnonzero(b["weight"]):
+            assert b["task_id"][i] == qa
+            assert "What is said?" in _content(word_tokenizer, b, i)
+            response = b["targets"][i][b["loss_mask"][i] > 0]
+            assert word_tokenizer.hf.convert_ids_to_tokens(response.tolist()) == ["yes", "<eos>"]
