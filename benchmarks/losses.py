@@ -1,0 +1,142 @@
+"""Memory and speed of the chunked KL distillation against the naive full-logits form.
+
+The naive form unembeds student and teacher hidden states into `[batch, seq, vocab]`
+float32 logits and calls `kl_distillation`; the chunked form (`chunked_kl_distillation`)
+scans over sequence chunks with a rematerialised backward pass. Both compute loss and the
+gradients with respect to the student hidden states and the unembedding.
+
+Three measurements:
+1. Full size (batch x seq = 8192 tokens, Llama-3 vocab 128256, d_model 2048): both
+   programs are compiled, not run (compiling allocates nothing), and XLA's compiled memory
+   analysis gives their temporary bytes.
+2. Agreement: both run at `check_tokens` tokens (same vocab and width) and the largest
+   absolute difference over the loss and every gradient entry is reported.
+3. CPU step time of both at that same reduced size (the full size is ~26 TFLOP per step,
+   minutes on a 2-core machine), reported as `timed_tokens`.
+
+Run from the repository root: `.venv/bin/python -m benchmarks.losses` (about 3 minutes on
+2 CPU cores). The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from speechlm_jax.losses import chunked_kl_distillation, kl_distillation
+
+LossFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def naive_kl(student_hidden: jax.Array, teacher_hidden: jax.Array, unembedding: jax.Array, mask: jax.Array) -> jax.Array:
+    student_logits = jnp.einsum("btd,dv->btv", student_hidden, unembedding)
+    teacher_logits = jnp.einsum("btd,dv->btv", teacher_hidden, unembedding)
+    return kl_distillation(student_logits, teacher_logits, mask, temperature=2.0)[0]
+
+
+def chunked_kl(chunk_size: int) -> LossFn:
+    def loss(student_hidden: jax.Array, teacher_hidden: jax.Array, unembedding: jax.Array, mask: jax.Array) -> jax.Array:
+        return chunked_kl_distillation(
+            student_hidden, teacher_hidden, unembedding, mask, chunk_size=chunk_size, temperature=2.0
+        )[0]
+
+    return loss
+
+
+def loss_and_grad(fn: LossFn) -> Callable:
+    return jax.jit(jax.value_and_grad(fn, argnums=(0, 2)))
+
+
+def shapes(batch: int, seq: int, d_model: int, vocab: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+    return (
+        jax.ShapeDtypeStruct((batch, seq, d_model), jnp.float32),
+        jax.ShapeDtypeStruct((batch, seq, d_model), jnp.float32),
+        jax.ShapeDtypeStruct((d_model, vocab), jnp.float32),
+        jax.ShapeDtypeStruct((batch, seq), jnp.float32),
+    )
+
+
+def temp_bytes(fn: LossFn, args: tuple[jax.ShapeDtypeStruct, ...]) -> int:
+    return int(loss_and_grad(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes)
+
+
+def inputs(batch: int, seq: int, d_model: int, vocab: int) -> tuple[jax.Array, ...]:
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+    student = jax.random.normal(k1, (batch, seq, d_model), jnp.float32)
+    teacher = student + 0.5 * jax.random.normal(k2, (batch, seq, d_model), jnp.float32)
+    unembedding = jax.random.normal(k3, (d_model, vocab), jnp.float32) / jnp.sqrt(d_model) * 3.0
+    mask = (jax.random.uniform(k4, (batch, seq)) < 0.7).astype(jnp.float32)
+    return student, teacher, unembedding, mask
+
+
+def step_time(step: Callable, args: tuple[jax.Array, ...], repeats: int) -> tuple[float, tuple]:
+    out = jax.block_until_ready(step(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = jax.block_until_ready(step(*args))
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--d-model", type=int, default=2048)
+    parser.add_argument("--chunk-size", type=int, default=128)
+    parser.add_argument("--check-batch", type=int, default=1)
+    parser.add_argument("--check-seq", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+    full = shapes(args.batch, args.seq, args.d_model, args.vocab)
+    naive_temp = temp_bytes(naive_kl, full)
+    chunked_temp = temp_bytes(chunked_kl(args.chunk_size), full)
+    print(f"full size temp bytes: naive {naive_temp / 2**30:.2f} GiB, chunked {chunked_temp / 2**30:.2f} GiB", flush=True)
+
+    small = inputs(args.check_batch, args.check_seq, args.d_model, args.vocab)
+    naive_s, (naive_loss, naive_grads) = step_time(loss_and_grad(naive_kl), small, args.repeats)
+    chunked_s, (chunked_loss, chunked_grads) = step_time(loss_and_grad(chunked_kl(args.chunk_size)), small, args.repeats)
+    loss_diff = float(jnp.abs(naive_loss - chunked_loss))
+    grad_diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(naive_grads, chunked_grads))
+    print(f"at {args.check_batch}x{args.check_seq} tokens: naive {naive_s:.2f} s, chunked {chunked_s:.2f} s", flush=True)
+
+    print(
+        json.dumps(
+            {
+                "benchmark": "chunked_kl_distillation",
+                "tokens": args.batch * args.seq,
+                "batch": args.batch,
+                "seq": args.seq,
+                "vocab": args.vocab,
+                "d_model": args.d_model,
+                "chunk_size": args.chunk_size,
+                "grads_wrt": ["student_hidden", "unembedding"],
+                "naive_temp_bytes": naive_temp,
+                "chunked_temp_bytes": chunked_temp,
+                "memory_ratio": chunked_temp / naive_temp,
+                "check_tokens": args.check_batch * args.check_seq,
+                "loss": float(naive_loss),
+                "loss_abs_diff": loss_diff,
+                "grad_max_abs_diff": grad_diff,
+                "max_abs_diff": max(loss_diff, grad_diff),
+                "timed_tokens": args.check_batch * args.check_seq,
+                "naive_step_s": naive_s,
+                "chunked_step_s": chunked_s,
+                "backend": jax.default_backend(),
+                "devices": jax.device_count(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
