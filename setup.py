@@ -32,6 +32,7 @@ setup(
         "espeakng-loader>=0.2.4",
         "matplotlib>=3.9",
         "tensorboardX>=2.6.2",
+        "tensorboard>=2.16",
         "tqdm>=4.66",
     ],
     extras_require={
@@ -49,6 +50,8 @@ setup(
     entry_points={
         "console_scripts": [
             "speechlm-synth=speechlm_jax.data.synth_cli:main",
+            "speechlm-generate=speechlm_jax.generate_cli:main",
+            "speechlm-eval=speechlm_jax.evaluation.main:main",
         ]
     },
 )

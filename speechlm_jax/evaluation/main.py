@@ -1,0 +1,193 @@
+"""`speechlm-eval`: every benchmark of a trained run (or of a base LLM alone) into one report.
+
+    speechlm-eval --workdir /tmp/run --items arc_spoken.jsonl --toyworld 20 --asr
+    speechlm-eval --base /ckpt/llama --tokenizer /ckpt/llama --items arc.jsonl --out /tmp/upper
+
+A workdir is loaded as the trainer left it: its resolved `config.json` rebuilds the model
+(`train.build.build_model`, frozen base from its source, cast to `model.frozen_dtype` as in
+training), the latest checkpoint's trainable state is restored through the trainer's
+orbax `Checkpointer`, and the frozen base's content hash is checked against the one the
+checkpoint recorded. `--base` loads an HF LLM alone: text conditions only (the upper bound).
+
+Benchmarks, each on when its input is given:
+    --items a.jsonl,b.jsonl   gap benchmark, and text retention on the same items
+    --toyworld N              toy-world prompt/task generalisation on N held-out sentences per
+                              task, SALAD's M and F on N held-out sentences, and (without
+                              --items) text retention on every toy task
+    --corpus file             M and F on this text corpus instead (lines, or JSONL with "text")
+    --asr / --asr_source      WER on the run's held-out speech (`data.eval_speech_sources`) or on
+                              TYPE:PATH, the first `--asr_limit` utterances
+`--oracle` replaces the speech by the transcript's own token embeddings (a harness check:
+gap and M must come out 0). The report goes to `--out` (default: the workdir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from speechlm_jax.convert import hf_import
+from speechlm_jax.data.pipeline import open_speech_source
+from speechlm_jax.data.tokenizer import SpeechTokenizer, load_tokenizer
+from speechlm_jax.evaluation import asr, diagnostics, gap, generalisation, items, report, retention
+from speechlm_jax.evaluation.scoring import OracleSpeech, Scorer, model_audio, oracle_audio
+from speechlm_jax.generate_cli import parse_mesh, parse_source
+from speechlm_jax.models.speechlm import SpeechLM
+from speechlm_jax.sharding import DEFAULT_RULES, make_mesh
+from speechlm_jax.toyworld import HELDOUT_TASKS, SEEN_TASKS, register_toy_tasks
+from speechlm_jax.toyworld.sentences import sentences as toy_sentences
+from speechlm_jax.train import build, checkpoint, partitions
+from speechlm_jax.train import config as config_lib
+
+
+def load_run(workdir: str | Path, mesh: jax.sharding.Mesh) -> tuple[SpeechLM, ml_collections.ConfigDict, int]:
+    """The trained SpeechLM of a workdir at its latest checkpoint, its config and the step."""
+    workdir = Path(workdir)
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    rules = config_lib.sharding_rules(config)
+    model = build.build_model(config, mesh, rules)
+    graphdef, trainable, frozen = partitions.split_model(model, config_lib.trainable_groups(config))
+    del model
+    frozen = build.cast_floating(frozen, config.model.frozen_dtype)
+    ckpt = checkpoint.Checkpointer(workdir, every=1, keep=config.checkpoint.keep, async_save=False)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
+        # Only the parameters: the optimiser state and the data position are the trainer's.
+        restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+            trainable=ocp.args.StandardRestore(checkpoint.abstract_like(trainable)), meta=ocp.args.JsonRestore()))
+    finally:
+        ckpt.close()
+    base_path = f"llm={config.model.llm_weights or 'random'};encoder={config.model.encoder_weights or 'random'}"
+    checkpoint.check_base(dict(restored.meta), checkpoint.base_hash(frozen), base_path)
+    return nnx.merge(graphdef, restored.trainable, frozen), config, step
+
+
+def read_corpus(path: str | Path) -> list[str]:
+    """Sentences of a text file (one per line) or a JSONL file with a "text" field."""
+    path = Path(path)
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        return [" ".join(str(json.loads(line)["text"]).split()) for line in lines]
+    return [" ".join(line.split()) for line in lines]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="speechlm-eval", description=__doc__.split("\n\n")[0])
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--workdir", help="a training run (config.json + checkpoints/)")
+    model.add_argument("--base", help="an HF LLM folder alone: the text upper bound")
+    p.add_argument("--tokenizer", default="", help="tokenizer folder (default: the run's, or --base)")
+    p.add_argument("--out", default="", help="report folder (default: the workdir)")
+    p.add_argument("--items", default="", help="comma-separated item JSONL files (gap benchmark, retention)")
+    p.add_argument("--toyworld", type=int, default=0, help="held-out toy sentences per task (0 = off)")
+    p.add_argument("--corpus", default="", help="text corpus for SALAD's M and F")
+    p.add_argument("--prefix_fraction", type=float, default=0.5, help="spoken fraction of each corpus sentence")
+    p.add_argument("--asr", action="store_true", help="WER on the run's held-out speech sources")
+    p.add_argument("--asr_source", type=parse_source, default=None, help="TYPE:PATH (manifest|librispeech)")
+    p.add_argument("--asr_limit", type=int, default=200)
+    p.add_argument("--oracle", action="store_true", help="transcript token embeddings as the speech (harness check)")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--no_length_normalization", action="store_true", help="rank options by summed log-prob")
+    p.add_argument("--mesh", type=parse_mesh, default={"data": -1})
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", help="--base only: compute and parameter dtype")
+    return p
+
+
+def _asr_records(args: argparse.Namespace, config: ml_collections.ConfigDict | None) -> list[dict[str, Any]]:
+    specs = [args.asr_source] if args.asr_source else list(config.data.eval_speech_sources) if config else []
+    if not specs:
+        raise ValueError("--asr needs --asr_source or a run with data.eval_speech_sources")
+    records = []
+    for spec in specs:
+        source = open_speech_source(dict(spec), "heldout")
+        records += [source[i] for i in range(len(source))]
+    return [r for r in records if r.get("audio") and r.get("text")][:args.asr_limit]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Loads the model, runs the asked benchmarks, writes the report; returns the report dict."""
+    register_toy_tasks()
+    mesh = make_mesh(args.mesh)
+    config = None
+    if args.workdir:
+        model, config, step = load_run(args.workdir, mesh)
+        tokenizer: SpeechTokenizer = load_tokenizer(args.tokenizer or config.data.tokenizer)
+        downsample = int(config.model.projector.downsample)
+        rules = config_lib.sharding_rules(config)
+        info = {"workdir": str(args.workdir), "step": step, "recipe": config.recipe}
+    else:
+        model = hf_import.load_llm(args.base, dtype=jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.dtype), mesh=mesh)
+        tokenizer = load_tokenizer(args.tokenizer or args.base)
+        downsample, rules = 4, DEFAULT_RULES
+        info = {"base": str(args.base)}
+    info["oracle"] = bool(args.oracle)
+    scorer = Scorer(model, tokenizer, downsample=downsample, mesh=mesh, rules=rules, batch_size=args.batch_size,
+                    speech=OracleSpeech(tokenizer, downsample) if args.oracle else None,
+                    embedder=oracle_audio if args.oracle else model_audio)
+    normalize = not args.no_length_normalization
+    result: dict[str, Any] = {"model": info}
+    asked = [it for path in args.items.split(",") if path for it in items.load_items(path)]
+    if asked:
+        result["gap"] = gap.run_gap(scorer, asked, max_new_tokens=args.max_new_tokens, normalize=normalize)
+    if args.toyworld:
+        heldout = toy_sentences("heldout", args.toyworld, seed=args.seed)
+        result["generalisation"] = generalisation.run_generalisation(
+            scorer, SEEN_TASKS, HELDOUT_TASKS, heldout, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        if not asked:
+            # Without item files, text retention is measured on every toy task (train phrasings).
+            asked = generalisation.generalisation_items(SEEN_TASKS + HELDOUT_TASKS, (), heldout, seed=args.seed)[
+                generalisation.SPLITS[0]]
+    if asked and scorer.has_speech:
+        result["retention"] = retention.run_retention(scorer, asked, max_new_tokens=args.max_new_tokens,
+                                                      normalize=normalize)
+    corpus = read_corpus(args.corpus) if args.corpus else []
+    if not corpus and args.toyworld:
+        corpus = toy_sentences("heldout", args.toyworld, seed=args.seed + 1)
+    if corpus and scorer.has_speech:
+        result["diagnostics"] = diagnostics.run_diagnostics(scorer, corpus, prefix_fraction=args.prefix_fraction)
+    if (args.asr or args.asr_source) and scorer.has_speech:
+        asked = asr.asr_items(_asr_records(args, config), seed=args.seed)
+        result["asr"] = asr.run_asr(scorer, asked, max_new_tokens=args.max_new_tokens)
+    out = args.out or args.workdir
+    if not out:
+        raise ValueError("--out is required with --base")
+    if jax.process_index() == 0:
+        paths = report.write_report(result, out, workdir=args.workdir)
+        result["files"] = {name: str(p) for name, p in paths.items()}
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Console entry point (`speechlm-eval`); prints the headline numbers as one JSON line."""
+    try:
+        result = run(build_parser().parse_args(argv))
+    except items.ItemFileError as error:
+        sys.stderr.write(f"speechlm-eval: {error}\n")
+        sys.exit(2)
+    headline = {name: result[name]["overall"] for name in ("gap", "retention") if name in result}
+    headline.update({f"generalisation/{k}": v["overall"] for k, v in result.get("generalisation", {}).items()})
+    if "diagnostics" in result:
+        headline["M_per_token"] = result["diagnostics"]["misalignment"]["per_token"]
+        headline["F_per_token"] = result["diagnostics"]["forgetting"]["per_token"]
+    if "asr" in result:
+        headline["wer"] = result["asr"]["wer"]
+    print(json.dumps({"speechlm_eval": headline}), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

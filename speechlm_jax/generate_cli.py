@@ -1,0 +1,202 @@
+"""`speechlm-generate`: the teacher's own answers, the targets of behavior imitation (MTBI, BLSP).
+
+    speechlm-generate --llm /ckpt/llama --source manifest:/data/train/manifest.jsonl \\
+        --tasks repeat,count_words,continuation --out /data/targets --num_shards 64
+
+For every utterance of a paired corpus and every task, the text LLM (its base weights,
+LoRA off) answers `task prompt + transcript`, formatted exactly as the teacher twin of a
+training example (`data.examples.prompt_segments`), decoded in large batches with the
+KV-cache decoder (`generate.generate`, through `evaluation.scoring.Scorer`). The pipeline
+reads the output for its `imitation` / `continuation` examples (`data.sources.TargetTable`):
+JSONL rows `{"id", "task", "prompt", "response"}` where `prompt` is the phrasing template
+(with `{content}`), in shard files `targets-00000-of-00064.jsonl`.
+
+- Sharded over hosts: the utterances are cut into `num_shards` contiguous shards and host
+  `process_index` writes the shards `i` with `i % process_count == process_index`, each
+  host decoding on its own devices (the model must fit on one host).
+- Resumable: a shard is written to a temporary file and renamed when complete, so a shard
+  file that exists is finished and a rerun skips it; an interrupted shard starts over.
+- Deterministic under `--seed`: the phrasings of an utterance are drawn from (seed, id,
+  task), sampling (temperature > 0) uses a key folded from (seed, shard, batch), and batches
+  are formed the same way on every run, so a resumed run writes what an uninterrupted one
+  would have.
+
+A progress bar counts examples; the summary (examples, generated tokens, seconds,
+tokens/s) is printed as one JSON line at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from speechlm_jax.convert import hf_import
+from speechlm_jax.data.pipeline import open_speech_source
+from speechlm_jax.data.tasks import get_task
+from speechlm_jax.data.tokenizer import load_tokenizer
+from speechlm_jax.evaluation.items import Item
+from speechlm_jax.evaluation.scoring import Scorer
+from speechlm_jax.sharding import make_mesh
+from speechlm_jax.toyworld import register_toy_tasks
+
+SOURCE_TYPES = ("manifest", "librispeech", "tfds")
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"targets-{index:05d}-of-{count:05d}.jsonl"
+
+
+def shard_bounds(num_records: int, index: int, count: int) -> tuple[int, int]:
+    """Records [start, end) of shard `index` of `count` (contiguous, sizes differ by at most one)."""
+    return index * num_records // count, (index + 1) * num_records // count
+
+
+def host_shards(num_shards: int, process_index: int, process_count: int) -> list[int]:
+    """The shards host `process_index` of `process_count` writes: i % process_count == process_index."""
+    return [i for i in range(num_shards) if i % process_count == process_index]
+
+
+def choose_prompts(pool: Sequence[str], k: int, seed: int, utterance_id: str, task: str) -> list[str]:
+    """`k` distinct phrasings (all when k >= the pool or k <= 0), drawn from (seed, id, task) alone."""
+    if k <= 0 or k >= len(pool):
+        return list(pool)
+    digest = hashlib.blake2b(f"{seed}|{utterance_id}|{task}".encode("utf-8"), digest_size=8).digest()
+    order = np.random.default_rng(int.from_bytes(digest, "big")).permutation(len(pool))
+    return [pool[i] for i in sorted(order[:k])]
+
+
+def shard_requests(records: Sequence[dict[str, Any]], tasks: Sequence[str], *, prompt_split: str,
+                   prompts_per_example: int, seed: int) -> list[Item]:
+    """The questions of one shard, in record order: one per (record, task, phrasing)."""
+    requests = []
+    for record in records:
+        text = " ".join(str(record.get("text", "")).split())
+        if not text:
+            continue
+        for name in tasks:
+            pool = get_task(name).prompts(prompt_split)
+            for prompt in choose_prompts(pool, prompts_per_example, seed, str(record["id"]), name):
+                requests.append(Item(id=str(record["id"]), task=name, question=text, answer="", prompt=prompt))
+    return requests
+
+
+def write_shard(path: Path, rows: Sequence[dict[str, str]]) -> None:
+    """Writes the shard atomically: a complete file or none (tmp + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def parse_source(spec: str) -> dict[str, str]:
+    """"manifest:/path" | "librispeech:/dir" | "tfds:/dir" -> the pipeline's source spec."""
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in SOURCE_TYPES or not path:
+        raise argparse.ArgumentTypeError(f"--source must be TYPE:PATH with TYPE in {SOURCE_TYPES}, got {spec!r}")
+    return {"type": kind, "path": path}
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """"data=-1" / "fsdp=2,tensor=4" -> mesh axis sizes."""
+    out = {}
+    for part in filter(None, spec.split(",")):
+        axis, _, size = part.partition("=")
+        out[axis.strip()] = int(size)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="speechlm-generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--llm", required=True, help="HF checkpoint folder of the text LLM (the teacher)")
+    p.add_argument("--tokenizer", default="", help="tokenizer folder (default: --llm)")
+    p.add_argument("--source", required=True, type=parse_source, help="paired corpus, TYPE:PATH (manifest|librispeech|tfds)")
+    p.add_argument("--split", default="train", help="TFDS split")
+    p.add_argument("--tasks", required=True, help="comma-separated registered task names")
+    p.add_argument("--task_modules", default="", help="comma-separated modules to import that register tasks")
+    p.add_argument("--prompt_split", default="train", choices=("train", "heldout"))
+    p.add_argument("--prompts_per_example", type=int, default=1, help="phrasings per (utterance, task); 0 = all")
+    p.add_argument("--out", required=True, help="output folder for the shard files")
+    p.add_argument("--num_shards", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", type=parse_mesh, default={"data": -1}, help="axis sizes over this host's devices")
+    p.add_argument("--dtype", default="bfloat16", help="compute and parameter dtype")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N utterances (0 = all)")
+    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Generates this host's unfinished shards; returns the summary."""
+    if args.distributed:
+        jax.distributed.initialize()
+    register_toy_tasks()
+    for module in filter(None, args.task_modules.split(",")):
+        importlib.import_module(module)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for name in tasks:
+        get_task(name)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = open_speech_source(args.source, args.split)
+    count = min(len(records), args.limit) if args.limit else len(records)
+    mine = host_shards(args.num_shards, jax.process_index(), jax.process_count())
+    todo = [i for i in mine if not (out / shard_name(i, args.num_shards)).exists()]
+    summary: dict[str, Any] = {"shards": len(mine), "shards_skipped": len(mine) - len(todo), "examples": 0,
+                               "generated_tokens": 0, "seconds": 0.0, "tokens_per_second": 0.0}
+    if todo:
+        tokenizer = load_tokenizer(args.tokenizer or args.llm)
+        mesh = make_mesh(args.mesh, jax.local_devices())
+        dtype = jnp.dtype(args.dtype)
+        llm = hf_import.load_llm(args.llm, dtype=dtype, param_dtype=dtype, mesh=mesh)
+        scorer = Scorer(llm, tokenizer, mesh=mesh, batch_size=args.batch_size)
+        shards = {i: shard_requests([records[k] for k in range(*shard_bounds(count, i, args.num_shards))], tasks,
+                                    prompt_split=args.prompt_split, prompts_per_example=args.prompts_per_example,
+                                    seed=args.seed) for i in todo}
+        bar = tqdm(total=sum(len(r) for r in shards.values()), unit="ex", desc="speechlm-generate",
+                   disable=args.no_progress, file=sys.stderr)
+        key = jax.random.key(args.seed)
+        start = time.perf_counter()
+        for i, requests in shards.items():
+            prepared = [scorer.prepare(scorer.segments(r, spoken=False, response=None)) for r in requests]
+            responses, tokens = scorer.generate_prepared(
+                prepared, "text", max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_p=args.top_p, rng=jax.random.fold_in(key, i), progress=bar.update) if prepared else ([], 0)
+            write_shard(out / shard_name(i, args.num_shards),
+                        [{"id": r.id, "task": r.task, "prompt": r.prompt, "response": text}
+                         for r, text in zip(requests, responses)])
+            summary["examples"] += len(requests)
+            summary["generated_tokens"] += tokens
+        bar.close()
+        summary["seconds"] = time.perf_counter() - start
+        summary["tokens_per_second"] = summary["generated_tokens"] / max(summary["seconds"], 1e-9)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Console entry point (`speechlm-generate`); prints the summary as one JSON line."""
+    summary = run(build_parser().parse_args(argv))
+    print(json.dumps({"speechlm_generate": summary}), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

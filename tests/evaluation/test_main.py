@@ -1,0 +1,49 @@
+"""speechlm-eval end to end on a base LLM (text upper bound) and its failure on a bad item file."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from speechlm_jax.evaluation import main as eval_main
+from tests.evaluation import tiny
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("base")
+    tok = tiny.tokenizer(root / "llm")  # the tokenizer lives in the checkpoint folder, as on the hub
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=tiny.llm_config(len(tok)).vocab_size, hidden_size=32,
+                                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "llm")
+    return root
+
+
+def test_base_llm_text_upper_bound_report(base, tmp_path, capsys):
+    items = tmp_path / "items.jsonl"
+    items.write_text("\n".join(json.dumps(row) for row in [
+        {"question": "the dog runs", "choices": ["yes", "no"], "answer": "yes", "prompt": "is there a place in {content}"},
+        {"question": "a cat sleeps in the barn", "choices": ["yes", "no"], "answer": 0, "task": "has_place"},
+        {"question": "the dog runs", "answer": "runs", "prompt": "what is the last word of {content}", "task": "last_word"},
+    ]) + "\n")
+    result = eval_main.main(["--base", str(base / "llm"), "--items", str(items), "--out", str(tmp_path / "out"),
+                             "--batch_size", "4", "--max_new_tokens", "3"])
+    assert result["gap"]["conditions"] == ["text"] and result["gap"]["overall"]["items"] == 3
+    assert set(result["gap"]["tasks"]) == {"items", "has_place", "last_word"}
+    assert "retention" not in result and "diagnostics" not in result
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["gap"]["overall"] == result["gap"]["overall"]
+    assert "## Text-speech gap" in (tmp_path / "out" / "report.md").read_text()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["speechlm_eval"]["gap"]["items"] == 3
+
+
+def test_malformed_item_file_exits_with_the_line(base, tmp_path, capsys):
+    items = tmp_path / "bad.jsonl"
+    items.write_text('{"question": "q", "answer": "a"}\n{"question": "q2", "choices": ["a", "b"]}\n')
+    with pytest.raises(SystemExit) as info:
+        eval_main.main(["--base", str(base / "llm"), "--items", str(items), "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    assert "bad.jsonl:2: missing field 'answer'" in capsys.readouterr().err
