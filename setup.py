@@ -19,6 +19,7 @@ setup(
         "ml-collections>=1.0",
         "absl-py>=2.1",
         "numpy>=2.0",
+        "ml-dtypes>=0.5",
         "transformers>=4.57",
         "tokenizers>=0.21",
         "safetensors>=0.5",

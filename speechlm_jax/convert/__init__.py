@@ -1,0 +1,1 @@
+"""Conversion between HF checkpoints and speechlm_jax models (safetensors, no torch at run time)."""

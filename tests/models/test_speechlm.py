@@ -1,0 +1,175 @@
+"""SpeechLM composition: batch layout, audio scatter, text-only exactness, the oracle, partitions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from speechlm_jax.data.features import audio_token_count
+from speechlm_jax.models.llm import LLMConfig
+from speechlm_jax.models.lora import LoRAConfig
+from speechlm_jax.models.projector import ProjectorConfig
+from speechlm_jax.models.speechlm import build_speechlm, scatter_audio, trainable_filter
+from speechlm_jax.models.whisper import WhisperConfig
+
+ENCODER = WhisperConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64)
+# Gemma-style embedding scale on purpose: audio embeddings must bypass it.
+LLM = LLMConfig(
+    model_type="gemma3_text", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=8, hidden_act="gelu_pytorch_tanh", qk_norm=True,
+    sandwich_norm=True, zero_centered_norm=True, scale_embeddings=True, query_pre_attn_scalar=8.0,
+    tie_word_embeddings=True, final_logit_softcapping=30.0,
+)
+DOWNSAMPLE = 2
+SAMPLES = 160 * 40  # 40 mel frames -> 20 encoder frames -> 10 audio tokens per slot
+PLACEHOLDER = 3
+
+
+def make_model(seed: int = 0, **kwargs):
+    return build_speechlm(ENCODER, ProjectorConfig(downsample=DOWNSAMPLE), LLM, LoRAConfig(rank=4),
+                          rngs=nnx.Rngs(seed), **kwargs)
+
+
+def make_batch(seed: int = 0, slots: int = 2, batch: int = 2, length: int = 40) -> dict[str, np.ndarray]:
+    """Rows of [text, audio slot 0, text, audio slot 1 (second row: unused), text, padding]."""
+    rng = np.random.default_rng(seed)
+    frames = audio_token_count(SAMPLES, DOWNSAMPLE)
+    audio = rng.integers(-8000, 8000, size=(batch, slots, SAMPLES)).astype(np.int16)
+    audio_lens = np.full((batch, slots), SAMPLES, np.int32)
+    audio_lens[1, 1] = 0
+    audio_lens[1, 0] = 160 * 23
+    tokens = rng.integers(4, LLM.vocab_size, size=(batch, length)).astype(np.int32)
+    audio_index = np.full((batch, length), -1, np.int32)
+    input_mask = np.ones((batch, length), np.int32)
+    for b in range(batch):
+        start = 2
+        for s in range(slots):
+            n = audio_token_count(int(audio_lens[b, s]), DOWNSAMPLE)
+            audio_index[b, start : start + n] = s * frames + np.arange(n)
+            start += n + 3
+        input_mask[b, start:] = 0
+    tokens[audio_index >= 0] = PLACEHOLDER
+    positions = np.maximum(np.cumsum(input_mask, axis=1) - 1, 0).astype(np.int32)
+    return dict(audio=audio, audio_lens=audio_lens, tokens=tokens, positions=positions, input_mask=input_mask,
+                audio_index=audio_index)
+
+
+def test_encode_audio_shapes_and_valid_frames():
+    model = make_model()
+    batch = make_batch()
+    audio = jnp.asarray(batch["audio"].reshape(-1, SAMPLES))
+    lens = jnp.asarray(batch["audio_lens"].reshape(-1))
+    embeds, mask = jax.jit(lambda a, n: model.encode_audio(a, n))(audio, lens)
+    frames = audio_token_count(SAMPLES, DOWNSAMPLE)
+    assert embeds.shape == (4, frames, LLM.hidden_size)
+    assert np.asarray(mask).sum(axis=1).tolist() == [audio_token_count(int(n), DOWNSAMPLE) for n in np.asarray(lens)]
+    assert bool(jnp.isfinite(embeds).all())
+
+
+def test_embed_inputs_gathers_each_rows_own_audio():
+    model = make_model()
+    batch = {k: jnp.asarray(v) for k, v in make_batch().items()}
+    audio = model.audio_embeddings(batch)
+    frames = audio_token_count(SAMPLES, DOWNSAMPLE)
+    assert audio.shape == (2, 2 * frames, LLM.hidden_size)
+    per_slot, _ = model.encode_audio(batch["audio"].reshape(4, SAMPLES), batch["audio_lens"].reshape(4))
+    np.testing.assert_array_equal(np.asarray(audio[1, frames:]), np.asarray(per_slot[3]))
+    embeds = np.asarray(model.embed_inputs(batch))
+    text = np.asarray(model.llm.embed(batch["tokens"]))
+    index = np.asarray(batch["audio_index"])
+    for b, t in zip(*np.nonzero(index >= 0)):
+        np.testing.assert_array_equal(embeds[b, t], np.asarray(audio[b, index[b, t]]))
+    np.testing.assert_array_equal(embeds[index < 0], text[index < 0])
+
+
+def test_scatter_audio_uses_the_given_row():
+    text = jnp.zeros((2, 3, 1))
+    audio = jnp.arange(2 * 4, dtype=jnp.float32).reshape(2, 4, 1)
+    out = scatter_audio(text, audio, jnp.asarray([[-1, 3, 0], [2, -1, -1]]))
+    assert out[..., 0].tolist() == [[0.0, 3.0, 0.0], [6.0, 0.0, 0.0]]
+
+
+def test_text_only_batch_gives_the_plain_llm_logits():
+    model = make_model()
+    batch = {k: jnp.asarray(v) for k, v in make_batch().items()}
+    batch["audio_index"] = jnp.full_like(batch["audio_index"], -1)
+    expected = model.llm(batch["tokens"], positions=batch["positions"], input_mask=batch["input_mask"])
+    np.testing.assert_array_equal(np.asarray(model(batch)), np.asarray(expected))
+    text_only = {k: v for k, v in batch.items() if k not in ("audio", "audio_lens")}
+    np.testing.assert_array_equal(np.asarray(model(text_only)), np.asarray(expected))
+
+
+def test_oracle_audio_embeddings_reproduce_the_teacher():
+    """Audio embeddings equal to the transcript's own token embeddings make student == teacher."""
+    model = make_model()
+    rng = np.random.default_rng(3)
+    prompt, transcript, answer = (rng.integers(4, LLM.vocab_size, size=(2, n)).astype(np.int32) for n in (4, 7, 5))
+    teacher = np.concatenate([prompt, transcript, answer], axis=1)
+    student = teacher.copy()
+    student[:, 4:11] = PLACEHOLDER
+    audio_index = np.full(student.shape, -1, np.int32)
+    audio_index[:, 4:11] = np.arange(7)
+    positions = np.broadcast_to(np.arange(student.shape[1], dtype=np.int32), student.shape)
+    mask = np.ones(student.shape, np.int32)
+    batch = {k: jnp.asarray(v) for k, v in dict(
+        tokens=student, positions=positions, input_mask=mask, audio_index=audio_index,
+        teacher_tokens=teacher, teacher_positions=positions, teacher_input_mask=mask).items()}
+    oracle = model.llm.embed(jnp.asarray(transcript))
+    teacher_logits = model.llm.logits(model.teacher_hidden(batch))
+    student_logits = model.llm.logits(model.student_hidden(batch, audio_embeds=oracle))
+    np.testing.assert_allclose(np.asarray(student_logits), np.asarray(teacher_logits), atol=1e-6)
+    # With a non-zero adapter the student (LoRA on) departs from the teacher (LoRA off).
+    lora_b = model.llm.layers[0].attn.q_proj.lora_b
+    lora_b[...] = jnp.full_like(lora_b[...], 0.5)
+    moved = model.llm.logits(model.student_hidden(batch, audio_embeds=oracle))
+    assert float(jnp.abs(moved - teacher_logits).max()) > 1e-3
+    np.testing.assert_allclose(np.asarray(model.llm.logits(model.teacher_hidden(batch))), np.asarray(teacher_logits), atol=1e-6)
+
+
+def _paths(state: nnx.State) -> set[str]:
+    return {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(state)}
+
+
+def test_trainable_filters_pick_the_parts():
+    model = make_model(encoder_lora_cfg=LoRAConfig(rank=2, targets=r"attn/(q_proj|v_proj)$"))
+    _, trainable, frozen = nnx.split(model, trainable_filter(["projector", "lora"]), ...)
+    paths = _paths(trainable)
+    assert paths and all(p.startswith("projector/") or (p.startswith("llm/") and "/lora_" in p) for p in paths)
+    assert any(p.startswith("projector/") for p in paths) and any(p.startswith("llm/") for p in paths)
+    assert "encoder/embed_positions" in _paths(frozen)
+    assert not _paths(trainable) & _paths(frozen)
+
+    _, encoder_lora, _ = nnx.split(model, trainable_filter(["encoder_lora"]), ...)
+    assert _paths(encoder_lora) == {f"encoder/layers/0/attn/{p}/lora_{ab}" for p in ("q_proj", "v_proj") for ab in "ab"}
+    _, full, _ = nnx.split(model, trainable_filter(["encoder", "llm"]), ...)
+    full_paths = _paths(full)
+    assert "encoder/embed_positions" not in full_paths
+    assert "encoder/conv1/kernel" in full_paths and "llm/embed_tokens/embedding" in full_paths
+    assert not any(p.startswith("projector/") for p in full_paths)
+    with pytest.raises(ValueError, match="trainable kinds"):
+        trainable_filter(["decoder"])
+
+
+def test_gradients_reach_the_projector_and_lora_only():
+    model = make_model()
+    batch = {k: jnp.asarray(v) for k, v in make_batch().items()}
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(["projector", "lora"]), ...)
+
+    def loss(trainable):
+        logits = nnx.merge(graphdef, trainable, frozen)(batch)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) * batch["input_mask"])
+
+    grads = jax.jit(jax.grad(loss))(trainable)
+    norms = {"/".join(map(str, p)): float(jnp.abs(v[...]).sum()) for p, v in nnx.to_flat_state(grads)}
+    assert norms["projector/linear_1/kernel"] > 0
+    assert norms["llm/layers/0/attn/q_proj/lora_b"] > 0
+
+
+def test_bfloat16_compute_tracks_float32():
+    batch = {k: jnp.asarray(v) for k, v in make_batch().items()}
+    full = make_model()(batch)
+    half = make_model(dtype=jnp.bfloat16)(batch)
+    assert half.dtype == jnp.float32 and bool(jnp.isfinite(half).all())
+    valid = np.asarray(batch["input_mask"], bool)
+    assert np.max(np.abs(np.asarray(half) - np.asarray(full))[valid]) < 0.05
