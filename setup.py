@@ -50,6 +50,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "speechlm-train=speechlm_jax.train.main:main",
             "speechlm-synth=speechlm_jax.data.synth_cli:main",
             "speechlm-generate=speechlm_jax.generate_cli:main",
             "speechlm-eval=speechlm_jax.evaluation.main:main",

@@ -1,0 +1,102 @@
+"""Compiles and times the training step of a recipe config; prints one JSON line last.
+
+    python -m benchmarks.train_step --config configs/asr.py:tiny --steps 10
+    python -m benchmarks.train_step --config configs/salad.py:paper,llm=qwen2.5-7b --config.train.batch_size=16
+
+(from the repository root; `python benchmarks/train_step.py` works once the package is installed).
+
+The step is the trainer's own (`speechlm_jax.train.step.make_train_step`, same shardings
+and donation) on one batch from the config's data pipeline, repeated. Reports compile
+time, the median step time, tokens/s, audio seconds/s, the analytic FLOP count per part
+(`speechlm_jax.train.metrics.step_flops`) with the MFU it gives, and XLA's own FLOP count of
+the compiled step for comparison (XLA counts every op, and remat recomputation).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from speechlm_jax.sharding import batch_sharding, make_mesh
+from speechlm_jax.train import build, data, metrics, objectives, optimizer, partitions, step
+from speechlm_jax.train import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "recipe config: configs/<recipe>.py:<variant>", lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 10, "timed steps (after one warm-up step)")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = _CONFIG.value
+    config_lib.validate(config)
+    mesh = make_mesh(dict(config.mesh))
+    rules = config_lib.sharding_rules(config)
+    groups = config_lib.trainable_groups(config)
+
+    pipeline = data.Data(config)
+    host_batch = next(pipeline.train_iterator()[0])
+    shardings = {k: batch_sharding(mesh, v.ndim, rules) for k, v in host_batch.items()}
+    batch = {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in host_batch.items()}
+
+    xla_options = step.compiler_options(config.train.fast_compile)
+    graphdef, trainable, frozen = partitions.split_model(build.build_model(config, mesh, rules, compiler_options=xla_options), groups)
+    frozen = build.cast_floating(frozen, config.model.frozen_dtype)
+    tx, schedules = optimizer.make_optimizer(config)
+    trainable_sh, frozen_sh = partitions.shardings(trainable, mesh, rules), partitions.shardings(frozen, mesh, rules)
+    opt_sh = partitions.shardings(jax.eval_shape(tx.init, trainable), mesh, rules)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+    train_step = step.make_train_step(
+        graphdef, objectives.make_objective(config.loss), tx, schedules,
+        trainable_shardings=trainable_sh, frozen_shardings=frozen_sh, opt_shardings=opt_sh, batch_shardings=shardings,
+        grad_accum=config.train.grad_accum, compiler_options=xla_options,
+    )
+    rng = jax.random.key(config.seed)
+
+    start = time.perf_counter()
+    compiled = train_step.lower(trainable, frozen, opt_state, batch, rng).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    xla_flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
+
+    trainable, opt_state, out = compiled(trainable, frozen, opt_state, batch, rng)
+    jax.block_until_ready(out)
+    times = []
+    for i in range(_STEPS.value):
+        start = time.perf_counter()
+        trainable, opt_state, out = compiled(trainable, frozen, opt_state, batch, jax.random.fold_in(rng, i))
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+
+    flops = metrics.ModelFlops(build.abstract_model(config), groups, uses_teacher=config.loss.name in objectives.USES_TEACHER, downsample=config.model.projector.downsample)
+    breakdown = flops.breakdown(flops.shape_of(host_batch))
+    tokens, audio_seconds = metrics.batch_counts(host_batch)
+    devices = list(mesh.devices.flat)
+    print("FLOPs per step by part (analytic, matmuls only):")
+    for part, value in breakdown.items():
+        print(f"  {part:20s} {value:.4e}")
+    print(f"  {'xla_cost_analysis':20s} {xla_flops:.4e}")
+    result = {
+        "config": config.recipe,
+        "step_s": step_s,
+        "compile_s": compile_s,
+        "tokens_per_s": tokens * jax.process_count() / step_s,
+        "audio_s_per_s": audio_seconds * jax.process_count() / step_s,
+        "flops_per_step": breakdown["total"],
+        "xla_flops_per_step": xla_flops,
+        "mfu": metrics.mfu(breakdown["total"], step_s, devices),
+        "loss": float(out["loss"]),
+        "batch_shape": {k: list(v.shape) for k, v in host_batch.items() if k in ("audio", "tokens", "teacher_tokens")},
+        "mesh": dict(mesh.shape),
+        "device": f"{len(devices)}x {devices[0].device_kind}",
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,132 @@
+"""Checkpoints of a run: what a restart needs to continue exactly where it stopped.
+
+An orbax `CheckpointManager` (async, keep N, save interval) under `<workdir>/checkpoints`
+holds, per saved step, a composite of
+
+    trainable   the trainable parameters (projector, LoRA, ...), restored with the target
+                shardings, so a run may resume on another mesh
+    opt_state   the optimiser state (only the trainable groups have one)
+    meta        JSON: step, rng key data, the frozen base's path and content hash
+    data        the Grain iterator state (grain's own checkpoint handler), so the data
+                continues with the batch that follows the saved step
+
+The frozen base is not saved: it is rebuilt from its source (HF folder or seed) and its
+content hash is checked against the one recorded, so a resume onto different base weights
+fails loudly instead of training an adapter for the wrong model. The hash reads a strided
+sample of every leaf (plus paths, shapes and dtypes): cheap for a 7B model, and any real
+change of weights changes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+HASH_SAMPLES = 4096
+
+
+class BaseMismatchError(RuntimeError):
+    """The frozen base of a resumed run differs from the one its checkpoint was trained on."""
+
+
+def base_hash(frozen: Any) -> str:
+    """sha256 over paths, shapes, dtypes and a strided sample of every leaf of the frozen state."""
+    leaves = jax.tree_util.tree_flatten_with_path(frozen)[0]
+
+    def sample(x: jax.Array) -> jax.Array:
+        flat = x.reshape(-1)
+        stride = max(flat.size // HASH_SAMPLES, 1)
+        return flat[::stride][:HASH_SAMPLES]
+
+    samples = jax.device_get(jax.jit(lambda xs: [sample(x) for x in xs])([x for _, x in leaves]))
+    digest = hashlib.sha256()
+    for (path, leaf), values in zip(leaves, samples):
+        digest.update(f"{jax.tree_util.keystr(path)}|{leaf.shape}|{leaf.dtype}|".encode())
+        digest.update(np.ascontiguousarray(values).tobytes())
+    return digest.hexdigest()
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) of a tree of arrays: the restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class Checkpointer:
+    """Saves and restores (trainable, opt_state, meta, data iterator) under `<workdir>/checkpoints`."""
+
+    def __init__(self, workdir: str | Path, *, every: int, keep: int, async_save: bool = True):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.every = every
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            item_names=("trainable", "opt_state", "meta", "data"),
+            item_handlers={"data": grain.checkpoint.CheckpointHandler()},
+            options=options,
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def should_save(self, step: int) -> bool:
+        """Whether `step` is on the save interval (the trainer also saves at the end and on SIGTERM)."""
+        return step % self.every == 0
+
+    def save(self, step: int, trainable: Any, opt_state: Any, meta: dict[str, Any], data_iterator: Any) -> bool:
+        """Starts saving step `step` (async); returns whether a save was started (not when it exists)."""
+        args = ocp.args.Composite(
+            trainable=ocp.args.StandardSave(trainable),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(dict(meta, step=step)),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+        )
+        return self.manager.save(step, args=args, force=True)
+
+    def restore(self, step: int, trainable: Any, opt_state: Any, data_iterator: Any) -> tuple[Any, Any, dict[str, Any]]:
+        """Restores step `step` onto the shardings of the given (abstract or concrete) trees.
+
+        `data_iterator` is restored in place. Returns (trainable, opt_state, meta).
+        """
+        args = ocp.args.Composite(
+            trainable=ocp.args.StandardRestore(abstract_like(trainable)),
+            opt_state=ocp.args.StandardRestore(abstract_like(opt_state)),
+            meta=ocp.args.JsonRestore(),
+            data=grain.checkpoint.CheckpointRestore(data_iterator),
+        )
+        restored = self.manager.restore(step, args=args)
+        return restored.trainable, restored.opt_state, dict(restored.meta)
+
+    def wait(self) -> None:
+        """Blocks until the async saves in flight are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def rng_to_meta(rng: jax.Array) -> list[int]:
+    """A PRNG key as JSON-able uint32 words."""
+    return np.asarray(jax.random.key_data(rng)).astype(np.uint32).ravel().tolist()
+
+
+def rng_from_meta(words: list[int], like: jax.Array) -> jax.Array:
+    data = np.asarray(words, np.uint32).reshape(jax.random.key_data(like).shape)
+    return jax.random.wrap_key_data(jnp.asarray(data), impl=jax.random.key_impl(like))
+
+
+def check_base(meta: dict[str, Any], expected_hash: str, expected_path: str) -> None:
+    """Raises BaseMismatchError when the frozen base differs from the checkpoint's."""
+    if meta.get("base_hash") != expected_hash:
+        raise BaseMismatchError(
+            f"the frozen base weights differ from those the checkpoint at step {meta.get('step')} was trained on "
+            f"(checkpoint: {meta.get('base_path')!r} hash {str(meta.get('base_hash'))[:12]}; now: {expected_path!r} "
+            f"hash {expected_hash[:12]}); use the original base or a fresh workdir"
+        )

@@ -1,0 +1,96 @@
+"""The model-aware glue between a SpeechLM, a batch and the pure losses of `speechlm_jax.losses`.
+
+Each recipe's objective is `objective(model, batch) -> (loss, metrics)`: it runs the
+parts of the model the recipe needs and hands hidden states and the unembedding to a
+chunked loss, so the `[batch, seq, vocab]` logits never exist. Which objective runs is
+data (`config.loss.name`), not a code path per recipe:
+
+    cross_entropy       asr, vtb: CE on `targets` where `loss_mask` is 1
+    behavior_imitation  mtbi: CE on the teacher's own response, which the data pipeline
+                        has already placed as `targets` / `loss_mask` (read from the
+                        targets JSONL written by the teacher's generation)
+    salad               alpha * KL(teacher || student) on `kl_mask` + (1 - alpha) * NLL on
+                        `loss_mask`; the teacher is the same LLM with LoRA off on the
+                        text twin, in the same step, under `stop_gradient`
+
+Metrics are the loss's own (per-part losses, token counts) under the objective's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import ml_collections
+
+from speechlm_jax import losses
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+Objective = Callable[[Any, Batch], tuple[jax.Array, Metrics]]
+
+
+def cross_entropy(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> tuple[jax.Array, Metrics]:
+    """Masked CE of the student (speech input, LoRA on) on `targets` / `loss_mask`."""
+    hidden = model.student_hidden(batch)
+    return losses.chunked_cross_entropy(
+        hidden,
+        model.llm.unembedding(),
+        batch["targets"],
+        batch["loss_mask"],
+        chunk_size=cfg.chunk_size,
+        softcap=model.llm.config.final_logit_softcapping,
+        weights=batch["weight"],
+    )
+
+
+def behavior_imitation(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> tuple[jax.Array, Metrics]:
+    """CE of the student on the teacher's own response (the pipeline puts it in `targets`)."""
+    loss, metrics = cross_entropy(model, batch, cfg)
+    metrics.pop("z_loss", None)
+    return loss, metrics
+
+
+def salad(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> tuple[jax.Array, Metrics]:
+    """alpha * KL(teacher(text twin, LoRA off) || student(speech)) + (1 - alpha) * NLL."""
+    student = model.student_hidden(batch)
+    # The teacher is the frozen base on text: no gradient may reach it, whatever trains.
+    teacher = jax.lax.stop_gradient(model.teacher_hidden(batch))
+    teacher_at_student = losses.gather_teacher(teacher, batch["teacher_index"])
+    return losses.chunked_salad_objective(
+        student,
+        teacher_at_student,
+        model.llm.unembedding(),
+        batch["targets"],
+        batch["kl_mask"],
+        batch["loss_mask"],
+        alpha=cfg.alpha,
+        chunk_size=cfg.chunk_size,
+        temperature=cfg.temperature,
+        direction=cfg.direction,
+        softcap=model.llm.config.final_logit_softcapping,
+        weights=batch["weight"],
+    )
+
+
+OBJECTIVES: dict[str, Callable[[Any, Batch, ml_collections.ConfigDict], tuple[jax.Array, Metrics]]] = {
+    "cross_entropy": cross_entropy,
+    "behavior_imitation": behavior_imitation,
+    "salad": salad,
+}
+
+# The recipes whose objective runs the teacher forward (counted in the FLOPs).
+USES_TEACHER = ("salad",)
+
+
+def make_objective(loss_config: ml_collections.ConfigDict) -> Objective:
+    """`objective(model, batch) -> (loss, metrics)` for `config.loss` (name + its options)."""
+    fn = OBJECTIVES[loss_config.name]
+    cfg = ml_collections.ConfigDict(loss_config.to_dict())
+
+    def objective(model: Any, batch: Batch) -> tuple[jax.Array, Metrics]:
+        loss, metrics = fn(model, batch, cfg)
+        return loss, {f"{loss_config.name}/{k}": v for k, v in metrics.items()}
+
+    return objective

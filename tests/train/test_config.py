@@ -1,0 +1,104 @@
+"""Config checks: nearest-key errors for unknown overrides, value validation, every recipe variant."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs import asr, mtbi, salad, vtb
+from configs.base import parse_arg
+from flax import nnx
+
+from speechlm_jax.train import build, partitions
+from speechlm_jax.train import config as config_lib
+from speechlm_jax.train.main import check_command_line
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("module", [asr, mtbi, salad, vtb])
+@pytest.mark.parametrize("variant", ["tiny", "paper"])
+def test_every_recipe_variant_validates(module, variant):
+    config = module.get_config(variant)
+    config_lib.validate(config)
+    assert config.recipe == module.__name__.split(".")[-1]
+
+
+def test_paper_settings():
+    vtb_config = vtb.get_config("paper")
+    assert (vtb_config.model.lora.rank, vtb_config.optimizer.lr.lora, vtb_config.data.text_weight) == (32, 1e-4, 0.15)
+    assert "gate_proj" in vtb_config.model.lora.targets and "q_proj" in vtb_config.model.lora.targets
+    salad_config = salad.get_config("paper")
+    assert (salad_config.loss.alpha, salad_config.optimizer.lr.projector, salad_config.optimizer.lr.lora) == (1.0, 1e-3, 5e-5)
+    assert salad.get_config("paper,llm=qwen2.5-7b").model.llm == "Qwen2.5-7B"
+    assert salad.get_config("paper,llm=gemma-3-4b,weights_dir=/w").model.llm_weights == "/w/gemma-3-4b"
+
+
+def test_paper_model_builds_abstractly_at_real_size():
+    config = vtb.get_config("paper")
+    model = build.abstract_model(config)
+    assert model.encoder.config.d_model == 1280 and model.encoder.config.num_mel_bins == 128
+    assert model.llm.config.hidden_size == 2560 and model.llm.config.model_type == "gemma3_text"
+    for name in ("llama-3.2-3b", "qwen2.5-7b"):
+        assert build.llm_config(vtb.get_config(f"paper,llm={name}")).num_hidden_layers == 28
+    counts = partitions.count_params(nnx.split(model, partitions.trainable_filter(config_lib.trainable_groups(config)), ...)[1])
+    assert set(counts) == {"total", "encoder", "projector", "lora"}
+
+
+def test_parse_arg_rejects_unknown_arguments():
+    assert parse_arg("tiny,steps=3", variant="paper", steps=1).steps == 3
+    with pytest.raises(ValueError, match="unknown config argument 'stpes'"):
+        parse_arg("tiny,stpes=3", variant="paper", steps=1)
+
+
+def test_nearest_keys_cover_the_whole_path():
+    config = salad.get_config("tiny")
+    with pytest.raises(config_lib.ConfigError) as error:
+        config_lib.check_overrides(config, ["optimiser.lr.projector", "train.step", "loss.alpha"])
+    message = str(error.value)
+    assert "'optimiser.lr.projector' does not exist; nearest valid keys: optimizer.lr.projector" in message
+    assert "'train.step' does not exist; nearest valid keys: train.steps" in message
+    assert "loss.alpha" not in message
+
+
+def test_validate_names_the_bad_value():
+    config = asr.get_config("tiny")
+    config.optimizer.schedule = "warmup_cosin"
+    with pytest.raises(config_lib.ConfigError, match="did you mean 'warmup_cosine'"):
+        config_lib.validate(config)
+    config = asr.get_config("tiny")
+    config.train.trainable = "projector,encoder"
+    config.optimizer.lr.encoder = 1e-4
+    config_lib.validate(config)
+    config.train.trainable = "projector,adapter"
+    with pytest.raises(config_lib.ConfigError, match="train.trainable='adapter'"):
+        config_lib.validate(config)
+
+
+def test_command_line_check_loads_the_config_file():
+    argv = ["speechlm-train", f"--config={REPO}/configs/vtb.py:tiny", "--config.model.lora.rnak=4"]
+    with pytest.raises(config_lib.ConfigError, match="model.lora.rank"):
+        check_command_line(argv)
+    check_command_line(["speechlm-train", "--config", f"{REPO}/configs/vtb.py:tiny", "--config.model.lora.rank=4"])
+
+
+def test_cli_fails_at_start_with_nearest_keys(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-m", "speechlm_jax.train.main", f"--config={REPO}/configs/asr.py:tiny",
+         "--config.train.batch_sise=4", f"--workdir={tmp_path}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "nearest valid keys: train.batch_size" in result.stderr
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_resolved_config_is_written(tmp_path):
+    config = mtbi.get_config("tiny")
+    path = config_lib.write_resolved(config, tmp_path)
+    assert '"recipe": "mtbi"' in path.read_text()

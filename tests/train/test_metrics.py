@@ -1,0 +1,66 @@
+"""FLOP count against XLA's own count of the compiled programs, MFU arithmetic, progress and TensorBoard."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from speechlm_jax.models.llm import DecoderLLM, LLMConfig
+from speechlm_jax.models.whisper import WhisperConfig, WhisperEncoder
+from speechlm_jax.train import metrics
+
+
+def _xla_flops(fn, *args) -> float:
+    return float(jax.jit(fn).lower(*args).compile().cost_analysis()["flops"])
+
+
+def test_llm_forward_flops_match_xla():
+    config = LLMConfig(vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    model = DecoderLLM(config, rngs=nnx.Rngs(0))
+    batch, tokens = 2, 256
+    ids = jnp.zeros((batch, tokens), jnp.int32)
+    graphdef, state = nnx.split(model)
+    xla = _xla_flops(lambda s, x: nnx.merge(graphdef, s)(x), state, ids)
+    parts = metrics._llm_forward(config, tokens, 0, ())
+    # XLA computes the full T x T score matrix; MFU counts the causal half (see the module docstring).
+    analytic = batch * (parts["kernels"] + 2 * parts["attention"] + parts["unembed"])
+    assert analytic == pytest.approx(xla, rel=0.05)
+    assert analytic < xla
+
+
+def test_encoder_forward_flops_match_xla():
+    config = WhisperConfig(num_mel_bins=80, d_model=256, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=1024, max_source_positions=1500)
+    encoder = WhisperEncoder(config, rngs=nnx.Rngs(0))
+    mel_frames = 1000
+    mels = jnp.zeros((2, 80, mel_frames))
+    graphdef, state = nnx.split(encoder)
+    xla = _xla_flops(lambda s, x: nnx.merge(graphdef, s)(x)[0], state, mels)
+    parts = metrics._encoder_forward(config, mel_frames)
+    # XLA also counts the elementwise work (exact GELU, softmax, norms), which MFU leaves out.
+    assert 2 * (parts["kernels"] + parts["attention"]) == pytest.approx(xla, rel=0.08)
+    assert 2 * (parts["kernels"] + parts["attention"]) < xla
+
+
+def test_backward_counts_frozen_activations_only_where_a_gradient_flows():
+    llm = LLMConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=16)
+    encoder = WhisperConfig(num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128)
+    shape = metrics.StepShape(batch=4, audio_slots=1, audio_samples=16000, tokens=64, teacher_tokens=0)
+    common = dict(llm_config=llm, encoder_config=encoder, projector_flops_per_frame=1e4, downsample=4)
+    projector_only = metrics.step_flops(shape, trainable=("projector",), **common)
+    assert projector_only["encoder_backward"] == 0
+    # A frozen LLM still back-propagates through its activations to reach the projector.
+    assert projector_only["llm_backward"] == pytest.approx(projector_only["llm_forward"] + shape.batch * 2 * 64 * 64 / 2 * 4 * 16 * 2 * 2)
+    full_llm = metrics.step_flops(shape, trainable=("projector", "llm"), **common)
+    assert full_llm["llm_backward"] > projector_only["llm_backward"]
+    with_encoder = metrics.step_flops(shape, trainable=("projector", "encoder"), **common)
+    assert with_encoder["encoder_backward"] > with_encoder["encoder_forward"]
+    teacher = metrics.step_flops(metrics.StepShape(4, 1, 16000, 64, 48), trainable=("projector",), **common)
+    assert teacher["teacher_forward"] > 0 and teacher["total"] > projector_only["total"]
+
+
+def test_mfu_arithmetic():
+    cpu = jax.devices()[0]
+    assert metrics.mfu(metrics.peak_flops(cpu), 1.0, [cpu]) == pytest.approx(1.0)
+    assert metrics.mfu(1e12, 0.5, [cpu, cpu]) == pytest.approx(1e12 / 0.5 / (2 * metrics.peak_flops(cpu)))

@@ -1,0 +1,124 @@
+"""The jitted step: gradients only for the trainable partition, frozen base untouched, accumulation, skipping."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import salad
+from speechlm_jax.data.features import audio_token_count
+from speechlm_jax.sharding import make_mesh
+from speechlm_jax.train import build, objectives, optimizer, partitions, step
+from speechlm_jax.train import config as config_lib
+
+B, L, T, U = 4, 16000, 32, 24
+
+
+def synthetic_batch(seed: int = 0, vocab: int = 64) -> dict[str, np.ndarray]:
+    """A CONTRACT batch: one audio slot per row, text before and after it, the same supervised span in every row."""
+    rng = np.random.default_rng(seed)
+    frames = audio_token_count(L, 4)
+    audio_index = np.full((B, T), -1, np.int32)
+    audio_index[:, 4 : 4 + frames] = np.arange(frames)
+    loss_mask = np.zeros((B, T), np.float32)
+    loss_mask[:, T - 10 :] = 1.0
+    kl_mask = np.zeros((B, T), np.float32)
+    kl_mask[:, 4 + frames :] = 1.0
+    teacher_index = np.where(kl_mask > 0, np.arange(T) - frames + 4, 0).astype(np.int32)
+    return {
+        "audio": (rng.standard_normal((B, 1, L)) * 3000).astype(np.int16),
+        "audio_lens": np.full((B, 1), L, np.int32),
+        "tokens": rng.integers(5, vocab, (B, T)).astype(np.int32),
+        "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+        "input_mask": np.ones((B, T), np.int32),
+        "audio_index": audio_index,
+        "targets": rng.integers(5, vocab, (B, T)).astype(np.int32),
+        "loss_mask": loss_mask,
+        "teacher_tokens": rng.integers(5, vocab, (B, U)).astype(np.int32),
+        "teacher_positions": np.tile(np.arange(U, dtype=np.int32), (B, 1)),
+        "teacher_input_mask": np.ones((B, U), np.int32),
+        "teacher_targets": rng.integers(5, vocab, (B, U)).astype(np.int32),
+        "teacher_loss_mask": np.ones((B, U), np.float32),
+        "kl_mask": kl_mask,
+        "teacher_index": teacher_index,
+        "weight": np.ones((B,), np.float32),
+        "task_id": np.zeros((B,), np.int32),
+    }
+
+
+@pytest.fixture(scope="module")
+def parts():
+    """(graphdef, trainable, frozen, config) of the tiny SALAD model, built once for the module."""
+    config = salad.get_config("tiny")
+    config.loss.alpha = 0.5
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    model = build.build_model(config, mesh, config_lib.sharding_rules(config), compiler_options=step.compiler_options(True))
+    graphdef, trainable, frozen = partitions.split_model(model, config_lib.trainable_groups(config))
+    return graphdef, trainable, frozen, config
+
+
+def _step(parts, grad_accum: int = 1, skip: bool = False):
+    graphdef, _, _, config = parts
+    tx, schedules = optimizer.make_optimizer(config)
+    fn = step.train_step_fn(graphdef, objectives.make_objective(config.loss), tx, schedules, grad_accum=grad_accum, skip_nonfinite=skip)
+    return tx, jax.jit(fn, compiler_options=step.compiler_options(True))
+
+
+def test_only_trainable_parameters_change_and_frozen_is_bitwise_unchanged(parts):
+    _, trainable, frozen, _ = parts
+    tx, train_step = _step(parts)
+    assert {partitions.param_group(p, v) for p, v in nnx.to_flat_state(trainable)} == {"projector", "lora"}
+    before = jax.tree.map(np.array, (trainable, frozen))
+    opt_state = tx.init(trainable)
+    batch = synthetic_batch()
+    new_trainable = trainable
+    # Step 0 has learning rate 0 (warmup) and LoRA's B starts at 0 (A gets no gradient until B moves): 3 steps.
+    for i in range(3):
+        new_trainable, opt_state, metrics = train_step(new_trainable, frozen, opt_state, batch, jax.random.key(i))
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["finite"]) == 1.0
+    assert {"salad/kl", "salad/nll", "grad_norm", "lr/projector", "lr/lora"} <= set(metrics)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, frozen), before[1])
+    changed = jax.tree.map(lambda a, b: bool((np.asarray(a) != b).any()), new_trainable, before[0])
+    assert all(jax.tree.leaves(changed))
+
+
+def test_teacher_gets_no_gradient(parts):
+    graphdef, trainable, frozen, _ = parts
+    batch = synthetic_batch()
+
+    def teacher_loss(frozen_state):
+        model = nnx.merge(graphdef, trainable, frozen_state)
+        return objectives.losses.chunked_kl_distillation(
+            jax.lax.stop_gradient(model.student_hidden(batch)), objectives.losses.gather_teacher(model.teacher_hidden(batch), batch["teacher_index"]),
+            jax.lax.stop_gradient(model.llm.unembedding()), batch["kl_mask"], chunk_size=16,
+        )[0]
+
+    grads = jax.jit(jax.grad(teacher_loss), compiler_options=step.compiler_options(True))(frozen)
+    assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads))
+
+
+def test_gradient_accumulation_equals_the_full_batch(parts):
+    _, trainable, frozen, _ = parts
+    tx, full_step = _step(parts)
+    _, accum_step = _step(parts, grad_accum=2)
+    batch = synthetic_batch()
+    full = full_step(trainable, frozen, tx.init(trainable), batch, jax.random.key(0))
+    accumulated = accum_step(trainable, frozen, tx.init(trainable), batch, jax.random.key(0))
+    np.testing.assert_allclose(float(accumulated[2]["loss"]), float(full[2]["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(accumulated[2]["grad_norm"]), float(full[2]["grad_norm"]), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7), accumulated[0], full[0])
+
+
+def test_nonfinite_step_is_skipped_when_asked(parts):
+    _, trainable, frozen, _ = parts
+    tx, train_step = _step(parts, skip=True)
+    batch = synthetic_batch()
+    batch["weight"] = np.full((B,), np.nan, np.float32)
+    batch["loss_mask"][:] = 1.0
+    opt_state = tx.init(trainable)
+    before = jax.tree.map(np.array, (trainable, opt_state))
+    new_trainable, new_opt_state, metrics = train_step(trainable, frozen, opt_state, batch, jax.random.key(0))
+    assert float(metrics["finite"]) == 0.0
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, (new_trainable, new_opt_state)), before)
