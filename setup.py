@@ -54,6 +54,7 @@ setup(
             "speechlm-synth=speechlm_jax.data.synth_cli:main",
             "speechlm-generate=speechlm_jax.generate_cli:main",
             "speechlm-eval=speechlm_jax.evaluation.main:main",
+            "speechlm-convert=speechlm_jax.convert.main:main",
         ]
     },
 )

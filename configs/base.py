@@ -144,7 +144,7 @@ TINY_LLM = dict(
 )
 TINY_ENCODER = dict(
     model_type="whisper", num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4,
-    encoder_ffn_dim=128, max_source_positions=1500,
+    encoder_ffn_dim=256, max_source_positions=1500,
 )
 
 

@@ -92,14 +92,18 @@ class Checkpointer:
     def restore(self, step: int, trainable: Any, opt_state: Any, data_iterator: Any) -> tuple[Any, Any, dict[str, Any]]:
         """Restores step `step` onto the shardings of the given (abstract or concrete) trees.
 
-        `data_iterator` is restored in place. Returns (trainable, opt_state, meta).
+        `data_iterator` is restored in place. A step without a data item (one written by
+        `speechlm-convert import` without a recipe) leaves the iterator at its start.
+        Returns (trainable, opt_state, meta).
         """
-        args = ocp.args.Composite(
+        items = dict(
             trainable=ocp.args.StandardRestore(abstract_like(trainable)),
             opt_state=ocp.args.StandardRestore(abstract_like(opt_state)),
             meta=ocp.args.JsonRestore(),
-            data=grain.checkpoint.CheckpointRestore(data_iterator),
         )
+        if (self.directory / str(step) / "data").exists():
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        args = ocp.args.Composite(**items)
         restored = self.manager.restore(step, args=args)
         return restored.trainable, restored.opt_state, dict(restored.meta)
 

@@ -158,8 +158,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
 
     # --- Resume: this workdir's latest checkpoint, else the fresh state above.
     ckpt = checkpoint.Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    start = ckpt.latest_step() or 0
-    if start:
+    latest = ckpt.latest_step()
+    start = latest or 0
+    # Step 0 exists when the workdir was made by `speechlm-convert import`: resume it too.
+    if latest is not None:
         trainable, opt_state, meta = ckpt.restore(start, trainable, opt_state, train_iter)
         checkpoint.check_base(meta, base["base_hash"], base["base_path"])
         rng = checkpoint.rng_from_meta(meta["rng"], rng)

@@ -1,0 +1,171 @@
+"""Export to transformers classes: Voxtral logits and generation, *ForCausalLM, shards, bf16, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from speechlm_jax.convert import export, voxtral
+from speechlm_jax.convert.hf_import import SafetensorsCheckpoint
+from speechlm_jax.data.tokenizer import load_tokenizer
+from speechlm_jax.generate import generate
+from speechlm_jax.models.projector import ProjectorConfig
+
+from tests.convert import tiny_speechlm as tiny
+
+
+def hf_inputs(folder, batch, clip) -> dict[str, torch.Tensor]:
+    """The same audio + prompt for the HF class: features from the exported feature extractor."""
+    extractor = transformers.AutoFeatureExtractor.from_pretrained(folder)
+    features = extractor(clip.astype(np.float32) / 32768.0, sampling_rate=16000, return_tensors="pt").input_features
+    tokens = torch.tensor(np.asarray(batch["tokens"]))
+    return dict(input_ids=tokens, input_features=features, attention_mask=torch.ones_like(tokens))
+
+
+def load_voxtral(folder, **kwargs) -> transformers.VoxtralForConditionalGeneration:
+    model, info = transformers.VoxtralForConditionalGeneration.from_pretrained(folder, output_loading_info=True, **kwargs)
+    assert not any(info.values()), info
+    return model.eval()
+
+
+def stored_keys(folder) -> dict[str, str]:
+    """{key: safetensors dtype} over every file of a folder."""
+    ckpt = SafetensorsCheckpoint(folder)
+    return {key: ckpt.dtype(key) for key in ckpt.keys()}
+
+
+@pytest.mark.parametrize("family,tied", [("llama", False), ("qwen2", True)])
+def test_voxtral_export_gives_our_logits_and_tokens(family, tied, tmp_path):
+    model = tiny.tiny_speechlm(family, tied=tied)
+    tokenizer = tiny.tokenizer_dir(tmp_path)
+    audio_token_id = load_tokenizer(str(tokenizer)).audio_token_id
+    out = export.export_speechlm(model, tmp_path / "hf", audio_token_id=audio_token_id, tokenizer_dir=tokenizer, merge_lora=True)
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["VoxtralForConditionalGeneration"] and config["text_config"]["model_type"] == family
+    assert config["audio_token_id"] == audio_token_id
+    assert transformers.AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<audio>") == audio_token_id
+    hf = load_voxtral(out)
+
+    clip = tiny.audio()
+    batch = tiny.prompt_batch(tokenizer, clip)
+    inputs = hf_inputs(out, batch, clip)
+    with torch.no_grad():
+        reference = hf(**inputs).logits.numpy()
+    ours = np.asarray(model(batch))
+    assert np.abs(reference).max() > 1.0
+    np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
+
+    with torch.no_grad():
+        hf_tokens = hf.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1] :].numpy()
+    ours_tokens = generate(model.llm, None, batch["input_mask"], inputs_embeds=model.embed_inputs(batch), max_new_tokens=8, eos_id=2, pad_id=0)
+    length = int(ours_tokens.lengths[0])
+    np.testing.assert_array_equal(np.asarray(ours_tokens.tokens[0, :length]), hf_tokens[:length])
+    assert len(hf_tokens) == length
+
+
+def test_keys_are_the_layout_transformers_writes_and_shards_load(tmp_path):
+    model = tiny.tiny_speechlm(lora=False)
+    out = export.export_speechlm(model, tmp_path / "hf", audio_token_id=4, max_shard_size="40KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert all(p.stat().st_size < 40_000 + 2_000 for p in out.glob("model-*.safetensors"))
+
+    hf = load_voxtral(out)
+    hf.save_pretrained(tmp_path / "resaved")
+    assert stored_keys(out).keys() == stored_keys(tmp_path / "resaved").keys()
+    assert set(index["weight_map"]) == set(stored_keys(out))
+
+
+def test_bf16_export_loads_and_runs(tmp_path):
+    model = tiny.tiny_speechlm()
+    tokenizer = tiny.tokenizer_dir(tmp_path)
+    out = export.export_speechlm(model, tmp_path / "hf", audio_token_id=4, tokenizer_dir=tokenizer, merge_lora=True, dtype="bf16")
+    dtypes = stored_keys(out)
+    assert dtypes.pop("audio_tower.embed_positions.weight") == "F32"
+    assert set(dtypes.values()) == {"BF16"}
+    hf = load_voxtral(out)
+    assert hf.lm_head.weight.dtype == torch.bfloat16
+    clip = tiny.audio()
+    batch = tiny.prompt_batch(tokenizer, clip)
+    with torch.no_grad():
+        logits = hf(**hf_inputs(out, batch, clip)).logits.float().numpy()
+    ours = np.asarray(model(batch))
+    assert np.isfinite(logits).all()
+    # bf16 weights and activations: close to fp32, not equal.
+    assert np.abs(logits - ours).max() < 0.05 * np.abs(ours).max()
+
+
+def test_llm_alone_as_causal_lm(tmp_path):
+    model = tiny.tiny_speechlm("qwen2")
+    out = export.export_llm(model.llm, tmp_path / "llm", tokenizer_dir=tiny.tokenizer_dir(tmp_path), merge_lora=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    tokens = np.array([[1, 5, 9, 11, 7, 30, 12]], np.int32)
+    with torch.no_grad():
+        reference = hf(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model.llm(tokens)), reference, atol=1e-4, rtol=0)
+    assert not (out / export.ADAPTER_DIR).exists()
+
+
+def _no_partial_output(tmp_path) -> bool:
+    return not any(p.name.startswith(".hf.partial-") or p.name == "hf" for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "projector,message",
+    [
+        (ProjectorConfig(kind="conv", downsample=4), "strided Conv1d"),
+        (ProjectorConfig(kind="frame_stack", downsample=4, use_bias=True), "have biases"),
+        (ProjectorConfig(kind="frame_stack", downsample=2), "stacks 2 frames"),
+        (ProjectorConfig(kind="frame_stack", downsample=4, hidden=16), "hidden width is 16"),
+    ],
+)
+def test_unrepresentable_models_are_refused_and_nothing_is_written(projector, message, tmp_path):
+    model = tiny.tiny_speechlm(projector=projector, lora=False)
+    with pytest.raises(voxtral.NotRepresentableError, match=message):
+        export.export_speechlm(model, tmp_path / "hf", audio_token_id=4)
+    assert _no_partial_output(tmp_path)
+
+
+def test_tensors_that_do_not_fit_the_config_fail_before_writing(tmp_path):
+    model = tiny.tiny_speechlm(lora=False)
+    up = model.llm.layers[1].mlp.up_proj.kernel
+    up.set_value(up.get_value()[:, :-1])
+    with pytest.raises(ValueError, match=r"first mismatched tensor: language_model\.model\.layers\.1\.mlp\.up_proj\.weight"):
+        export.export_speechlm(model, tmp_path / "hf", audio_token_id=4)
+    assert _no_partial_output(tmp_path)
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    model = tiny.tiny_speechlm(lora=False)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export.export_speechlm(model, tmp_path / "hf", audio_token_id=4)
+    assert _no_partial_output(tmp_path)
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(FileExistsError):
+        export.export_speechlm(model, tmp_path / "hf", audio_token_id=4)
+
+
+def test_audio_token_outside_the_vocabulary_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="audio_token_id 48 is outside the LLM's vocabulary of 48"):
+        export.export_speechlm(tiny.tiny_speechlm(lora=False), tmp_path / "hf", audio_token_id=48)
+    assert _no_partial_output(tmp_path)
+
+
+def test_sizes_and_dtypes_are_checked():
+    assert export.parse_size("5GB") == 5 * 10**9 and export.parse_size("2MiB") == 2 * 2**20 and export.parse_size(100) == 100
+    with pytest.raises(ValueError, match="cannot read the size"):
+        export.parse_size("lots")
+    assert export.DTYPES["bf16"] == np.dtype(ml_dtypes.bfloat16)
