@@ -44,6 +44,8 @@ setup(
             "pytest>=8",
             "pytest-xdist>=3.6",
             "hypothesis>=6.100",
+            "scipy>=1.11",
+            "scikit-learn>=1.4",
             "peft>=0.17",
             "torch==2.13.0; python_version < '3.12'",
         ],
@@ -55,6 +57,7 @@ setup(
             "speechlm-generate=speechlm_jax.generate_cli:main",
             "speechlm-eval=speechlm_jax.evaluation.main:main",
             "speechlm-convert=speechlm_jax.convert.main:main",
+            "speechlm-select=speechlm_jax.selection.main:main",
         ]
     },
 )
