@@ -54,6 +54,7 @@ from safetensors.numpy import save_file
 
 from speechlm_jax.convert import peft_adapter, voxtral
 from speechlm_jax.convert.hf_import import (
+    WHISPER_TABLE,
     LLM_IGNORED,
     LLM_TABLES,
     SAFETENSORS_FILE,
@@ -67,6 +68,7 @@ from speechlm_jax.convert.hf_import import (
 from speechlm_jax.models.llm import DecoderLLM, LLMConfig
 from speechlm_jax.models.lora import linear_modules
 from speechlm_jax.models.speechlm import SpeechLM, build_speechlm
+from speechlm_jax.models.whisper import WhisperEncoder
 
 DTYPES: dict[str, np.dtype] = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}
 TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -310,3 +312,11 @@ def export_llm(
                 folder / ADAPTER_DIR, llm, module_name=peft_adapter.causal_lm_module, base_model=str(Path(out).absolute()), dtype=np_dtype, task_type="CAUSAL_LM"
             )
     return Path(out).absolute()
+
+
+def write_whisper_encoder(encoder: WhisperEncoder, folder: Path) -> None:
+    """Writes the encoder into `folder` as a WhisperModel-layout checkpoint (`encoder.*` keys, fp32)
+    that `hf_import.load_whisper_encoder` reads (a run's trained encoder as the next run's base)."""
+    transformers.WhisperConfig(**encoder.config.to_hf()).save_pretrained(str(folder))
+    tensors = hf_tensors(encoder, WHISPER_TABLE, merged={}, dtype=np.dtype(np.float32))
+    write_safetensors(folder, tensors, DEFAULT_SHARD_SIZE)

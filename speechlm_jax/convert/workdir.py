@@ -28,7 +28,6 @@ export is bitwise the imported tensors, and the trainer's `Checkpointer.restore`
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -37,16 +36,15 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-import transformers
 from flax import nnx
 
 from configs.base import base_config
 from speechlm_jax.convert import export, peft_adapter, voxtral
-from speechlm_jax.convert.hf_import import LLM_IGNORED, WHISPER_TABLE, SafetensorsCheckpoint, load_state, read_hf_config
+from speechlm_jax.convert.hf_import import LLM_IGNORED, SafetensorsCheckpoint, load_state, read_hf_config
 from speechlm_jax.data.tokenizer import load_tokenizer
 from speechlm_jax.models.speechlm import SpeechLM, build_speechlm
 from speechlm_jax.sharding import make_mesh
-from speechlm_jax.train import build, checkpoint, data, optimizer, partitions
+from speechlm_jax.train import build, checkpoint, data, optimizer, partitions, restore
 from speechlm_jax.train import step as step_lib
 from speechlm_jax.train import config as config_lib
 
@@ -64,70 +62,16 @@ class Run:
     audio_token_id: int
 
 
-def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    """The resolved config a run wrote into its workdir."""
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a trainer workdir")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def _base_path(config: ml_collections.ConfigDict) -> str:
-    """The frozen base's description, in the trainer's words."""
-    return f"llm={config.model.llm_weights or 'random'};encoder={config.model.encoder_weights or 'random'}"
-
-
-def _leaf_shapes(tree: object) -> dict[str, tuple[int, ...]]:
-    """{"projector/linear_1/kernel": shape} of a state or of orbax's stored metadata tree."""
-    shapes = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-        shapes["/".join(names[:-1] if names[-1] == "value" else names)] = tuple(leaf.shape)
-    return shapes
-
-
-def check_trainable_fits(item_dir: Path, trainable: nnx.State) -> None:
-    """Raises ValueError when the stored trainable tensors are not those the config builds
-    (orbax would otherwise restore into the config's shapes without complaint)."""
-    stored = _leaf_shapes(ocp.StandardCheckpointer().metadata(item_dir).item_metadata)
-    expected = _leaf_shapes(trainable)
-    mismatched = [f"{k}: stored {stored[k]}, config builds {expected[k]}" for k in sorted(stored.keys() & expected.keys()) if stored[k] != expected[k]]
-    missing, unexpected = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
-    if mismatched or missing or unexpected:
-        problems = [f"first mismatched tensor {mismatched[0]} ({len(mismatched)} in all)"] if mismatched else []
-        problems += [f"missing {missing[:5]}"] if missing else []
-        problems += [f"not in the config's model {unexpected[:5]}"] if unexpected else []
-        raise ValueError(f"the checkpoint {item_dir} does not fit the workdir's config.json: " + "; ".join(problems))
-
-
 def load_workdir(workdir: str | Path, step: int | None = None) -> Run:
     """The SpeechLM of a trainer workdir at `step` (default: the latest checkpoint), on one device.
 
-    Raises FileNotFoundError without a checkpoint and `checkpoint.BaseMismatchError` when the
-    base weights the config names are not those the checkpoint was trained on.
+    Raises FileNotFoundError without a checkpoint, ValueError when its tensors do not fit the
+    config, and `checkpoint.BaseMismatchError` when the base weights the config names are not
+    those the checkpoint was trained on (see `train.restore`).
     """
-    workdir = Path(workdir)
-    config = read_config(workdir)
-    mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    # The run's own compiler options: randomly initialised parts (tiny runs) are bitwise what it trained on.
-    options = step_lib.compiler_options(config.train.fast_compile)
-    model = build.build_model(config, mesh, config_lib.sharding_rules(config), compiler_options=options)
-    graphdef, trainable, frozen = partitions.split_model(model, config_lib.trainable_groups(config))
-    ckpt = checkpoint.Checkpointer(workdir, every=1, keep=config.checkpoint.keep, async_save=False)
-    try:
-        steps = sorted(ckpt.manager.all_steps())
-        step = steps[-1] if step is None and steps else step
-        if step is None or step not in steps:
-            raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}; saved steps: {steps}")
-        check_trainable_fits(ckpt.directory / str(step) / "trainable", trainable)
-        args = ocp.args.Composite(trainable=ocp.args.StandardRestore(checkpoint.abstract_like(trainable)), meta=ocp.args.JsonRestore())
-        restored = ckpt.manager.restore(step, args=args)
-    finally:
-        ckpt.close()
-    meta = dict(restored.meta)
-    checkpoint.check_base(meta, checkpoint.base_hash(build.cast_floating(frozen, config.model.frozen_dtype)), _base_path(config))
+    model, config, step = restore.load_model(workdir, step=step)
     tokenizer_dir = config.data.tokenizer
-    return Run(nnx.merge(graphdef, restored.trainable, frozen), config, step, tokenizer_dir, load_tokenizer(tokenizer_dir).audio_token_id)
+    return Run(model, config, step, tokenizer_dir, load_tokenizer(tokenizer_dir).audio_token_id)
 
 
 def load_voxtral(folder: str | Path) -> tuple[SpeechLM, int]:
@@ -155,14 +99,6 @@ def load_voxtral(folder: str | Path) -> tuple[SpeechLM, int]:
     if (folder / export.ADAPTER_DIR).is_dir():
         peft_adapter.read_adapter(folder / export.ADAPTER_DIR, model.llm, module_name=voxtral.in_memory_module, rngs=nnx.Rngs(0))
     return model, int(hf["audio_token_id"])
-
-
-def _write_encoder(model: SpeechLM, folder: Path) -> None:
-    """The encoder as a WhisperModel-layout folder (`encoder.*` keys) that `load_whisper_encoder` reads."""
-    folder.mkdir(parents=True)
-    transformers.WhisperConfig(**model.encoder.config.to_hf()).save_pretrained(str(folder))
-    tensors = export.hf_tensors(model.encoder, WHISPER_TABLE, merged={}, dtype=np.dtype(np.float32))
-    export.write_safetensors(folder, tensors, export.DEFAULT_SHARD_SIZE)
 
 
 def run_config(model: SpeechLM, workdir: Path, recipe: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
@@ -238,7 +174,7 @@ def write_checkpoint(
     tx, _ = optimizer.make_optimizer(config)
     meta = {
         "base_hash": checkpoint.base_hash(build.cast_floating(frozen, config.model.frozen_dtype)),
-        "base_path": base_path or _base_path(config),
+        "base_path": base_path or restore.base_path(config),
         "rng": checkpoint.rng_to_meta(jax.random.key(config.seed)),
         "step": step,
     }
@@ -262,11 +198,12 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, *, recipe: ml_collections
     voxtral.check_representable(model)
     config = run_config(model, workdir, recipe)
     with export.staged_folder(workdir) as staging:
-        _write_encoder(model, staging / "base" / "encoder")
+        (staging / "base" / "encoder").mkdir(parents=True)
+        export.write_whisper_encoder(model.encoder, staging / "base" / "encoder")
         export.export_llm(model.llm, staging / "base" / "llm", tokenizer_dir=hf_dir, keep_adapter=False)
         config_lib.write_resolved(config, staging)
         # The checkpoint is built from the staged base folders; its meta names the final ones.
         staged = _with_root(config, workdir, staging)
         iterator = data.Data(staged).train_iterator()[0] if recipe is not None and staged.data.speech_sources else None
-        write_checkpoint(staged, staging, source=model, base_path=_base_path(config), data_iterator=iterator)
+        write_checkpoint(staged, staging, source=model, base_path=restore.base_path(config), data_iterator=iterator)
     return workdir

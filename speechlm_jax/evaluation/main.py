@@ -33,8 +33,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
-from flax import nnx
 
 from speechlm_jax.convert import hf_import
 from speechlm_jax.data.pipeline import open_speech_source
@@ -46,32 +44,13 @@ from speechlm_jax.models.speechlm import SpeechLM
 from speechlm_jax.sharding import DEFAULT_RULES, make_mesh
 from speechlm_jax.toyworld import HELDOUT_TASKS, SEEN_TASKS, register_toy_tasks
 from speechlm_jax.toyworld.sentences import sentences as toy_sentences
-from speechlm_jax.train import build, checkpoint, partitions
 from speechlm_jax.train import config as config_lib
+from speechlm_jax.train import restore
 
 
-def load_run(workdir: str | Path, mesh: jax.sharding.Mesh) -> tuple[SpeechLM, ml_collections.ConfigDict, int]:
-    """The trained SpeechLM of a workdir at its latest checkpoint, its config and the step."""
-    workdir = Path(workdir)
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    rules = config_lib.sharding_rules(config)
-    model = build.build_model(config, mesh, rules)
-    graphdef, trainable, frozen = partitions.split_model(model, config_lib.trainable_groups(config))
-    del model
-    frozen = build.cast_floating(frozen, config.model.frozen_dtype)
-    ckpt = checkpoint.Checkpointer(workdir, every=1, keep=config.checkpoint.keep, async_save=False)
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
-        # Only the parameters: the optimiser state and the data position are the trainer's.
-        restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-            trainable=ocp.args.StandardRestore(checkpoint.abstract_like(trainable)), meta=ocp.args.JsonRestore()))
-    finally:
-        ckpt.close()
-    base_path = f"llm={config.model.llm_weights or 'random'};encoder={config.model.encoder_weights or 'random'}"
-    checkpoint.check_base(dict(restored.meta), checkpoint.base_hash(frozen), base_path)
-    return nnx.merge(graphdef, restored.trainable, frozen), config, step
+def load_run(workdir: str | Path, mesh: jax.sharding.Mesh, step: int | None = None) -> tuple[SpeechLM, ml_collections.ConfigDict, int]:
+    """The trained SpeechLM of a workdir at `step` (default: the latest), its config and the step."""
+    return restore.load_model(workdir, mesh=mesh, step=step)
 
 
 def read_corpus(path: str | Path) -> list[str]:

@@ -128,7 +128,7 @@ def _embedding_llm(args: argparse.Namespace, mesh: Any) -> tuple[Any, Any, Any]:
         return hf_import.load_llm(args.embedder, dtype=jnp.float32, mesh=mesh), load_tokenizer(args.embedder), DEFAULT_RULES
     if not args.stage1:
         raise StageError("the built-in embedder is the stage-1 run's LLM: give --stage1 (or --embedder)")
-    from speechlm_jax.selection.stage2 import load_run_config
+    from speechlm_jax.train.restore import read_config as load_run_config
 
     config = load_run_config(args.stage1)
     rules = config_lib.sharding_rules(config)
@@ -246,7 +246,7 @@ def seconds_per_word(manifest: str | Path) -> float:
 
 
 def stage_sample(args: argparse.Namespace) -> None:
-    from speechlm_jax.selection.stage2 import load_run_config
+    from speechlm_jax.train.restore import read_config as load_run_config
 
     workdir = Path(args.workdir)
     folder = workdir / "sample"
@@ -300,7 +300,8 @@ def stage_synthesize(args: argparse.Namespace) -> None:
 
 def stage_targets(args: argparse.Namespace) -> None:
     from speechlm_jax import generate_cli
-    from speechlm_jax.selection.stage2 import load_run_config, target_tasks
+    from speechlm_jax.selection.stage2 import target_tasks
+    from speechlm_jax.train.restore import read_config as load_run_config
 
     workdir = Path(args.workdir)
     folder = workdir / "targets"

@@ -23,7 +23,6 @@ resumes from its own latest checkpoint.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -33,11 +32,7 @@ from speechlm_jax.data.pipeline import save_iterator
 from speechlm_jax.train import config as config_lib
 from speechlm_jax.train import trainer
 from speechlm_jax.train.data import Data
-
-
-def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    """The resolved config a training run wrote (`<workdir>/config.json`)."""
-    return ml_collections.ConfigDict(json.loads((Path(workdir) / "config.json").read_text()))
+from speechlm_jax.train.restore import read_config as load_run_config
 
 
 def stage1_steps(workdir: str | Path) -> list[int]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from speechlm_jax.evaluation import main as eval_main
 from speechlm_jax.selection import main as select
-from speechlm_jax.selection.stage2 import load_run_config
+from speechlm_jax.train.restore import read_config as load_run_config
 from speechlm_jax.toyworld.sentences import sentences
 
 SHARED = ("embed", "cluster", "probe_before")

@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from speechlm_jax.sharding import batch_sharding, make_mesh
-from speechlm_jax.train import build, checkpoint, data, metrics, objectives, optimizer, partitions, step
+from speechlm_jax.train import build, checkpoint, data, metrics, objectives, optimizer, partitions, restore, step
 from speechlm_jax.train import config as config_lib
 
 
@@ -146,7 +146,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     del model  # the states hold every array; the module object would pin a second reference
     frozen = build.cast_floating(frozen, config.model.frozen_dtype)
     logging.info("trainable %s; frozen %s", partitions.count_params(trainable), partitions.count_params(frozen))
-    base = {"base_hash": checkpoint.base_hash(frozen), "base_path": f"llm={config.model.llm_weights or 'random'};encoder={config.model.encoder_weights or 'random'}"}
+    base = {"base_hash": checkpoint.base_hash(frozen), "base_path": restore.base_path(config)}
 
     # --- Optimiser state: only for the trainable groups, sharded like the parameters.
     tx, schedules = optimizer.make_optimizer(config)

@@ -20,7 +20,7 @@ from speechlm_jax.convert import export, main, workdir
 from speechlm_jax.convert.hf_import import SafetensorsCheckpoint
 from speechlm_jax.data.tokenizer import build_word_tokenizer
 from speechlm_jax.sharding import make_mesh
-from speechlm_jax.train import build, checkpoint, optimizer, partitions
+from speechlm_jax.train import build, checkpoint, optimizer, partitions, restore
 from speechlm_jax.train import config as config_lib
 from speechlm_jax.train import data as train_data
 
@@ -211,7 +211,7 @@ def test_import_with_a_recipe_restores_the_way_the_trainer_resumes(trained_run, 
 
     # What `trainer.train` does to resume: rebuild the model from the config, split it, make the
     # optimiser state and the data iterator, restore the step onto them, check the base.
-    config = workdir.read_config(tmp_path / "imported")
+    config = restore.read_config(tmp_path / "imported")
     assert config.recipe == "asr" and config.train.trainable == "projector,lora"
     model = build.build_model(config, make_mesh({"data": 1}, jax.devices()[:1]), config_lib.sharding_rules(config))
     _, trainable, frozen = partitions.split_model(model, config_lib.trainable_groups(config))
@@ -238,7 +238,7 @@ def test_trainer_resumes_an_imported_workdir_from_step_0(trained_run, tmp_path):
     recipe = f"{REPO}/configs/asr.py:tiny,data_dir={corpus}"
     main.main(["import", "--hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "imported"), "--config", recipe])
 
-    config = workdir.read_config(tmp_path / "imported")
+    config = restore.read_config(tmp_path / "imported")
     # A zero learning rate: one step leaves the trainable state exactly as it was restored.
     config.optimizer.lr.update(projector=0.0, lora=0.0)
     config.train.update(steps=1, progress_bar=False, eval_every=0)

@@ -1,0 +1,95 @@
+"""The model of a finished or running training run, for everything downstream of the trainer.
+
+Evaluation (`speechlm-eval`), conversion (`speechlm-convert export`) and SALAD's active
+selection all read a workdir the same way, so they share this one reader:
+
+1. `config.json`, the resolved config the trainer wrote;
+2. the frozen base rebuilt exactly as the trainer built it (`train.build`, with the run's own
+   compiler options, so randomly initialised parts of tiny runs are bitwise what it trained on)
+   and checked against the content hash the checkpoint recorded;
+3. only the `trainable` and `meta` items of the step: the optimiser state and the data position
+   are the trainer's business. The stored shapes are checked against the config first, since
+   orbax would otherwise restore into the config's shapes without complaint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from speechlm_jax.models.speechlm import SpeechLM
+from speechlm_jax.sharding import make_mesh
+from speechlm_jax.train import build, checkpoint, partitions
+from speechlm_jax.train import config as config_lib
+from speechlm_jax.train import step as step_lib
+
+
+def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote into its workdir."""
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a trainer workdir")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def base_path(config: ml_collections.ConfigDict) -> str:
+    """How checkpoints describe the frozen base they were trained on."""
+    return f"llm={config.model.llm_weights or 'random'};encoder={config.model.encoder_weights or 'random'}"
+
+
+def _leaf_shapes(tree: object) -> dict[str, tuple[int, ...]]:
+    """{"projector/linear_1/kernel": shape} of a state or of orbax's stored metadata tree."""
+    shapes = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        shapes["/".join(names[:-1] if names[-1] == "value" else names)] = tuple(leaf.shape)
+    return shapes
+
+
+def check_trainable_fits(item_dir: Path, trainable: nnx.State) -> None:
+    """Raises ValueError when the stored trainable tensors are not those the config builds."""
+    stored = _leaf_shapes(ocp.StandardCheckpointer().metadata(item_dir).item_metadata)
+    expected = _leaf_shapes(trainable)
+    mismatched = [f"{k}: stored {stored[k]}, config builds {expected[k]}" for k in sorted(stored.keys() & expected.keys()) if stored[k] != expected[k]]
+    missing, unexpected = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
+    if mismatched or missing or unexpected:
+        problems = [f"first mismatched tensor {mismatched[0]} ({len(mismatched)} in all)"] if mismatched else []
+        problems += [f"missing {missing[:5]}"] if missing else []
+        problems += [f"not in the config's model {unexpected[:5]}"] if unexpected else []
+        raise ValueError(f"the checkpoint {item_dir} does not fit the workdir's config.json: " + "; ".join(problems))
+
+
+def load_model(workdir: str | Path, *, mesh: Mesh | None = None, step: int | None = None) -> tuple[SpeechLM, ml_collections.ConfigDict, int]:
+    """The SpeechLM of a run at `step` (default: the latest checkpoint), sharded on `mesh`.
+
+    Returns (model, config, step). Raises FileNotFoundError without such a checkpoint,
+    ValueError when its tensors do not fit the config, and `checkpoint.BaseMismatchError`
+    when the base weights the config names are not those the checkpoint was trained on.
+    """
+    workdir = Path(workdir)
+    config = read_config(workdir)
+    mesh = mesh if mesh is not None else make_mesh({"data": 1}, jax.devices()[:1])
+    options = step_lib.compiler_options(config.train.fast_compile)
+    model = build.build_model(config, mesh, config_lib.sharding_rules(config), compiler_options=options)
+    graphdef, trainable, frozen = partitions.split_model(model, config_lib.trainable_groups(config))
+    del model
+    frozen = build.cast_floating(frozen, config.model.frozen_dtype)
+    ckpt = checkpoint.Checkpointer(workdir, every=1, keep=config.checkpoint.keep, async_save=False)
+    try:
+        steps = sorted(ckpt.manager.all_steps())
+        step = steps[-1] if step is None and steps else step
+        if step is None or step not in steps:
+            raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}; saved steps: {steps}")
+        check_trainable_fits(ckpt.directory / str(step) / "trainable", trainable)
+        args = ocp.args.Composite(trainable=ocp.args.StandardRestore(checkpoint.abstract_like(trainable)), meta=ocp.args.JsonRestore())
+        restored = ckpt.manager.restore(step, args=args)
+    finally:
+        ckpt.close()
+    checkpoint.check_base(dict(restored.meta), checkpoint.base_hash(frozen), base_path(config))
+    return nnx.merge(graphdef, restored.trainable, frozen), config, step
