@@ -15,6 +15,9 @@ $(VENV)/.installed: setup.py | $(BIN)/python
 
 install: $(VENV)/.installed
 
+demo: $(VENV)/.installed
+	$(BIN)/python -m speechlm_jax.toyworld.demo --out demo_out
+
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q tests
 

@@ -58,6 +58,7 @@ setup(
             "speechlm-eval=speechlm_jax.evaluation.main:main",
             "speechlm-convert=speechlm_jax.convert.main:main",
             "speechlm-select=speechlm_jax.selection.main:main",
+            "speechlm-demo=speechlm_jax.toyworld.demo:main",
         ]
     },
 )

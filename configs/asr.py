@@ -3,18 +3,20 @@
     speechlm-train --config configs/asr.py:tiny --workdir /tmp/asr       # CPU, tiny corpus
     speechlm-train --config configs/asr.py:paper,llm=qwen2.5-7b,weights_dir=/ckpt --workdir ...
 
-Variants: `tiny` (random tiny models on the TTS corpus in `data_dir`), `paper`
+Variants: `toy` (the demo's toy world in the folder `out`, see `configs/toyworld.py`),
+`tiny` (random tiny models on the TTS corpus in `data_dir`), `paper`
 (Whisper-large-v3 + `llm` at real size; the usual SLAM-LLM-style baseline: frozen
 encoder, a trained projector and rank-8 LoRA on the LLM, lr 1e-4 with cosine decay).
 """
 
 import ml_collections
 
+from configs import toyworld
 from configs.base import base_config, parse_arg, real, tiny
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, variant="paper", llm="llama-3.2-3b", data_dir="", weights_dir="")
+    a = parse_arg(arg, variant="paper", llm="llama-3.2-3b", data_dir="", weights_dir="", out=toyworld.DEMO_OUT)
     c = base_config()
     c.recipe = "asr"
     c.loss.name = "cross_entropy"
@@ -23,6 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.lr.projector = 1e-4
     c.optimizer.lr.lora = 1e-4
     c.data.kinds = ml_collections.ConfigDict({"asr": 1.0})
+    if a.variant == "toy":
+        return toyworld.toy(c, a.out)
     if a.variant == "tiny":
         c = tiny(c, a.data_dir)
         c.optimizer.lr.projector = c.optimizer.lr.lora = 1e-2
@@ -32,4 +36,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.steps, c.train.batch_size = 20_000, 64
         c.optimizer.warmup_steps = 1000
         return c
-    raise ValueError(f"unknown variant {a.variant!r}; one of tiny, paper")
+    raise ValueError(f"unknown variant {a.variant!r}; one of tiny, toy, paper")

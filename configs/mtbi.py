@@ -6,20 +6,22 @@ toy world), over several tasks, with part of the content interleaved (some words
 the rest written). Only paired speech + transcript is needed. The LLM stays frozen;
 the projector trains (LoRA optional), so the text abilities cannot be forgotten.
 
-Variants: `tiny` (toy-world tasks with computable answers, CPU), `paper` (Whisper-large-v3
+Variants: `toy` (the demo's toy world in the folder `out`, see `configs/toyworld.py`),
+`tiny` (toy-world tasks with computable answers, CPU), `paper` (Whisper-large-v3
 + `llm`, projector only, lr 1e-4, imitation over ASR, continuation and `tasks`, half of
 the examples interleaved).
 """
 
 import ml_collections
 
+from configs import toyworld
 from configs.base import base_config, parse_arg, real, tiny
 
 TINY_TASKS = ("first_word", "last_word", "count_words", "repeat")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, variant="paper", llm="qwen2.5-7b", data_dir="", weights_dir="", targets="")
+    a = parse_arg(arg, variant="paper", llm="qwen2.5-7b", data_dir="", weights_dir="", targets="", out=toyworld.DEMO_OUT)
     c = base_config()
     c.recipe = "mtbi"
     c.loss.name = "behavior_imitation"
@@ -30,6 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.interleave_ratio = 0.5
     if a.targets:
         c.data.targets = (a.targets,)
+    if a.variant == "toy":
+        return toyworld.toy(c, a.out)
     if a.variant == "tiny":
         c = tiny(c, a.data_dir)
         c.data.kinds = ml_collections.ConfigDict({"imitation": 0.8, "asr": 0.2})
@@ -43,4 +47,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.steps, c.train.batch_size = 20_000, 64
         c.optimizer.warmup_steps = 1000
         return c
-    raise ValueError(f"unknown variant {a.variant!r}; one of tiny, paper")
+    raise ValueError(f"unknown variant {a.variant!r}; one of tiny, toy, paper")

@@ -6,17 +6,19 @@ weights with LoRA off, in the same step, under stop_gradient. Stage 1 (this conf
 paired speech + transcript; stage 2 adds TTS speech for the text clusters with the largest
 misalignment (a data change: `data.speech_sources`).
 
-Variants: `tiny` (CPU), `paper` (Whisper-large-v3 + `llm`; alpha = 1, distillation only,
+Variants: `toy` (the demo's toy world in the folder `out`, see `configs/toyworld.py`),
+`tiny` (CPU), `paper` (Whisper-large-v3 + `llm`; alpha = 1, distillation only,
 on text positions; the adapter at lr 1e-3 and the LLM's LoRA at 5e-5; interleaved inputs).
 """
 
 import ml_collections
 
+from configs import toyworld
 from configs.base import base_config, parse_arg, real, tiny
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, variant="paper", llm="llama-3.2-3b", data_dir="", weights_dir="", alpha=1.0)
+    a = parse_arg(arg, variant="paper", llm="llama-3.2-3b", data_dir="", weights_dir="", alpha=1.0, out=toyworld.DEMO_OUT)
     c = base_config()
     c.recipe = "salad"
     c.loss.name = "salad"
@@ -29,6 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.lr.lora = 5e-5
     c.data.kinds = ml_collections.ConfigDict({"asr": 0.5, "continuation": 0.5})
     c.data.interleave_prob = 0.5
+    if a.variant == "toy":
+        return toyworld.toy(c, a.out)
     if a.variant == "tiny":
         c = tiny(c, a.data_dir)
         c.data.kinds = ml_collections.ConfigDict({"asr": 1.0})
@@ -39,4 +43,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.steps, c.train.batch_size = 20_000, 64
         c.optimizer.warmup_steps = 1000
         return c
-    raise ValueError(f"unknown variant {a.variant!r}; one of tiny, paper")
+    raise ValueError(f"unknown variant {a.variant!r}; one of tiny, toy, paper")

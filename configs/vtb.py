@@ -4,18 +4,20 @@ Cross-entropy on answer tokens over a weighted mixture of ASR, spoken QA, mixed-
 (part of the instruction spoken) and text-only SFT data, so the LLM keeps its text
 abilities while learning to listen. The encoder, projector and LLM LoRA train.
 
-Variants: `tiny` (CPU), `paper` (Whisper-large-v3 + `llm`: LoRA rank 32 on attention and
+Variants: `toy` (the demo's toy world in the folder `out`, see `configs/toyworld.py`),
+`tiny` (CPU), `paper` (Whisper-large-v3 + `llm`: LoRA rank 32 on attention and
 MLP, lr 1e-4, a 0.85 / 0.15 speech / text mixture; `text_sources` must name the
 text-only SFT JSONL).
 """
 
 import ml_collections
 
+from configs import toyworld
 from configs.base import base_config, parse_arg, real, tiny
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, variant="paper", llm="gemma-3-4b", data_dir="", weights_dir="", text_sources="")
+    a = parse_arg(arg, variant="paper", llm="gemma-3-4b", data_dir="", weights_dir="", text_sources="", out=toyworld.DEMO_OUT)
     c = base_config()
     c.recipe = "vtb"
     c.loss.name = "cross_entropy"
@@ -27,6 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.text_weight = 0.15
     if a.text_sources:
         c.data.text_sources = (a.text_sources,)
+    if a.variant == "toy":
+        return toyworld.toy(c, a.out)
     if a.variant == "tiny":
         c = tiny(c, a.data_dir)
         c.data.kinds = ml_collections.ConfigDict({"asr": 0.5, "mixed_modal": 0.5})
@@ -39,4 +43,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.steps, c.train.batch_size = 20_000, 64
         c.optimizer.warmup_steps = 1000
         return c
-    raise ValueError(f"unknown variant {a.variant!r}; one of tiny, paper")
+    raise ValueError(f"unknown variant {a.variant!r}; one of tiny, toy, paper")

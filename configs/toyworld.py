@@ -1,0 +1,239 @@
+"""The toy world's shared settings: model shapes, data paths under the demo folder, step counts.
+
+`make demo` (`python -m speechlm_jax.toyworld.demo`) grows a whole speech LLM on two CPU
+cores in minutes: a tiny text LLM (the teacher) trained from scratch on the toy tasks, a
+tiny Whisper-architecture encoder pretrained on the synthesised speech with an ASR
+objective, and then the four recipes aligning that encoder to the frozen teacher. Every
+stage is a run of the project's trainer; this module only says how big and how long.
+
+    teacher(out)          text SFT of the whole LLM on every toy task (train phrasings,
+                          train sentences): a VoiceTextBlender mixture that is all text
+    encoder_pretrain(out) ASR of encoder + projector + a small separate decoder, all
+                          trainable (the stand-in for Whisper's own pretraining); only the
+                          encoder is kept
+    recipe(c, out)        what every recipe's `:toy` variant shares: the teacher as the
+                          frozen LLM, the pretrained encoder, the toy corpus, the shapes
+
+Paths: `out` is the demo folder (absolute); its stages are laid out by
+`speechlm_jax.toyworld.build` (`corpus/`, `speech/`, `teacher/`, `encoder/`, `targets/`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_collections
+
+from configs.base import base_config
+
+DEMO_OUT = "demo_out"
+
+# Corpus sizes: training sentences (text for the teacher, speech for everything else) and
+# held-out sentences (evaluation only; disjoint by construction, `toyworld.sentences`).
+TRAIN_SENTENCES = 2000
+HELDOUT_SENTENCES = 200
+EVAL_SENTENCES = 8  # held-out sentences per task in the generalisation benchmark
+ASR_EVAL_UTTERANCES = 32
+# Several voices, rates and pitches so the encoder cannot key on one speaker.
+VOICE_NAMES = ("en-us", "en-gb", "en-us+f3", "en+m3", "en-gb-scotland+f2", "en-029+m1")
+VOICE_RATES = (150, 190)
+VOICE_PITCHES = (35, 65)
+
+# The teacher: a Llama-style decoder over the word-level tokenizer (about 450 words).
+TEACHER_LLM = dict(
+    model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+    rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+)
+# The speech encoder (Whisper architecture, 80 mels) and the ASR decoder it is pretrained with.
+ENCODER = dict(
+    model_type="whisper", num_mel_bins=80, d_model=128, encoder_layers=2, encoder_attention_heads=4,
+    encoder_ffn_dim=256, max_source_positions=1500,
+)
+ASR_DECODER = dict(
+    model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+    rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+)
+DOWNSAMPLE = 8
+
+# Static shapes: clips are at most 5 s (the slowest voice reads ten words in about 4 s);
+# a whole example stays under 64 positions (at most 31 audio frames + 30 text tokens).
+SPEECH_BUCKETS = ((16000 * 3, 48), (16000 * 5, 64))
+TEXT_BUCKETS = ((3200, 48),)  # text only: the shortest clip that still makes one audio frame
+TEACHER_TOKENS = 48
+
+TARGET_SHARDS = 4
+
+TEACHER_STEPS = 1200
+ENCODER_STEPS = 400
+RECIPE_STEPS = 200
+BATCH_SIZE = 32
+SPEECH_BATCH_SIZE = 16
+
+
+def paths(out: str | Path) -> dict[str, str]:
+    """Where every stage of the demo reads and writes, under the (absolute) demo folder."""
+    out = Path(out).absolute()
+    return {
+        "tokenizer": str(out / "corpus" / "tokenizer"),
+        "text_sft": str(out / "corpus" / "text_sft.jsonl"),
+        "speech": str(out / "speech" / "train" / "manifest.jsonl"),
+        "speech_heldout": str(out / "speech" / "heldout" / "manifest.jsonl"),
+        "teacher_run": str(out / "teacher" / "run"),
+        "teacher": str(out / "teacher" / "hf"),
+        "encoder_run": str(out / "encoder" / "run"),
+        "encoder": str(out / "encoder" / "hf"),
+        "targets": str(out / "targets" / "shards"),
+        "recipes": str(out / "recipes"),
+        "xla_cache": str(out / "xla_cache"),
+    }
+
+
+def _common(c: ml_collections.ConfigDict, out: str | Path) -> ml_collections.ConfigDict:
+    """CPU settings every toy run shares: float32, single-host, small logging intervals."""
+    p = paths(out)
+    c.model.dtype = c.model.param_dtype = c.model.frozen_dtype = "float32"
+    c.model.projector.downsample = DOWNSAMPLE
+    c.train.batch_size = BATCH_SIZE
+    c.train.log_every = 25
+    c.train.eval_every = 0
+    c.train.compilation_cache = p["xla_cache"]
+    c.optimizer.warmup_steps = 30
+    c.optimizer.schedule = "warmup_cosine"
+    c.optimizer.min_lr_ratio = 0.05
+    c.loss.chunk_size = 128
+    c.data.tokenizer = p["tokenizer"]
+    c.data.teacher_tokens = TEACHER_TOKENS
+    c.data.num_threads = 2
+    c.data.eval_speech_sources = ({"type": "manifest", "path": p["speech_heldout"]},)
+    c.model.remat = "none"
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
+    c.checkpoint.every = 100_000  # the trainer saves the last step anyway
+    c.checkpoint.keep = 1
+    c.checkpoint.async_save = False
+    return c
+
+
+def _shapes(c: ml_collections.ConfigDict, llm: dict, encoder: dict | str) -> ml_collections.ConfigDict:
+    # A preset-name field becomes a dict of HF fields (a ConfigDict field cannot change type).
+    del c.model["llm"], c.model["encoder"]
+    c.model.llm = ml_collections.ConfigDict(llm) if isinstance(llm, dict) else llm
+    c.model.encoder = ml_collections.ConfigDict(encoder) if isinstance(encoder, dict) else encoder
+    return c
+
+
+def teacher(out: str | Path) -> ml_collections.ConfigDict:
+    """Text SFT of the whole teacher LLM on every toy task (a VoiceTextBlender mixture of text only)."""
+    p = paths(out)
+    c = _common(base_config(), out)
+    c = _shapes(c, TEACHER_LLM, ENCODER)
+    c.recipe = "vtb"
+    c.loss.name = "cross_entropy"
+    c.model.lora.rank = 0
+    c.train.trainable = "llm"
+    c.train.steps = TEACHER_STEPS
+    c.optimizer.lr.llm = 3e-3
+    c.optimizer.weight_decay = 0.01
+    c.data.text_sources = (p["text_sft"],)
+    c.data.text_weight = 1.0
+    c.data.kinds = ml_collections.ConfigDict({"asr": 1.0})
+    c.data.buckets = TEXT_BUCKETS
+    c.data.max_slots = 1
+    c.data.eval_speech_sources = ()
+    return c
+
+
+def encoder_pretrain(out: str | Path) -> ml_collections.ConfigDict:
+    """ASR pretraining of the speech encoder with a projector and a small decoder of its own."""
+    p = paths(out)
+    c = _common(base_config(), out)
+    c = _shapes(c, ASR_DECODER, ENCODER)
+    c.recipe = "asr"
+    c.loss.name = "cross_entropy"
+    c.model.lora.rank = 0
+    c.train.trainable = "encoder,projector,llm"
+    c.train.steps = ENCODER_STEPS
+    c.optimizer.lr.encoder = c.optimizer.lr.projector = c.optimizer.lr.llm = 2e-3
+    c.train.batch_size = SPEECH_BATCH_SIZE
+    c.data.speech_sources = ({"type": "manifest", "path": p["speech"]},)
+    c.data.kinds = ml_collections.ConfigDict({"asr": 1.0})
+    c.data.buckets = SPEECH_BUCKETS
+    c.data.max_slots = 1
+    return c
+
+
+def recipe(c: ml_collections.ConfigDict, out: str | Path) -> ml_collections.ConfigDict:
+    """A recipe config turned into its toy variant: frozen teacher, pretrained encoder, toy corpus.
+
+    The recipe keeps its own objective, trainable groups and data kinds; the caller sets
+    the tasks (the seen toy tasks) and anything recipe-specific after this.
+    """
+    p = paths(out)
+    c = _common(c, out)
+    c = _shapes(c, p["teacher"], p["encoder"])
+    c.model.llm_weights = p["teacher"]
+    c.model.encoder_weights = p["encoder"]
+    if c.model.lora.rank:
+        c.model.lora.rank, c.model.lora.alpha = 8, 16.0
+    c.train.steps = RECIPE_STEPS
+    c.train.batch_size = SPEECH_BATCH_SIZE
+    c.data.speech_sources = ({"type": "manifest", "path": p["speech"]},)
+    c.data.buckets = SPEECH_BUCKETS
+    return c
+
+
+def targets(out: str | Path) -> tuple[str, ...]:
+    """The teacher-target shard files `speechlm-generate` writes into the demo folder."""
+    folder = Path(paths(out)["targets"])
+    return tuple(str(folder / f"targets-{i:05d}-of-{TARGET_SHARDS:05d}.jsonl") for i in range(TARGET_SHARDS))
+
+
+def toy(c: ml_collections.ConfigDict, out: str | Path) -> ml_collections.ConfigDict:
+    """The `:toy` variant of a recipe config (`c.recipe` names it): `recipe` plus its toy mixture.
+
+    Speech examples ask the seen toy tasks only (`SEEN_TASKS`); the held-out tasks are never
+    seen with speech. Per recipe, as its paper does at full scale:
+        asr    transcripts only; projector + LLM LoRA
+        mtbi   the teacher's own answers (targets JSONL) on seen tasks, half the examples
+               interleaved, plus some ASR; projector only (the LLM stays frozen)
+        salad  KL to the teacher on every text position of the same (interleaved) examples,
+               alpha = 1; projector + LLM LoRA
+        vtb    ASR + spoken task QA with the tasks' answers + mixed-modal + 15% text SFT;
+               projector + LoRA on the LLM and the encoder
+    """
+    from speechlm_jax.toyworld.tasks import SEEN_TASKS
+
+    c = recipe(c, out)
+    lr = c.optimizer.lr
+    if c.recipe == "asr":
+        c.data.kinds = ml_collections.ConfigDict({"asr": 1.0})
+        lr.projector, lr.lora = 2e-3, 1e-3
+    elif c.recipe == "mtbi":
+        c.data.kinds = ml_collections.ConfigDict({"imitation": 0.8, "asr": 0.2})
+        c.data.tasks = SEEN_TASKS
+        c.data.targets = targets(out)
+        c.data.use_task_answer = False
+        lr.projector = 2e-3
+    elif c.recipe == "salad":
+        c.data.kinds = ml_collections.ConfigDict({"imitation": 0.8, "asr": 0.2})
+        c.data.tasks = SEEN_TASKS
+        c.data.targets = targets(out)
+        c.loss.alpha = 1.0
+        lr.projector, lr.lora = 2e-3, 5e-4
+    elif c.recipe == "vtb":
+        c.model.lora.encoder = True
+        c.train.trainable = "projector,lora"
+        c.data.kinds = ml_collections.ConfigDict({"asr": 0.3, "imitation": 0.4, "mixed_modal": 0.3})
+        c.data.tasks = SEEN_TASKS
+        c.data.use_task_answer = True
+        c.data.text_sources = (paths(out)["text_sft"],)
+        c.data.text_weight = 0.15
+        lr.projector, lr.lora = 2e-3, 1e-3
+    else:
+        raise ValueError(f"no toy variant for recipe {c.recipe!r}")
+    interleaved = c.recipe in ("mtbi", "salad")
+    c.data.interleave_prob = 0.5 if interleaved else 0.0
+    # Every slot is a whole bucket of audio through the encoder: two spoken spans at most.
+    c.data.max_slots = 2 if interleaved else 1
+    return c

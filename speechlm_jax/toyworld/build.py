@@ -1,0 +1,226 @@
+"""The demo's stages, each cached in `<out>/<stage>/` behind a done-marker keyed by its inputs.
+
+    corpus    train / held-out sentences, the word-level tokenizer, the teacher's text SFT data
+    speech    the sentences spoken by eSpeak in several voices, rates and pitches (word timings)
+    teacher   the text LLM trained from scratch on every toy task (the project's trainer),
+              exported as an HF folder: the frozen LLM of every recipe
+    encoder   the Whisper-architecture encoder pretrained with ASR (encoder + projector + a
+              small decoder, all trainable), exported alone as an HF folder
+    targets   the teacher's own answers on the training speech's transcripts (`speechlm-generate`)
+    recipe/*  each recipe's `configs/<recipe>.py:toy` run of the trainer
+    eval/*    `speechlm-eval` of the teacher (text) and of each recipe (speech, text, WER)
+
+A stage's key is a hash of what it reads: its own settings (configs as dicts, sizes,
+voices) and the keys of the stages it builds on. `<out>/<stage>/.done` holds the key of
+the finished stage; a rerun with the same key skips it, a different key (or no marker)
+removes the folder and builds it again, so an interrupted stage never counts as done.
+Nothing here trains, evaluates or synthesises by itself: every stage calls the project's
+own trainer (`train.trainer.train`), evaluation (`evaluation.main`), generation
+(`generate_cli`), TTS (`data.tts`) and export (`convert`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from configs import toyworld as toy_config
+from speechlm_jax.convert import export, workdir as run_workdir
+from speechlm_jax.data.tasks import TASKS
+from speechlm_jax.data.tokenizer import build_word_tokenizer
+from speechlm_jax.data.tts import Voice, synthesize_corpus, voice_grid
+from speechlm_jax.toyworld import sentences as toy_sentences
+from speechlm_jax.toyworld.tasks import SEEN_TASKS, TOY_TASKS, all_words, register_toy_tasks
+
+DONE = ".done"
+SECONDS = ".seconds"
+RECIPES = ("asr", "mtbi", "salad", "vtb")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """How big the world is; the demo uses `configs.toyworld`'s values, the tests smaller ones."""
+
+    train_sentences: int = toy_config.TRAIN_SENTENCES
+    heldout_sentences: int = toy_config.HELDOUT_SENTENCES
+    voices: tuple[Voice, ...] = tuple(voice_grid(toy_config.VOICE_NAMES, toy_config.VOICE_RATES, toy_config.VOICE_PITCHES))
+    seed: int = 0
+
+
+def _key(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A config as plain JSON-able data (what its stage key hashes)."""
+    return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+class Stages:
+    """Runs stages under `out`, skipping those whose done-marker holds the same key.
+
+    `timings` holds the seconds each stage took to build (in this process, or read back from
+    `<stage>/.seconds` for a cached one); `cached` names the stages this process skipped.
+    """
+
+    def __init__(self, out: str | Path, *, log: Callable[[str], None] = print):
+        self.out = Path(out).absolute()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = log
+        self.keys: dict[str, str] = {}
+        self.timings: dict[str, float] = {}
+        self.cached: list[str] = []
+
+    def folder(self, name: str) -> Path:
+        return self.out / name
+
+    def done(self, name: str, key: str) -> bool:
+        marker = self.folder(name) / DONE
+        return marker.is_file() and marker.read_text().strip() == key
+
+    def run(self, name: str, spec: Any, deps: Sequence[str], fn: Callable[[Path], None]) -> Path:
+        """Builds stage `name` with `fn(folder)` unless it is done with key(spec, deps' keys)."""
+        key = _key(name, spec, [self.keys[d] for d in deps])
+        self.keys[name] = key
+        folder = self.folder(name)
+        if self.done(name, key):
+            self.log(f"[{name}] cached")
+            seconds = folder / SECONDS
+            self.timings[name] = float(seconds.read_text()) if seconds.is_file() else 0.0
+            self.cached.append(name)
+            return folder
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        self.log(f"[{name}] building")
+        start = time.perf_counter()
+        fn(folder)
+        self.timings[name] = time.perf_counter() - start
+        (folder / SECONDS).write_text(f"{self.timings[name]!r}\n")
+        (folder / DONE).write_text(key + "\n")
+        self.log(f"[{name}] done in {self.timings[name]:.1f} s")
+        return folder
+
+
+# --- corpus
+
+
+def task_spec() -> dict[str, Any]:
+    """The toy tasks' phrasings (a change of any invalidates the corpus)."""
+    return {t.name: [list(t.prompts_train), list(t.prompts_heldout)] for t in TOY_TASKS}
+
+
+def build_corpus(folder: Path, sizes: Sizes) -> None:
+    """Sentences, the tokenizer and the teacher's text SFT data (every task, train phrasings)."""
+    register_toy_tasks()
+    train = toy_sentences.sentences("train", sizes.train_sentences, seed=sizes.seed)
+    heldout = toy_sentences.sentences("heldout", sizes.heldout_sentences, seed=sizes.seed)
+    (folder / "train.txt").write_text("\n".join(train) + "\n")
+    (folder / "heldout.txt").write_text("\n".join(heldout) + "\n")
+    # Every registered phrasing (the built-in asr / continuation / spoken_qa ones too) must tokenize.
+    prompts = [p.replace("{content}", " ").replace("{question}", " ")
+               for task in TASKS.values() for p in task.prompts_train + task.prompts_heldout]
+    build_word_tokenizer([*all_words(), *prompts], folder / "tokenizer")
+    rng = random.Random(sizes.seed)
+    with open(folder / "text_sft.jsonl", "w", encoding="utf-8") as f:
+        for i, sentence in enumerate(train):
+            for task in TOY_TASKS:
+                prompt = rng.choice(task.prompts_train).replace("{content}", sentence)
+                messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": task.answer(sentence)}]
+                f.write(json.dumps({"id": f"text{i:05d}-{task.name}", "messages": messages}) + "\n")
+
+
+# --- speech
+
+
+def build_speech(folder: Path, corpus: Path, sizes: Sizes, *, workers: int = 2) -> None:
+    """The train and held-out sentences spoken, one voice per utterance (hash of its id)."""
+    for split in ("train", "heldout"):
+        texts = (corpus / f"{split}.txt").read_text().split("\n")
+        items = [{"id": f"{split}{i:05d}", "text": t} for i, t in enumerate(texts) if t]
+        synthesize_corpus(items, folder / split, voices=list(sizes.voices), workers=workers, seed=sizes.seed, progress=True)
+
+
+# --- teacher and encoder: trainer runs, exported as HF folders
+
+
+class Interrupted(RuntimeError):
+    """A training run stopped before its last step (SIGTERM); its stage must not count as done."""
+
+
+def train_run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
+    """One run of the project's trainer; returns its last logged metrics.
+
+    A preempted run (SIGTERM) has saved its checkpoint and returned early: raise, so the
+    stage stays unfinished.
+    """
+    from speechlm_jax.train import trainer
+
+    result = trainer.train(config, workdir)
+    if result.reason != "done":
+        raise Interrupted(f"training in {workdir} stopped at step {result.step} ({result.reason})")
+    return result.metrics
+
+
+def export_teacher(run: Path, out: Path) -> Path:
+    """The trained LLM of a teacher run as its `*ForCausalLM` folder, with the tokenizer."""
+    loaded = run_workdir.load_workdir(run)
+    return export.export_llm(loaded.model.llm, out, tokenizer_dir=loaded.tokenizer_dir)
+
+
+def export_encoder(run: Path, out: Path) -> Path:
+    """The trained encoder of an ASR run as a WhisperModel-layout folder (`encoder.*` keys)."""
+    encoder = run_workdir.load_workdir(run).model.encoder
+    with export.staged_folder(out) as folder:
+        export.write_whisper_encoder(encoder, folder)
+    return out
+
+
+# --- teacher targets
+
+
+def build_targets(folder: Path, teacher: str, manifest: str, *, tasks: Sequence[str] = SEEN_TASKS,
+                  prompts_per_example: int = 1, batch_size: int = 128) -> dict[str, Any]:
+    """The teacher's greedy answers to seen tasks about every training transcript."""
+    from speechlm_jax import generate_cli
+
+    args = generate_cli.build_parser().parse_args([
+        "--llm", teacher, "--source", f"manifest:{manifest}", "--tasks", ",".join(tasks), "--out", str(folder),
+        "--num_shards", str(toy_config.TARGET_SHARDS), "--batch_size", str(batch_size), "--max_new_tokens", "16",
+        "--prompts_per_example", str(prompts_per_example), "--dtype", "float32", "--mesh", "data=-1",
+    ])
+    return generate_cli.run(args)
+
+
+# --- recipes and evaluation
+
+
+def recipe_config(name: str, out: str | Path) -> ml_collections.ConfigDict:
+    """`configs/<name>.py:toy` for the demo folder `out` (the recipe's own toy variant)."""
+    from speechlm_jax.train.config import load_config_file
+
+    root = Path(toy_config.__file__).parent
+    return load_config_file(f"{root / name}.py:toy,out={Path(out).absolute()}")
+
+
+def evaluate(out: Path, *, workdir: str | None = None, base: str | None = None, toyworld: int,
+             asr: bool = False, asr_limit: int = toy_config.ASR_EVAL_UTTERANCES, batch_size: int = 64) -> dict[str, Any]:
+    """`speechlm-eval` of a run (or of a base LLM alone) into `out`; returns its report dict."""
+    from speechlm_jax.evaluation import main as eval_main
+
+    argv = ["--workdir", workdir] if workdir else ["--base", str(base)]
+    argv += ["--out", str(out), "--toyworld", str(toyworld), "--batch_size", str(batch_size), "--max_new_tokens", "16",
+             "--mesh", "data=-1"]
+    if asr:
+        argv += ["--asr", "--asr_limit", str(asr_limit)]
+    return eval_main.run(eval_main.build_parser().parse_args(argv))

@@ -1,0 +1,308 @@
+"""`make demo`: the toy world end to end, and what it shows about the recipes.
+
+    python -m speechlm_jax.toyworld.demo [--out demo_out] [--recipes asr,mtbi,salad,vtb]
+
+Builds every stage of `speechlm_jax.toyworld.build` (each cached, so a second run only
+reports), then prints and writes the table the design asks for:
+
+    teacher   text accuracy (every toy task, train phrasings, held-out sentences)
+    recipe    speech accuracy on seen tasks / train phrasings, seen tasks / held-out
+              phrasings and held-out tasks; the gap (teacher text - speech) on held-out
+              tasks; text retention (text accuracy with the adapter on); WER
+
+into `<out>/report.json` (keys `teacher.text_acc`, `recipes.<name>.speech_acc_seen`,
+`.speech_acc_heldout_prompts`, `.speech_acc_heldout_tasks`, `.gap_heldout_tasks`,
+`.text_retention`, `.wer`), `<out>/report.md` and two plots. Each recipe's full
+`speechlm-eval` report (per task, per item, training curves) is in `<out>/eval/<recipe>/`.
+
+`report.json` also holds `checks`: each target of the toy world (teacher >= 95%, gap on
+held-out tasks <= 10 points for mtbi and salad, asr >= 30 points below them on held-out
+tasks, retention within 2 points of the teacher) with the measured value and whether it
+holds. They are reported, never enforced: a negative result is a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+RECIPES = ("asr", "mtbi", "salad", "vtb")
+SPLIT_KEYS = {
+    "seen_tasks/train_prompts": "speech_acc_seen",
+    "seen_tasks/heldout_prompts": "speech_acc_heldout_prompts",
+    "heldout_tasks": "speech_acc_heldout_tasks",
+}
+TEACHER_TARGET = 0.95
+GAP_TARGET = 0.10
+ASR_MARGIN = 0.30
+RETENTION_TOLERANCE = 0.02
+# Python packages the demo imports, with what each is for (a clear message when one is missing).
+REQUIRED = {
+    "jax": "JAX", "flax": "Flax NNX", "optax": "optax", "orbax.checkpoint": "orbax-checkpoint",
+    "grain": "grain", "transformers": "transformers", "ml_collections": "ml-collections",
+    "soundfile": "soundfile", "espeakng_loader": "espeakng-loader (the bundled eSpeak NG TTS)",
+    "jiwer": "jiwer", "matplotlib": "matplotlib", "tqdm": "tqdm",
+}
+
+
+class MissingRequirement(RuntimeError):
+    """Something the demo needs is not installed; the message says what and how to get it."""
+
+
+def check_requirements() -> None:
+    """Imports every package the demo needs and starts the TTS once; raises MissingRequirement."""
+    missing = []
+    for module, name in REQUIRED.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise MissingRequirement(
+            f"missing Python packages: {', '.join(missing)}. Run `make demo` (it installs them into .venv) "
+            "or `pip install -e .` in this environment.")
+    from speechlm_jax.data.tts import EspeakSynthesizer, Voice
+
+    try:
+        EspeakSynthesizer().synthesize("the dog runs", Voice())
+    except Exception as error:  # noqa: BLE001 - any failure here means no TTS; say so plainly
+        raise MissingRequirement(f"the eSpeak NG speech synthesizer does not work here ({error}); "
+                                 "reinstall espeakng-loader (`pip install --force-reinstall espeakng-loader`)") from error
+
+
+# --- the report
+
+
+def _weighted(splits: dict[str, Any], names: Sequence[str], condition: str) -> float:
+    parts = [splits[n]["overall"] for n in names if n in splits]
+    items = sum(p["items"] for p in parts)
+    return sum(p[condition] * p["items"] for p in parts) / items
+
+
+def teacher_scores(report: dict[str, Any]) -> dict[str, float]:
+    """The teacher's text accuracy from its `speechlm-eval --base` report."""
+    splits = report["generalisation"]
+    return {
+        "text_acc": _weighted(splits, ("seen_tasks/train_prompts", "heldout_tasks"), "text"),
+        "text_acc_heldout_prompts": splits["seen_tasks/heldout_prompts"]["overall"]["text"],
+        "tasks": {task: s["text"] for name in ("seen_tasks/train_prompts", "heldout_tasks")
+                  for task, s in splits[name]["tasks"].items()},
+    }
+
+
+def recipe_scores(report: dict[str, Any]) -> dict[str, float]:
+    """A recipe's row of the table from its `speechlm-eval --workdir` report."""
+    splits = report["generalisation"]
+    row = {key: splits[split]["overall"]["speech"] for split, key in SPLIT_KEYS.items()}
+    row["gap_heldout_tasks"] = splits["heldout_tasks"]["overall"]["gap"]
+    row["gap_seen"] = splits["seen_tasks/train_prompts"]["overall"]["gap"]
+    row["text_retention"] = report["retention"]["overall"]["text_adapted"]
+    row["text_retention_drop"] = report["retention"]["overall"]["drop"]
+    if "asr" in report:
+        row["wer"] = report["asr"]["wer"]
+    if "diagnostics" in report:
+        row["misalignment_per_token"] = report["diagnostics"]["misalignment"]["per_token"]
+        row["forgetting_per_token"] = report["diagnostics"]["forgetting"]["per_token"]
+    row["heldout_tasks"] = {task: s["speech"] for task, s in splits["heldout_tasks"]["tasks"].items()}
+    return row
+
+
+def checks(teacher: dict[str, float], recipes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The toy world's targets, each with the measured value and whether it holds."""
+    out = [{"check": f"teacher text accuracy >= {TEACHER_TARGET:.0%}", "value": teacher["text_acc"],
+            "ok": teacher["text_acc"] >= TEACHER_TARGET}]
+    for name in ("mtbi", "salad"):
+        if name in recipes:
+            gap = recipes[name]["gap_heldout_tasks"]
+            out.append({"check": f"{name}: gap on held-out tasks <= {GAP_TARGET * 100:.0f} points", "value": gap,
+                        "ok": gap <= GAP_TARGET})
+    if "asr" in recipes:
+        for name in ("mtbi", "salad"):
+            if name in recipes:
+                margin = recipes[name]["speech_acc_heldout_tasks"] - recipes["asr"]["speech_acc_heldout_tasks"]
+                out.append({"check": f"asr at least {ASR_MARGIN * 100:.0f} points below {name} on held-out tasks",
+                            "value": margin, "ok": margin >= ASR_MARGIN})
+    for name, row in recipes.items():
+        drop = row["text_retention_drop"]
+        out.append({"check": f"{name}: text retention within {RETENTION_TOLERANCE * 100:.0f} points of the teacher",
+                    "value": drop, "ok": abs(drop) <= RETENTION_TOLERANCE})
+    return out
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def table(report: dict[str, Any]) -> str:
+    """The demo's table as Markdown (also what the console shows)."""
+    lines = [
+        "| model | text acc | speech seen | speech held-out phrasings | speech held-out tasks | gap held-out tasks | text retention | WER |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| teacher (text LLM) | {_pct(report['teacher']['text_acc'])} | | | | | | |",
+    ]
+    for name, r in report["recipes"].items():
+        lines.append(
+            f"| {name} | | {_pct(r['speech_acc_seen'])} | {_pct(r['speech_acc_heldout_prompts'])} | "
+            f"{_pct(r['speech_acc_heldout_tasks'])} | {_pct(r['gap_heldout_tasks'])} | {_pct(r['text_retention'])} | "
+            f"{_pct(r.get('wer'))} |")
+    return "\n".join(lines)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """`report.md`: the table, the targets and the plots."""
+    checks_md = "\n".join(f"- [{'x' if c['ok'] else ' '}] {c['check']}: measured {100 * c['value']:.1f}"
+                          for c in report["checks"])
+    timings = "\n".join(f"| {k} | {v:.1f} |" for k, v in report["timings"].items())
+    return (
+        "# Toy world: the text-speech gap, measured\n\n"
+        "Accuracies in percent on held-out sentences (exact match of greedy answers); speech is eSpeak NG "
+        "in the evaluation voice. Gap = teacher text accuracy - speech accuracy on the same items.\n\n"
+        f"{table(report)}\n\n## Targets\n\n{checks_md}\n\n"
+        "![accuracy](accuracy.png)\n\n![retention](retention.png)\n\n"
+        f"## Stage build times (seconds)\n\n| stage | s |\n|---|---|\n{timings}\n\n"
+        f"This run: {report['seconds_this_run']:.0f} s; cached stages: {', '.join(report['cached']) or 'none'}.\n"
+    )
+
+
+def plot(report: dict[str, Any], out: Path) -> list[Path]:
+    """Speech accuracy per split and recipe against the teacher's text accuracy; retention."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["recipes"])
+    keys = list(SPLIT_KEYS.values())
+    labels = ("seen tasks", "held-out phrasings", "held-out tasks")
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.8 / len(keys)
+    for k, (key, label) in enumerate(zip(keys, labels)):
+        heights = [100 * report["recipes"][n][key] for n in names]
+        ax.bar([i + k * width for i in range(len(names))], heights, width, label=label)
+    ax.axhline(100 * report["teacher"]["text_acc"], color="black", linestyle="--", linewidth=1, label="teacher (text)")
+    ax.set_xticks([i + width for i in range(len(names))], names)
+    ax.set_ylabel("speech accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.tight_layout()
+    accuracy = out / "accuracy.png"
+    fig.savefig(accuracy, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(names, [100 * report["recipes"][n]["text_retention"] for n in names], color="tab:green")
+    ax.axhline(100 * report["teacher"]["text_acc"], color="black", linestyle="--", linewidth=1, label="teacher (text)")
+    ax.set_ylabel("text accuracy, adapter on (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.tight_layout()
+    retention = out / "retention.png"
+    fig.savefig(retention, dpi=120)
+    plt.close(fig)
+    return [accuracy, retention]
+
+
+# --- the demo
+
+
+def run_demo(out: str | Path, recipes: Sequence[str] = RECIPES, *, sizes: Any = None,
+             eval_sentences: int | None = None) -> dict[str, Any]:
+    """Builds every stage under `out` (cached), writes the reports; returns report.json's dict."""
+    from configs import toyworld as toy_config
+    from speechlm_jax.toyworld import build
+
+    start = time.perf_counter()
+    out = Path(out).absolute()
+    sizes = sizes or build.Sizes()
+    eval_sentences = eval_sentences or toy_config.EVAL_SENTENCES
+    p = toy_config.paths(out)
+    stages = build.Stages(out)
+
+    sizes_spec = json.loads(json.dumps(dataclasses.asdict(sizes), default=str))
+    stages.run("corpus", {"sizes": sizes_spec, "tasks": build.task_spec()}, [],
+               lambda f: build.build_corpus(f, sizes))
+    stages.run("speech", {"voices": [v.key for v in sizes.voices]}, ["corpus"],
+               lambda f: build.build_speech(f, out / "corpus", sizes))
+
+    teacher_config = toy_config.teacher(out)
+
+    def teacher(folder: Path) -> None:
+        build.train_run(teacher_config, folder / "run")
+        build.export_teacher(folder / "run", folder / "hf")
+
+    stages.run("teacher", build.config_dict(teacher_config), ["corpus"], teacher)
+
+    encoder_config = toy_config.encoder_pretrain(out)
+
+    def encoder(folder: Path) -> None:
+        build.train_run(encoder_config, folder / "run")
+        build.export_encoder(folder / "run", folder / "hf")
+
+    stages.run("encoder", build.config_dict(encoder_config), ["corpus", "speech"], encoder)
+    stages.run("targets", {"shards": toy_config.TARGET_SHARDS}, ["teacher", "speech"],
+               lambda f: build.build_targets(f / "shards", p["teacher"], p["speech"]))
+
+    eval_spec = {"sentences": eval_sentences, "asr": toy_config.ASR_EVAL_UTTERANCES}
+    stages.run("eval/teacher", eval_spec, ["teacher"],
+               lambda f: build.evaluate(f, base=p["teacher"], toyworld=eval_sentences))
+    rows = {}
+    for name in recipes:
+        config = build.recipe_config(name, out)
+        stages.run(f"recipe/{name}", build.config_dict(config), ["teacher", "encoder", "targets", "speech"],
+                   lambda f, c=config: build.train_run(c, f))
+        stages.run(f"eval/{name}", eval_spec, [f"recipe/{name}"],
+                   lambda f, n=name: build.evaluate(f, workdir=str(out / "recipe" / n), toyworld=eval_sentences, asr=True))
+        rows[name] = recipe_scores(json.loads((out / "eval" / name / "report.json").read_text()))
+
+    report = {
+        "teacher": teacher_scores(json.loads((out / "eval" / "teacher" / "report.json").read_text())),
+        "recipes": rows,
+    }
+    report["checks"] = checks(report["teacher"], rows)
+    report["timings"] = dict(stages.timings)
+    report["cached"] = stages.cached
+    report["seconds_this_run"] = time.perf_counter() - start
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, out)
+    (out / "report.md").write_text(markdown(report))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Console entry point: builds, evaluates, prints the table; exit status 2 when something is missing."""
+    parser = argparse.ArgumentParser(prog="speechlm-demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="demo_out", help="the demo folder (stages are cached there)")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated subset of " + ",".join(RECIPES))
+    args = parser.parse_args(argv)
+    recipes = [r for r in args.recipes.split(",") if r]
+    unknown = sorted(set(recipes) - set(RECIPES))
+    if unknown:
+        parser.error(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        check_requirements()
+    except MissingRequirement as error:
+        sys.stderr.write(f"speechlm demo: {error}\n")
+        sys.exit(2)
+    report = run_demo(args.out, recipes)
+    print()
+    print(table(report))
+    print()
+    for c in report["checks"]:
+        print(f"[{'ok' if c['ok'] else 'MISSED'}] {c['check']}: {100 * c['value']:.1f}")
+    print(f"\nreport: {Path(args.out).absolute() / 'report.md'} (this run {report['seconds_this_run']:.0f} s)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The demo's stages: caching by input hash, and a miniature end-to-end run of every stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from configs import toyworld as toy_config
+from speechlm_jax.data.tts import Voice
+from speechlm_jax.toyworld import build, demo
+
+
+def test_stage_runs_once_per_key_and_reruns_when_inputs_change(tmp_path: Path):
+    calls = []
+
+    def write(folder: Path) -> None:
+        calls.append(folder.name)
+        (folder / "out.txt").write_text("x")
+
+    stages = build.Stages(tmp_path, log=lambda _: None)
+    stages.run("a", {"n": 1}, [], write)
+    stages.run("b", {"m": 1}, ["a"], write)
+    assert calls == ["a", "b"]
+
+    again = build.Stages(tmp_path, log=lambda _: None)
+    again.run("a", {"n": 1}, [], write)
+    again.run("b", {"m": 1}, ["a"], write)
+    assert calls == ["a", "b"] and again.cached == ["a", "b"]
+    assert again.timings == {name: float((tmp_path / name / build.SECONDS).read_text()) for name in ("a", "b")}
+
+    # A changed input rebuilds that stage and every stage built on it.
+    changed = build.Stages(tmp_path, log=lambda _: None)
+    changed.run("a", {"n": 2}, [], write)
+    changed.run("b", {"m": 1}, ["a"], write)
+    assert calls == ["a", "b", "a", "b"]
+
+
+def test_interrupted_stage_is_not_done(tmp_path: Path):
+    def fail(folder: Path) -> None:
+        (folder / "partial.txt").write_text("x")
+        raise KeyboardInterrupt
+
+    stages = build.Stages(tmp_path, log=lambda _: None)
+    with pytest.raises(KeyboardInterrupt):
+        stages.run("a", {"n": 1}, [], fail)
+    assert not (tmp_path / "a" / build.DONE).exists()
+    built = build.Stages(tmp_path, log=lambda _: None)
+    built.run("a", {"n": 1}, [], lambda f: (f / "ok.txt").write_text("y"))
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [build.DONE, build.SECONDS, "ok.txt"]
+
+
+def test_checks_compare_against_the_targets():
+    teacher = {"text_acc": 0.97}
+    rows = {
+        "asr": {"gap_heldout_tasks": 0.6, "speech_acc_heldout_tasks": 0.3, "text_retention_drop": 0.0},
+        "mtbi": {"gap_heldout_tasks": 0.05, "speech_acc_heldout_tasks": 0.92, "text_retention_drop": 0.0},
+        "salad": {"gap_heldout_tasks": 0.2, "speech_acc_heldout_tasks": 0.5, "text_retention_drop": 0.05},
+    }
+    result = {c["check"]: c["ok"] for c in demo.checks(teacher, rows)}
+    assert result["teacher text accuracy >= 95%"]
+    assert result["mtbi: gap on held-out tasks <= 10 points"]
+    assert not result["salad: gap on held-out tasks <= 10 points"]
+    assert result["asr at least 30 points below mtbi on held-out tasks"]
+    assert not result["asr at least 30 points below salad on held-out tasks"]
+    assert not result["salad: text retention within 2 points of the teacher"]
+
+
+@pytest.fixture
+def miniature(monkeypatch: pytest.MonkeyPatch) -> build.Sizes:
+    """Toy settings shrunk to seconds: few sentences, one voice, a few steps per stage."""
+    small = dict(TEACHER_STEPS=3, ENCODER_STEPS=3, RECIPE_STEPS=3, BATCH_SIZE=8, SPEECH_BATCH_SIZE=8,
+                 ASR_EVAL_UTTERANCES=2, TARGET_SHARDS=1)
+    for name, value in small.items():
+        monkeypatch.setattr(toy_config, name, value)
+    return build.Sizes(train_sentences=8, heldout_sentences=4, voices=(Voice(rate=220),))
+
+
+def test_miniature_demo_builds_every_stage_and_reports(tmp_path: Path, miniature: build.Sizes):
+    out = tmp_path / "demo_out"
+    report = demo.run_demo(out, ("mtbi",), sizes=miniature, eval_sentences=1)
+
+    assert set(report["recipes"]) == {"mtbi"}
+    assert 0.0 <= report["teacher"]["text_acc"] <= 1.0
+    for row in report["recipes"].values():
+        for key in ("speech_acc_seen", "speech_acc_heldout_prompts", "speech_acc_heldout_tasks",
+                    "gap_heldout_tasks", "text_retention", "wer"):
+            assert 0.0 <= row[key] <= 1.0 or key in ("gap_heldout_tasks", "wer")
+    written = json.loads((out / "report.json").read_text())
+    assert written["recipes"]["mtbi"]["speech_acc_seen"] == report["recipes"]["mtbi"]["speech_acc_seen"]
+    assert (out / "report.md").read_text().startswith("# Toy world")
+    assert (out / "accuracy.png").stat().st_size > 0 and (out / "retention.png").stat().st_size > 0
+    # The frozen teacher: projector-only mtbi cannot change the LLM's text answers.
+    assert report["recipes"]["mtbi"]["text_retention_drop"] == 0.0
+
+    again = demo.run_demo(out, ("mtbi",), sizes=miniature, eval_sentences=1)
+    assert again["cached"] == list(again["timings"]) and again["timings"] == report["timings"]
+    assert again["recipes"] == report["recipes"]
