@@ -37,6 +37,8 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
+        # libtpu: runs on TPU VMs, and lets `speechlm-compile` compile for a TPU topology on any machine.
+        "tpu": ["jax[tpu]>=0.10.2"],
         # The references the tests compare against. torch is the CPU build that
         # ships with the development image for Python 3.11; on newer Pythons the
         # test suite needs a CPU torch installed by hand (see README).
@@ -59,6 +61,7 @@ setup(
             "speechlm-convert=speechlm_jax.convert.main:main",
             "speechlm-select=speechlm_jax.selection.main:main",
             "speechlm-demo=speechlm_jax.toyworld.demo:main",
+            "speechlm-compile=speechlm_jax.compile_aot:main",
         ]
     },
 )

@@ -609,9 +609,15 @@ class DecoderLLM(nnx.Module):
 def _remat_layer(
     layer: DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, *, lora: bool, policy: Any
 ) -> jax.Array:
-    """One layer under activation checkpointing (recomputed in the backward pass)."""
+    """One layer under activation checkpointing (recomputed in the backward pass).
 
-    def run(layer: DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        return layer(x, cos, sin, mask, lora=lora)[0]
+    The layer goes through `jax.checkpoint` as a pure function of its state: `nnx.remat`
+    would write the state back to the layer's Variables, which fails when those Variables
+    were created outside the current trace (the trainer merges the model inside `grad`).
+    """
+    graphdef, state = nnx.split(layer)
 
-    return nnx.remat(run, policy=policy)(layer, x, cos, sin, mask)
+    def run(state: nnx.State, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, state)(x, cos, sin, mask, lora=lora)[0]
+
+    return jax.checkpoint(run, policy=policy)(state, x, cos, sin, mask)

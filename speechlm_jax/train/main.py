@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import sys
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from speechlm_jax import distributed
 from speechlm_jax.train import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "recipe config: configs/<recipe>.py:<variant>", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, TensorBoard, resolved config")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host TPU/GPU)")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "always call jax.distributed.initialize() (multi-host TPU/GPU); without it, multi-host environments are detected")
 
 
 def _run(argv: list[str]) -> None:
@@ -29,8 +29,8 @@ def _run(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
+    # --distributed forces jax.distributed; otherwise Slurm / Open MPI / TPU-pod environments are detected.
+    distributed.initialize("on" if _DISTRIBUTED.value else "auto")
     from speechlm_jax.train import trainer
 
     result = trainer.train(_CONFIG.value, _WORKDIR.value)

@@ -48,6 +48,8 @@ PEAK_FLOPS = {
     "TPU v5 lite": 197e12,
     "TPU v5e": 197e12,
     "TPU v4": 275e12,
+    # v5p reports its kind as plain "TPU v5": after the longer v5 names, since kinds match by prefix.
+    "TPU v5": 459e12,
 }
 # A CPU has no datasheet figure here: a nominal 32 fp32 FLOP/cycle (two AVX2 FMA units)
 # at 2.5 GHz per core, so CPU MFU numbers compare runs, not machines.

@@ -34,6 +34,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from speechlm_jax import distributed
 from speechlm_jax.sharding import batch_sharding, make_mesh
 from speechlm_jax.train import build, checkpoint, data, metrics, objectives, optimizer, partitions, restore, step
 from speechlm_jax.train import config as config_lib
@@ -127,6 +128,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     mesh = make_mesh(dict(config.mesh), devices)
     rules = config_lib.sharding_rules(config)
     logging.info("mesh %s on %d devices", dict(mesh.shape), mesh.size)
+    distributed.log_topology(mesh)
     shards = _batch_shards(mesh, rules) * config.train.grad_accum
     if config.train.batch_size % shards:
         raise config_lib.ConfigError(f"train.batch_size={config.train.batch_size} must divide into {shards} (batch shards of mesh {dict(mesh.shape)} x train.grad_accum)")

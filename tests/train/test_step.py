@@ -122,3 +122,24 @@ def test_nonfinite_step_is_skipped_when_asked(parts):
     new_trainable, new_opt_state, metrics = train_step(trainable, frozen, opt_state, batch, jax.random.key(0))
     assert float(metrics["finite"]) == 0.0
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, (new_trainable, new_opt_state)), before)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+def test_remat_step_equals_the_plain_step(parts, remat):
+    """Activation checkpointing inside the jitted, differentiated step changes no number."""
+    _, trainable, frozen, config = parts
+    remat_config = config.copy_and_resolve_references()
+    remat_config.model.remat = remat
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    model = build.build_model(remat_config, mesh, config_lib.sharding_rules(remat_config), compiler_options=step.compiler_options(True))
+    remat_graphdef, _, _ = partitions.split_model(model, config_lib.trainable_groups(remat_config))
+    batch, rng = synthetic_batch(), jax.random.key(0)
+    results = []
+    for graphdef in (parts[0], remat_graphdef):
+        tx, train_step = _step((graphdef, trainable, frozen, config))
+        results.append(train_step(trainable, frozen, tx.init(trainable), batch, rng))
+    (plain, _, plain_metrics), (rematted, _, remat_metrics) = results
+    np.testing.assert_allclose(float(remat_metrics["loss"]), float(plain_metrics["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(remat_metrics["grad_norm"]), float(plain_metrics["grad_norm"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(rematted), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
