@@ -39,7 +39,8 @@ import jax
 import ml_collections
 from absl import app, flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from ml_collections import config_flags
+
+from speechlm_jax.train import config as config_lib
 
 GiB = 1024**3
 
@@ -270,7 +271,6 @@ def train_step_and_inputs(config: ml_collections.ConfigDict, mesh: Mesh, batch: 
     """
     from speechlm_jax.sharding import batch_sharding
     from speechlm_jax.train import build, objectives, optimizer, partitions, step
-    from speechlm_jax.train import config as config_lib
 
     rules = config_lib.sharding_rules(config)
     graphdef, trainable, frozen = partitions.split_model(build.abstract_model(config), config_lib.trainable_groups(config))
@@ -303,7 +303,6 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh, batch: dict[
 def model_flops(config: ml_collections.ConfigDict, batch: dict[str, jax.ShapeDtypeStruct]) -> float:
     """Model FLOPs of one optimiser step on `batch` (the trainer's MFU numerator)."""
     from speechlm_jax.train import build, metrics, objectives
-    from speechlm_jax.train import config as config_lib
 
     flops = metrics.ModelFlops(
         build.abstract_model(config), config_lib.trainable_groups(config),
@@ -317,7 +316,6 @@ def model_flops(config: ml_collections.ConfigDict, batch: dict[str, jax.ShapeDty
 
 def _batch_shards(mesh: Mesh, config: ml_collections.ConfigDict) -> int:
     from speechlm_jax.sharding import batch_sharding
-    from speechlm_jax.train import config as config_lib
 
     spec = batch_sharding(mesh, 1, config_lib.sharding_rules(config)).spec[0]
     axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
@@ -333,7 +331,6 @@ def compile_train_step(
     that compiles but exceeds the HBM comes back as a report with `fits` False (`check_fits`).
     """
     from speechlm_jax.sharding import make_mesh
-    from speechlm_jax.train import config as config_lib
 
     config_lib.validate(config)
     mesh = make_mesh(dict(config.mesh), topology.devices)
@@ -366,7 +363,7 @@ def compile_train_step(
     )
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "recipe config: configs/<recipe>.py:<variant>", lock_config=True)
+_CONFIG = config_lib.config_flag()
 _TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-128, v6e-64, v5p:4x4x4, ... or `local` (the attached devices)")
 _SLICES = flags.DEFINE_integer("slices", 1, "number of slices (multislice over DCN; put `data` across them in the mesh)")
 _MFU = flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed for the step-time estimate")
@@ -397,7 +394,6 @@ def _run(argv: Sequence[str]) -> None:
 
 def main() -> None:
     """Console entry point (`speechlm-compile`)."""
-    from speechlm_jax.train import config as config_lib
 
     spec, keys = config_lib.config_flag_value(sys.argv), config_lib.override_keys(sys.argv)
     try:

@@ -11,6 +11,7 @@ trainable groups, mesh axes) so a wrong one fails before any weight is loaded.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import json
 from collections.abc import Iterable, Sequence
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 from speechlm_jax.sharding import MESH_AXES
 
@@ -164,3 +167,13 @@ def config_flag_value(argv: Sequence[str], flag: str = "config") -> str | None:
         if arg == f"--{flag}" and i + 1 < len(argv):
             return argv[i + 1]
     return None
+
+
+@functools.cache
+def config_flag() -> flags.FlagHolder:
+    """The `--config configs/<recipe>.py:<variant>` absl flag, defined once per process.
+
+    Every entry point that takes a recipe config (`speechlm-train`, `speechlm-compile`) shares
+    it, so importing several of them in one process does not define the flag twice.
+    """
+    return config_flags.DEFINE_config_file("config", None, "recipe config: configs/<recipe>.py:<variant>", lock_config=True)

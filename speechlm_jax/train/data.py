@@ -10,6 +10,7 @@ evaluation (other sources, held-out prompt phrasings, read once in order).
 from __future__ import annotations
 
 from collections.abc import Iterator
+
 import grain
 import jax
 import ml_collections

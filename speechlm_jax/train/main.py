@@ -14,12 +14,11 @@ from __future__ import annotations
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from speechlm_jax import distributed
 from speechlm_jax.train import config as config_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "recipe config: configs/<recipe>.py:<variant>", lock_config=True)
+_CONFIG = config_lib.config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, TensorBoard, resolved config")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "always call jax.distributed.initialize() (multi-host TPU/GPU); without it, multi-host environments are detected")
 

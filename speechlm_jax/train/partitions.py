@@ -22,8 +22,8 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from speechlm_jax.sharding import Rules, logical_to_spec, variable_axes
 from speechlm_jax.models.speechlm import trainable_filter as speechlm_trainable_filter
+from speechlm_jax.sharding import Rules, logical_to_spec, variable_axes
 
 GROUPS = ("projector", "lora", "encoder", "llm")
 

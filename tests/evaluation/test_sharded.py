@@ -36,6 +36,8 @@ def test_eight_devices_match_one(tmp_path):
         for a, b in zip(l1[condition], l8[condition]):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert a1 == a8 and all(a1)
+    # M and F sum differences of near-equal log-probabilities over the vocabulary: another
+    # reduction order on the mesh moves them by float32 noise (~1e-6), as it does the logliks.
     for key in d1:
-        np.testing.assert_allclose(d1[key], d8[key], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(d1[key], d8[key], rtol=1e-5, atol=1e-5)
     assert d1["misalignment"].sum() > 0 and d1["misalignment_tokens"].sum() > 0
