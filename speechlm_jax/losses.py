@@ -283,6 +283,28 @@ def _teacher_view(teacher_logits: jax.Array | TopKLogits, teacher_top_k: int | N
     return top_k_logits(teacher_logits, teacher_top_k)
 
 
+def _logits_divergence(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array | TopKLogits,
+    teacher_top_k: int | None,
+    *,
+    temperature: float,
+    direction: Direction,
+    jsd_beta: float,
+) -> jax.Array:
+    """Validated options, the teacher's top-k view, then `_token_divergence` [batch, seq]."""
+    _check_divergence(direction, jsd_beta, temperature)
+    teacher = _teacher_view(teacher_logits, teacher_top_k)
+    return _token_divergence(student_logits, teacher, temperature=temperature, direction=direction, jsd_beta=jsd_beta)
+
+
+def _distillation_result(divergence: jax.Array, mask: jax.Array, weights: jax.Array | None) -> tuple[jax.Array, Metrics]:
+    """The weighted mean of per-token divergences and the distillation metrics."""
+    token_weights = _token_weights(mask, weights)
+    loss = _weighted_mean(divergence, token_weights)
+    return loss, {"loss": loss, "kl": loss, "tokens": _count(token_weights)}
+
+
 def kl_distillation(
     student_logits: jax.Array,
     teacher_logits: jax.Array | TopKLogits,
@@ -309,17 +331,10 @@ def kl_distillation(
     teacher's k largest logits renormalised over them (see `_token_divergence` for how the
     student is treated); `k = vocab` equals the full computation. Metrics: loss, kl, tokens.
     """
-    _check_divergence(direction, jsd_beta, temperature)
-    divergence = _token_divergence(
-        student_logits,
-        _teacher_view(teacher_logits, teacher_top_k),
-        temperature=temperature,
-        direction=direction,
-        jsd_beta=jsd_beta,
+    divergence = _logits_divergence(
+        student_logits, teacher_logits, teacher_top_k, temperature=temperature, direction=direction, jsd_beta=jsd_beta
     )
-    token_weights = _token_weights(mask, weights)
-    loss = _weighted_mean(divergence, token_weights)
-    return loss, {"loss": loss, "kl": loss, "tokens": _count(token_weights)}
+    return _distillation_result(divergence, mask, weights)
 
 
 def _salad_combine(
@@ -363,13 +378,8 @@ def salad_objective(
     `targets` over `nll_mask` (the batch's `loss_mask`); each is its own weighted mean.
     Shapes as `kl_distillation`. Metrics: loss, kl, nll, accuracy, kl_tokens, nll_tokens.
     """
-    _check_divergence(direction, jsd_beta, temperature)
-    divergence = _token_divergence(
-        student_logits,
-        _teacher_view(teacher_logits, teacher_top_k),
-        temperature=temperature,
-        direction=direction,
-        jsd_beta=jsd_beta,
+    divergence = _logits_divergence(
+        student_logits, teacher_logits, teacher_top_k, temperature=temperature, direction=direction, jsd_beta=jsd_beta
     )
     ce_parts = _cross_entropy_parts(student_logits, targets)
     return _salad_combine(
@@ -570,9 +580,7 @@ def chunked_kl_distillation(
         return (divergence,)
 
     (divergence,) = _scan_chunks(per_chunk, unembedding, (student_hidden, teacher_hidden), chunk_size)
-    token_weights = _token_weights(mask, weights)
-    loss = _weighted_mean(divergence, token_weights)
-    return loss, {"loss": loss, "kl": loss, "tokens": _count(token_weights)}
+    return _distillation_result(divergence, mask, weights)
 
 
 def chunked_salad_objective(
