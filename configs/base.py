@@ -91,7 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.clip_norm = 1.0  # global norm over every trainable group; 0 = off
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.name = "cross_entropy"  # cross_entropy | behavior_imitation | salad
+    c.loss.name = "cross_entropy"  # cross_entropy | behavior_imitation | salad | ctc
+    c.loss.blank_id = 0  # ctc: a token id no transcript contains (the tokenizer's pad)
     c.loss.alpha = 1.0  # salad: weight of the KL term; 1 - alpha weighs the NLL
     c.loss.temperature = 1.0
     c.loss.direction = "forward"  # KL(teacher || student)
@@ -105,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.text_sources = ()  # text-only SFT JSONL paths
     c.data.targets = ()  # teacher-response JSONL paths (behavior imitation)
     c.data.text_weight = 0.0
+    c.data.text_loss = "response"  # "all": every token of text-only examples (from-scratch LLMs)
     c.data.kinds = ml_collections.ConfigDict({"asr": 1.0})
     c.data.tasks = ()
     c.data.use_task_answer = False

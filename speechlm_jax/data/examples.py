@@ -76,6 +76,8 @@ class Example:
 
     `audio_slot[t]`/`audio_frame[t]` locate position t's audio frame (-1 on text); the
     batcher turns them into `audio_index = slot * F + frame` once the bucket fixes F.
+    `audio_labels[k]` are the token ids of slot k's transcript (the teacher twin's tokens
+    for that span; CTC's labels).
     """
 
     tokens: np.ndarray
@@ -89,6 +91,7 @@ class Example:
     teacher_targets: np.ndarray
     teacher_loss_mask: np.ndarray
     audio: list[np.ndarray]
+    audio_labels: list[np.ndarray] = dataclasses.field(default_factory=list)
     task_id: int = 0
     split: bool = False
     bucket: int = -1
@@ -134,6 +137,7 @@ def build_example(segments: Sequence[Segment], tokenizer: SpeechTokenizer, *, do
     teacher: list[int] = []
     teacher_supervised: list[bool] = []
     audio: list[np.ndarray] = []
+    audio_labels: list[np.ndarray] = []
     for segment in segments:
         if isinstance(segment, Text):
             ids = tokenizer.encode(segment.text)
@@ -157,6 +161,7 @@ def build_example(segments: Sequence[Segment], tokenizer: SpeechTokenizer, *, do
             teacher.extend(ids)
             teacher_supervised.extend([False] * len(ids))
             audio.append(np.asarray(segment.waveform, dtype=np.int16))
+            audio_labels.append(np.asarray(ids, np.int32))
 
     tokens_np = np.asarray(tokens, np.int32)
     in_teacher_np = np.asarray(in_teacher, np.int32)
@@ -175,6 +180,7 @@ def build_example(segments: Sequence[Segment], tokenizer: SpeechTokenizer, *, do
         teacher_targets=_shift(teacher_np, tokenizer.pad_id),
         teacher_loss_mask=_shift(np.asarray(teacher_supervised, np.float32), 0.0),
         audio=audio,
+        audio_labels=audio_labels,
         task_id=task_id,
     )
 
@@ -204,11 +210,17 @@ def leading_space(prompt: str) -> bool:
     return bool(before.strip())
 
 
-def chat_segments(tokenizer: SpeechTokenizer, messages: Sequence[dict[str, str]]) -> list[Segment]:
-    """A text-only conversation; the last (assistant) turn is supervised."""
+def chat_segments(tokenizer: SpeechTokenizer, messages: Sequence[dict[str, str]], *,
+                  supervise_prompt: bool = False) -> list[Segment]:
+    """A text-only conversation; the last (assistant) turn is supervised.
+
+    `supervise_prompt` supervises every token (language modelling over the whole
+    conversation, "train on inputs"): many more targets per example, which is what a
+    model trained from scratch needs to learn the language its prompts are written in.
+    """
     prompt = tokenizer.render_prompt(messages[:-1])
     return [
-        Text(prompt),
+        Text(prompt, supervised=supervise_prompt),
         Text(messages[-1]["content"], supervised=True),
         Text(tokenizer.chat_frame.end_of_turn, supervised=True),
     ]

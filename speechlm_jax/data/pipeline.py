@@ -72,6 +72,8 @@ class PipelineConfig:
       "split": "train"}` (split only for tfds; defaults to the pipeline's split).
     text_sources / targets: JSONL paths (text-only SFT data; teacher responses).
     text_weight: fraction of text-only examples in the mixture (VoiceTextBlender: 0.15).
+    text_loss: "response" (the assistant turn only, SFT) or "all" (every token of a
+      text-only example: language modelling, for an LLM trained from scratch).
     kinds: weights of the speech example kinds (`SPEECH_KINDS`).
     tasks: text tasks for `imitation` and `mixed_modal` (registered names).
     use_task_answer: take those responses from `TextTask.answer` instead of the targets.
@@ -87,6 +89,7 @@ class PipelineConfig:
     text_sources: tuple[str, ...] = ()
     targets: tuple[str, ...] = ()
     text_weight: float = 0.0
+    text_loss: str = "response"
     kinds: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"asr": 1.0})
     tasks: tuple[str, ...] = ()
     use_task_answer: bool = False
@@ -117,6 +120,8 @@ class PipelineConfig:
             raise ValueError(f"overlong must be 'drop' or 'split', got {self.overlong!r}")
         if not self.tasks and any(self.kinds.get(k, 0) > 0 for k in ("imitation", "mixed_modal")):
             raise ValueError("the imitation and mixed_modal kinds draw from config.tasks, which is empty")
+        if self.text_loss not in ("response", "all"):
+            raise ValueError(f"text_loss must be 'response' or 'all', got {self.text_loss!r}")
         if not 0.0 <= self.text_weight <= 1.0:
             raise ValueError(f"text_weight must be in [0, 1], got {self.text_weight}")
 
@@ -187,7 +192,9 @@ class ExampleMaker:
     def __call__(self, record: Record, rng: np.random.Generator) -> Example | Skipped:
         try:
             if "messages" in record:
-                example = build_example(chat_segments(self.tokenizer, record["messages"]), self.tokenizer,
+                segments = chat_segments(self.tokenizer, record["messages"],
+                                         supervise_prompt=self.config.text_loss == "all")
+                example = build_example(segments, self.tokenizer,
                                         downsample=self.config.downsample, task_id=self.task_ids[TEXT_KIND])
                 split = False
             else:
@@ -284,8 +291,10 @@ def collate(examples: Sequence[Example], bucket: tuple[int, int], *, batch_size:
             teacher_tokens: int, downsample: int, pad_id: int) -> dict[str, np.ndarray]:
     """Pads examples into one batch of the bucket's static shape (CONTRACT "The batch").
 
-    audio [B, S, L] int16; student arrays [B, T]; teacher arrays [B, U]; rows past
-    `len(examples)` are padding with weight 0.
+    audio [B, S, L] int16; student arrays [B, T]; teacher arrays [B, U]; audio_labels
+    [B, S, F + 1] each slot's transcript ids, -1 after its end (F = frames per slot; CTC
+    aligns at most F labels, so a longer transcript is cut at F + 1, which CTC counts as
+    infeasible); rows past `len(examples)` are padding with weight 0.
     """
     samples, length = bucket
     frames = audio_token_count(samples, downsample)
@@ -293,6 +302,7 @@ def collate(examples: Sequence[Example], bucket: tuple[int, int], *, batch_size:
     batch = {
         "audio": np.zeros((batch_size, max_slots, samples), np.int16),
         "audio_lens": np.zeros((batch_size, max_slots), np.int32),
+        "audio_labels": np.full((batch_size, max_slots, frames + 1), -1, np.int32),
         "tokens": np.full(shape, pad_id, np.int32),
         "positions": np.zeros(shape, np.int32),
         "input_mask": np.zeros(shape, np.int32),
@@ -327,6 +337,8 @@ def collate(examples: Sequence[Example], bucket: tuple[int, int], *, batch_size:
         for k, clip in enumerate(ex.audio):
             batch["audio"][i, k, :len(clip)] = clip
             batch["audio_lens"][i, k] = len(clip)
+        for k, ids in enumerate(ex.audio_labels):
+            batch["audio_labels"][i, k, :min(len(ids), frames + 1)] = ids[:frames + 1]
         batch["weight"][i] = 1.0
         batch["task_id"][i] = ex.task_id
     return batch

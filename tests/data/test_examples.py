@@ -92,6 +92,7 @@ def test_several_slots_and_adjacent_slots(tok):
     assert [len(a) for a in ex.audio] == [len(_clip(3, 2)), len(_clip(1, 2)), len(_clip(2, 2))]
     assert ex.audio_slot.tolist() == [-1, 0, 0, 0, 1, -1, 2, 2, -1]
     assert tok.decode(ex.teacher_tokens) == "hello world the cat"
+    assert [a.tolist() for a in ex.audio_labels] == [tok.encode(t) for t in ("hello", " world", " cat")]
     _check_alignment(ex)
     # The last frame of slot 1 predicts "the" like the teacher's "world" does.
     assert tok.hf.convert_ids_to_tokens(int(ex.teacher_tokens[ex.teacher_index[4]])) == "world"
@@ -107,6 +108,10 @@ def test_text_only_teacher_equals_student(tok):
     assert ex.tokens.tolist() == tok.encode(tok.hf.apply_chat_template(messages, tokenize=False))
     # Supervised: "world" and the end-of-turn EOS.
     assert tok.hf.convert_ids_to_tokens(ex.targets[ex.loss_mask > 0].tolist()) == ["world", "<eos>"]
+    # Language modelling over the whole conversation: every next token after <bos>.
+    lm = build_example(chat_segments(tok, messages, supervise_prompt=True), tok, downsample=4)
+    np.testing.assert_array_equal(lm.tokens, ex.tokens)
+    assert lm.loss_mask[:-1].all() and lm.loss_mask[-1] == 0
 
 
 def test_prompt_segments_match_the_chat_template(tok):

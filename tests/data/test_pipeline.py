@@ -6,6 +6,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from speechlm_jax.data.audio import load_audio
 from speechlm_jax.data.features import audio_token_count
@@ -50,6 +51,7 @@ def _check_batch(batch, config: PipelineConfig, tok) -> None:
     expected = {
         "audio": ((b, s, samples), np.int16),
         "audio_lens": ((b, s), np.int32),
+        "audio_labels": ((b, s, audio_token_count(samples, config.downsample) + 1), np.int32),
         "tokens": ((b, t), np.int32),
         "positions": ((b, t), np.int32),
         "input_mask": ((b, t), np.int32),
@@ -87,6 +89,12 @@ def _check_batch(batch, config: PipelineConfig, tok) -> None:
                 frames_k, np.arange(audio_token_count(int(length), config.downsample))
             )
             assert not batch["audio"][i, k, length:].any()
+            # CTC's labels: the slot's transcript, which the teacher twin reads in its place.
+            labels = batch["audio_labels"][i, k]
+            labels = labels[labels >= 0].tolist()
+            assert bool(labels) == (length > 0)
+            teacher = batch["teacher_tokens"][i].tolist()
+            assert any(teacher[j:j + len(labels)] == labels for j in range(len(teacher))), (labels, teacher)
         on = batch["kl_mask"][i] > 0
         np.testing.assert_array_equal(
             batch["targets"][i][on], batch["teacher_targets"][i][batch["teacher_index"][i][on]]
@@ -227,6 +235,26 @@ def test_text_mixture_is_weighted_and_deterministic(wav_manifest, word_tokenizer
             np.testing.assert_array_equal(got[key], want[key])
     other, _ = build_pipeline(config, tokenizer=word_tokenizer, seed=4)
     assert not all(np.array_equal(next(other)["tokens"], b["tokens"]) for b in batches[:3])
+
+
+def test_text_loss_all_supervises_the_whole_text_example(wav_manifest, word_tokenizer, sentences, tmp_path):
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"instruction": f"Repeat {s}", "response": s}) + "\n" for s in sentences))
+    masks = {}
+    for mode in ("response", "all"):
+        config = _config(wav_manifest, text_sources=(str(text),), text_weight=1.0, batch_size=4, text_loss=mode)
+        iterator, _ = build_pipeline(config, tokenizer=word_tokenizer, seed=3)
+        masks[mode] = next(iterator)
+    response, everything = masks["response"], masks["all"]
+    np.testing.assert_array_equal(response["tokens"], everything["tokens"])
+    rows = everything["weight"] > 0
+    n = everything["input_mask"][rows].sum(axis=1)
+    # Every position but the last predicts a real token; the response is a strict part of it.
+    np.testing.assert_array_equal(everything["loss_mask"][rows].sum(axis=1), n - 1)
+    assert (response["loss_mask"][rows].sum(axis=1) < n - 1).all()
+    assert (everything["loss_mask"] >= response["loss_mask"]).all()
+    with pytest.raises(ValueError, match="text_loss"):
+        _config(wav_manifest, text_loss="prompt")
 
 
 def test_task_kinds_prompts_and_targets(wav_manifest, word_tokenizer, tmp_path):
