@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from speechlm_jax.sharding import MESH_AXES
 
 RECIPES = ("asr", "mtbi", "salad", "vtb")
-LOSSES = ("cross_entropy", "behavior_imitation", "salad")
+LOSSES = ("cross_entropy", "behavior_imitation", "salad", "ctc")
 SCHEDULES = ("warmup_cosine", "warmup_stable_decay", "constant")
 TRAINABLE_GROUPS = ("projector", "lora", "encoder", "llm")
 REMAT_POLICIES = ("none", "full", "dots_saveable")  # the LLM's per-layer policies (models/llm.py)

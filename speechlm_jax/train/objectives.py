@@ -9,6 +9,8 @@ data (`config.loss.name`), not a code path per recipe:
     behavior_imitation  mtbi: CE on the teacher's own response, which the data pipeline
                         has already placed as `targets` / `loss_mask` (read from the
                         targets JSONL written by the teacher's generation)
+    ctc                 encoder pretraining: CTC of each audio slot's projector frames
+                        against its transcript (`audio_labels`) through the LLM's head
     salad               alpha * KL(teacher || student) on `kl_mask` + (1 - alpha) * NLL on
                         `loss_mask`; the teacher is the same LLM with LoRA off on the
                         text twin, in the same step, under `stop_gradient`
@@ -22,6 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from speechlm_jax import losses
@@ -74,10 +77,29 @@ def salad(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> tuple[jax
     )
 
 
+def ctc(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> tuple[jax.Array, Metrics]:
+    """CTC of every audio slot's projector frames against its transcript, read out by the LLM's head.
+
+    The projector's frames go through the LLM's final norm and unembedding (no decoder
+    layer), so the loss asks each frame to look like the embedding of the word it carries,
+    or like `blank_id` between words: an ASR objective for pretraining an encoder (and
+    projector) that trains every frame directly, where decoder-based ASR supervises the
+    audio only through attention. Slots without a transcript (padding) do not count.
+    """
+    audio = batch["audio"]
+    b, s, length = audio.shape
+    embeds, mask = model.encode_audio(audio.reshape(b * s, length), batch["audio_lens"].reshape(b * s))
+    logits = model.llm.logits(model.llm.norm(embeds))
+    labels = batch["audio_labels"].reshape(b * s, -1)
+    weights = jnp.repeat(batch["weight"], s)
+    return losses.ctc_loss(logits, mask, labels, blank_id=cfg.blank_id, weights=weights)
+
+
 OBJECTIVES: dict[str, Callable[[Any, Batch, ml_collections.ConfigDict], tuple[jax.Array, Metrics]]] = {
     "cross_entropy": cross_entropy,
     "behavior_imitation": behavior_imitation,
     "salad": salad,
+    "ctc": ctc,
 }
 
 # The recipes whose objective runs the teacher forward (counted in the FLOPs).

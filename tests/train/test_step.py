@@ -45,6 +45,7 @@ def synthetic_batch(seed: int = 0, vocab: int = 64) -> dict[str, np.ndarray]:
         "teacher_index": teacher_index,
         "weight": np.ones((B,), np.float32),
         "task_id": np.zeros((B,), np.int32),
+        "audio_labels": np.where(np.arange(frames + 1) < 5, rng.integers(5, vocab, (B, 1, frames + 1)), -1).astype(np.int32),
     }
 
 
@@ -143,3 +144,25 @@ def test_remat_step_equals_the_plain_step(parts, remat):
     np.testing.assert_allclose(float(remat_metrics["grad_norm"]), float(plain_metrics["grad_norm"]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(rematted), jax.tree.leaves(plain), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_ctc_objective_reads_the_projector_frames_through_the_llm_head(parts):
+    graphdef, trainable, frozen, config = parts
+    cfg = config.loss.copy_and_resolve_references()
+    cfg.name, cfg.blank_id = "ctc", 0
+    objective = objectives.make_objective(cfg)
+    batch = synthetic_batch()
+    batch["weight"][-1] = 0.0  # a padding row does not count
+
+    def loss_of(trainable_state):
+        return objective(nnx.merge(graphdef, trainable_state, frozen), batch)
+
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_of, has_aux=True))(trainable)
+    model = nnx.merge(graphdef, trainable, frozen)
+    embeds, mask = model.encode_audio(batch["audio"][:, 0], batch["audio_lens"][:, 0])
+    logits = model.llm.logits(model.llm.norm(embeds))
+    expected, _ = objectives.losses.ctc_loss(logits, mask, batch["audio_labels"][:, 0], blank_id=0, weights=batch["weight"])
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
+    assert float(metrics["ctc/utterances"]) == B - 1 and float(metrics["ctc/tokens"]) == 5 * (B - 1)
+    projector = [g for p, g in nnx.to_flat_state(grads) if partitions.param_group(p, g) == "projector"]
+    assert projector and any(np.asarray(g[...] if hasattr(g, "value") else g).any() for g in projector)
