@@ -53,6 +53,8 @@ class Sizes:
     train_sentences: int = toy_config.TRAIN_SENTENCES
     heldout_sentences: int = toy_config.HELDOUT_SENTENCES
     voices: tuple[Voice, ...] = tuple(voice_grid(toy_config.VOICE_NAMES, toy_config.VOICE_RATES, toy_config.VOICE_PITCHES))
+    # Times each task is asked per training sentence in the teacher's data (others: once).
+    asks: tuple[tuple[str, int], ...] = tuple(toy_config.TEXT_SFT_ASKS.items())
     seed: int = 0
 
 
@@ -132,12 +134,15 @@ def build_corpus(folder: Path, sizes: Sizes) -> None:
                for task in TASKS.values() for p in task.prompts_train + task.prompts_heldout]
     build_word_tokenizer([*all_words(), *prompts], folder / "tokenizer")
     rng = random.Random(sizes.seed)
+    asks = dict(sizes.asks)
     with open(folder / "text_sft.jsonl", "w", encoding="utf-8") as f:
         for i, sentence in enumerate(train):
             for task in TOY_TASKS:
-                prompt = rng.choice(task.prompts_train).replace("{content}", sentence)
-                messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": task.answer(sentence)}]
-                f.write(json.dumps({"id": f"text{i:05d}-{task.name}", "messages": messages}) + "\n")
+                # Each ask of a task about a sentence in a different phrasing.
+                for k, phrasing in enumerate(rng.sample(task.prompts_train, asks.get(task.name, 1))):
+                    prompt = phrasing.replace("{content}", sentence)
+                    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": task.answer(sentence)}]
+                    f.write(json.dumps({"id": f"text{i:05d}-{task.name}-{k}", "messages": messages}) + "\n")
 
 
 # --- speech

@@ -37,6 +37,24 @@ def test_stage_runs_once_per_key_and_reruns_when_inputs_change(tmp_path: Path):
     assert calls == ["a", "b", "a", "b"]
 
 
+def test_teacher_data_asks_each_task_per_sentence_and_copying_tasks_in_several_phrasings(tmp_path: Path):
+    from collections import Counter
+
+    from speechlm_jax.toyworld.tasks import REPEAT, TOY_TASKS
+
+    sizes = build.Sizes(train_sentences=5, heldout_sentences=2, asks=(("repeat", 3),))
+    build.build_corpus(tmp_path, sizes)
+    records = [json.loads(line) for line in (tmp_path / "text_sft.jsonl").read_text().splitlines()]
+    per_task = Counter(r["id"].split("-")[1] for r in records)
+    assert per_task == {t.name: 3 * 5 if t.name == "repeat" else 5 for t in TOY_TASKS}
+    sentences = (tmp_path / "train.txt").read_text().split("\n")[:5]
+    for i, sentence in enumerate(sentences):
+        asked = [r["messages"] for r in records if r["id"].startswith(f"text{i:05d}-repeat-")]
+        prompts = {m[0]["content"] for m in asked}
+        assert len(prompts) == 3 and all(m[1]["content"] == sentence for m in asked)
+        assert prompts <= {p.replace("{content}", sentence) for p in REPEAT.prompts_train}
+
+
 def test_interrupted_stage_is_not_done(tmp_path: Path):
     def fail(folder: Path) -> None:
         (folder / "partial.txt").write_text("x")
