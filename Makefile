@@ -9,13 +9,18 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# The demo needs the package alone; the tests also need their references (torch, PEFT) and libtpu.
+$(VENV)/.installed-demo: setup.py | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
 $(VENV)/.installed: setup.py | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test,tpu]'
-	touch $@
+	touch $@ $(VENV)/.installed-demo
 
 install: $(VENV)/.installed
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed-demo
 	$(BIN)/python -m speechlm_jax.toyworld.demo --out demo_out
 
 test: $(VENV)/.installed
