@@ -22,6 +22,7 @@ setup(
         "ml-dtypes>=0.5",
         "transformers>=4.57",
         "tokenizers>=0.21",
+        "jinja2>=3.1",  # transformers' chat templates
         "safetensors>=0.5",
         "librosa>=0.10.2",
         "soundfile>=0.12",

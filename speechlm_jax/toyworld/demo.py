@@ -47,7 +47,7 @@ RETENTION_TOLERANCE = 0.02
 # Python packages the demo imports, with what each is for (a clear message when one is missing).
 REQUIRED = {
     "jax": "JAX", "flax": "Flax NNX", "optax": "optax", "orbax.checkpoint": "orbax-checkpoint",
-    "grain": "grain", "transformers": "transformers", "ml_collections": "ml-collections",
+    "grain": "grain", "transformers": "transformers", "jinja2": "jinja2 (chat templates)", "ml_collections": "ml-collections",
     "soundfile": "soundfile", "espeakng_loader": "espeakng-loader (the bundled eSpeak NG TTS)",
     "jiwer": "jiwer", "matplotlib": "matplotlib", "tqdm": "tqdm",
 }
