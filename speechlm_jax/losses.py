@@ -53,6 +53,7 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 Metrics = dict[str, jax.Array]
 Direction = Literal["forward", "reverse", "jsd"]
@@ -687,10 +688,8 @@ def ctc_loss(
     like the cross-entropies. An utterance with no label, or with more labels (plus the
     blanks needed between repeats) than frames, has no alignment: it is left out and
     counted in `infeasible`. Metrics: loss, tokens (labels counted), utterances,
-    infeasible, frame_accuracy (greedy decode equals the transcript, per utterance).
+    infeasible, exact_match (the greedy decode spells the transcript, per utterance).
     """
-    import optax
-
     x = _upcast(logits)
     label_mask = labels >= 0
     n_labels = jnp.sum(label_mask, axis=-1)
@@ -708,14 +707,14 @@ def ctc_loss(
     tokens = jnp.sum(token_weights * n_labels)
     loss = total / jnp.where(tokens > 0, tokens, 1.0)
     decoded = ctc_greedy_decode(x, frame_mask, blank_id=blank_id, max_labels=labels.shape[-1])
-    exact = jnp.all(decoded == jnp.where(label_mask, labels, -1), axis=-1) & (jnp.sum(decoded >= 0, -1) == n_labels)
-    counted = jnp.sum(jnp.where(feasible, token_weights, 0.0))
+    exact = jnp.all(decoded == jnp.where(label_mask, labels, -1), axis=-1)
+    counted = jnp.sum(token_weights)
     return loss, {
         "loss": loss,
         "tokens": jnp.sum(jnp.where(feasible, n_labels, 0)).astype(jnp.float32),
         "utterances": jnp.sum(present).astype(jnp.float32),
         "infeasible": jnp.sum(present & ~feasible).astype(jnp.float32),
-        "exact_match": jnp.sum(jnp.where(feasible, exact * token_weights, 0.0)) / jnp.where(counted > 0, counted, 1.0),
+        "exact_match": jnp.sum(exact * token_weights) / jnp.where(counted > 0, counted, 1.0),
     }
 
 
