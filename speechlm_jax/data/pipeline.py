@@ -338,7 +338,8 @@ def collate(examples: Sequence[Example], bucket: tuple[int, int], *, batch_size:
             batch["audio"][i, k, :len(clip)] = clip
             batch["audio_lens"][i, k] = len(clip)
         for k, ids in enumerate(ex.audio_labels):
-            batch["audio_labels"][i, k, :min(len(ids), frames + 1)] = ids[:frames + 1]
+            kept = ids[:frames + 1]
+            batch["audio_labels"][i, k, :len(kept)] = kept
         batch["weight"][i] = 1.0
         batch["task_id"][i] = ex.task_id
     return batch

@@ -66,12 +66,17 @@ class SpeechLM(nnx.Module):
         hidden, mask = self.encoder(mels, frame_mask=frame_mask, lora=lora)
         return self.projector(hidden, mask, lora=lora)
 
-    def audio_embeddings(self, batch: Batch, *, lora: bool = True) -> jax.Array:
-        """The batch's audio [B, S, L] -> its audio embeddings [B, S*F, D], slot-major per row."""
+    def encode_slots(self, batch: Batch, *, lora: bool = True) -> tuple[jax.Array, jax.Array]:
+        """The batch's audio [B, S, L] -> every slot's (embeddings [B*S, F, D], mask [B*S, F])."""
         audio = batch["audio"]
         b, s, length = audio.shape
-        embeds, _ = self.encode_audio(audio.reshape(b * s, length), batch["audio_lens"].reshape(b * s), lora=lora)
-        return embeds.reshape(b, s * embeds.shape[1], embeds.shape[2])
+        return self.encode_audio(audio.reshape(b * s, length), batch["audio_lens"].reshape(b * s), lora=lora)
+
+    def audio_embeddings(self, batch: Batch, *, lora: bool = True) -> jax.Array:
+        """The batch's audio [B, S, L] -> its audio embeddings [B, S*F, D], slot-major per row."""
+        embeds, _ = self.encode_slots(batch, lora=lora)
+        b = batch["audio"].shape[0]
+        return embeds.reshape(b, -1, embeds.shape[2])
 
     def embed_inputs(self, batch: Batch, *, lora: bool = True, audio_embeds: jax.Array | None = None) -> jax.Array:
         """Student input embeddings [B, T, D]: token embeddings with audio scattered in.

@@ -85,11 +85,12 @@ def ctc(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> tuple[jax.A
     or like `blank_id` between words: an ASR objective for pretraining an encoder (and
     projector) that trains every frame directly, where decoder-based ASR supervises the
     audio only through attention. Slots without a transcript (padding) do not count.
+    Unlike the other objectives it builds the `[slots, frames, vocab]` logits whole
+    (`optax.ctc_loss` takes them so): fine for a small vocabulary, not for 128k at scale.
     """
-    audio = batch["audio"]
-    b, s, length = audio.shape
-    embeds, mask = model.encode_audio(audio.reshape(b * s, length), batch["audio_lens"].reshape(b * s))
+    embeds, mask = model.encode_slots(batch)
     logits = model.llm.logits(model.llm.norm(embeds))
+    b, s = batch["audio"].shape[:2]
     labels = batch["audio_labels"].reshape(b * s, -1)
     weights = jnp.repeat(batch["weight"], s)
     return losses.ctc_loss(logits, mask, labels, blank_id=cfg.blank_id, weights=weights)
