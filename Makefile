@@ -21,7 +21,7 @@ $(VENV)/.installed: setup.py | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed-demo
-	$(BIN)/python -m speechlm_jax.toyworld.demo --out demo_out
+	$(BIN)/python -m speechlm_jax.demo.main --out demo_out
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q tests

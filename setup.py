@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["speechlm_jax", "speechlm_jax.*", "configs"]),
+    packages=find_packages(include=["speechlm_jax", "speechlm_jax.*"]),
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8,<0.13",
@@ -57,12 +57,12 @@ setup(
         "console_scripts": [
             "speechlm-train=speechlm_jax.train.main:main",
             "speechlm-synth=speechlm_jax.data.synth_cli:main",
-            "speechlm-generate=speechlm_jax.generate_cli:main",
+            "speechlm-generate=speechlm_jax.evaluation.targets:main",
             "speechlm-eval=speechlm_jax.evaluation.main:main",
             "speechlm-convert=speechlm_jax.convert.main:main",
             "speechlm-select=speechlm_jax.selection.main:main",
-            "speechlm-demo=speechlm_jax.toyworld.demo:main",
-            "speechlm-compile=speechlm_jax.compile_aot:main",
+            "speechlm-demo=speechlm_jax.demo.main:main",
+            "speechlm-compile=speechlm_jax.train.compile_aot:main",
         ]
     },
 )

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import transformers
 
-from speechlm_jax.convert.hf_import import load_llm
+from speechlm_jax.models.hf_import import load_llm
 from speechlm_jax.generate import generate
 
 

@@ -1,1 +1,1 @@
-"""Conversion between HF checkpoints and speechlm_jax models (safetensors, no torch at run time)."""
+"""Conversion of trained runs to Hugging Face formats (a transformers audio-LLM class, a PEFT adapter) and back into a resumable workdir."""

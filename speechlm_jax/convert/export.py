@@ -53,7 +53,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from speechlm_jax.convert import peft_adapter, voxtral
-from speechlm_jax.convert.hf_import import (
+from speechlm_jax.models.hf_import import (
     WHISPER_TABLE,
     LLM_IGNORED,
     LLM_TABLES,

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from speechlm_jax.convert.hf_import import LLM_TABLES, SafetensorsCheckpoint
+from speechlm_jax.models.hf_import import LLM_TABLES, SafetensorsCheckpoint
 from speechlm_jax.models.layers import Linear
 from speechlm_jax.models.llm import DecoderLLM
 from speechlm_jax.models.lora import linear_modules

@@ -34,7 +34,7 @@ from typing import Any
 
 import transformers
 
-from speechlm_jax.convert.hf_import import LLM_TABLES, WHISPER_TABLE, Rule, transpose
+from speechlm_jax.models.hf_import import LLM_TABLES, WHISPER_TABLE, Rule, transpose
 from speechlm_jax.models.llm import LLMConfig
 from speechlm_jax.models.projector import ConvProjector, FrameStackProjector, ProjectorConfig
 from speechlm_jax.models.speechlm import SpeechLM

@@ -38,9 +38,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from configs.base import base_config
+from speechlm_jax.configs.base import base_config
 from speechlm_jax.convert import export, peft_adapter, voxtral
-from speechlm_jax.convert.hf_import import LLM_IGNORED, SafetensorsCheckpoint, load_state, read_hf_config
+from speechlm_jax.models.hf_import import LLM_IGNORED, SafetensorsCheckpoint, load_state, read_hf_config
 from speechlm_jax.data.tokenizer import load_tokenizer
 from speechlm_jax.models.speechlm import SpeechLM, build_speechlm
 from speechlm_jax.sharding import make_mesh

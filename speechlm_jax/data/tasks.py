@@ -9,14 +9,17 @@ response is the teacher's own generation, read from a targets file.
 
 The pipeline's example kinds (`asr`, `continuation`, `imitation`, `spoken_qa`,
 `mixed_modal`, `text_sft`) pick their prompts from the tasks registered here: `asr`,
-`continuation` and `spoken_qa` are built in; the toy world and users add theirs with
-`register_task`.
+`continuation` and `spoken_qa` are built in. Other tasks live in task modules that call
+`register_task` when imported, named by the config (`data.task_modules`) or by the
+`--task_modules` flag of `speechlm-generate`, `speechlm-eval` and `speechlm-select`; the toy
+world's `speechlm_jax.toyworld.tasks` is one such module.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Sequence
 
 PROMPT_SPLITS = ("train", "heldout")
 
@@ -57,6 +60,15 @@ def register_task(task: TextTask, *, replace: bool = False) -> TextTask:
         raise ValueError(f"a different task named {task.name!r} is already registered")
     TASKS[task.name] = task
     return task
+
+
+def import_task_modules(modules: Sequence[str]) -> None:
+    """Imports each named module (`data.task_modules`, `--task_modules`); a task module registers its tasks on import."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ValueError(f"task module {name!r} cannot be imported ({error})") from error
 
 
 def get_task(name: str) -> TextTask:

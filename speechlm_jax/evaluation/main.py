@@ -1,6 +1,8 @@
 """`speechlm-eval`: every benchmark of a trained run (or of a base LLM alone) into one report.
 
-    speechlm-eval --workdir /tmp/run --items arc_spoken.jsonl --toyworld 20 --asr
+    speechlm-eval --workdir /tmp/run --items arc_spoken.jsonl --asr
+    speechlm-eval --workdir /tmp/run --task_modules speechlm_jax.toyworld.tasks \
+        --generalisation heldout.txt --heldout_tasks place,reverse --corpus other_heldout.txt
     speechlm-eval --base /ckpt/llama --tokenizer /ckpt/llama --items arc.jsonl --out /tmp/upper
 
 A workdir is loaded as the trainer left it: its resolved `config.json` rebuilds the model
@@ -11,13 +13,15 @@ checkpoint recorded. `--base` loads an HF LLM alone: text conditions only (the u
 
 Benchmarks, each on when its input is given:
     --items a.jsonl,b.jsonl   gap benchmark, and text retention on the same items
-    --toyworld N              toy-world prompt/task generalisation on N held-out sentences per
-                              task, SALAD's M and F on N held-out sentences, and (without
-                              --items) text retention on every toy task
-    --corpus file             M and F on this text corpus instead (lines, or JSONL with "text")
+    --generalisation file     prompt/task generalisation: every sentence of the file (lines, or
+                              JSONL with "text") asked each of `--seen_tasks` (default: the
+                              run's `data.tasks`) in train and held-out phrasings, and each of
+                              `--heldout_tasks`; without --items, text retention on all of them
+    --corpus file             SALAD's M and F on this text corpus (lines, or JSONL with "text")
     --asr / --asr_source      WER on the run's held-out speech (`data.eval_speech_sources`) or on
                               TYPE:PATH, the first `--asr_limit` utterances
-`--oracle` replaces the speech by the transcript's own token embeddings (a harness check:
+Tasks are named by the registry; `--task_modules` (and a run's `data.task_modules`) import
+the modules that register them. `--oracle` replaces the speech by the transcript's own token embeddings (a harness check:
 gap and M must come out 0). The report goes to `--out` (default: the workdir).
 """
 
@@ -34,16 +38,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from speechlm_jax.convert import hf_import
+from speechlm_jax.models import hf_import
 from speechlm_jax.data.pipeline import open_speech_source
 from speechlm_jax.data.tokenizer import SpeechTokenizer, load_tokenizer
 from speechlm_jax.evaluation import asr, diagnostics, gap, generalisation, items, report, retention
 from speechlm_jax.evaluation.scoring import OracleSpeech, Scorer, model_audio, oracle_audio
-from speechlm_jax.generate_cli import parse_mesh, parse_source
+from speechlm_jax.cli import parse_list, parse_mesh, parse_source
 from speechlm_jax.models.speechlm import SpeechLM
-from speechlm_jax.sharding import DEFAULT_RULES, make_mesh
-from speechlm_jax.toyworld import HELDOUT_TASKS, SEEN_TASKS, register_toy_tasks
-from speechlm_jax.toyworld.sentences import sentences as toy_sentences
+from speechlm_jax.data.tasks import import_task_modules
+from speechlm_jax.sharding import make_mesh
 from speechlm_jax.train import config as config_lib
 from speechlm_jax.train import restore
 
@@ -70,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="", help="tokenizer folder (default: the run's, or --base)")
     p.add_argument("--out", default="", help="report folder (default: the workdir)")
     p.add_argument("--items", default="", help="comma-separated item JSONL files (gap benchmark, retention)")
-    p.add_argument("--toyworld", type=int, default=0, help="held-out toy sentences per task (0 = off)")
+    p.add_argument("--task_modules", type=parse_list, default=(), help="comma-separated modules that register tasks")
+    p.add_argument("--generalisation", default="", help="sentences (lines or JSONL) for the generalisation benchmark")
+    p.add_argument("--seen_tasks", type=parse_list, default=None, help="comma-separated (default: the run's data.tasks)")
+    p.add_argument("--heldout_tasks", type=parse_list, default=(), help="comma-separated tasks no recipe trained on")
     p.add_argument("--corpus", default="", help="text corpus for SALAD's M and F")
     p.add_argument("--prefix_fraction", type=float, default=0.5, help="spoken fraction of each corpus sentence")
     p.add_argument("--asr", action="store_true", help="WER on the run's held-out speech sources")
@@ -99,43 +105,44 @@ def _asr_records(args: argparse.Namespace, config: ml_collections.ConfigDict | N
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Loads the model, runs the asked benchmarks, writes the report; returns the report dict."""
-    register_toy_tasks()
+    import_task_modules(args.task_modules)
     mesh = make_mesh(args.mesh)
     config = None
     if args.workdir:
         model, config, step = load_run(args.workdir, mesh)
+        import_task_modules(config.data.task_modules)
         tokenizer: SpeechTokenizer = load_tokenizer(args.tokenizer or config.data.tokenizer)
-        downsample = int(config.model.projector.downsample)
-        rules = config_lib.sharding_rules(config)
+        layout = {"downsample": int(config.model.projector.downsample), "rules": config_lib.sharding_rules(config)}
         info = {"workdir": str(args.workdir), "step": step, "recipe": config.recipe}
     else:
         model = hf_import.load_llm(args.base, dtype=jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.dtype), mesh=mesh)
         tokenizer = load_tokenizer(args.tokenizer or args.base)
-        downsample, rules = 4, DEFAULT_RULES
+        layout = {}  # an LLM alone reads no audio
         info = {"base": str(args.base)}
     info["oracle"] = bool(args.oracle)
-    scorer = Scorer(model, tokenizer, downsample=downsample, mesh=mesh, rules=rules, batch_size=args.batch_size,
-                    speech=OracleSpeech(tokenizer, downsample) if args.oracle else None,
+    scorer = Scorer(model, tokenizer, mesh=mesh, batch_size=args.batch_size, **layout,
+                    speech=OracleSpeech(tokenizer, layout["downsample"]) if args.oracle and layout else None,
                     embedder=oracle_audio if args.oracle else model_audio)
     normalize = not args.no_length_normalization
     result: dict[str, Any] = {"model": info}
     asked = [it for path in args.items.split(",") if path for it in items.load_items(path)]
     if asked:
         result["gap"] = gap.run_gap(scorer, asked, max_new_tokens=args.max_new_tokens, normalize=normalize)
-    if args.toyworld:
-        heldout = toy_sentences("heldout", args.toyworld, seed=args.seed)
+    if args.generalisation:
+        sentences = read_corpus(args.generalisation)
+        seen = tuple(args.seen_tasks if args.seen_tasks is not None else config.data.tasks if config else ())
+        if not seen and not args.heldout_tasks:
+            raise ValueError("--generalisation needs --seen_tasks or --heldout_tasks (or a run with data.tasks)")
         result["generalisation"] = generalisation.run_generalisation(
-            scorer, SEEN_TASKS, HELDOUT_TASKS, heldout, max_new_tokens=args.max_new_tokens, seed=args.seed)
+            scorer, seen, args.heldout_tasks, sentences, max_new_tokens=args.max_new_tokens, seed=args.seed)
         if not asked:
-            # Without item files, text retention is measured on every toy task (train phrasings).
-            asked = generalisation.generalisation_items(SEEN_TASKS + HELDOUT_TASKS, (), heldout, seed=args.seed)[
+            # Without item files, text retention is measured on every task asked (train phrasings).
+            asked = generalisation.generalisation_items(seen + tuple(args.heldout_tasks), (), sentences, seed=args.seed)[
                 generalisation.SPLITS[0]]
     if asked and scorer.has_speech:
         result["retention"] = retention.run_retention(scorer, asked, max_new_tokens=args.max_new_tokens,
                                                       normalize=normalize)
     corpus = read_corpus(args.corpus) if args.corpus else []
-    if not corpus and args.toyworld:
-        corpus = toy_sentences("heldout", args.toyworld, seed=args.seed + 1)
     if corpus and scorer.has_speech:
         result["diagnostics"] = diagnostics.run_diagnostics(scorer, corpus, prefix_fraction=args.prefix_fraction)
     if (args.asr or args.asr_source) and scorer.has_speech:

@@ -128,7 +128,7 @@ def build_speechlm(
     `lora_cfg` adds adapters to the LLM, its `targets` searched in the LLM's own module
     paths (`layers/3/attn/q_proj`); `encoder_lora_cfg` likewise for the encoder
     (`layers/0/attn/q_proj`). Scoping by part keeps an LLM regex such as `.*q_proj$`
-    from also adapting the encoder. Pretrained weights come from `convert.hf_import`
+    from also adapting the encoder. Pretrained weights come from `models.hf_import`
     (`load_whisper_encoder`, `load_llm`) and compose the same way: `SpeechLM(encoder,
     projector, llm)`, then `apply_lora` on the parts.
     """

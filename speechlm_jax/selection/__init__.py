@@ -12,5 +12,4 @@ most misaligned:
                  checkpoint on the stage-1 mixture plus the new speech, lr decaying to 0
     report.py    cluster table (size, M before, share sampled, M after) and plot
     main.py      the `speechlm-select` command, one resumable stage at a time
-    toy_experiment.py  active vs uniform selection at the same budget in the toy world
 """

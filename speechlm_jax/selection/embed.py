@@ -10,7 +10,7 @@ Two embedders:
     LLMEmbedder      the built-in default: the decoder LLM's own final (normed) hidden
                      states, mean-pooled over the text's tokens, LoRA off (the teacher's
                      view of the text). Pure Flax: a Llama / Qwen / Gemma HF folder is read
-                     by `convert.hf_import` (no torch), or the stage-1 run's LLM is used.
+                     by `models.hf_import` (no torch), or the stage-1 run's LLM is used.
     HFEncoderEmbedder  any other local HF encoder folder (BERT, E5, ...) through
                      `transformers.AutoModel`, mean-pooled over the attention mask. The
                      transformers releases this project pins have no Flax models, so this

@@ -78,7 +78,7 @@ def _need(path: Path, stage: str) -> Path:
 
 
 def _mesh(args: argparse.Namespace) -> Any:
-    from speechlm_jax.generate_cli import parse_mesh
+    from speechlm_jax.cli import parse_mesh
     from speechlm_jax.sharding import make_mesh
 
     return make_mesh(parse_mesh(args.mesh))
@@ -118,7 +118,7 @@ def _embedding_llm(args: argparse.Namespace, mesh: Any) -> tuple[Any, Any, Any]:
     """(DecoderLLM, tokenizer, rules): --embedder's decoder folder, else the stage-1 run's base LLM."""
     import jax.numpy as jnp
 
-    from speechlm_jax.convert import hf_import
+    from speechlm_jax.models import hf_import
     from speechlm_jax.data.tokenizer import load_tokenizer
     from speechlm_jax.sharding import DEFAULT_RULES
     from speechlm_jax.train import build
@@ -174,7 +174,7 @@ def _probe(args: argparse.Namespace, tag: str, run: str) -> None:
     from speechlm_jax.data.tokenizer import load_tokenizer
     from speechlm_jax.evaluation.main import load_run
     from speechlm_jax.evaluation.scoring import Scorer
-    from speechlm_jax.toyworld import register_toy_tasks
+    from speechlm_jax.data.tasks import import_task_modules
     from speechlm_jax.train import config as config_lib
 
     workdir = Path(args.workdir)
@@ -195,9 +195,9 @@ def _probe(args: argparse.Namespace, tag: str, run: str) -> None:
     probes = {int(c): v for c, v in json.loads(_need(probes_path, "probe").read_text()).items()}
     manifest = probe.synthesize_probes({i: texts[i] for v in probes.values() for i in v}, before / "speech",
                                        prefix_fraction=args.prefix_fraction, workers=args.tts_workers)
-    register_toy_tasks()
     mesh = _mesh(args)
     model, config, step = load_run(run, mesh)
+    import_task_modules(config.data.task_modules)
     scorer = Scorer(model, load_tokenizer(config.data.tokenizer), downsample=int(config.model.projector.downsample),
                     mesh=mesh, rules=config_lib.sharding_rules(config), batch_size=args.batch_size,
                     speech=probe.ManifestSpeech(manifest))
@@ -299,7 +299,7 @@ def stage_synthesize(args: argparse.Namespace) -> None:
 
 
 def stage_targets(args: argparse.Namespace) -> None:
-    from speechlm_jax import generate_cli
+    from speechlm_jax.evaluation import targets as generate_cli
     from speechlm_jax.selection.stage2 import target_tasks
     from speechlm_jax.train.restore import read_config as load_run_config
 

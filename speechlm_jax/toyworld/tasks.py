@@ -294,3 +294,7 @@ def prompt_words() -> tuple[str, ...]:
 def all_words() -> tuple[str, ...]:
     """Every word a toy prompt, sentence or answer can contain, sorted: the tokenizer's vocabulary."""
     return tuple(sorted(set(vocab.sentence_words()) | set(prompt_words()) | set(ANSWER_WORDS)))
+
+
+# A task module registers its tasks when imported (`data.task_modules`).
+register_toy_tasks()

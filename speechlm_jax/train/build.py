@@ -6,7 +6,7 @@ HF checkpoint folder to load, or "" for random initialisation (tests, the tiny v
 
 To avoid ever holding a replicated or a second copy of a large model, the whole SpeechLM
 is first built abstractly (`nnx.eval_shape`); the parts with pretrained weights are read
-tensor by tensor into their shardings (`convert.hf_import`), and only the remaining
+tensor by tensor into their shardings (`models.hf_import`), and only the remaining
 parameters (projector, LoRA, any part without weights) are initialised, by one jitted
 function whose outputs are exactly those parameters in their shardings (XLA drops the
 initialisers of everything else).
@@ -25,7 +25,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from speechlm_jax.convert import hf_import
+from speechlm_jax.models import hf_import
 from speechlm_jax.models import presets
 from speechlm_jax.models.llm import LLMConfig
 from speechlm_jax.models.lora import LoRAConfig

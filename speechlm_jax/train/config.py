@@ -25,6 +25,8 @@ from ml_collections import config_flags
 from speechlm_jax.sharding import MESH_AXES
 
 RECIPES = ("asr", "mtbi", "salad", "vtb")
+# Stages that are not alignment recipes: text SFT of an LLM, CTC pretraining or alignment.
+STAGE_RECIPES = ("text_sft", "ctc")
 LOSSES = ("cross_entropy", "behavior_imitation", "salad", "ctc")
 SCHEDULES = ("warmup_cosine", "warmup_stable_decay", "constant")
 TRAINABLE_GROUPS = ("projector", "lora", "encoder", "llm")
@@ -99,7 +101,7 @@ def trainable_groups(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks the values the trainer interprets; raises ConfigError on the first bad one."""
-    _one_of("recipe", config.recipe, RECIPES)
+    _one_of("recipe", config.recipe, RECIPES + STAGE_RECIPES)
     _one_of("loss.name", config.loss.name, LOSSES)
     _one_of("optimizer.schedule", config.optimizer.schedule, SCHEDULES)
     _one_of("model.remat", config.model.remat, REMAT_POLICIES)

@@ -17,11 +17,11 @@ import ml_collections
 import numpy as np
 
 from speechlm_jax.data import pipeline
+from speechlm_jax.data.tasks import import_task_modules
 from speechlm_jax.data.tokenizer import SpeechTokenizer, load_tokenizer
-from speechlm_jax.toyworld.tasks import register_toy_tasks
 
 # Keys of `config.data` that are the trainer's, not PipelineConfig fields.
-TRAINER_KEYS = ("tokenizer", "eval_speech_sources", "eval_prompt_split")
+TRAINER_KEYS = ("tokenizer", "task_modules", "eval_speech_sources", "eval_prompt_split")
 
 
 def pipeline_config(config: ml_collections.ConfigDict, *, heldout: bool = False) -> pipeline.PipelineConfig:
@@ -41,8 +41,7 @@ class Data:
     """The tokenizer, the checkpointable training iterator and fresh held-out passes."""
 
     def __init__(self, config: ml_collections.ConfigDict):
-        # Toy-world task names resolve in any config (registration is idempotent).
-        register_toy_tasks()
+        import_task_modules(config.data.task_modules)
         self.config = config
         self.tokenizer: SpeechTokenizer = load_tokenizer(config.data.tokenizer)
         self.train_config = pipeline_config(config)

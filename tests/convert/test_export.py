@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from speechlm_jax.convert import export, voxtral
-from speechlm_jax.convert.hf_import import SafetensorsCheckpoint
+from speechlm_jax.models.hf_import import SafetensorsCheckpoint
 from speechlm_jax.data.tokenizer import load_tokenizer
 from speechlm_jax.generate import generate
 from speechlm_jax.models.projector import ProjectorConfig

@@ -12,7 +12,7 @@ import transformers
 from flax import nnx
 
 from speechlm_jax.convert import export, peft_adapter, voxtral
-from speechlm_jax.convert.hf_import import load_llm
+from speechlm_jax.models.hf_import import load_llm
 from speechlm_jax.models.lora import LoRAConfig, apply_lora
 
 from tests.convert import tiny_speechlm as tiny

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from speechlm_jax.convert import export, main, workdir
-from speechlm_jax.convert.hf_import import SafetensorsCheckpoint
+from speechlm_jax.models.hf_import import SafetensorsCheckpoint
 from speechlm_jax.data.tokenizer import build_word_tokenizer
 from speechlm_jax.sharding import make_mesh
 from speechlm_jax.train import build, checkpoint, optimizer, partitions, restore
@@ -126,9 +126,9 @@ def test_cli_reports_errors_without_output(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A real trainer workdir: the ASR recipe's tiny variant trained for 2 steps on a small TTS corpus."""
-    from configs import asr
+    from speechlm_jax.configs import asr
     from speechlm_jax.train import trainer
-    from speechlm_jax.train.tiny_corpus import build_tiny_corpus
+    from speechlm_jax.toyworld.corpus import build_tiny_corpus
 
     corpus = build_tiny_corpus(tmp_path_factory.mktemp("corpus"), train_sentences=4, heldout_sentences=2)
     config = asr.get_config(f"tiny,data_dir={corpus}")
@@ -167,7 +167,7 @@ def test_trained_workdir_exports_to_voxtral_with_our_logits(trained_run, tmp_pat
 @pytest.fixture(scope="module")
 def conv_projector_run(tmp_path_factory):
     """A workdir of the ASR recipe's tiny variant with a BLSP-style Conv1d projector (random base)."""
-    from configs import asr
+    from speechlm_jax.configs import asr
 
     tmp_path = tmp_path_factory.mktemp("conv")
     config = asr.get_config(f"tiny,data_dir={tmp_path}")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import nnx
 
-from speechlm_jax.convert.hf_import import load_llm
+from speechlm_jax.models.hf_import import load_llm
 from speechlm_jax.models.llm import DecoderLLM, KVCache, LLMConfig, default_positions
 from speechlm_jax.models.lora import LoRAConfig, apply_lora, merge_lora
 from speechlm_jax.sharding import batch_sharding, make_mesh, shard_state, state_shardings

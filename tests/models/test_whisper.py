@@ -10,7 +10,7 @@ import torch
 import transformers
 from flax import nnx
 
-from speechlm_jax.convert.hf_import import load_whisper_encoder
+from speechlm_jax.models.hf_import import load_whisper_encoder
 from speechlm_jax.models.lora import LoRAConfig, apply_lora
 from speechlm_jax.models.presets import WHISPER_PRESETS
 from speechlm_jax.models.whisper import WhisperConfig, WhisperEncoder, encoder_frames, sinusoids

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import asr
+from speechlm_jax.configs import asr
 from speechlm_jax.sharding import make_mesh
 from speechlm_jax.train import build, checkpoint, optimizer, partitions, step
 from speechlm_jax.train import config as config_lib

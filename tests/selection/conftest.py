@@ -7,9 +7,9 @@ from pathlib import Path
 import jax
 import pytest
 
-from configs import salad
+from speechlm_jax.configs import salad
 from speechlm_jax.train import trainer
-from speechlm_jax.train.tiny_corpus import build_tiny_corpus
+from speechlm_jax.toyworld.corpus import build_tiny_corpus
 
 
 @pytest.fixture(scope="session")

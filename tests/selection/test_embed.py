@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import transformers
 
-from speechlm_jax.convert import hf_import
+from speechlm_jax.models import hf_import
 from speechlm_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
 from speechlm_jax.selection import embed
 from speechlm_jax.sharding import make_mesh

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from configs import salad
+from speechlm_jax.configs import salad
 from speechlm_jax.selection import stage2
 from speechlm_jax.train import optimizer
 

@@ -12,8 +12,8 @@ import jax
 import ml_collections
 import pytest
 
-from configs import asr, mtbi, salad, vtb
-from speechlm_jax.train.tiny_corpus import build_tiny_corpus
+from speechlm_jax.configs import asr, mtbi, salad, vtb
+from speechlm_jax.toyworld.corpus import build_tiny_corpus
 
 RECIPES = {"asr": asr, "mtbi": mtbi, "salad": salad, "vtb": vtb}
 

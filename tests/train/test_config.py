@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from configs import asr, mtbi, salad, vtb
-from configs.base import parse_arg
+from speechlm_jax.configs import asr, mtbi, salad, vtb
+from speechlm_jax.configs.base import parse_arg
 from flax import nnx
 
 from speechlm_jax.train import build, partitions

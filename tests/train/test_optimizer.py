@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import asr, salad
+from speechlm_jax.configs import asr, salad
 from speechlm_jax.models.layers import Linear, RMSNorm
 from speechlm_jax.models.lora import LoRAConfig, apply_lora
 from speechlm_jax.train import optimizer, partitions

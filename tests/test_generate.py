@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from speechlm_jax.convert.hf_import import load_llm
+from speechlm_jax.models.hf_import import load_llm
 from speechlm_jax.generate import generate, sample_logits
 from tests.models.tiny_llms import FAMILIES, save_hf_model
 

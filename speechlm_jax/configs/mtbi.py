@@ -14,8 +14,8 @@ the examples interleaved).
 
 import ml_collections
 
-from configs import toyworld
-from configs.base import base_config, parse_arg, real, tiny
+from speechlm_jax.configs import toyworld
+from speechlm_jax.configs.base import base_config, parse_arg, real, tiny
 
 TINY_TASKS = ("first_word", "last_word", "count_words", "repeat")
 
@@ -33,7 +33,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if a.targets:
         c.data.targets = (a.targets,)
     if a.variant == "toy":
-        return toyworld.toy(c, a.out)
+        # The teacher's own answers on the seen tasks, half the examples interleaved, some ASR;
+        # projector only (the LLM stays frozen).
+        c = toyworld.recipe(c, a.out)
+        c.data.kinds = ml_collections.ConfigDict({"imitation": 0.8, "asr": 0.2})
+        c.data.tasks = toyworld.SEEN_TASKS
+        c.data.targets = toyworld.targets(a.out)
+        c.data.use_task_answer = False
+        c.data.interleave_prob = 0.5
+        c.data.max_slots = 2  # every slot is a whole bucket of audio through the encoder
+        return c
     if a.variant == "tiny":
         c = tiny(c, a.data_dir)
         c.data.kinds = ml_collections.ConfigDict({"imitation": 0.8, "asr": 0.2})

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from speechlm_jax import generate_cli
+from speechlm_jax.evaluation import targets as generate_cli
 from speechlm_jax.data.sources import TargetTable
 from speechlm_jax.data.tasks import get_task
 from speechlm_jax.toyworld import register_toy_tasks

@@ -15,8 +15,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from configs import asr
-from speechlm_jax import compile_aot
+from speechlm_jax.configs import asr
+from speechlm_jax.train import compile_aot
 from speechlm_jax.sharding import make_mesh
 from speechlm_jax.train import build, metrics
 
@@ -61,7 +61,7 @@ def test_attached_device_kinds_name_their_chip(kind, chip):
 
 
 def test_cli_reports_a_bad_topology_without_a_traceback():
-    args = [sys.executable, "-m", "speechlm_jax.compile_aot", "--config=configs/asr.py:tiny", "--topology=h100-8"]
+    args = [sys.executable, "-m", "speechlm_jax.train.compile_aot", "--config=configs/asr.py:tiny", "--topology=h100-8"]
     result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "speechlm-compile: no compile-only topology for 'h100'" in result.stderr and "Traceback" not in result.stderr

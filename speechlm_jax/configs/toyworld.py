@@ -1,6 +1,6 @@
 """The toy world's shared settings: model shapes, data paths under the demo folder, step counts.
 
-`make demo` (`python -m speechlm_jax.toyworld.demo`) grows a whole speech LLM on two CPU
+`make demo` (`python -m speechlm_jax.demo.main`) grows a whole speech LLM on two CPU
 cores in minutes: a tiny text LLM (the teacher) trained from scratch on the toy tasks, a
 tiny Whisper-architecture encoder pretrained on the synthesised speech with an ASR
 objective, and then the four recipes aligning that encoder to the frozen teacher. Every
@@ -15,7 +15,7 @@ stage is a run of the project's trainer; this module only says how big and how l
                           frozen LLM, the pretrained encoder, the toy corpus, the shapes
 
 Paths: `out` is the demo folder (absolute); its stages are laid out by
-`speechlm_jax.toyworld.build` (`corpus/`, `speech/`, `teacher/`, `encoder/`, `targets/`).
+`speechlm_jax.demo.build` (`corpus/`, `speech/`, `teacher/`, `encoder/`, `targets/`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from pathlib import Path
 
 import ml_collections
 
-from configs.base import base_config
+from speechlm_jax.configs.base import base_config
+from speechlm_jax.toyworld.tasks import SEEN_TASKS
 
 DEMO_OUT = "demo_out"
+TASK_MODULE = "speechlm_jax.toyworld.tasks"  # registers the toy tasks (`data.task_modules`)
 
 # Corpus sizes: training sentences (text for the teacher, speech for everything else) and
 # held-out sentences (evaluation only; disjoint by construction, `toyworld.sentences`).
@@ -114,6 +116,7 @@ def _common(c: ml_collections.ConfigDict, out: str | Path) -> ml_collections.Con
     c.optimizer.min_lr_ratio = 0.05
     c.loss.chunk_size = 128
     c.data.tokenizer = p["tokenizer"]
+    c.data.task_modules = (TASK_MODULE,)
     c.data.teacher_tokens = TEACHER_TOKENS
     c.data.num_threads = 2
     c.data.eval_speech_sources = ({"type": "manifest", "path": p["speech_heldout"]},)
@@ -138,7 +141,7 @@ def teacher(out: str | Path) -> ml_collections.ConfigDict:
     p = paths(out)
     c = _common(base_config(), out)
     c = _shapes(c, TEACHER_LLM, ENCODER)
-    c.recipe = "vtb"
+    c.recipe = "text_sft"
     c.loss.name = "cross_entropy"
     c.model.lora.rank = 0
     c.train.trainable = "llm"
@@ -167,7 +170,7 @@ def encoder_pretrain(out: str | Path) -> ml_collections.ConfigDict:
     p = paths(out)
     c = _common(base_config(), out)
     c = _shapes(c, ASR_DECODER, ENCODER)
-    c.recipe = "asr"
+    c.recipe = "ctc"
     c.loss.name = "ctc"
     c.loss.blank_id = 0  # the word tokenizer's <pad>, never in a transcript
     c.model.lora.rank = 0
@@ -183,13 +186,15 @@ def encoder_pretrain(out: str | Path) -> ml_collections.ConfigDict:
 
 
 def recipe(c: ml_collections.ConfigDict, out: str | Path) -> ml_collections.ConfigDict:
-    """A recipe config turned into its toy variant: frozen teacher, pretrained encoder, toy corpus.
+    """What every recipe's `:toy` variant shares: frozen teacher, pretrained encoder, toy corpus, shapes.
 
-    The recipe keeps its own objective, trainable groups and data kinds; the caller sets
-    the tasks (the seen toy tasks) and anything recipe-specific after this.
+    The recipe keeps its own objective, trainable groups and data kinds; its config file
+    sets its toy mixture (the seen toy tasks, `SEEN_TASKS`) after this. Only shapes, paths and
+    budgets are set here, none of a recipe's own arguments.
     """
     p = paths(out)
     c = _common(c, out)
+    c.optimizer.lr.projector = PROJECTOR_LR
     c = _shapes(c, p["teacher"], p["encoder"])
     c.model.llm_weights = p["teacher"]
     c.model.encoder_weights = p["encoder"]
@@ -206,56 +211,3 @@ def targets(out: str | Path) -> tuple[str, ...]:
     """The teacher-target shard files `speechlm-generate` writes into the demo folder."""
     folder = Path(paths(out)["targets"])
     return tuple(str(folder / f"targets-{i:05d}-of-{TARGET_SHARDS:05d}.jsonl") for i in range(TARGET_SHARDS))
-
-
-def toy(c: ml_collections.ConfigDict, out: str | Path) -> ml_collections.ConfigDict:
-    """The `:toy` variant of a recipe config (`c.recipe` names it): `recipe` plus its toy mixture.
-
-    Speech examples ask the seen toy tasks only (`SEEN_TASKS`); the held-out tasks are never
-    seen with speech. Per recipe, as its paper does at full scale:
-        asr    transcripts only; projector + LLM LoRA
-        mtbi   the teacher's own answers (targets JSONL) on seen tasks, half the examples
-               interleaved, plus some ASR; projector only (the LLM stays frozen)
-        salad  KL to the teacher on every text position of the same (interleaved) examples,
-               alpha = 1, plus 20% text-only examples (KL to the teacher there holds the
-               LoRA'd LLM to the original on text: the forgetting term); projector + LLM LoRA
-        vtb    ASR + spoken task QA with the tasks' answers + mixed-modal + 15% text SFT;
-               projector + LoRA on the LLM and the encoder
-    """
-    from speechlm_jax.toyworld.tasks import SEEN_TASKS
-
-    c = recipe(c, out)
-    lr = c.optimizer.lr
-    lr.projector = PROJECTOR_LR
-    if c.recipe == "asr":
-        c.data.kinds = ml_collections.ConfigDict({"asr": 1.0})
-        lr.lora = 1e-3
-    elif c.recipe == "mtbi":
-        c.data.kinds = ml_collections.ConfigDict({"imitation": 0.8, "asr": 0.2})
-        c.data.tasks = SEEN_TASKS
-        c.data.targets = targets(out)
-        c.data.use_task_answer = False
-    elif c.recipe == "salad":
-        c.data.kinds = ml_collections.ConfigDict({"imitation": 0.8, "asr": 0.2})
-        c.data.tasks = SEEN_TASKS
-        c.data.targets = targets(out)
-        c.loss.alpha = 1.0
-        c.data.text_sources = (paths(out)["text_sft"],)
-        c.data.text_weight = 0.2
-        lr.lora = 5e-4
-    elif c.recipe == "vtb":
-        c.model.lora.encoder = True
-        c.train.trainable = "projector,lora"
-        c.data.kinds = ml_collections.ConfigDict({"asr": 0.3, "imitation": 0.4, "mixed_modal": 0.3})
-        c.data.tasks = SEEN_TASKS
-        c.data.use_task_answer = True
-        c.data.text_sources = (paths(out)["text_sft"],)
-        c.data.text_weight = 0.15
-        lr.lora = 1e-3
-    else:
-        raise ValueError(f"no toy variant for recipe {c.recipe!r}")
-    interleaved = c.recipe in ("mtbi", "salad")
-    c.data.interleave_prob = 0.5 if interleaved else 0.0
-    # Every slot is a whole bucket of audio through the encoder: two spoken spans at most.
-    c.data.max_slots = 2 if interleaved else 1
-    return c

@@ -12,8 +12,8 @@ text-only SFT JSONL).
 
 import ml_collections
 
-from configs import toyworld
-from configs.base import base_config, parse_arg, real, tiny
+from speechlm_jax.configs import toyworld
+from speechlm_jax.configs.base import base_config, parse_arg, real, tiny
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -30,7 +30,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if a.text_sources:
         c.data.text_sources = (a.text_sources,)
     if a.variant == "toy":
-        return toyworld.toy(c, a.out)
+        # ASR + spoken task QA with the tasks' answers + mixed-modal + 15% text SFT; projector +
+        # LoRA on the LLM and the encoder.
+        c = toyworld.recipe(c, a.out)
+        c.model.lora.encoder = True
+        c.train.trainable = "projector,lora"
+        c.data.kinds = ml_collections.ConfigDict({"asr": 0.3, "imitation": 0.4, "mixed_modal": 0.3})
+        c.data.tasks = toyworld.SEEN_TASKS
+        c.data.use_task_answer = True
+        c.data.text_sources = (toyworld.paths(a.out)["text_sft"],)
+        c.data.text_weight = 0.15
+        c.optimizer.lr.lora = 1e-3
+        c.data.interleave_prob = 0.0
+        c.data.max_slots = 1
+        return c
     if a.variant == "tiny":
         c = tiny(c, a.data_dir)
         c.data.kinds = ml_collections.ConfigDict({"asr": 0.5, "mixed_modal": 0.5})

@@ -14,7 +14,7 @@ import torch
 import transformers
 from flax import nnx
 
-from speechlm_jax.convert.hf_import import LLM_TABLES, SafetensorsCheckpoint, load_llm, plan_import
+from speechlm_jax.models.hf_import import LLM_TABLES, SafetensorsCheckpoint, load_llm, plan_import
 from speechlm_jax.sharding import make_mesh, state_shardings
 from tests.models.tiny_llms import hf_config, save_hf_model
 

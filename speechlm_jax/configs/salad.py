@@ -13,8 +13,8 @@ on text positions; the adapter at lr 1e-3 and the LLM's LoRA at 5e-5; interleave
 
 import ml_collections
 
-from configs import toyworld
-from configs.base import base_config, parse_arg, real, tiny
+from speechlm_jax.configs import toyworld
+from speechlm_jax.configs.base import base_config, parse_arg, real, tiny
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -32,7 +32,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.kinds = ml_collections.ConfigDict({"asr": 0.5, "continuation": 0.5})
     c.data.interleave_prob = 0.5
     if a.variant == "toy":
-        return toyworld.toy(c, a.out)
+        # KL to the teacher on every text position of the same (interleaved) examples, plus 20%
+        # text-only examples: KL to the teacher there holds the LoRA'd LLM to the original on
+        # text (the forgetting term); projector + LLM LoRA.
+        c = toyworld.recipe(c, a.out)
+        c.data.kinds = ml_collections.ConfigDict({"imitation": 0.8, "asr": 0.2})
+        c.data.tasks = toyworld.SEEN_TASKS
+        c.data.targets = toyworld.targets(a.out)
+        c.data.text_sources = (toyworld.paths(a.out)["text_sft"],)
+        c.data.text_weight = 0.2
+        c.optimizer.lr.lora = 5e-4
+        c.data.interleave_prob = 0.5
+        c.data.max_slots = 2  # every slot is a whole bucket of audio through the encoder
+        return c
     if a.variant == "tiny":
         c = tiny(c, a.data_dir)
         c.data.kinds = ml_collections.ConfigDict({"asr": 1.0})

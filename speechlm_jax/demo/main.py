@@ -1,8 +1,8 @@
 """`make demo`: the toy world end to end, and what it shows about the recipes.
 
-    python -m speechlm_jax.toyworld.demo [--out demo_out] [--recipes asr,mtbi,salad,vtb]
+    python -m speechlm_jax.demo.main [--out demo_out] [--recipes asr,mtbi,salad,vtb]
 
-Builds every stage of `speechlm_jax.toyworld.build` (each cached, so a second run only
+Builds every stage of `speechlm_jax.demo.build` (each cached, so a second run only
 reports), then prints and writes the table the design asks for:
 
     teacher   text accuracy (every toy task, train phrasings, held-out sentences)
@@ -216,8 +216,8 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
 def run_demo(out: str | Path, recipes: Sequence[str] = RECIPES, *, sizes: Any = None,
              eval_sentences: int | None = None) -> dict[str, Any]:
     """Builds every stage under `out` (cached), writes the reports; returns report.json's dict."""
-    from configs import toyworld as toy_config
-    from speechlm_jax.toyworld import build
+    from speechlm_jax.configs import toyworld as toy_config
+    from speechlm_jax.demo import build
 
     start = time.perf_counter()
     out = Path(out).absolute()
@@ -252,14 +252,14 @@ def run_demo(out: str | Path, recipes: Sequence[str] = RECIPES, *, sizes: Any = 
 
     eval_spec = {"sentences": eval_sentences, "asr": toy_config.ASR_EVAL_UTTERANCES}
     stages.run("eval/teacher", eval_spec, ["teacher"],
-               lambda f: build.evaluate(f, base=p["teacher"], toyworld=eval_sentences))
+               lambda f: build.evaluate(f, base=p["teacher"], sentences=eval_sentences))
     rows = {}
     for name in recipes:
         config = build.recipe_config(name, out)
         stages.run(f"recipe/{name}", build.config_dict(config), ["teacher", "encoder", "targets", "speech"],
                    lambda f, c=config: build.train_run(c, f))
         stages.run(f"eval/{name}", eval_spec, [f"recipe/{name}"],
-                   lambda f, n=name: build.evaluate(f, workdir=str(out / "recipe" / n), toyworld=eval_sentences, asr=True))
+                   lambda f, n=name: build.evaluate(f, workdir=str(out / "recipe" / n), sentences=eval_sentences, asr=True))
         rows[name] = recipe_scores(json.loads((out / "eval" / name / "report.json").read_text()))
 
     report = {

@@ -11,7 +11,7 @@ import transformers
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from speechlm_jax.convert.hf_import import load_whisper_encoder, whisper_config_from_checkpoint
+from speechlm_jax.models.hf_import import load_whisper_encoder, whisper_config_from_checkpoint
 from speechlm_jax.models.whisper import WhisperConfig
 from speechlm_jax.sharding import make_mesh
 

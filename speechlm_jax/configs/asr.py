@@ -11,8 +11,8 @@ encoder, a trained projector and rank-8 LoRA on the LLM, lr 1e-4 with cosine dec
 
 import ml_collections
 
-from configs import toyworld
-from configs.base import base_config, parse_arg, real, tiny
+from speechlm_jax.configs import toyworld
+from speechlm_jax.configs.base import base_config, parse_arg, real, tiny
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -26,7 +26,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.lr.lora = 1e-4
     c.data.kinds = ml_collections.ConfigDict({"asr": 1.0})
     if a.variant == "toy":
-        return toyworld.toy(c, a.out)
+        # Transcripts only; projector + LLM LoRA.
+        c = toyworld.recipe(c, a.out)
+        c.optimizer.lr.lora = 1e-3
+        c.data.interleave_prob = 0.0
+        c.data.max_slots = 1
+        return c
     if a.variant == "tiny":
         c = tiny(c, a.data_dir)
         c.optimizer.lr.projector = c.optimizer.lr.lora = 1e-2

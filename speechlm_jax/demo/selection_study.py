@@ -1,6 +1,6 @@
 """The toy-world check of active selection: same synthetic-speech budget, active vs uniform.
 
-    python -m speechlm_jax.selection.toy_experiment --stage1 demo_out/recipes/salad --out /tmp/select_toy
+    python -m speechlm_jax.demo.selection_study --stage1 demo_out/recipes/salad --out /tmp/select_toy
 
 From one stage-1 SALAD run (the toy demo's), with `speechlm-select`'s own stages:
 

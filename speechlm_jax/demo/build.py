@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -33,13 +32,12 @@ from typing import Any
 
 import ml_collections
 
-from configs import toyworld as toy_config
+from speechlm_jax.configs import toyworld as toy_config
 from speechlm_jax.convert import export, workdir as run_workdir
-from speechlm_jax.data.tasks import TASKS
-from speechlm_jax.data.tokenizer import build_word_tokenizer
-from speechlm_jax.data.tts import Voice, synthesize_corpus, voice_grid
+from speechlm_jax.data.tts import Voice, voice_grid
+from speechlm_jax.toyworld import corpus as toy_corpus
 from speechlm_jax.toyworld import sentences as toy_sentences
-from speechlm_jax.toyworld.tasks import SEEN_TASKS, TOY_TASKS, all_words, register_toy_tasks
+from speechlm_jax.toyworld.tasks import HELDOUT_TASKS, SEEN_TASKS, TOY_TASKS
 
 DONE = ".done"
 SECONDS = ".seconds"
@@ -124,25 +122,8 @@ def task_spec() -> dict[str, Any]:
 
 def build_corpus(folder: Path, sizes: Sizes) -> None:
     """Sentences, the tokenizer and the teacher's text SFT data (every task, train phrasings)."""
-    register_toy_tasks()
-    train = toy_sentences.sentences("train", sizes.train_sentences, seed=sizes.seed)
-    heldout = toy_sentences.sentences("heldout", sizes.heldout_sentences, seed=sizes.seed)
-    (folder / "train.txt").write_text("\n".join(train) + "\n")
-    (folder / "heldout.txt").write_text("\n".join(heldout) + "\n")
-    # Every registered phrasing (the built-in asr / continuation / spoken_qa ones too) must tokenize.
-    prompts = [p.replace("{content}", " ").replace("{question}", " ")
-               for task in TASKS.values() for p in task.prompts_train + task.prompts_heldout]
-    build_word_tokenizer([*all_words(), *prompts], folder / "tokenizer")
-    rng = random.Random(sizes.seed)
-    asks = dict(sizes.asks)
-    with open(folder / "text_sft.jsonl", "w", encoding="utf-8") as f:
-        for i, sentence in enumerate(train):
-            for task in TOY_TASKS:
-                # Each ask of a task about a sentence in a different phrasing.
-                for k, phrasing in enumerate(rng.sample(task.prompts_train, asks.get(task.name, 1))):
-                    prompt = phrasing.replace("{content}", sentence)
-                    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": task.answer(sentence)}]
-                    f.write(json.dumps({"id": f"text{i:05d}-{task.name}-{k}", "messages": messages}) + "\n")
+    toy_corpus.build_corpus(folder, train_sentences=sizes.train_sentences, heldout_sentences=sizes.heldout_sentences,
+                            seed=sizes.seed, asks=dict(sizes.asks))
 
 
 # --- speech
@@ -150,10 +131,7 @@ def build_corpus(folder: Path, sizes: Sizes) -> None:
 
 def build_speech(folder: Path, corpus: Path, sizes: Sizes, *, workers: int = 2) -> None:
     """The train and held-out sentences spoken, one voice per utterance (hash of its id)."""
-    for split in ("train", "heldout"):
-        texts = (corpus / f"{split}.txt").read_text().split("\n")
-        items = [{"id": f"{split}{i:05d}", "text": t} for i, t in enumerate(texts) if t]
-        synthesize_corpus(items, folder / split, voices=list(sizes.voices), workers=workers, seed=sizes.seed, progress=True)
+    toy_corpus.speak(corpus, folder, sizes.voices, workers=workers, seed=sizes.seed, progress=True)
 
 
 # --- teacher and encoder: trainer runs, exported as HF folders
@@ -197,7 +175,7 @@ def export_encoder(run: Path, out: Path) -> Path:
 def build_targets(folder: Path, teacher: str, manifest: str, *, tasks: Sequence[str] = SEEN_TASKS,
                   prompts_per_example: int = 1, batch_size: int = 128) -> dict[str, Any]:
     """The teacher's greedy answers to seen tasks about every training transcript."""
-    from speechlm_jax import generate_cli
+    from speechlm_jax.evaluation import targets as generate_cli
 
     args = generate_cli.build_parser().parse_args([
         "--llm", teacher, "--source", f"manifest:{manifest}", "--tasks", ",".join(tasks), "--out", str(folder),
@@ -218,14 +196,25 @@ def recipe_config(name: str, out: str | Path) -> ml_collections.ConfigDict:
     return load_config_file(f"{root / name}.py:toy,out={Path(out).absolute()}")
 
 
-def evaluate(out: Path, *, workdir: str | None = None, base: str | None = None, toyworld: int,
+def evaluate(out: Path, *, workdir: str | None = None, base: str | None = None, sentences: int,
              asr: bool = False, asr_limit: int = toy_config.ASR_EVAL_UTTERANCES, batch_size: int = 64) -> dict[str, Any]:
-    """`speechlm-eval` of a run (or of a base LLM alone) into `out`; returns its report dict."""
+    """`speechlm-eval` of a run (or of a base LLM alone) into `out`; returns its report dict.
+
+    The toy world's benchmark: `sentences` held-out sentences per task for prompt and task
+    generalisation (seen tasks in train and held-out phrasings, held-out tasks), another
+    `sentences` held-out sentences for SALAD's M and F.
+    """
     from speechlm_jax.evaluation import main as eval_main
 
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sentences.txt").write_text("\n".join(toy_sentences.sentences("heldout", sentences, seed=0)) + "\n")
+    (out / "corpus.txt").write_text("\n".join(toy_sentences.sentences("heldout", sentences, seed=1)) + "\n")
     argv = ["--workdir", workdir] if workdir else ["--base", str(base)]
-    argv += ["--out", str(out), "--toyworld", str(toyworld), "--batch_size", str(batch_size), "--max_new_tokens", "16",
-             "--mesh", "data=-1"]
+    argv += ["--out", str(out), "--task_modules", toy_config.TASK_MODULE, "--generalisation", str(out / "sentences.txt"),
+             "--seen_tasks", ",".join(SEEN_TASKS), "--heldout_tasks", ",".join(HELDOUT_TASKS),
+             "--batch_size", str(batch_size), "--max_new_tokens", "16", "--mesh", "data=-1"]
+    if workdir:
+        argv += ["--corpus", str(out / "corpus.txt")]
     if asr:
         argv += ["--asr", "--asr_limit", str(asr_limit)]
     return eval_main.run(eval_main.build_parser().parse_args(argv))

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import json
 import os
 import sys
@@ -43,17 +42,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from speechlm_jax.convert import hf_import
+from speechlm_jax.models import hf_import
 from speechlm_jax.data.pipeline import open_speech_source
-from speechlm_jax.data.tasks import get_task
+from speechlm_jax.data.tasks import get_task, import_task_modules
 from speechlm_jax.data.tokenizer import load_tokenizer
 from speechlm_jax.evaluation.items import Item
 from speechlm_jax.evaluation.scoring import Scorer
+from speechlm_jax.cli import parse_list, parse_mesh, parse_source
 from speechlm_jax.sharding import make_mesh
-from speechlm_jax.toyworld import register_toy_tasks
-
-SOURCE_TYPES = ("manifest", "librispeech", "tfds")
-
 
 def shard_name(index: int, count: int) -> str:
     return f"targets-{index:05d}-of-{count:05d}.jsonl"
@@ -102,23 +98,6 @@ def write_shard(path: Path, rows: Sequence[dict[str, str]]) -> None:
     os.replace(tmp, path)
 
 
-def parse_source(spec: str) -> dict[str, str]:
-    """"manifest:/path" | "librispeech:/dir" | "tfds:/dir" -> the pipeline's source spec."""
-    kind, sep, path = spec.partition(":")
-    if not sep or kind not in SOURCE_TYPES or not path:
-        raise argparse.ArgumentTypeError(f"--source must be TYPE:PATH with TYPE in {SOURCE_TYPES}, got {spec!r}")
-    return {"type": kind, "path": path}
-
-
-def parse_mesh(spec: str) -> dict[str, int]:
-    """"data=-1" / "fsdp=2,tensor=4" -> mesh axis sizes."""
-    out = {}
-    for part in filter(None, spec.split(",")):
-        axis, _, size = part.partition("=")
-        out[axis.strip()] = int(size)
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="speechlm-generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--llm", required=True, help="HF checkpoint folder of the text LLM (the teacher)")
@@ -148,9 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Generates this host's unfinished shards; returns the summary."""
     if args.distributed:
         jax.distributed.initialize()
-    register_toy_tasks()
-    for module in filter(None, args.task_modules.split(",")):
-        importlib.import_module(module)
+    import_task_modules(parse_list(args.task_modules))
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for name in tasks:
         get_task(name)

@@ -109,6 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.text_loss = "response"  # "all": every token of text-only examples (from-scratch LLMs)
     c.data.kinds = ml_collections.ConfigDict({"asr": 1.0})
     c.data.tasks = ()
+    c.data.task_modules = ()  # modules that register tasks when imported, e.g. speechlm_jax.toyworld.tasks
     c.data.use_task_answer = False
     c.data.interleave_prob = 0.0
     c.data.interleave_ratio = 0.5
@@ -151,16 +152,18 @@ TINY_ENCODER = dict(
 
 
 TINY_DATA = "/tmp/speechlm_tiny_corpus"
+TOY_TASK_MODULE = "speechlm_jax.toyworld.tasks"
 
 
 def use_tiny_corpus(c: ml_collections.ConfigDict, data_dir: str) -> ml_collections.ConfigDict:
     """Reads the tiny TTS corpus in `data_dir` (any model size: the word tokenizer fits every vocabulary).
 
-    `python -m speechlm_jax.train.tiny_corpus DIR` writes that corpus (manifest.jsonl,
+    `python -m speechlm_jax.toyworld.corpus DIR` writes that corpus (train/ and
     heldout/, text_sft.jsonl, a word-level tokenizer) with the espeak TTS.
     """
     c.data.tokenizer = f"{data_dir}/tokenizer"
-    c.data.speech_sources = ({"type": "manifest", "path": f"{data_dir}/manifest.jsonl"},)
+    c.data.task_modules = (TOY_TASK_MODULE,)
+    c.data.speech_sources = ({"type": "manifest", "path": f"{data_dir}/train/manifest.jsonl"},)
     c.data.eval_speech_sources = ({"type": "manifest", "path": f"{data_dir}/heldout/manifest.jsonl"},)
     if c.data.text_weight > 0:
         c.data.text_sources = (f"{data_dir}/text_sft.jsonl",)

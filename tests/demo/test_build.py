@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from configs import toyworld as toy_config
+from speechlm_jax.configs import toyworld as toy_config
 from speechlm_jax.data.tts import Voice
-from speechlm_jax.toyworld import build, demo
+from speechlm_jax.demo import build
+from speechlm_jax.demo import main as demo
 
 
 def test_stage_runs_once_per_key_and_reruns_when_inputs_change(tmp_path: Path):

@@ -1,0 +1,88 @@
+"""The toy world's corpora: sentences, a word-level tokenizer, text SFT data, and their speech.
+
+    python -m speechlm_jax.toyworld.corpus /tmp/speechlm_tiny_corpus
+
+One builder serves the demo (thousands of sentences, many voices) and the `:tiny` recipe
+variants and tests (a dozen sentences, one voice). A corpus folder holds
+
+    train.txt, heldout.txt       the sentences (hash-disjoint splits, `toyworld.sentences`)
+    tokenizer/                   a word-level HF tokenizer covering every word a sentence,
+                                 a registered phrasing or an answer can contain
+    text_sft.jsonl               chat examples of the toy tasks about the training sentences
+                                 (a task asked `asks[task]` times, in distinct phrasings)
+
+and `speak` adds `<split>/manifest.jsonl` with the audio and word timings (eSpeak NG through
+`speechlm_jax.data.tts`). Building speech is resumable: existing audio is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from speechlm_jax.data.tasks import TASKS, TextTask
+from speechlm_jax.data.tokenizer import build_word_tokenizer
+from speechlm_jax.data.tts import Voice, synthesize_corpus
+from speechlm_jax.toyworld import sentences as toy_sentences
+from speechlm_jax.toyworld.tasks import TOY_TASKS, all_words, register_toy_tasks
+
+SPLITS = ("train", "heldout")
+# The `:tiny` corpus's text SFT asks three tasks only: enough for VoiceTextBlender's text part.
+TINY_TEXT_TASKS = ("first_word", "last_word", "count_words")
+
+
+def build_corpus(folder: str | Path, *, train_sentences: int, heldout_sentences: int, seed: int = 0,
+                 tasks: Sequence[TextTask] = TOY_TASKS, asks: Mapping[str, int] | None = None) -> Path:
+    """Writes the sentences, the tokenizer and the text SFT data into `folder`; returns it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    register_toy_tasks()
+    train = toy_sentences.sentences("train", train_sentences, seed=seed)
+    heldout = toy_sentences.sentences("heldout", heldout_sentences, seed=seed)
+    (folder / "train.txt").write_text("\n".join(train) + "\n")
+    (folder / "heldout.txt").write_text("\n".join(heldout) + "\n")
+    # Every registered phrasing (the built-in asr / continuation / spoken_qa ones too) must tokenize.
+    prompts = [p.replace("{content}", " ").replace("{question}", " ")
+               for task in TASKS.values() for p in task.prompts_train + task.prompts_heldout]
+    build_word_tokenizer([*all_words(), *prompts], folder / "tokenizer")
+    rng = random.Random(seed)
+    asks = dict(asks or {})
+    with open(folder / "text_sft.jsonl", "w", encoding="utf-8") as f:
+        for i, sentence in enumerate(train):
+            for task in tasks:
+                # Each ask of a task about a sentence in a different phrasing.
+                for k, phrasing in enumerate(rng.sample(task.prompts_train, asks.get(task.name, 1))):
+                    prompt = phrasing.replace("{content}", sentence)
+                    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": task.answer(sentence)}]
+                    f.write(json.dumps({"id": f"text{i:05d}-{task.name}-{k}", "messages": messages}) + "\n")
+    return folder
+
+
+def read_sentences(corpus: str | Path, split: str) -> list[str]:
+    """The sentences of one split of a corpus folder."""
+    return [t for t in (Path(corpus) / f"{split}.txt").read_text().split("\n") if t]
+
+
+def speak(corpus: str | Path, out: str | Path, voices: Sequence[Voice], *, workers: int = 1, seed: int = 0,
+          progress: bool = False) -> Path:
+    """Both splits spoken into `out/<split>/manifest.jsonl`, one voice per utterance (hash of its id)."""
+    out = Path(out)
+    for split in SPLITS:
+        items = [{"id": f"{split}{i:05d}", "text": t} for i, t in enumerate(read_sentences(corpus, split))]
+        synthesize_corpus(items, out / split, voices=list(voices), workers=workers, seed=seed, progress=progress)
+    return out
+
+
+def build_tiny_corpus(out_dir: str | Path, *, train_sentences: int = 12, heldout_sentences: int = 4, seed: int = 0) -> Path:
+    """The `:tiny` variants' corpus in `out_dir`: a dozen sentences in one voice; returns `out_dir`."""
+    register_toy_tasks()
+    build_corpus(out_dir, train_sentences=train_sentences, heldout_sentences=heldout_sentences, seed=seed,
+                 tasks=[TASKS[name] for name in TINY_TEXT_TASKS])
+    return speak(out_dir, out_dir, [Voice(rate=200)], seed=seed)
+
+
+if __name__ == "__main__":
+    print(build_tiny_corpus(sys.argv[1] if len(sys.argv) > 1 else "/tmp/speechlm_tiny_corpus"))
