@@ -195,3 +195,22 @@ class TargetTable:
     def lookup(self, utterance_id: str, task: str) -> dict[str, str]:
         """{prompt: response} for this utterance and task (empty when there are none)."""
         return self.responses.get((utterance_id, task), {})
+
+
+def read_text_corpus(path: str | Path) -> list[dict[str, str]]:
+    """`{"id", "text"}` records of a text corpus: JSONL with "text" (and "id", default the line
+    number) or plain lines; whitespace normalised, empty lines left out, ids unique."""
+    path = Path(path)
+    records = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            row = json.loads(line)
+            records.append({"id": str(row.get("id", i)), "text": " ".join(str(row["text"]).split())})
+        else:
+            records.append({"id": str(i), "text": " ".join(line.split())})
+    ids = [r["id"] for r in records]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path} has duplicate ids")
+    return records

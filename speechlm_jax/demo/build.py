@@ -33,14 +33,13 @@ from typing import Any
 import ml_collections
 
 from speechlm_jax.configs import toyworld as toy_config
+from speechlm_jax import stages
 from speechlm_jax.convert import export, workdir as run_workdir
 from speechlm_jax.data.tts import Voice, voice_grid
 from speechlm_jax.toyworld import corpus as toy_corpus
 from speechlm_jax.toyworld import sentences as toy_sentences
 from speechlm_jax.toyworld.tasks import HELDOUT_TASKS, SEEN_TASKS, TOY_TASKS
 
-DONE = ".done"
-SECONDS = ".seconds"
 RECIPES = ("asr", "mtbi", "salad", "vtb")
 
 
@@ -67,10 +66,12 @@ def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 class Stages:
-    """Runs stages under `out`, skipping those whose done-marker holds the same key.
+    """Runs stages under `out`, skipping those finished with the same key (`speechlm_jax.stages`).
 
-    `timings` holds the seconds each stage took to build (in this process, or read back from
-    `<stage>/.seconds` for a cached one); `cached` names the stages this process skipped.
+    A stage's key hashes its spec and the keys of the stages it builds on; a changed key
+    rebuilds the stage. `timings` holds the seconds each stage took to build (in this process,
+    or read back from its done-marker for a cached one); `cached` names the stages this
+    process skipped.
     """
 
     def __init__(self, out: str | Path, *, log: Callable[[str], None] = print):
@@ -84,30 +85,24 @@ class Stages:
     def folder(self, name: str) -> Path:
         return self.out / name
 
-    def done(self, name: str, key: str) -> bool:
-        marker = self.folder(name) / DONE
-        return marker.is_file() and marker.read_text().strip() == key
-
     def run(self, name: str, spec: Any, deps: Sequence[str], fn: Callable[[Path], None]) -> Path:
         """Builds stage `name` with `fn(folder)` unless it is done with key(spec, deps' keys)."""
         key = _key(name, spec, [self.keys[d] for d in deps])
         self.keys[name] = key
         folder = self.folder(name)
-        if self.done(name, key):
+        if stages.finished(folder, {"key": key}, on_change="rebuild"):
             self.log(f"[{name}] cached")
-            seconds = folder / SECONDS
-            self.timings[name] = float(seconds.read_text()) if seconds.is_file() else 0.0
+            self.timings[name] = float(stages.record(folder).get("seconds", 0.0))
             self.cached.append(name)
             return folder
-        if folder.exists():
+        if folder.exists():  # an interrupted build
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         self.log(f"[{name}] building")
         start = time.perf_counter()
         fn(folder)
         self.timings[name] = time.perf_counter() - start
-        (folder / SECONDS).write_text(f"{self.timings[name]!r}\n")
-        (folder / DONE).write_text(key + "\n")
+        stages.finish(folder, {"key": key}, seconds=self.timings[name])
         self.log(f"[{name}] done in {self.timings[name]:.1f} s")
         return folder
 

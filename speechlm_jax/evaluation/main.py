@@ -40,6 +40,7 @@ import ml_collections
 
 from speechlm_jax.models import hf_import
 from speechlm_jax.data.pipeline import open_speech_source
+from speechlm_jax.data.sources import read_text_corpus
 from speechlm_jax.data.tokenizer import SpeechTokenizer, load_tokenizer
 from speechlm_jax.evaluation import asr, diagnostics, gap, generalisation, items, report, retention
 from speechlm_jax.evaluation.scoring import OracleSpeech, Scorer, model_audio, oracle_audio
@@ -58,11 +59,7 @@ def load_run(workdir: str | Path, mesh: jax.sharding.Mesh, step: int | None = No
 
 def read_corpus(path: str | Path) -> list[str]:
     """Sentences of a text file (one per line) or a JSONL file with a "text" field."""
-    path = Path(path)
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix == ".jsonl":
-        return [" ".join(str(json.loads(line)["text"]).split()) for line in lines]
-    return [" ".join(line.split()) for line in lines]
+    return [record["text"] for record in read_text_corpus(path)]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,24 +46,6 @@ class Embedder(Protocol):
     def embed(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
-def read_corpus(path: str | Path) -> list[dict[str, str]]:
-    """`{"id", "text"}` records of a JSONL corpus (id defaults to the line number) or of plain lines."""
-    path = Path(path)
-    records = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            row = json.loads(line)
-            records.append({"id": str(row.get("id", i)), "text": " ".join(str(row["text"]).split())})
-        else:
-            records.append({"id": str(i), "text": " ".join(line.split())})
-    ids = [r["id"] for r in records]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{path} has duplicate ids")
-    return records
-
-
 def _round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 

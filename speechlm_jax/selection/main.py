@@ -41,34 +41,25 @@ from typing import Any
 
 import numpy as np
 
+from speechlm_jax import stages as stage_cache
 from speechlm_jax.selection import kmeans, probe, report, sample
 
 STAGES = ("embed", "cluster", "probe", "sample", "synthesize", "targets", "train", "probe_after", "report")
 
 
 class StageError(RuntimeError):
-    """A stage cannot run: missing inputs, or settings that differ from a finished run's."""
+    """A stage cannot run: missing inputs (or, as `StageChanged`, settings that differ from a finished run's)."""
 
 
 def _done(folder: Path, settings: dict[str, Any], force: bool) -> bool:
     """Whether the stage in `folder` finished with these settings (clears it first with `force`)."""
     if force and folder.exists():
         shutil.rmtree(folder)
-    marker = folder / "done.json"
-    if not marker.is_file():
-        return False
-    # done.json also records results (counts, seconds); only the settings decide.
-    previous = json.loads(marker.read_text())
-    wanted = json.loads(json.dumps(settings))
-    changed = sorted(k for k in wanted if previous.get(k) != wanted[k])
-    if changed:
-        raise StageError(f"{folder.name} finished with other settings ({', '.join(changed)}); rerun with --force")
-    return True
+    return stage_cache.finished(folder, settings, on_change="refuse")
 
 
 def _finish(folder: Path, settings: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "done.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    stage_cache.finish(folder, settings)
 
 
 def _need(path: Path, stage: str) -> Path:
@@ -85,11 +76,11 @@ def _mesh(args: argparse.Namespace) -> Any:
 
 
 def _corpus(args: argparse.Namespace) -> list[dict[str, str]]:
-    from speechlm_jax.selection.embed import read_corpus
+    from speechlm_jax.data.sources import read_text_corpus
 
     if not args.corpus:
         raise StageError("--corpus is required")
-    return read_corpus(args.corpus)
+    return read_text_corpus(args.corpus)
 
 
 # --- Stages.
@@ -437,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         for stage in stages:
             RUNNERS[stage](args)
-    except StageError as error:
+    except (StageError, stage_cache.StageChanged) as error:
         sys.stderr.write(f"speechlm-select: {error}\n")
         sys.exit(2)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from speechlm_jax.data.pipeline import ConcatSource
-from speechlm_jax.data.sources import TargetTable, librispeech_source, manifest_source, text_source
+from speechlm_jax.data.sources import read_text_corpus, TargetTable, librispeech_source, manifest_source, text_source
 
 
 def _write_jsonl(path, rows):
@@ -113,3 +113,9 @@ def test_targets_and_concat(tmp_path):
     both = ConcatSource([a, b])
     assert len(both) == 3 and [both[i]["id"] for i in range(3)] == ["1", "2", "3"]
     assert both.skipped == {"bad_json": 1}
+
+
+def test_read_text_corpus_lines_and_jsonl(tmp_path):
+    plain = tmp_path / "c.txt"
+    plain.write_text("the  cat\n\na dog runs\n")
+    assert read_text_corpus(plain) == [{"id": "0", "text": "the cat"}, {"id": "2", "text": "a dog runs"}]

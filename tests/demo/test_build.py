@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from speechlm_jax import stages as stage_cache
 from speechlm_jax.configs import toyworld as toy_config
 from speechlm_jax.data.tts import Voice
 from speechlm_jax.demo import build
@@ -29,7 +30,7 @@ def test_stage_runs_once_per_key_and_reruns_when_inputs_change(tmp_path: Path):
     again.run("a", {"n": 1}, [], write)
     again.run("b", {"m": 1}, ["a"], write)
     assert calls == ["a", "b"] and again.cached == ["a", "b"]
-    assert again.timings == {name: float((tmp_path / name / build.SECONDS).read_text()) for name in ("a", "b")}
+    assert again.timings == {name: stage_cache.record(tmp_path / name)["seconds"] for name in ("a", "b")}
 
     # A changed input rebuilds that stage and every stage built on it.
     changed = build.Stages(tmp_path, log=lambda _: None)
@@ -64,10 +65,10 @@ def test_interrupted_stage_is_not_done(tmp_path: Path):
     stages = build.Stages(tmp_path, log=lambda _: None)
     with pytest.raises(KeyboardInterrupt):
         stages.run("a", {"n": 1}, [], fail)
-    assert not (tmp_path / "a" / build.DONE).exists()
+    assert stage_cache.record(tmp_path / "a") is None
     built = build.Stages(tmp_path, log=lambda _: None)
     built.run("a", {"n": 1}, [], lambda f: (f / "ok.txt").write_text("y"))
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [build.DONE, build.SECONDS, "ok.txt"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [stage_cache.MARKER, "ok.txt"]
 
 
 def test_checks_compare_against_the_targets():

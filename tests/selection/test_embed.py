@@ -12,6 +12,7 @@ import transformers
 
 from speechlm_jax.models import hf_import
 from speechlm_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
+from speechlm_jax.data.sources import read_text_corpus
 from speechlm_jax.selection import embed
 from speechlm_jax.sharding import make_mesh
 from tests.models.tiny_llms import save_hf_model
@@ -68,7 +69,7 @@ class _Counting:
 def test_embed_corpus_is_sharded_and_resumes(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": f"s{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS * 2)))
-    records = embed.read_corpus(corpus)
+    records = read_text_corpus(corpus)
     first = _Counting()
     paths = embed.embed_corpus(records, first, tmp_path / "emb", shard_size=5)
     assert [p.name for p in paths] == ["shard-00000.npz", "shard-00001.npz", "shard-00002.npz"]
@@ -80,9 +81,3 @@ def test_embed_corpus_is_sharded_and_resumes(tmp_path):
     ids, vectors = embed.load_embeddings(tmp_path / "emb", len(records), 5)
     assert ids.tolist() == [r["id"] for r in records]
     np.testing.assert_array_equal(vectors, _Counting().embed([r["text"] for r in records]))
-
-
-def test_read_corpus_lines_and_jsonl(tmp_path):
-    plain = tmp_path / "c.txt"
-    plain.write_text("the  cat\n\na dog runs\n")
-    assert embed.read_corpus(plain) == [{"id": "0", "text": "the cat"}, {"id": "2", "text": "a dog runs"}]
