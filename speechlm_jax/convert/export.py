@@ -1,6 +1,6 @@
 """Export: a SpeechLM (or its LLM alone) -> a folder transformers loads with an existing class.
 
-The way out of the codebase (ARCHITECTURE.md, `convert/`). `export_speechlm` writes
+The way out of the codebase (`docs/ARCHITECTURE.md`, `convert/`). `export_speechlm` writes
 `VoxtralForConditionalGeneration` (see `convert.voxtral` for which models fit and why),
 `export_llm` the LLM's own `*ForCausalLM`. A folder holds:
 

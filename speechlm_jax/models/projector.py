@@ -1,6 +1,6 @@
 """Projectors: encoder frames [batch, frames, d_audio] -> LLM embeddings [batch, frames // k, d_llm].
 
-Second stage of the speech path in ARCHITECTURE.md (encoder -> **projector** -> audio
+Second stage of the speech path in `docs/ARCHITECTURE.md` (encoder -> **projector** -> audio
 embeddings scattered into the LLM input). Both projectors downsample time by `k`, so a
 clip of n encoder frames yields n // k audio tokens (`audio_token_count`): an output frame
 is valid only when all k encoder frames it summarises are valid.

@@ -1,6 +1,6 @@
 """SpeechLM: Whisper encoder -> projector -> decoder LLM, with the text twin as teacher.
 
-The composition behind every recipe in ARCHITECTURE.md. Inside the jitted step:
+The composition behind every recipe in `docs/ARCHITECTURE.md`. Inside the jitted step:
 
     audio [B, S, L] int16 --reshape--> [B*S, L] --log-mel (on device)--> [B*S, n_mels, L // 160]
       --encoder--> [B*S, (L//160 + 1) // 2, d_audio] --projector--> [B*S, F, D] --reshape--> [B, S*F, D]

@@ -1,6 +1,6 @@
 """Whisper audio encoder (Flax NNX): log-mel [batch, n_mels, frames] -> [batch, frames', d_model].
 
-First stage of the speech path in ARCHITECTURE.md: waveform -> log-mel (on device) ->
+First stage of the speech path in `docs/ARCHITECTURE.md`: waveform -> log-mel (on device) ->
 **encoder** -> projector -> audio embeddings scattered into the LLM's input. Shapes and
 numerics follow transformers' `WhisperEncoder`: conv1 (k=3, pad 1) + GELU, conv2 (k=3,
 stride 2, pad 1) + GELU, the fixed sinusoid position table, pre-LN transformer layers
