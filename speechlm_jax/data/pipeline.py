@@ -53,10 +53,10 @@ from speechlm_jax.data.examples import (
     leading_space,
     prompt_segments,
 )
-from speechlm_jax.data.features import audio_token_count
 from speechlm_jax.data.sources import Record, TargetTable, TFDSSource, librispeech_source, manifest_source, text_source
 from speechlm_jax.data.tasks import TextTask, get_task
 from speechlm_jax.data.tokenizer import SpeechTokenizer
+from speechlm_jax.models.frontend import HOP_LENGTH, audio_token_count
 from speechlm_jax.sharding import batch_sharding
 
 SPEECH_KINDS = ("asr", "continuation", "imitation", "spoken_qa", "mixed_modal")
@@ -186,7 +186,7 @@ class ExampleMaker:
         self.task_ids = {name: i for i, name in enumerate(config.task_names)}
         self.max_samples = config.buckets[-1][0]
         # The shortest clip that gives one audio token: shorter spoken spans stay text.
-        self.min_samples = next(n for n in range(0, self.max_samples + 1, 160)
+        self.min_samples = next(n for n in range(0, self.max_samples + 1, HOP_LENGTH)
                                 if audio_token_count(n, config.downsample) >= 1)
 
     def __call__(self, record: Record, rng: np.random.Generator) -> Example | Skipped:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from speechlm_jax.data.audio import load_audio
-from speechlm_jax.data.features import audio_token_count
 from speechlm_jax.data.pipeline import (
     PipelineConfig,
     build_pipeline,
@@ -17,6 +16,7 @@ from speechlm_jax.data.pipeline import (
     save_iterator,
     to_global_arrays,
 )
+from speechlm_jax.models.frontend import audio_token_count
 from speechlm_jax.sharding import make_mesh
 
 BUCKETS = ((16000, 48), (48000, 64))
