@@ -21,7 +21,8 @@ import soundfile as sf
 import soxr
 
 from speechlm_jax.data.audio import load_audio
-from speechlm_jax.data.pipeline import PipelineConfig, build_pipeline
+from speechlm_jax.data.config import PipelineConfig
+from speechlm_jax.data.pipeline import build_pipeline
 from speechlm_jax.data.tasks import TASKS
 from speechlm_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
 from speechlm_jax.data.tts import Voice, synthesize_corpus

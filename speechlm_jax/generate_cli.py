@@ -44,7 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from speechlm_jax.convert import hf_import
-from speechlm_jax.data.pipeline import open_speech_source
+from speechlm_jax.data.mixture import open_speech_source
 from speechlm_jax.data.tasks import get_task
 from speechlm_jax.data.tokenizer import load_tokenizer
 from speechlm_jax.evaluation.items import Item

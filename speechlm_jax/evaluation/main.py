@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from speechlm_jax.convert import hf_import
-from speechlm_jax.data.pipeline import open_speech_source
+from speechlm_jax.data.mixture import open_speech_source
 from speechlm_jax.data.tokenizer import SpeechTokenizer, load_tokenizer
 from speechlm_jax.evaluation import asr, diagnostics, gap, generalisation, items, report, retention
 from speechlm_jax.evaluation.scoring import OracleSpeech, Scorer, model_audio, oracle_audio

@@ -4,7 +4,7 @@ Every benchmark (gap, generalisation, retention, diagnostics, ASR) asks the same
 through one `Scorer`, which formats inputs exactly as training does: the question goes
 into the prompt's `{content}` as an audio slot (`interleave.whole_utterance`), the chat
 frame comes from `data.examples.prompt_segments`, `data.examples.build_example` tokenises
-it and builds the text twin, and `data.pipeline.collate` pads it into a batch. So the
+it and builds the text twin, and `data.batching.collate` pads it into a batch. So the
 speech condition and the text condition of one item are the student sequence and the
 teacher twin of one example, as in a training step.
 
@@ -44,8 +44,8 @@ from jax.sharding import Mesh
 
 from speechlm_jax.data import interleave, tts
 from speechlm_jax.data.audio import load_audio
+from speechlm_jax.data.batching import collate
 from speechlm_jax.data.examples import Audio, Example, Segment, Text, build_example, leading_space, prompt_segments
-from speechlm_jax.data.pipeline import collate
 from speechlm_jax.data.tokenizer import SpeechTokenizer
 from speechlm_jax.evaluation.items import Item
 from speechlm_jax.generate import generate

@@ -221,7 +221,7 @@ def stage_probe_after(args: argparse.Namespace) -> None:
 def speech_seconds(sources: Sequence[Any]) -> float:
     """Total audio seconds of the pipeline's speech sources: each record's duration, else its file header."""
     from speechlm_jax.data.audio import audio_duration
-    from speechlm_jax.data.pipeline import open_speech_source
+    from speechlm_jax.data.mixture import open_speech_source
 
     total = 0.0
     for spec in sources:

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
 from speechlm_jax.data.audio import load_audio
-from speechlm_jax.data.pipeline import (
-    PipelineConfig,
-    build_pipeline,
-    restore_iterator,
-    save_iterator,
-    to_global_arrays,
-)
+from speechlm_jax.data.config import PipelineConfig
+from speechlm_jax.data.pipeline import build_pipeline, restore_iterator, save_iterator
 from speechlm_jax.models.frontend import audio_token_count
-from speechlm_jax.sharding import make_mesh
 
 BUCKETS = ((16000, 48), (48000, 64))
 
@@ -294,17 +287,6 @@ def test_task_kinds_prompts_and_targets(wav_manifest, word_tokenizer, tmp_path):
         assert content.startswith("Repeat :")
         assert (b["audio_lens"][i] > 0).sum() == 1  # mixed-modal: one spoken span
     del TASKS["pipeline_echo"]
-
-
-def test_to_global_arrays(wav_manifest, word_tokenizer):
-    mesh = make_mesh({"data": 4, "fsdp": 2})
-    iterator, _ = build_pipeline(_config(wav_manifest, batch_size=8), tokenizer=word_tokenizer)
-    batch = next(iterator)
-    arrays = to_global_arrays(batch, mesh)
-    for key, value in batch.items():
-        assert arrays[key].shape == value.shape
-        assert arrays[key].sharding.spec[0] == ("data", "fsdp")
-        np.testing.assert_array_equal(jax.device_get(arrays[key]), value)
 
 
 def test_interleaved_synthesized_speech_keeps_word_order(librispeech_corpus, word_tokenizer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from speechlm_jax.data.pipeline import ConcatSource
+from speechlm_jax.data.mixture import ConcatSource
 from speechlm_jax.data.sources import TargetTable, librispeech_source, manifest_source, text_source
 
 
