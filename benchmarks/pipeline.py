@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import soxr
+from absl import flags
 
 from speechlm_jax.data.audio import load_audio
 from speechlm_jax.data.config import PipelineConfig
@@ -66,6 +68,7 @@ def main() -> None:
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--cores", type=int, default=2)
     args = parser.parse_args()
+    flags.FLAGS(sys.argv[:1])  # Grain's worker processes (--num_workers) read absl flags
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cores])
     workdir = Path(args.workdir)

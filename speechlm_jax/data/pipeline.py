@@ -22,6 +22,12 @@ Bad data never stops a run: unreadable audio, empty transcripts, over-long examp
 missing teacher targets become `Skipped(reason)` and are counted; `batching.PipelineStats`
 reads the counters (and the sources' skipped lines) from the iterator state.
 
+Worker processes (`num_workers > 0`): Grain's multiprocess prefetch reads an absl flag
+(`--grain_enable_multiprocess_worker_profiling`) in this process when it starts its
+workers, which fails unless the program's absl flags have been parsed. Parsing flags is
+the program's business, not this library's: absl programs (`absl.app.run`) have done it;
+other entry points that start workers parse them first, as `speechlm-select` does
+(`flags.FLAGS(sys.argv[:1])`). `build_dataset` checks this up front.
 """
 
 from __future__ import annotations
@@ -57,6 +63,10 @@ def build_dataset(config: PipelineConfig | Any, *, tokenizer: SpeechTokenizer, s
     any other split reads its shard once in order and flushes partial batches.
     """
     config = PipelineConfig.from_config(config)
+    if config.num_workers > 0 and not flags.FLAGS.is_parsed():
+        raise RuntimeError(
+            "num_workers > 0 starts Grain worker processes, which read absl flags: parse them in the "
+            "program first (absl.app.run, or flags.FLAGS(sys.argv[:1]) in a main without absl.app)")
     mixture = host_mixture(config, split=split, process_index=process_index, process_count=process_count,
                            seed=seed)
     examples = mixture.records.random_map(ExampleMaker(config, tokenizer, mixture.targets),
@@ -65,9 +75,6 @@ def build_dataset(config: PipelineConfig | Any, *, tokenizer: SpeechTokenizer, s
     ds = BucketBatchDataset(examples.to_iter_dataset(read), examples, config, pad_id=tokenizer.pad_id,
                             flush=split != "train")
     if config.num_workers > 0:
-        # Grain's worker processes read absl flags; programs without absl.app never parse them.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
     return ds, mixture.source_skipped
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import flags
 
 from speechlm_jax.selection import kmeans, probe, report, sample
 
@@ -433,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point (`speechlm-select`)."""
     args = build_parser().parse_args(argv)
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(sys.argv[:1])  # the train stage's Grain worker processes (data.num_workers) read absl flags
     stages = STAGES if "all" in args.stages else [s for s in STAGES if s in args.stages]
     try:
         for stage in stages:

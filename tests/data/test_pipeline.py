@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -389,3 +393,51 @@ def test_spoken_qa_uses_the_records_question_and_answer(wav_manifest, word_token
             assert "What is said?" in _content(word_tokenizer, b, i)
             response = b["targets"][i][b["loss_mask"][i] > 0]
             assert word_tokenizer.hf.convert_ids_to_tokens(response.tolist()) == ["yes", "<eos>"]
+
+
+_WORKER_PROGRAM = """
+import sys
+
+import numpy as np
+from absl import flags
+
+from speechlm_jax.data.config import PipelineConfig
+from speechlm_jax.data.pipeline import build_pipeline
+from speechlm_jax.data.tokenizer import load_tokenizer
+
+
+def batches(num_workers):
+    config = PipelineConfig(speech_sources=({"type": "manifest", "path": sys.argv[1]},),
+                            buckets=((16000, 48), (48000, 64)), max_slots=3, teacher_tokens=64, batch_size=2,
+                            num_threads=1, prefetch_buffer_size=2, num_workers=num_workers)
+    iterator, _ = build_pipeline(config, tokenizer=load_tokenizer(sys.argv[2]), split="eval")
+    return list(iterator)
+
+
+if __name__ == "__main__":
+    try:
+        batches(1)
+        raise SystemExit("worker processes started without parsed absl flags")
+    except RuntimeError as error:
+        assert "absl" in str(error), error
+    assert not flags.FLAGS.is_parsed(), "the library parsed or marked the absl flags"
+    flags.FLAGS(sys.argv[:1])  # what an entry point without absl.app does before starting workers
+    in_process, in_workers = batches(0), batches(1)
+    assert len(in_workers) == len(in_process) > 0
+    for want, got in zip(in_process, in_workers):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    print("ok")
+"""
+
+
+def test_worker_processes_from_a_program_without_absl_app(wav_manifest, word_tokenizer, tmp_path):
+    """mp_prefetch from a plain `python program.py`: the library leaves absl's flags alone and says
+    what to do; once the program parses them, worker processes yield the in-process batches."""
+    program = tmp_path / "program.py"
+    program.write_text(_WORKER_PROGRAM)
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, str(program), str(wav_manifest), word_tokenizer.hf.name_or_path],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
