@@ -283,7 +283,8 @@ def stage_sample(args: argparse.Namespace) -> None:
 
 
 def stage_synthesize(args: argparse.Namespace) -> None:
-    from speechlm_jax.data.tts import Voice, build_corpus
+    from speechlm_jax.data.tts import Voice
+    from speechlm_jax.data.tts_corpus import synthesize_corpus
 
     workdir = Path(args.workdir)
     folder = workdir / "synth"
@@ -294,7 +295,7 @@ def stage_synthesize(args: argparse.Namespace) -> None:
     # A prefix keeps the new utterance ids apart from the stage-1 ones (teacher targets are keyed by id).
     items = [dict(row, id=f"select-{row['id']}") for row in map(json.loads, filter(str.strip, lines))]
     voices = [Voice(name=v) for v in args.voices.split(",")]
-    result = build_corpus(items, folder, voices=voices, workers=args.tts_workers, seed=args.seed, progress=True)
+    result = synthesize_corpus(items, folder, voices=voices, workers=args.tts_workers, seed=args.seed, progress=True)
     print(result.summary(), file=sys.stderr)
     _finish(folder, dict(settings, seconds=result.seconds, failed=len(result.failed)))
 

@@ -37,7 +37,8 @@ from configs import toyworld as toy_config
 from speechlm_jax.convert import export, workdir as run_workdir
 from speechlm_jax.data.tasks import TASKS
 from speechlm_jax.data.tokenizer import build_word_tokenizer
-from speechlm_jax.data.tts import Voice, synthesize_corpus, voice_grid
+from speechlm_jax.data.tts import Voice, voice_grid
+from speechlm_jax.data.tts_corpus import synthesize_corpus
 from speechlm_jax.toyworld import sentences as toy_sentences
 from speechlm_jax.toyworld.tasks import SEEN_TASKS, TOY_TASKS, all_words, register_toy_tasks
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from speechlm_jax.data.tasks import TASKS
 from speechlm_jax.data.tokenizer import build_word_tokenizer
-from speechlm_jax.data.tts import Voice, synthesize_corpus
+from speechlm_jax.data.tts import Voice
+from speechlm_jax.data.tts_corpus import synthesize_corpus
 from speechlm_jax.toyworld import sentences as toy_sentences
 from speechlm_jax.toyworld.tasks import all_words, register_toy_tasks
 
@@ -29,7 +30,7 @@ TEXT_TASKS = ("first_word", "last_word", "count_words")
 
 def _spoken(texts: list[str], out_dir: Path, prefix: str) -> Path:
     items = [{"id": f"{prefix}{i:03d}", "text": text} for i, text in enumerate(texts)]
-    return synthesize_corpus(items, out_dir, voices=[Voice(rate=200)], workers=1)
+    return synthesize_corpus(items, out_dir, voices=[Voice(rate=200)], workers=1).manifest
 
 
 def build_tiny_corpus(out_dir: str | Path, *, train_sentences: int = 12, heldout_sentences: int = 4, seed: int = 0) -> Path:
