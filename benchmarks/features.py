@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import WhisperFeatureExtractor
 
-from speechlm_jax.data.features import log_mel_spectrogram
 from speechlm_jax.data.tts import EspeakSynthesizer, Voice
+from speechlm_jax.models.frontend import log_mel_spectrogram
 
 PARAGRAPH = (
     "Speech language models learn to listen by aligning a speech encoder to a text model. "

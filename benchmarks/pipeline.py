@@ -13,18 +13,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import soxr
+from absl import flags
 
 from speechlm_jax.data.audio import load_audio
-from speechlm_jax.data.pipeline import PipelineConfig, build_pipeline
+from speechlm_jax.data.config import PipelineConfig
+from speechlm_jax.data.pipeline import build_pipeline
 from speechlm_jax.data.tasks import TASKS
 from speechlm_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
-from speechlm_jax.data.tts import Voice, synthesize_corpus
+from speechlm_jax.data.tts import Voice
+from speechlm_jax.data.tts_corpus import synthesize_corpus
 
 VOCABULARY = ("the a small large red blue green dog cat bird house river garden morning evening light "
               "runs walks sees finds keeps opens reads writes quickly slowly today again under over near "
@@ -41,7 +45,7 @@ def _corpus(workdir: Path, utterances: int) -> Path:
     items = [{"id": f"b{i:04d}", "text": " ".join(rng.choice(VOCABULARY, size=int(rng.integers(8, 20))))}
              for i in range(utterances)]
     voices = [Voice("en-us"), Voice("en-gb"), Voice("en-us", rate=150)]
-    synth = synthesize_corpus(items, workdir / f"synth_{utterances}", voices=voices, workers=2)
+    synth = synthesize_corpus(items, workdir / f"synth_{utterances}", voices=voices, workers=2).manifest
     manifest.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for line in synth.read_text().splitlines():
@@ -65,6 +69,7 @@ def main() -> None:
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--cores", type=int, default=2)
     args = parser.parse_args()
+    flags.FLAGS(sys.argv[:1])  # Grain's worker processes (--num_workers) read absl flags
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cores])
     workdir = Path(args.workdir)

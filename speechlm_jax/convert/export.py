@@ -65,6 +65,7 @@ from speechlm_jax.models.hf_import import (
     plan_import,
     transpose,
 )
+from speechlm_jax.models.frontend import HOP_LENGTH
 from speechlm_jax.models.llm import DecoderLLM, LLMConfig
 from speechlm_jax.models.lora import linear_modules
 from speechlm_jax.models.speechlm import SpeechLM, build_speechlm
@@ -252,7 +253,7 @@ def export_speechlm(
     abstract = nnx.eval_shape(lambda: build_speechlm(encoder_cfg, projector_cfg, llm_cfg, None, rngs=nnx.Rngs(0)))
     ignore = (re.escape(voxtral.LM_HEAD_KEY),) if llm_cfg.tie_word_embeddings else ()
     plan_import(nnx.state(abstract), table, _Shapes(tensors), ignore=ignore)
-    window_seconds = 2 * encoder_cfg.max_source_positions * 160 / 16000
+    window_seconds = 2 * encoder_cfg.max_source_positions * HOP_LENGTH / 16000
     if window_seconds != int(window_seconds):
         raise ValueError(f"a {2 * encoder_cfg.max_source_positions}-frame window is not a whole number of seconds; WhisperFeatureExtractor cannot describe it")
     write_adapter = _adapter_plan(model.llm, merge_lora)
@@ -263,7 +264,7 @@ def export_speechlm(
         write_safetensors(folder, tensors, max_shard_size)
         _save_tokenizer(tokenizer_dir, folder)
         transformers.WhisperFeatureExtractor(
-            feature_size=encoder_cfg.num_mel_bins, sampling_rate=16000, hop_length=160, chunk_length=int(window_seconds), n_fft=400
+            feature_size=encoder_cfg.num_mel_bins, sampling_rate=16000, hop_length=HOP_LENGTH, chunk_length=int(window_seconds), n_fft=400
         ).save_pretrained(str(folder))
         if write_adapter:
             (folder / ADAPTER_DIR).mkdir()

@@ -1,1 +1,1 @@
-"""Data: audio decoding and features, sources, tasks, the Grain pipeline, TTS synthesis."""
+"""Data: audio decoding, sources, tasks, the Grain pipeline (config, mixture, maker, batching), TTS and spoken corpora."""

@@ -2,7 +2,7 @@
 
 This is the first step of the data flow (manifest / TFDS / LibriSpeech dir -> waveform):
 the Grain pipeline calls `load_audio` (or `decode_audio` on stored bytes) per example and
-ships int16 waveforms to the device, where `features.log_mel_spectrogram` takes over.
+ships int16 waveforms to the device, where `models.frontend.log_mel_spectrogram` takes over.
 Unreadable inputs raise `AudioError` (a ValueError naming the source and the reason) so the
 pipeline can skip the example and count the reason; nothing here retries or guesses.
 """

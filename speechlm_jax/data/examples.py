@@ -39,8 +39,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from speechlm_jax.data.features import audio_token_count
 from speechlm_jax.data.tokenizer import SpeechTokenizer
+from speechlm_jax.models.frontend import audio_token_count
 
 
 @dataclasses.dataclass(frozen=True)

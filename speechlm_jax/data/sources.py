@@ -62,7 +62,7 @@ def _jsonl(path: Path, skipped: Counter) -> Iterator[dict]:
 def manifest_source(path: str | Path) -> ListSource:
     """A JSONL manifest `{"audio", "text", "words"?, "speaker"?, "duration"?, "id"?}`.
 
-    Relative `audio` paths are relative to the manifest's folder (as `synthesize_corpus`
+    Relative `audio` paths are relative to the manifest's folder (as `tts_corpus.synthesize_corpus`
     writes them).
     """
     path = Path(path)

@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from speechlm_jax.data.tts import DEFAULT_VOICE_NAMES, Synthesizer, build_corpus, voice_grid
+from speechlm_jax.data.tts import DEFAULT_VOICE_NAMES, Synthesizer, voice_grid
+from speechlm_jax.data.tts_corpus import synthesize_corpus
 
 
 def read_items(path: str | Path) -> list[dict[str, Any]]:
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     voices = voice_grid([v for v in args.voices.split(",") if v], _ints(args.rates), _ints(args.pitches))
-    report = build_corpus(
+    report = synthesize_corpus(
         read_items(args.input),
         args.out,
         voices=voices,

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from speechlm_jax.models import hf_import
-from speechlm_jax.data.pipeline import open_speech_source
+from speechlm_jax.data.mixture import open_speech_source
 from speechlm_jax.data.sources import read_text_corpus
 from speechlm_jax.data.tokenizer import SpeechTokenizer, load_tokenizer
 from speechlm_jax.evaluation import asr, diagnostics, gap, generalisation, items, report, retention

@@ -4,7 +4,7 @@ Every benchmark (gap, generalisation, retention, diagnostics, ASR) asks the same
 through one `Scorer`, which formats inputs exactly as training does: the question goes
 into the prompt's `{content}` as an audio slot (`interleave.whole_utterance`), the chat
 frame comes from `data.examples.prompt_segments`, `data.examples.build_example` tokenises
-it and builds the text twin, and `data.pipeline.collate` pads it into a batch. So the
+it and builds the text twin, and `data.batching.collate` pads it into a batch. So the
 speech condition and the text condition of one item are the student sequence and the
 teacher twin of one example, as in a training step.
 
@@ -44,15 +44,15 @@ from jax.sharding import Mesh
 
 from speechlm_jax.data import interleave, tts
 from speechlm_jax.data.audio import load_audio
+from speechlm_jax.data.batching import collate
 from speechlm_jax.data.examples import Audio, Example, Segment, Text, build_example, leading_space, prompt_segments
-from speechlm_jax.data.features import audio_token_count
-from speechlm_jax.data.pipeline import collate
 from speechlm_jax.data.tokenizer import SpeechTokenizer
 from speechlm_jax.evaluation.items import Item
 from speechlm_jax.generate import generate
 from speechlm_jax.losses import chunked_cross_entropy, chunked_forgetting, chunked_misalignment, gather_teacher
 from speechlm_jax.models.llm import DecoderLLM
-from speechlm_jax.models.speechlm import HOP_LENGTH, SpeechLM
+from speechlm_jax.models.frontend import HOP_LENGTH, audio_token_count
+from speechlm_jax.models.speechlm import SpeechLM
 from speechlm_jax.sharding import DEFAULT_RULES, Rules, batch_sharding, make_mesh, shard_state
 
 CONDITIONS = ("speech", "text", "text_adapted")

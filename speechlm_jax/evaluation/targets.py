@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from speechlm_jax.models import hf_import
-from speechlm_jax.data.pipeline import open_speech_source
+from speechlm_jax.data.mixture import open_speech_source
 from speechlm_jax.data.tasks import get_task, import_task_modules
 from speechlm_jax.data.tokenizer import load_tokenizer
 from speechlm_jax.evaluation.items import Item

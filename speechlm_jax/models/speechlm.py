@@ -24,13 +24,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from speechlm_jax.data.features import log_mel_spectrogram
+from speechlm_jax.models.frontend import HOP_LENGTH, log_mel_spectrogram
 from speechlm_jax.models.llm import DecoderLLM, LLMConfig
 from speechlm_jax.models.lora import LoRAConfig, apply_lora
 from speechlm_jax.models.projector import Projector, ProjectorConfig, make_projector
 from speechlm_jax.models.whisper import WhisperConfig, WhisperEncoder
-
-HOP_LENGTH = 160  # samples per log-mel frame at 16 kHz
 
 Batch = Mapping[str, jax.Array]
 

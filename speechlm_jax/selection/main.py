@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import flags
 
 from speechlm_jax import stages as stage_cache
 from speechlm_jax.selection import kmeans, probe, report, sample
@@ -212,7 +213,7 @@ def stage_probe_after(args: argparse.Namespace) -> None:
 def speech_seconds(sources: Sequence[Any]) -> float:
     """Total audio seconds of the pipeline's speech sources: each record's duration, else its file header."""
     from speechlm_jax.data.audio import audio_duration
-    from speechlm_jax.data.pipeline import open_speech_source
+    from speechlm_jax.data.mixture import open_speech_source
 
     total = 0.0
     for spec in sources:
@@ -273,7 +274,8 @@ def stage_sample(args: argparse.Namespace) -> None:
 
 
 def stage_synthesize(args: argparse.Namespace) -> None:
-    from speechlm_jax.data.tts import Voice, build_corpus
+    from speechlm_jax.data.tts import Voice
+    from speechlm_jax.data.tts_corpus import synthesize_corpus
 
     workdir = Path(args.workdir)
     folder = workdir / "synth"
@@ -284,7 +286,7 @@ def stage_synthesize(args: argparse.Namespace) -> None:
     # A prefix keeps the new utterance ids apart from the stage-1 ones (teacher targets are keyed by id).
     items = [dict(row, id=f"select-{row['id']}") for row in map(json.loads, filter(str.strip, lines))]
     voices = [Voice(name=v) for v in args.voices.split(",")]
-    result = build_corpus(items, folder, voices=voices, workers=args.tts_workers, seed=args.seed, progress=True)
+    result = synthesize_corpus(items, folder, voices=voices, workers=args.tts_workers, seed=args.seed, progress=True)
     print(result.summary(), file=sys.stderr)
     _finish(folder, dict(settings, seconds=result.seconds, failed=len(result.failed)))
 
@@ -424,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point (`speechlm-select`)."""
     args = build_parser().parse_args(argv)
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(sys.argv[:1])  # the train stage's Grain worker processes (data.num_workers) read absl flags
     stages = STAGES if "all" in args.stages else [s for s in STAGES if s in args.stages]
     try:
         for stage in stages:

@@ -1,7 +1,7 @@
 """Step 3 of active selection: the current model's misalignment M(c) on every text cluster.
 
     clusters (assignments [N]) -> `probe_size` texts per cluster, drawn with the seed
-      -> their spoken prefixes synthesised with the TTS tool (`data.tts.synthesize_corpus`,
+      -> their spoken prefixes synthesised with the TTS tool (`data.tts_corpus.synthesize_corpus`,
          parallel, resumable) into <out>/speech/manifest.jsonl
       -> the evaluation harness's SALAD diagnostics (`evaluation.diagnostics.corpus_segments`
          + `Scorer.divergences`): per text, the summed KL(P(w | text prefix) || P(w | speech
@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from speechlm_jax.data.audio import load_audio
-from speechlm_jax.data.tts import Synthesizer, Voice, synthesize_corpus
+from speechlm_jax.data.tts import Synthesizer, Voice
+from speechlm_jax.data.tts_corpus import synthesize_corpus
 from speechlm_jax.evaluation import diagnostics
 from speechlm_jax.evaluation.scoring import SAMPLE_RATE, Scorer, TTSSpeech
 
@@ -77,7 +78,7 @@ def synthesize_probes(texts: Mapping[int, str], out_dir: str | Path, *, prefix_f
     """Speaks the spoken prefix of every probe text {corpus index: text}; returns the manifest path."""
     prefixes = {spoken_prefix(t, prefix_fraction) for t in texts.values()}
     items = [{"id": f"probe{i:06d}", "text": p} for i, p in enumerate(sorted(prefixes))]
-    return synthesize_corpus(items, Path(out_dir), voices=list(voices), workers=workers, synthesizer=synthesizer)
+    return synthesize_corpus(items, Path(out_dir), voices=list(voices), workers=workers, synthesizer=synthesizer).manifest
 
 
 def _done_clusters(path: Path) -> set[int]:

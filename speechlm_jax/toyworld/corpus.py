@@ -25,7 +25,8 @@ from pathlib import Path
 
 from speechlm_jax.data.tasks import TASKS, TextTask
 from speechlm_jax.data.tokenizer import build_word_tokenizer
-from speechlm_jax.data.tts import Voice, synthesize_corpus
+from speechlm_jax.data.tts import Voice
+from speechlm_jax.data.tts_corpus import synthesize_corpus
 from speechlm_jax.toyworld import sentences as toy_sentences
 from speechlm_jax.toyworld.tasks import TOY_TASKS, all_words, register_toy_tasks
 

@@ -253,10 +253,10 @@ def _with_shardings(tree: Any, shardings: Any) -> Any:
 
 def abstract_batch(config: ml_collections.ConfigDict, bucket: int = -1) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch of one step in bucket `bucket` (default: the largest), as shapes."""
-    from speechlm_jax.data import pipeline
+    from speechlm_jax.data import batching
 
     data = config.data
-    empty = pipeline.collate(
+    empty = batching.collate(
         [], tuple(data.buckets[bucket]), batch_size=config.train.batch_size, max_slots=data.max_slots,
         teacher_tokens=data.teacher_tokens, downsample=config.model.projector.downsample, pad_id=0,
     )

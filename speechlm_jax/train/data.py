@@ -1,6 +1,6 @@
 """The trainer's view of the data pipeline: `config.data` -> this host's Grain iterators.
 
-`speechlm_jax.data.pipeline` owns everything about examples and batches; this module only
+`speechlm_jax.data` (assembled in `data.pipeline`) owns everything about examples and batches; this module only
 fills in what the trainer knows and the pipeline config does not: the per-host batch size
 (`train.batch_size` over the processes), the projector's downsample factor (it fixes how
 many audio positions a clip takes), the seed, and the held-out variant used for
@@ -16,7 +16,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from speechlm_jax.data import pipeline
+from speechlm_jax.data import batching, pipeline
+from speechlm_jax.data.config import PipelineConfig
 from speechlm_jax.data.tasks import import_task_modules
 from speechlm_jax.data.tokenizer import SpeechTokenizer, load_tokenizer
 
@@ -24,7 +25,7 @@ from speechlm_jax.data.tokenizer import SpeechTokenizer, load_tokenizer
 TRAINER_KEYS = ("tokenizer", "task_modules", "eval_speech_sources", "eval_prompt_split")
 
 
-def pipeline_config(config: ml_collections.ConfigDict, *, heldout: bool = False) -> pipeline.PipelineConfig:
+def pipeline_config(config: ml_collections.ConfigDict, *, heldout: bool = False) -> PipelineConfig:
     """The PipelineConfig of this run (training or held-out evaluation) for this host."""
     if config.train.batch_size % jax.process_count():
         raise ValueError(f"train.batch_size={config.train.batch_size} does not divide over {jax.process_count()} processes")
@@ -34,7 +35,7 @@ def pipeline_config(config: ml_collections.ConfigDict, *, heldout: bool = False)
         fields["prompt_split"] = config.data.eval_prompt_split
         if config.data.eval_speech_sources:
             fields["speech_sources"] = config.data.eval_speech_sources
-    return pipeline.PipelineConfig.from_config(fields)
+    return PipelineConfig.from_config(fields)
 
 
 class Data:
@@ -51,7 +52,7 @@ class Data:
     def _host(self) -> dict[str, int]:
         return dict(process_index=jax.process_index(), process_count=jax.process_count(), seed=self.config.seed)
 
-    def train_iterator(self) -> tuple[grain.DatasetIterator, pipeline.PipelineStats]:
+    def train_iterator(self) -> tuple[grain.DatasetIterator, batching.PipelineStats]:
         """The training batches (shuffled, repeated), checkpointed with the run, and their counters."""
         return pipeline.build_pipeline(self.train_config, tokenizer=self.tokenizer, split="train", **self._host())
 
@@ -64,6 +65,6 @@ class Data:
     def batch_ndims(self) -> dict[str, int]:
         """Rank of every batch array (from an empty batch of the first bucket)."""
         c = self.train_config
-        empty = pipeline.collate([], c.buckets[0], batch_size=1, max_slots=c.max_slots, teacher_tokens=c.teacher_tokens, downsample=c.downsample, pad_id=0)
+        empty = batching.collate([], c.buckets[0], batch_size=1, max_slots=c.max_slots, teacher_tokens=c.teacher_tokens, downsample=c.downsample, pad_id=0)
         return {k: v.ndim for k, v in empty.items()}
 

@@ -37,6 +37,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from speechlm_jax.models.frontend import audio_token_count, encoder_frame_count, mel_frame_count
+
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix (vendor datasheets).
 PEAK_FLOPS = {
     "NVIDIA H200": 989e12,
@@ -120,9 +122,9 @@ def step_flops(
     """
     trainable = set(trainable)
     clips = shape.batch * shape.audio_slots
-    mel_frames = shape.audio_samples // 160
-    enc_frames = (mel_frames + 1) // 2
-    audio_tokens = enc_frames // downsample
+    mel_frames = mel_frame_count(shape.audio_samples)
+    enc_frames = encoder_frame_count(shape.audio_samples)
+    audio_tokens = audio_token_count(shape.audio_samples, downsample)
 
     enc = _encoder_forward(encoder_config, mel_frames)
     enc_lora = sum(2 * lora_rank * (i + o) for i, o in encoder_lora_kernels) * enc_frames

@@ -151,9 +151,10 @@ def wav_manifest(tmp_path_factory):
 @pytest.fixture(scope="session")
 def librispeech_corpus(tmp_path_factory):
     """A small LibriSpeech-layout folder made by the synth tool (espeak-ng)."""
-    from speechlm_jax.data.tts import Voice, synthesize_corpus
+    from speechlm_jax.data.tts import Voice
+    from speechlm_jax.data.tts_corpus import synthesize_corpus
 
     root = tmp_path_factory.mktemp("librispeech")
     items = [{"id": f"s{i}", "text": text} for i, text in enumerate(SENTENCES[:4])]
-    manifest = synthesize_corpus(items, root, voices=[Voice()], workers=1, layout="librispeech")
+    manifest = synthesize_corpus(items, root, voices=[Voice()], workers=1, layout="librispeech").manifest
     return root, manifest

@@ -14,8 +14,8 @@ from speechlm_jax.data.examples import (
     leading_space,
     prompt_segments,
 )
-from speechlm_jax.data.features import audio_token_count
 from speechlm_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
+from speechlm_jax.models.frontend import audio_token_count
 
 
 @pytest.fixture(scope="module")

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 from speechlm_jax.data.audio import load_audio
-from speechlm_jax.data.features import audio_token_count
-from speechlm_jax.data.pipeline import (
-    PipelineConfig,
-    build_pipeline,
-    restore_iterator,
-    save_iterator,
-    to_global_arrays,
-)
-from speechlm_jax.sharding import make_mesh
+from speechlm_jax.data.config import PipelineConfig
+from speechlm_jax.data.pipeline import build_pipeline, restore_iterator, save_iterator
+from speechlm_jax.models.frontend import audio_token_count
 
 BUCKETS = ((16000, 48), (48000, 64))
 
@@ -296,17 +293,6 @@ def test_task_kinds_prompts_and_targets(wav_manifest, word_tokenizer, tmp_path):
     del TASKS["pipeline_echo"]
 
 
-def test_to_global_arrays(wav_manifest, word_tokenizer):
-    mesh = make_mesh({"data": 4, "fsdp": 2})
-    iterator, _ = build_pipeline(_config(wav_manifest, batch_size=8), tokenizer=word_tokenizer)
-    batch = next(iterator)
-    arrays = to_global_arrays(batch, mesh)
-    for key, value in batch.items():
-        assert arrays[key].shape == value.shape
-        assert arrays[key].sharding.spec[0] == ("data", "fsdp")
-        np.testing.assert_array_equal(jax.device_get(arrays[key]), value)
-
-
 def test_interleaved_synthesized_speech_keeps_word_order(librispeech_corpus, word_tokenizer):
     """Real TTS speech with word timings: every slot holds exactly the words it replaces."""
     _, manifest = librispeech_corpus
@@ -407,3 +393,51 @@ def test_spoken_qa_uses_the_records_question_and_answer(wav_manifest, word_token
             assert "What is said?" in _content(word_tokenizer, b, i)
             response = b["targets"][i][b["loss_mask"][i] > 0]
             assert word_tokenizer.hf.convert_ids_to_tokens(response.tolist()) == ["yes", "<eos>"]
+
+
+_WORKER_PROGRAM = """
+import sys
+
+import numpy as np
+from absl import flags
+
+from speechlm_jax.data.config import PipelineConfig
+from speechlm_jax.data.pipeline import build_pipeline
+from speechlm_jax.data.tokenizer import load_tokenizer
+
+
+def batches(num_workers):
+    config = PipelineConfig(speech_sources=({"type": "manifest", "path": sys.argv[1]},),
+                            buckets=((16000, 48), (48000, 64)), max_slots=3, teacher_tokens=64, batch_size=2,
+                            num_threads=1, prefetch_buffer_size=2, num_workers=num_workers)
+    iterator, _ = build_pipeline(config, tokenizer=load_tokenizer(sys.argv[2]), split="eval")
+    return list(iterator)
+
+
+if __name__ == "__main__":
+    try:
+        batches(1)
+        raise SystemExit("worker processes started without parsed absl flags")
+    except RuntimeError as error:
+        assert "absl" in str(error), error
+    assert not flags.FLAGS.is_parsed(), "the library parsed or marked the absl flags"
+    flags.FLAGS(sys.argv[:1])  # what an entry point without absl.app does before starting workers
+    in_process, in_workers = batches(0), batches(1)
+    assert len(in_workers) == len(in_process) > 0
+    for want, got in zip(in_process, in_workers):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    print("ok")
+"""
+
+
+def test_worker_processes_from_a_program_without_absl_app(wav_manifest, word_tokenizer, tmp_path):
+    """mp_prefetch from a plain `python program.py`: the library leaves absl's flags alone and says
+    what to do; once the program parses them, worker processes yield the in-process batches."""
+    program = tmp_path / "program.py"
+    program.write_text(_WORKER_PROGRAM)
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, str(program), str(wav_manifest), word_tokenizer.hf.name_or_path],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from speechlm_jax.data.pipeline import ConcatSource
-from speechlm_jax.data.sources import read_text_corpus, TargetTable, librispeech_source, manifest_source, text_source
+from speechlm_jax.data.mixture import ConcatSource
+from speechlm_jax.data.sources import TargetTable, librispeech_source, manifest_source, read_text_corpus, text_source
 
 
 def _write_jsonl(path, rows):

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 
 from speechlm_jax.data.audio import load_audio
-from speechlm_jax.data.pipeline import PipelineConfig, build_pipeline
+from speechlm_jax.data.config import PipelineConfig
+from speechlm_jax.data.pipeline import build_pipeline
 from speechlm_jax.data.sources import TFDSSource, librispeech_source, manifest_source
 from speechlm_jax.data.tfds_paired import prepare_paired_speech
 

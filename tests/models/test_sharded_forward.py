@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from speechlm_jax.data.features import audio_token_count
+from speechlm_jax.models.frontend import audio_token_count
 from speechlm_jax.models.llm import LLMConfig
 from speechlm_jax.models.lora import LoRAConfig
 from speechlm_jax.models.projector import ProjectorConfig

@@ -22,7 +22,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from speechlm_jax.data import pipeline
+from speechlm_jax.data import batching, pipeline
 from speechlm_jax.train import data, trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,7 +45,7 @@ def _two_host_batches(self: data.Data):
     ]
     joined = grain.experimental.ZipIterDataset(shards).map(lambda pair: {k: np.concatenate([pair[0][k], pair[1][k]]) for k in pair[0]})
     iterator = iter(joined)
-    return iterator, pipeline.PipelineStats(iterator, collections.Counter(), host.task_names)
+    return iterator, batching.PipelineStats(iterator, collections.Counter(), host.task_names)
 
 
 def _free_port() -> int:

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from speechlm_jax.configs import salad
-from speechlm_jax.data.features import audio_token_count
+from speechlm_jax.models.frontend import audio_token_count
 from speechlm_jax.sharding import make_mesh
 from speechlm_jax.train import build, objectives, optimizer, partitions, step
 from speechlm_jax.train import config as config_lib

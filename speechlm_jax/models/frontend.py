@@ -1,11 +1,14 @@
-"""Whisper log-mel features computed on device, SpecAugment, and the audio token count.
+"""The encoder's front end, on device: Whisper log-mel features, SpecAugment, audio token counts.
 
-The data pipeline ships raw int16 waveforms `[batch, samples]` to the accelerator; the
-jitted step turns them into the encoder's input here, so the host only decodes audio and
-feature extraction runs batched next to the encoder. `log_mel_spectrogram` reproduces
-transformers' `WhisperFeatureExtractor` (same padding, window, filters, clamp and scaling)
-to within 1e-4, which lets a converted Whisper checkpoint see exactly the features it was
-trained on.
+Where it sits in the data flow: the data pipeline (sources -> examples -> buckets ->
+batches) ships raw int16 waveforms `[batch, samples]` to the accelerator; inside the
+jitted step this module turns them into the encoder's input (encoder <- log-mel front
+end), so the host only decodes audio and feature extraction runs batched next to the
+encoder. `log_mel_spectrogram` reproduces transformers' `WhisperFeatureExtractor` (same
+padding, window, filters, clamp and scaling) to within 1e-4, which lets a converted
+Whisper checkpoint see exactly the features it was trained on. The hop length and the
+rule for how many audio tokens a clip gives (`audio_token_count`) are defined here once;
+the data pipeline sizes its batches with them.
 
 Zero-padded batches. Each row is computed on its own, exactly as the extractor computes a
 clip zero-padded to the batch length `L`: row `i` of a batch equals
@@ -29,15 +32,26 @@ DYNAMIC_RANGE = 8.0  # log10 units kept below each utterance's maximum.
 _CPU_FRAMES_PER_STEP = 2048  # frames per lax.map step on CPU: ~3 MB of frames, cache-sized.
 
 
+HOP_LENGTH = 160  # samples per log-mel frame at 16 kHz
+
+
+def mel_frame_count(num_samples: int) -> int:
+    """Log-mel frames of a clip of `num_samples` 16 kHz samples: one per hop."""
+    return num_samples // HOP_LENGTH
+
+
+def encoder_frame_count(num_samples: int) -> int:
+    """Whisper encoder frames of a clip: its stride-2 conv halves the log-mel frames, rounding up."""
+    return (mel_frame_count(num_samples) + 1) // 2
+
+
 def audio_token_count(num_samples: int, downsample: int) -> int:
     """Valid projector frames for a clip of `num_samples` 16 kHz samples.
 
-    log-mel frames = samples // 160; the Whisper encoder's stride-2 conv gives
+    log-mel frames = samples // HOP_LENGTH; the Whisper encoder's stride-2 conv gives
     (frames + 1) // 2; the projector keeps one frame in `downsample`.
     """
-    n_mel = num_samples // 160
-    n_enc = (n_mel + 1) // 2
-    return n_enc // downsample
+    return encoder_frame_count(num_samples) // downsample
 
 
 @functools.cache
@@ -107,7 +121,7 @@ def log_mel_spectrogram(
     *,
     n_mels: int = 80,
     n_fft: int = 400,
-    hop_length: int = 160,
+    hop_length: int = HOP_LENGTH,
     sample_rate: int = 16000,
 ) -> jax.Array:
     """Whisper log-mel features of a batch of waveforms.

@@ -9,7 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from transformers import WhisperFeatureExtractor
 from transformers.audio_utils import mel_filter_bank
 
-from speechlm_jax.data.features import (
+from speechlm_jax.models.frontend import (
     audio_token_count,
     log_mel_spectrogram,
     mel_filters,

@@ -1,0 +1,94 @@
+"""What the data pipeline reads and how it shapes it: `PipelineConfig`.
+
+The first stop of the data flow (sources -> examples -> buckets -> batches): every other
+pipeline module (`mixture`, `maker`, `batching`, `pipeline`) takes its settings from one
+`PipelineConfig`, built from a recipe's ConfigDict with `from_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+SPEECH_KINDS = ("asr", "continuation", "imitation", "spoken_qa", "mixed_modal")
+TEXT_KIND = "text_sft"
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    """What to read and how to shape it. Also accepts an ml_collections ConfigDict (`from_config`).
+
+    speech_sources: dicts `{"type": "manifest" | "librispeech" | "tfds", "path": ...,
+      "split": "train"}` (split only for tfds; defaults to the pipeline's split).
+    text_sources / targets: JSONL paths (text-only SFT data; teacher responses).
+    text_weight: fraction of text-only examples in the mixture (VoiceTextBlender: 0.15).
+    text_loss: "response" (the assistant turn only, SFT) or "all" (every token of a
+      text-only example: language modelling, for an LLM trained from scratch).
+    kinds: weights of the speech example kinds (`SPEECH_KINDS`).
+    tasks: text tasks for `imitation` and `mixed_modal` (registered names).
+    use_task_answer: take those responses from `TextTask.answer` instead of the targets.
+    prompt_split: "train" or "heldout" prompt phrasings.
+    interleave_prob: probability that a speech example's content is interleaved
+      (MTBI / SALAD) rather than fully spoken; ratio and span lengths as in `interleave`.
+    buckets: static shapes `(audio_samples per slot, student tokens)`; max_slots slots per
+      example; teacher_tokens the teacher twin's length.
+    overlong: "drop" or "split" (a too-long clip becomes several consecutive slots).
+    """
+
+    speech_sources: tuple[Mapping[str, Any], ...] = ()
+    text_sources: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    text_weight: float = 0.0
+    text_loss: str = "response"
+    kinds: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"asr": 1.0})
+    tasks: tuple[str, ...] = ()
+    use_task_answer: bool = False
+    prompt_split: str = "train"
+    interleave_prob: float = 0.0
+    interleave_ratio: float = 0.5
+    span_min: int = 1
+    span_max: int = 5
+    margin_s: float = 0.02
+    buckets: tuple[tuple[int, int], ...] = ((16000 * 8, 256),)
+    max_slots: int = 4
+    teacher_tokens: int = 256
+    batch_size: int = 8
+    downsample: int = 4
+    sample_rate: int = 16000
+    overlong: str = "drop"
+    num_epochs: int | None = None
+    num_threads: int = 2
+    prefetch_buffer_size: int = 16
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        self.buckets = tuple(sorted((int(a), int(t)) for a, t in self.buckets))
+        unknown = set(self.kinds) - set(SPEECH_KINDS)
+        if unknown:
+            raise ValueError(f"unknown example kinds {sorted(unknown)}; known: {SPEECH_KINDS}")
+        if self.overlong not in ("drop", "split"):
+            raise ValueError(f"overlong must be 'drop' or 'split', got {self.overlong!r}")
+        if not self.tasks and any(self.kinds.get(k, 0) > 0 for k in ("imitation", "mixed_modal")):
+            raise ValueError("the imitation and mixed_modal kinds draw from config.tasks, which is empty")
+        if self.text_loss not in ("response", "all"):
+            raise ValueError(f"text_loss must be 'response' or 'all', got {self.text_loss!r}")
+        if not 0.0 <= self.text_weight <= 1.0:
+            raise ValueError(f"text_weight must be in [0, 1], got {self.text_weight}")
+
+    @classmethod
+    def from_config(cls, config: Any) -> PipelineConfig:
+        """From a PipelineConfig, a mapping or an ml_collections ConfigDict (missing fields default)."""
+        if isinstance(config, cls):
+            return config
+        values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"unknown pipeline config fields {sorted(unknown)}")
+        return cls(**values)
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        """Names that `task_id` indexes: the built-in speech tasks, the config's tasks, text_sft."""
+        return tuple(dict.fromkeys(("asr", "continuation", "spoken_qa", *self.tasks, TEXT_KIND)))

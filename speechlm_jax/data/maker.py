@@ -1,0 +1,150 @@
+"""The pipeline's per-record step: a record -> an `Example` of one kind, or `Skipped(reason)`.
+
+    records (from `mixture`)
+        | random_map(ExampleMaker): decode + resample audio, pick kind, task and prompt,
+        |   interleave, tokenize, choose a bucket   -> Example, or Skipped(reason)
+        v
+    examples, grouped into batches by `batching`
+
+In the data flow (sources -> examples -> buckets -> batches) this is "examples". All the
+randomness comes from the per-index generator Grain passes in, so an example depends only
+on (seed, index). Bad data never raises out of here: unreadable audio, empty transcripts,
+over-long examples and missing teacher targets become `Skipped(reason)`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from speechlm_jax.data import interleave
+from speechlm_jax.data.audio import AudioError, load_audio
+from speechlm_jax.data.config import TEXT_KIND, PipelineConfig
+from speechlm_jax.data.examples import (
+    Audio,
+    Example,
+    ExampleError,
+    Segment,
+    Skipped,
+    build_example,
+    chat_segments,
+    leading_space,
+    prompt_segments,
+)
+from speechlm_jax.data.sources import Record, TargetTable
+from speechlm_jax.data.tasks import TextTask, get_task
+from speechlm_jax.data.tokenizer import SpeechTokenizer
+from speechlm_jax.models.frontend import HOP_LENGTH, audio_token_count
+
+
+class ExampleMaker:
+    """The per-record map: a record and Grain's per-index rng -> `Example` or `Skipped`."""
+
+    def __init__(self, config: PipelineConfig, tokenizer: SpeechTokenizer, targets: TargetTable) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.targets = targets
+        self.kinds = tuple(k for k, w in config.kinds.items() if w > 0)
+        weights = np.asarray([config.kinds[k] for k in self.kinds], np.float64)
+        self.kind_p = weights / weights.sum()
+        self.task_ids = {name: i for i, name in enumerate(config.task_names)}
+        self.max_samples = config.buckets[-1][0]
+        # The shortest clip that gives one audio token: shorter spoken spans stay text.
+        self.min_samples = next(n for n in range(0, self.max_samples + 1, HOP_LENGTH)
+                                if audio_token_count(n, config.downsample) >= 1)
+
+    def __call__(self, record: Record, rng: np.random.Generator) -> Example | Skipped:
+        try:
+            if "messages" in record:
+                segments = chat_segments(self.tokenizer, record["messages"],
+                                         supervise_prompt=self.config.text_loss == "all")
+                example = build_example(segments, self.tokenizer,
+                                        downsample=self.config.downsample, task_id=self.task_ids[TEXT_KIND])
+                split = False
+            else:
+                kind = self.kinds[int(rng.choice(len(self.kinds), p=self.kind_p))]
+                segments, task, split = self._speech_segments(kind, record, rng)
+                example = build_example(segments, self.tokenizer, downsample=self.config.downsample,
+                                        task_id=self.task_ids[task.name])
+            example.split = split
+            return self._bucketed(example)
+        except ExampleError as e:
+            return Skipped(e.reason)
+        except (AudioError, OSError):
+            return Skipped("bad_audio")
+
+    def _bucketed(self, example: Example) -> Example:
+        if example.num_teacher_tokens > self.config.teacher_tokens or len(example.audio) > self.config.max_slots:
+            raise ExampleError("too_long")
+        for b, (samples, tokens) in enumerate(self.config.buckets):
+            if example.max_audio_samples <= samples and example.num_tokens <= tokens:
+                example.bucket = b
+                return example
+        raise ExampleError("too_long")
+
+    def _waveform(self, record: Record) -> np.ndarray:
+        if record.get("waveform") is not None:
+            waveform = np.asarray(record["waveform"], np.int16)
+        else:
+            waveform = load_audio(record["audio"], sample_rate=self.config.sample_rate)
+        if waveform.size == 0:
+            raise ExampleError("empty_audio")
+        return waveform
+
+    def _prompt_and_response(self, task: TextTask, record: Record, text: str,
+                             rng: np.random.Generator) -> tuple[str, str]:
+        pool = task.prompts(self.config.prompt_split)
+        question = record.get("question")
+        if task.name == "spoken_qa":
+            if question is None:
+                raise ExampleError("no_question")
+            pool = tuple(p.replace("{question}", question) for p in pool)
+        answer = record.get("answer") if task.name == "spoken_qa" else None
+        # ASR's response is the transcript itself, never a teacher generation.
+        if answer is None and task.answer is not None and (self.config.use_task_answer or task.name == "asr"):
+            answer = task.answer(text)
+        if answer is not None:
+            return pool[int(rng.integers(len(pool)))], answer
+        # The teacher's own responses exist for some prompts only: draw among those.
+        responses = self.targets.lookup(record["id"], task.name)
+        usable = [p for p in pool if p in responses]
+        if not usable:
+            raise ExampleError("no_target")
+        prompt = usable[int(rng.integers(len(usable)))]
+        return prompt, responses[prompt]
+
+    def _speech_segments(self, kind: str, record: Record,
+                         rng: np.random.Generator) -> tuple[list[Segment], TextTask, bool]:
+        config = self.config
+        text = " ".join(record.get("text", "").split())
+        if not text:
+            raise ExampleError("empty_text")
+        if kind in ("imitation", "mixed_modal"):
+            task = get_task(config.tasks[int(rng.integers(len(config.tasks)))])
+        else:
+            task = get_task(kind)
+        prompt, response = self._prompt_and_response(task, record, text, rng)
+        words = interleave.record_words(record)
+        waveform = self._waveform(record)
+        space = leading_space(prompt)
+        split_long = config.overlong == "split"
+        if kind == "mixed_modal" or (words is not None and rng.random() < config.interleave_prob):
+            if words is None:
+                raise ExampleError("no_word_timings")
+            if kind == "mixed_modal":
+                spans = interleave.single_audio_span(len(words), rng, min_span=config.span_min,
+                                                     max_span=config.span_max)
+            else:
+                spans = interleave.sample_spans(len(words), rng, ratio=config.interleave_ratio,
+                                                min_span=config.span_min, max_span=config.span_max,
+                                                max_audio_spans=config.max_slots)
+            content = interleave.content_segments(
+                waveform, words, spans, lead_space=space, max_samples=self.max_samples, split_long=split_long,
+                sample_rate=config.sample_rate, margin_s=config.margin_s, min_samples=self.min_samples)
+
+        else:
+            content = interleave.whole_utterance(
+                waveform, text, words, lead_space=space, max_samples=self.max_samples, split_long=split_long,
+                sample_rate=config.sample_rate)
+        # Spoken spans are separated by text, so adjacent slots are the pieces of a split one.
+        split = any(isinstance(a, Audio) and isinstance(b, Audio) for a, b in zip(content, content[1:]))
+        return prompt_segments(self.tokenizer, prompt, content, response), task, split
