@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -63,36 +63,15 @@ BF16_ATOL = 3e-2
 BF16_RTOL = 2e-2
 
 
-class TopKLogits(NamedTuple):
-    """A teacher's k largest logits per position and their vocabulary ids, `[..., k]` each.
-
-    The compact form of teacher logits for storage (offline distillation) and speed; the
-    divergences renormalise the teacher over these k entries.
-    """
-
-    values: jax.Array
-    indices: jax.Array
-
-
-def top_k_logits(logits: jax.Array, k: int) -> TopKLogits:
-    """Keeps the k largest logits of `[..., vocab]` logits: `TopKLogits([..., k], [..., k])`."""
-    values, indices = jax.lax.top_k(logits, k)
-    return TopKLogits(values, indices)
-
-
-def gather_teacher(teacher_x: jax.Array | TopKLogits, teacher_index: jax.Array) -> jax.Array | TopKLogits:
+def gather_teacher(teacher_x: jax.Array, teacher_index: jax.Array) -> jax.Array:
     """Moves teacher values to student positions.
 
-    `teacher_x` is `[batch, teacher_seq, ...]` (logits, hidden states or `TopKLogits`);
-    `teacher_index` `[batch, seq]` is the batch's `teacher_index` (the teacher position that
-    predicts the same next token as student position t). Returns `[batch, seq, ...]`.
+    `teacher_x` is `[batch, teacher_seq, ...]` (logits or hidden states); `teacher_index`
+    `[batch, seq]` is the batch's `teacher_index` (the teacher position that predicts the
+    same next token as student position t). Returns `[batch, seq, ...]`.
     """
-
-    def take(x: jax.Array) -> jax.Array:
-        index = teacher_index.reshape(teacher_index.shape + (1,) * (x.ndim - 2))
-        return jnp.take_along_axis(x, index, axis=1)
-
-    return jax.tree.map(take, teacher_x)
+    index = teacher_index.reshape(teacher_index.shape + (1,) * (teacher_x.ndim - 2))
+    return jnp.take_along_axis(teacher_x, index, axis=1)
 
 
 def place_response(
@@ -245,28 +224,15 @@ def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
 
 def _token_divergence(
     student_logits: jax.Array,
-    teacher: jax.Array | TopKLogits,
+    teacher_logits: jax.Array,
     *,
     temperature: float,
     direction: Direction,
     jsd_beta: float,
 ) -> jax.Array:
-    """Per-position T^2 * D(teacher, student) of `[..., vocab]` logits: `[...]`.
-
-    With `TopKLogits` the teacher is renormalised over its k entries. Forward KL then keeps
-    the student's full-vocabulary log-probabilities at those k ids (mass the student puts
-    elsewhere is still penalised; the value stays >= 0); reverse KL and JSD renormalise the
-    student over the same k ids, since they are infinite off the teacher's support.
-    """
-    teacher = jax.tree.map(jax.lax.stop_gradient, teacher)
+    """Per-position T^2 * D(teacher, student) of `[..., vocab]` logits: `[...]`, the teacher under stop_gradient."""
+    log_p = _log_softmax(jax.lax.stop_gradient(teacher_logits), temperature)
     log_q = _log_softmax(student_logits, temperature)
-    if isinstance(teacher, TopKLogits):
-        log_p = _log_softmax(teacher.values, temperature)
-        log_q = jnp.take_along_axis(log_q, teacher.indices, axis=-1)
-        if direction != "forward":
-            log_q = log_q - jax.nn.logsumexp(log_q, axis=-1, keepdims=True)
-    else:
-        log_p = _log_softmax(teacher, temperature)
     if direction == "forward":
         divergence = _kl(log_p, log_q)
     elif direction == "reverse":
@@ -278,25 +244,17 @@ def _token_divergence(
     return temperature**2 * jnp.maximum(divergence, 0.0)
 
 
-def _teacher_view(teacher_logits: jax.Array | TopKLogits, teacher_top_k: int | None) -> jax.Array | TopKLogits:
-    if teacher_top_k is None or isinstance(teacher_logits, TopKLogits):
-        return teacher_logits
-    return top_k_logits(teacher_logits, teacher_top_k)
-
-
 def _logits_divergence(
     student_logits: jax.Array,
-    teacher_logits: jax.Array | TopKLogits,
-    teacher_top_k: int | None,
+    teacher_logits: jax.Array,
     *,
     temperature: float,
     direction: Direction,
     jsd_beta: float,
 ) -> jax.Array:
-    """Validated options, the teacher's top-k view, then `_token_divergence` [batch, seq]."""
+    """Validated options, then `_token_divergence` [batch, seq]."""
     _check_divergence(direction, jsd_beta, temperature)
-    teacher = _teacher_view(teacher_logits, teacher_top_k)
-    return _token_divergence(student_logits, teacher, temperature=temperature, direction=direction, jsd_beta=jsd_beta)
+    return _token_divergence(student_logits, teacher_logits, temperature=temperature, direction=direction, jsd_beta=jsd_beta)
 
 
 def _distillation_result(divergence: jax.Array, mask: jax.Array, weights: jax.Array | None) -> tuple[jax.Array, Metrics]:
@@ -308,32 +266,28 @@ def _distillation_result(divergence: jax.Array, mask: jax.Array, weights: jax.Ar
 
 def kl_distillation(
     student_logits: jax.Array,
-    teacher_logits: jax.Array | TopKLogits,
+    teacher_logits: jax.Array,
     mask: jax.Array,
     *,
     weights: jax.Array | None = None,
     temperature: float = 1.0,
     direction: Direction = "forward",
     jsd_beta: float = 0.5,
-    teacher_top_k: int | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """Token-level distillation on the positions `mask` selects (SALAD: next token is text).
 
     `student_logits` `[batch, seq, vocab]`; `teacher_logits` `[batch, seq, vocab]` already at
-    student positions (`gather_teacher`), or `TopKLogits` `[batch, seq, k]` loaded from
-    storage; `mask` `[batch, seq]` (the batch's `kl_mask`); `weights` `[batch]`.
+    student positions (`gather_teacher`); `mask` `[batch, seq]` (the batch's `kl_mask`); `weights` `[batch]`.
     With p = softmax(teacher / T), q = softmax(student / T), the per-token value is
     - forward: T^2 KL(p || q) (SALAD, Hinton distillation; mode-covering),
     - reverse: T^2 KL(q || p) (mode-seeking, MiniLLM),
     - jsd: T^2 [b KL(p || m) + (1 - b) KL(q || m)], m = b p + (1 - b) q, b = `jsd_beta`
       (GKD's generalised JSD; b = 0.5 is the symmetric Jensen-Shannon divergence).
     The T^2 factor (Hinton et al. 2015) keeps the gradient scale independent of T, since
-    softening the logits by T shrinks their gradients by 1/T^2. `teacher_top_k=k` keeps the
-    teacher's k largest logits renormalised over them (see `_token_divergence` for how the
-    student is treated); `k = vocab` equals the full computation. Metrics: loss, kl, tokens.
+    softening the logits by T shrinks their gradients by 1/T^2. Metrics: loss, kl, tokens.
     """
     divergence = _logits_divergence(
-        student_logits, teacher_logits, teacher_top_k, temperature=temperature, direction=direction, jsd_beta=jsd_beta
+        student_logits, teacher_logits, temperature=temperature, direction=direction, jsd_beta=jsd_beta
     )
     return _distillation_result(divergence, mask, weights)
 
@@ -361,7 +315,7 @@ def _salad_combine(
 
 def salad_objective(
     student_logits: jax.Array,
-    teacher_logits: jax.Array | TopKLogits,
+    teacher_logits: jax.Array,
     targets: jax.Array,
     kl_mask: jax.Array,
     nll_mask: jax.Array,
@@ -371,7 +325,6 @@ def salad_objective(
     temperature: float = 1.0,
     direction: Direction = "forward",
     jsd_beta: float = 0.5,
-    teacher_top_k: int | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """SALAD's loss: alpha * KL(teacher || student) + (1 - alpha) * NLL, alpha from the config.
 
@@ -380,7 +333,7 @@ def salad_objective(
     Shapes as `kl_distillation`. Metrics: loss, kl, nll, accuracy, kl_tokens, nll_tokens.
     """
     divergence = _logits_divergence(
-        student_logits, teacher_logits, teacher_top_k, temperature=temperature, direction=direction, jsd_beta=jsd_beta
+        student_logits, teacher_logits, temperature=temperature, direction=direction, jsd_beta=jsd_beta
     )
     ce_parts = _cross_entropy_parts(student_logits, targets)
     return _salad_combine(
@@ -485,11 +438,8 @@ def _unembed(hidden: jax.Array, unembedding: jax.Array, softcap: float | None) -
     return logits
 
 
-def _teacher_unembed(
-    hidden: jax.Array, unembedding: jax.Array, softcap: float | None, teacher_top_k: int | None
-) -> jax.Array | TopKLogits:
-    logits = _unembed(jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(unembedding), softcap)
-    return _teacher_view(logits, teacher_top_k)
+def _teacher_unembed(hidden: jax.Array, unembedding: jax.Array, softcap: float | None) -> jax.Array:
+    return _unembed(jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(unembedding), softcap)
 
 
 def _scan_chunks(
@@ -562,7 +512,6 @@ def chunked_kl_distillation(
     jsd_beta: float = 0.5,
     softcap: float | None = None,
     weights: jax.Array | None = None,
-    teacher_top_k: int | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """`kl_distillation` from hidden states: teacher and student logits exist one chunk at a time.
 
@@ -574,7 +523,7 @@ def chunked_kl_distillation(
     _check_divergence(direction, jsd_beta, temperature)
 
     def per_chunk(w: jax.Array, hs: jax.Array, ht: jax.Array) -> tuple[jax.Array]:
-        teacher = _teacher_unembed(ht, w, softcap, teacher_top_k)
+        teacher = _teacher_unembed(ht, w, softcap)
         divergence = _token_divergence(
             _unembed(hs, w, softcap), teacher, temperature=temperature, direction=direction, jsd_beta=jsd_beta
         )
@@ -599,7 +548,6 @@ def chunked_salad_objective(
     jsd_beta: float = 0.5,
     softcap: float | None = None,
     weights: jax.Array | None = None,
-    teacher_top_k: int | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """`salad_objective` from hidden states; KL and NLL share each chunk's student logits.
 
@@ -611,7 +559,7 @@ def chunked_salad_objective(
 
     def per_chunk(w: jax.Array, hs: jax.Array, ht: jax.Array, t: jax.Array) -> tuple[jax.Array, ...]:
         student = _unembed(hs, w, softcap)
-        teacher = _teacher_unembed(ht, w, softcap, teacher_top_k)
+        teacher = _teacher_unembed(ht, w, softcap)
         divergence = _token_divergence(
             student, teacher, temperature=temperature, direction=direction, jsd_beta=jsd_beta
         )
@@ -632,7 +580,7 @@ def _chunked_sequence_kl(
     softcap: float | None,
 ) -> tuple[jax.Array, Metrics]:
     def per_chunk(w: jax.Array, h: jax.Array, r: jax.Array) -> tuple[jax.Array]:
-        reference = _teacher_unembed(r, w, softcap, None)
+        reference = _teacher_unembed(r, w, softcap)
         return (
             _token_divergence(_unembed(h, w, softcap), reference, temperature=1.0, direction="forward", jsd_beta=0.5),
         )

@@ -6,7 +6,7 @@ share its mean convention sum_{b,t} w_b m_bt l_bt / sum_{b,t} w_b m_bt. Values m
 within 1e-6 in float32, gradients within 1e-5 of central finite differences of the
 references; `check_grads` verifies the JAX gradients themselves in float64; hypothesis
 checks the properties (KL >= 0 with Pinsker's bound, zero iff the distributions agree,
-masking and padding invariance, temperature and top-k semantics, chunked == unchunked).
+masking and padding invariance, temperature semantics, chunked == unchunked).
 """
 
 from __future__ import annotations
@@ -58,16 +58,10 @@ def ref_kl(p: np.ndarray, q: np.ndarray) -> float:
     return float((p[support] * np.log(p[support] / q[support])).sum())
 
 
-def ref_divergence(s: np.ndarray, t: np.ndarray, *, temperature=1.0, direction="forward", jsd_beta=0.5, top_k=None) -> float:
+def ref_divergence(s: np.ndarray, t: np.ndarray, *, temperature=1.0, direction="forward", jsd_beta=0.5) -> float:
     """T^2 D(teacher, student) at one position, `[vocab]` logits."""
     q = ref_softmax(np.asarray(s, np.float64) / temperature)
-    t = np.asarray(t, np.float64)
-    if top_k is None:
-        p = ref_softmax(t / temperature)
-    else:
-        support = np.argsort(-t, kind="stable")[:top_k]
-        p = ref_softmax(t[support] / temperature)
-        q = q[support] if direction == "forward" else q[support] / q[support].sum()
+    p = ref_softmax(np.asarray(t, np.float64) / temperature)
     if direction == "forward":
         value = ref_kl(p, q)
     elif direction == "reverse":
@@ -178,16 +172,13 @@ def test_masked_cross_entropy_matches_float64(label_smoothing, z_loss, use_weigh
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
-@pytest.mark.parametrize("temperature,top_k", [(1.0, None), (2.5, None), (1.0, 3), (0.7, 5)])
-def test_kl_distillation_matches_float64(direction, temperature, top_k):
+@pytest.mark.parametrize("temperature", [1.0, 2.5, 0.7])
+def test_kl_distillation_matches_float64(direction, temperature):
     x = make_inputs(1)
-    options = dict(temperature=temperature, direction=direction, top_k=top_k)
+    options = dict(temperature=temperature, direction=direction)
 
     def loss(student, teacher):
-        return losses.kl_distillation(
-            student, teacher, x["kl_mask"], weights=x["weights"], temperature=temperature, direction=direction,
-            teacher_top_k=top_k,
-        )[0]
+        return losses.kl_distillation(student, teacher, x["kl_mask"], weights=x["weights"], **options)[0]
 
     def ref(student):
         return ref_kl_distillation(student, f64(x["teacher"]), x["kl_mask"], x["weights"], **options)
@@ -276,8 +267,6 @@ def test_gather_teacher_moves_values_to_student_positions():
     index = np.array([[0, 0, 3, 4, 1], [4, 2, 2, 0, 1]], np.int32)
     expected = np.stack([x["teacher"][b, index[b]] for b in range(2)])
     np.testing.assert_array_equal(losses.gather_teacher(jnp.asarray(x["teacher"]), index), expected)
-    top = losses.gather_teacher(losses.top_k_logits(jnp.asarray(x["teacher"]), 2), index)
-    np.testing.assert_array_equal(top.values, np.sort(expected, axis=-1)[..., ::-1][..., :2])
 
 
 @pytest.mark.parametrize(
@@ -289,7 +278,7 @@ def test_gradients_by_finite_differences_float64(name):
     with jax.enable_x64(True):
         a = {k: jnp.asarray(f64(v)) if v.dtype == np.float32 else jnp.asarray(v) for k, v in x.items()}
         chunked = dict(chunk_size=3, softcap=5.0, weights=a["weights"])
-        kl_options = dict(temperature=1.5, teacher_top_k=4)
+        kl_options = dict(temperature=1.5)
         functions: dict[str, tuple[Callable, tuple]] = {
             "cross_entropy": (
                 lambda s: losses.masked_cross_entropy(s, a["targets"], a["mask"], label_smoothing=0.1, z_loss=1e-2)[0],
@@ -380,41 +369,25 @@ def test_chunked_cross_entropy_matches_float64():
 seeds = st.integers(0, 2**31 - 1)
 
 
-@functools.partial(jax.jit, static_argnames=("direction", "temperature", "top_k"))
-def jit_kl(student, teacher, mask, weights=None, *, direction="forward", temperature=1.0, top_k=None):
-    return losses.kl_distillation(
-        student, teacher, mask, weights=weights, temperature=temperature, direction=direction, teacher_top_k=top_k
-    )[0]
+@functools.partial(jax.jit, static_argnames=("direction", "temperature"))
+def jit_kl(student, teacher, mask, weights=None, *, direction="forward", temperature=1.0):
+    return losses.kl_distillation(student, teacher, mask, weights=weights, temperature=temperature, direction=direction)[0]
 
 
-def total_variation(student, teacher, temperature, top_k) -> np.ndarray:
+def total_variation(student, teacher, temperature) -> np.ndarray:
     """`[batch, seq]` TV distance between the distributions the divergence compares."""
     q = ref_softmax(f64(student) / temperature)
-    t = f64(teacher)
-    if top_k is None:
-        p = ref_softmax(t / temperature)
-    else:
-        support = np.argsort(-t, axis=-1, kind="stable")[..., :top_k]
-        p = ref_softmax(np.take_along_axis(t, support, -1) / temperature)
-        q = np.take_along_axis(q, support, -1)
-        q = q / q.sum(-1, keepdims=True)
+    p = ref_softmax(f64(teacher) / temperature)
     return 0.5 * np.abs(p - q).sum(-1)
 
 
 @FAST
-@hypothesis.given(
-    seed=seeds,
-    direction=st.sampled_from(DIRECTIONS),
-    temperature=st.sampled_from([1.0, 3.0]),
-    top_k=st.sampled_from([None, 3]),
-)
-def test_divergence_is_nonnegative_and_above_pinsker_bound(seed, direction, temperature, top_k):
+@hypothesis.given(seed=seeds, direction=st.sampled_from(DIRECTIONS), temperature=st.sampled_from([1.0, 3.0]))
+def test_divergence_is_nonnegative_and_above_pinsker_bound(seed, direction, temperature):
     """D >= c * 2 T^2 TV^2 (Pinsker; c = b(1-b) for the b-JSD), so D > 0 whenever p != q."""
     x = make_inputs(seed)
-    value = jit_kl(
-        x["student"], x["teacher"], x["kl_mask"], x["weights"], direction=direction, temperature=temperature, top_k=top_k
-    )
-    tv = total_variation(x["student"], x["teacher"], temperature, top_k)
+    value = jit_kl(x["student"], x["teacher"], x["kl_mask"], x["weights"], direction=direction, temperature=temperature)
+    tv = total_variation(x["student"], x["teacher"], temperature)
     c = 0.25 if direction == "jsd" else 1.0
     bound = ref_weighted_mean(c * 2 * temperature**2 * tv**2, x["kl_mask"], x["weights"])
     assert value >= 0.0
@@ -454,8 +427,7 @@ def all_losses(v: dict[str, jax.Array]) -> list[jax.Array]:
         losses.masked_cross_entropy(v["student"], v["targets"], v["mask"], weights=v["weights"], z_loss=1e-3)[0],
         losses.kl_distillation(v["student"], v["teacher"], v["kl_mask"], weights=v["weights"], direction="jsd")[0],
         losses.salad_objective(
-            v["student"], v["teacher"], v["targets"], v["kl_mask"], v["mask"], alpha=0.5, weights=v["weights"],
-            teacher_top_k=2,
+            v["student"], v["teacher"], v["targets"], v["kl_mask"], v["mask"], alpha=0.5, weights=v["weights"]
         )[0],
         losses.chunked_kl_distillation(
             v["student_hidden"], v["teacher_hidden"], v["unembedding"], v["kl_mask"], chunk_size=2, weights=v["weights"]
@@ -486,39 +458,13 @@ def test_masked_positions_and_padding_never_change_the_result(seed):
 
 
 @FAST
-@hypothesis.given(
-    seed=seeds,
-    direction=st.sampled_from(DIRECTIONS),
-    temperature=st.sampled_from([3.0]),
-    top_k=st.sampled_from([None, 3]),
-)
-def test_temperature_divides_logits_and_scales_by_its_square(seed, direction, temperature, top_k):
+@hypothesis.given(seed=seeds, direction=st.sampled_from(DIRECTIONS), temperature=st.sampled_from([3.0]))
+def test_temperature_divides_logits_and_scales_by_its_square(seed, direction, temperature):
     x = make_inputs(seed)
     s, t, m, w = x["student"], x["teacher"], x["kl_mask"], x["weights"]
-    tempered = jit_kl(s, t, m, w, direction=direction, temperature=temperature, top_k=top_k)
-    plain = jit_kl(s / temperature, t / temperature, m, w, direction=direction, top_k=top_k)
+    tempered = jit_kl(s, t, m, w, direction=direction, temperature=temperature)
+    plain = jit_kl(s / temperature, t / temperature, m, w, direction=direction)
     np.testing.assert_allclose(tempered, temperature**2 * plain, rtol=1e-5, atol=1e-6)
-
-
-@FAST
-@hypothesis.given(seed=seeds, direction=st.sampled_from(DIRECTIONS), k=st.sampled_from([1, 3]))
-def test_top_k_keeps_the_renormalised_teacher_top_k(seed, direction, k):
-    x = make_inputs(seed)
-    student, teacher, mask = jnp.asarray(x["student"]), jnp.asarray(x["teacher"]), x["kl_mask"]
-    vocab = teacher.shape[-1]
-
-    def kl(t, top_k=None):
-        return jit_kl(student, t, mask, x["weights"], direction=direction, top_k=top_k)
-
-    np.testing.assert_allclose(kl(teacher, top_k=vocab), kl(teacher), rtol=1e-5, atol=1e-6)
-    top = losses.top_k_logits(teacher, k)
-    np.testing.assert_allclose(kl(top), kl(teacher, top_k=k), rtol=1e-6, atol=1e-7)
-    kth = top.values[..., -1:]
-    lowered = jnp.where(teacher < kth, teacher - 5.0, teacher)
-    np.testing.assert_allclose(kl(lowered, top_k=k), kl(teacher, top_k=k), rtol=1e-6, atol=1e-7)
-    if direction == "forward":
-        off_support = jnp.where(teacher < kth, -jnp.inf, teacher)
-        np.testing.assert_allclose(kl(teacher, top_k=k), kl(off_support), rtol=1e-5, atol=1e-6)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "softcap", "direction"))
@@ -526,7 +472,7 @@ def chunked_and_plain(h, u, v, *, chunk_size, softcap, direction):
     """(chunked, unchunked) value, metrics and gradients for every chunked loss."""
     teacher_hidden, w, targets, mask, kl_mask = v["teacher_hidden"], v["weights"], v["targets"], v["mask"], v["kl_mask"]
     chunked = dict(chunk_size=chunk_size, softcap=softcap, weights=w)
-    kl_options = dict(direction=direction, temperature=1.5, teacher_top_k=3)
+    kl_options = dict(direction=direction, temperature=1.5)
     ce_options = dict(label_smoothing=0.1, z_loss=1e-2)
 
     def logits(hidden, unembedding):
