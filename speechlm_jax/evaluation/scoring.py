@@ -50,7 +50,8 @@ from speechlm_jax.data.pipeline import collate
 from speechlm_jax.data.tokenizer import SpeechTokenizer
 from speechlm_jax.evaluation.items import Item
 from speechlm_jax.generate import generate
-from speechlm_jax.losses import chunked_cross_entropy, chunked_forgetting, chunked_misalignment, gather_teacher
+from speechlm_jax.losses.chunked import chunked_cross_entropy, chunked_forgetting, chunked_misalignment
+from speechlm_jax.losses.common import gather_teacher
 from speechlm_jax.models.llm import DecoderLLM
 from speechlm_jax.models.speechlm import HOP_LENGTH, SpeechLM
 from speechlm_jax.sharding import DEFAULT_RULES, Rules, batch_sharding, make_mesh, shard_state

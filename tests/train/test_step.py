@@ -9,6 +9,9 @@ from flax import nnx
 
 from configs import salad
 from speechlm_jax.data.features import audio_token_count
+from speechlm_jax.losses.chunked import chunked_kl_distillation
+from speechlm_jax.losses.common import gather_teacher
+from speechlm_jax.losses.ctc import ctc_loss
 from speechlm_jax.sharding import make_mesh
 from speechlm_jax.train import build, objectives, optimizer, partitions, step
 from speechlm_jax.train import config as config_lib
@@ -91,8 +94,8 @@ def test_teacher_gets_no_gradient(parts):
 
     def teacher_loss(frozen_state):
         model = nnx.merge(graphdef, trainable, frozen_state)
-        return objectives.losses.chunked_kl_distillation(
-            jax.lax.stop_gradient(model.student_hidden(batch)), objectives.losses.gather_teacher(model.teacher_hidden(batch), batch["teacher_index"]),
+        return chunked_kl_distillation(
+            jax.lax.stop_gradient(model.student_hidden(batch)), gather_teacher(model.teacher_hidden(batch), batch["teacher_index"]),
             jax.lax.stop_gradient(model.llm.unembedding()), batch["kl_mask"], chunk_size=16,
         )[0]
 
@@ -161,7 +164,7 @@ def test_ctc_objective_reads_the_projector_frames_through_the_llm_head(parts):
     model = nnx.merge(graphdef, trainable, frozen)
     embeds, mask = model.encode_audio(batch["audio"][:, 0], batch["audio_lens"][:, 0])
     logits = model.llm.logits(model.llm.norm(embeds))
-    expected, _ = objectives.losses.ctc_loss(logits, mask, batch["audio_labels"][:, 0], blank_id=0, weights=batch["weight"])
+    expected, _ = ctc_loss(logits, mask, batch["audio_labels"][:, 0], blank_id=0, weights=batch["weight"])
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
     assert float(metrics["ctc/utterances"]) == B - 1 and float(metrics["ctc/tokens"]) == 5 * (B - 1)
     projector = [g for p, g in nnx.to_flat_state(grads) if partitions.param_group(p, g) == "projector"]
