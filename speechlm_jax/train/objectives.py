@@ -37,7 +37,10 @@ Objective = Callable[[Any, Batch], tuple[jax.Array, Metrics]]
 
 
 def cross_entropy(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> tuple[jax.Array, Metrics]:
-    """Masked CE of the student (speech input, LoRA on) on `targets` / `loss_mask`."""
+    """Masked CE of the student (speech input, LoRA on) on `targets` / `loss_mask`.
+
+    `cfg.label_smoothing` and `cfg.z_loss` add uniform label smoothing and PaLM's z-loss.
+    """
     hidden = model.student_hidden(batch)
     return chunked_cross_entropy(
         hidden,
@@ -47,13 +50,19 @@ def cross_entropy(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> t
         chunk_size=cfg.chunk_size,
         softcap=model.llm.config.final_logit_softcapping,
         weights=batch["weight"],
+        z_loss=cfg.z_loss,
+        label_smoothing=cfg.label_smoothing,
     )
 
 
 def behavior_imitation(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> tuple[jax.Array, Metrics]:
-    """CE of the student on the teacher's own response (the pipeline puts it in `targets`)."""
+    """CE of the student on the teacher's own response (the pipeline puts it in `targets`).
+
+    Options as `cross_entropy`; the z-loss metric is reported only while that term is on.
+    """
     loss, metrics = cross_entropy(model, batch, cfg)
-    metrics.pop("z_loss", None)
+    if not cfg.z_loss:
+        metrics.pop("z_loss")
     return loss, metrics
 
 
@@ -74,6 +83,7 @@ def salad(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> tuple[jax
         chunk_size=cfg.chunk_size,
         temperature=cfg.temperature,
         direction=cfg.direction,
+        jsd_beta=cfg.jsd_beta,
         softcap=model.llm.config.final_logit_softcapping,
         weights=batch["weight"],
     )
