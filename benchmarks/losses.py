@@ -28,7 +28,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from speechlm_jax.losses import chunked_kl_distillation, kl_distillation
+from speechlm_jax.losses.chunked import chunked_kl_distillation
+from speechlm_jax.losses.reference import kl_distillation
 
 LossFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 

@@ -95,7 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.blank_id = 0  # ctc: a token id no transcript contains (the tokenizer's pad)
     c.loss.alpha = 1.0  # salad: weight of the KL term; 1 - alpha weighs the NLL
     c.loss.temperature = 1.0
-    c.loss.direction = "forward"  # KL(teacher || student)
+    c.loss.direction = "forward"  # KL(teacher || student) | reverse | jsd
+    c.loss.jsd_beta = 0.5  # direction=jsd: m = b teacher + (1 - b) student; 0.5 is the symmetric JSD
+    c.loss.label_smoothing = 0.0  # cross_entropy, behavior_imitation: uniform smoothing eps
+    c.loss.z_loss = 0.0  # cross_entropy, behavior_imitation: weight of logsumexp(logits)^2 (PaLM)
     c.loss.chunk_size = 1024  # positions per unembedding chunk (the [B, T, V] logits never exist)
 
     # The Grain pipeline (`speechlm_jax.data.pipeline.PipelineConfig` fields); the trainer

@@ -49,7 +49,8 @@ from speechlm_jax.data.examples import Audio, Example, Segment, Text, build_exam
 from speechlm_jax.data.tokenizer import SpeechTokenizer
 from speechlm_jax.evaluation.items import Item
 from speechlm_jax.generate import generate
-from speechlm_jax.losses import chunked_cross_entropy, chunked_forgetting, chunked_misalignment, gather_teacher
+from speechlm_jax.losses.chunked import chunked_cross_entropy, chunked_forgetting, chunked_misalignment
+from speechlm_jax.losses.common import gather_teacher
 from speechlm_jax.models.llm import DecoderLLM
 from speechlm_jax.models.frontend import HOP_LENGTH, audio_token_count
 from speechlm_jax.models.speechlm import SpeechLM

@@ -122,6 +122,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _one_of(f"sharding_rules.{name}", axis, MESH_AXES)
     if not 0.0 <= config.loss.alpha <= 1.0:
         raise ConfigError(f"loss.alpha={config.loss.alpha} must lie in [0, 1]")
+    if not 0.0 < config.loss.jsd_beta < 1.0:
+        raise ConfigError(f"loss.jsd_beta={config.loss.jsd_beta} must lie in (0, 1)")
+    if not 0.0 <= config.loss.label_smoothing < 1.0:
+        raise ConfigError(f"loss.label_smoothing={config.loss.label_smoothing} must lie in [0, 1)")
+    if config.loss.z_loss < 0.0:
+        raise ConfigError(f"loss.z_loss={config.loss.z_loss} must not be negative")
     if config.train.batch_size % config.train.grad_accum:
         raise ConfigError(f"train.batch_size={config.train.batch_size} does not divide into train.grad_accum={config.train.grad_accum} microbatches")
 

@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from speechlm_jax import losses
+from speechlm_jax.losses.chunked import chunked_cross_entropy, chunked_salad_objective
+from speechlm_jax.losses.common import gather_teacher
+from speechlm_jax.losses.ctc import ctc_loss
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -35,9 +37,12 @@ Objective = Callable[[Any, Batch], tuple[jax.Array, Metrics]]
 
 
 def cross_entropy(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> tuple[jax.Array, Metrics]:
-    """Masked CE of the student (speech input, LoRA on) on `targets` / `loss_mask`."""
+    """Masked CE of the student (speech input, LoRA on) on `targets` / `loss_mask`.
+
+    `cfg.label_smoothing` and `cfg.z_loss` add uniform label smoothing and PaLM's z-loss.
+    """
     hidden = model.student_hidden(batch)
-    return losses.chunked_cross_entropy(
+    return chunked_cross_entropy(
         hidden,
         model.llm.unembedding(),
         batch["targets"],
@@ -45,13 +50,19 @@ def cross_entropy(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> t
         chunk_size=cfg.chunk_size,
         softcap=model.llm.config.final_logit_softcapping,
         weights=batch["weight"],
+        z_loss=cfg.z_loss,
+        label_smoothing=cfg.label_smoothing,
     )
 
 
 def behavior_imitation(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> tuple[jax.Array, Metrics]:
-    """CE of the student on the teacher's own response (the pipeline puts it in `targets`)."""
+    """CE of the student on the teacher's own response (the pipeline puts it in `targets`).
+
+    Options as `cross_entropy`; the z-loss metric is reported only while that term is on.
+    """
     loss, metrics = cross_entropy(model, batch, cfg)
-    metrics.pop("z_loss", None)
+    if not cfg.z_loss:
+        metrics.pop("z_loss")
     return loss, metrics
 
 
@@ -60,8 +71,8 @@ def salad(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> tuple[jax
     student = model.student_hidden(batch)
     # The teacher is the frozen base on text: no gradient may reach it, whatever trains.
     teacher = jax.lax.stop_gradient(model.teacher_hidden(batch))
-    teacher_at_student = losses.gather_teacher(teacher, batch["teacher_index"])
-    return losses.chunked_salad_objective(
+    teacher_at_student = gather_teacher(teacher, batch["teacher_index"])
+    return chunked_salad_objective(
         student,
         teacher_at_student,
         model.llm.unembedding(),
@@ -72,6 +83,7 @@ def salad(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> tuple[jax
         chunk_size=cfg.chunk_size,
         temperature=cfg.temperature,
         direction=cfg.direction,
+        jsd_beta=cfg.jsd_beta,
         softcap=model.llm.config.final_logit_softcapping,
         weights=batch["weight"],
     )
@@ -93,7 +105,7 @@ def ctc(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> tuple[jax.A
     b, s = batch["audio"].shape[:2]
     labels = batch["audio_labels"].reshape(b * s, -1)
     weights = jnp.repeat(batch["weight"], s)
-    return losses.ctc_loss(logits, mask, labels, blank_id=cfg.blank_id, weights=weights)
+    return ctc_loss(logits, mask, labels, blank_id=cfg.blank_id, weights=weights)
 
 
 OBJECTIVES: dict[str, Callable[[Any, Batch, ml_collections.ConfigDict], tuple[jax.Array, Metrics]]] = {

@@ -79,6 +79,17 @@ def test_validate_names_the_bad_value():
         config_lib.validate(config)
 
 
+@pytest.mark.parametrize(
+    "key,value,message",
+    [("jsd_beta", 1.0, r"must lie in \(0, 1\)"), ("label_smoothing", 1.0, r"must lie in \[0, 1\)"), ("z_loss", -1e-3, "must not be negative")],
+)
+def test_validate_checks_the_loss_options(key, value, message):
+    config = asr.get_config("tiny")
+    config.loss[key] = value
+    with pytest.raises(config_lib.ConfigError, match=f"loss.{key}={value} {message}"):
+        config_lib.validate(config)
+
+
 def test_command_line_check_loads_the_config_file():
     argv = ["speechlm-train", f"--config={REPO}/configs/vtb.py:tiny", "--config.model.lora.rnak=4"]
     with pytest.raises(config_lib.ConfigError, match="model.lora.rank"):

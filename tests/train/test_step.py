@@ -8,6 +8,9 @@ import pytest
 from flax import nnx
 
 from speechlm_jax.configs import salad
+from speechlm_jax.losses.chunked import chunked_cross_entropy, chunked_kl_distillation, chunked_salad_objective
+from speechlm_jax.losses.common import gather_teacher
+from speechlm_jax.losses.ctc import ctc_loss
 from speechlm_jax.models.frontend import audio_token_count
 from speechlm_jax.sharding import make_mesh
 from speechlm_jax.train import build, objectives, optimizer, partitions, step
@@ -91,8 +94,8 @@ def test_teacher_gets_no_gradient(parts):
 
     def teacher_loss(frozen_state):
         model = nnx.merge(graphdef, trainable, frozen_state)
-        return objectives.losses.chunked_kl_distillation(
-            jax.lax.stop_gradient(model.student_hidden(batch)), objectives.losses.gather_teacher(model.teacher_hidden(batch), batch["teacher_index"]),
+        return chunked_kl_distillation(
+            jax.lax.stop_gradient(model.student_hidden(batch)), gather_teacher(model.teacher_hidden(batch), batch["teacher_index"]),
             jax.lax.stop_gradient(model.llm.unembedding()), batch["kl_mask"], chunk_size=16,
         )[0]
 
@@ -161,8 +164,37 @@ def test_ctc_objective_reads_the_projector_frames_through_the_llm_head(parts):
     model = nnx.merge(graphdef, trainable, frozen)
     embeds, mask = model.encode_audio(batch["audio"][:, 0], batch["audio_lens"][:, 0])
     logits = model.llm.logits(model.llm.norm(embeds))
-    expected, _ = objectives.losses.ctc_loss(logits, mask, batch["audio_labels"][:, 0], blank_id=0, weights=batch["weight"])
+    expected, _ = ctc_loss(logits, mask, batch["audio_labels"][:, 0], blank_id=0, weights=batch["weight"])
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
     assert float(metrics["ctc/utterances"]) == B - 1 and float(metrics["ctc/tokens"]) == 5 * (B - 1)
     projector = [g for p, g in nnx.to_flat_state(grads) if partitions.param_group(p, g) == "projector"]
     assert projector and any(np.asarray(g[...] if hasattr(g, "value") else g).any() for g in projector)
+
+
+def test_loss_options_reach_the_chunked_losses(parts):
+    graphdef, trainable, frozen, config = parts
+    model, batch = nnx.merge(graphdef, trainable, frozen), synthetic_batch()
+    hidden, unembedding = model.student_hidden(batch), model.llm.unembedding()
+    softcap = model.llm.config.final_logit_softcapping
+    cfg = config.loss.copy_and_resolve_references()
+    cfg.name, cfg.label_smoothing, cfg.z_loss = "cross_entropy", 0.1, 1e-3
+    loss, metrics = objectives.make_objective(cfg)(model, batch)
+    expected, _ = chunked_cross_entropy(
+        hidden, unembedding, batch["targets"], batch["loss_mask"], chunk_size=cfg.chunk_size, softcap=softcap,
+        weights=batch["weight"], label_smoothing=0.1, z_loss=1e-3,
+    )
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+    assert float(metrics["cross_entropy/z_loss"]) > 0
+    cfg.name = "behavior_imitation"
+    assert "behavior_imitation/z_loss" in objectives.make_objective(cfg)(model, batch)[1]
+    cfg.z_loss = 0.0
+    assert "behavior_imitation/z_loss" not in objectives.make_objective(cfg)(model, batch)[1]
+
+    cfg.name, cfg.direction, cfg.jsd_beta = "salad", "jsd", 0.3
+    loss, _ = objectives.make_objective(cfg)(model, batch)
+    expected, _ = chunked_salad_objective(
+        hidden, gather_teacher(model.teacher_hidden(batch), batch["teacher_index"]), unembedding, batch["targets"],
+        batch["kl_mask"], batch["loss_mask"], alpha=cfg.alpha, chunk_size=cfg.chunk_size, temperature=cfg.temperature,
+        direction="jsd", jsd_beta=0.3, softcap=softcap, weights=batch["weight"],
+    )
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
