@@ -47,7 +47,7 @@ from speechlm_jax.losses.common import (
 )
 
 
-def _unembed(hidden: jax.Array, unembedding: jax.Array, softcap: float | None) -> jax.Array:
+def unembed(hidden: jax.Array, unembedding: jax.Array, softcap: float | None) -> jax.Array:
     """`[batch, chunk, d_model]` @ `[d_model, vocab]` -> float32 logits, soft-capped as Gemma."""
     accumulate = jnp.promote_types(jnp.result_type(hidden, unembedding), jnp.float32)
     logits = jnp.einsum("bcd,dv->bcv", hidden, unembedding, preferred_element_type=accumulate)
@@ -57,11 +57,11 @@ def _unembed(hidden: jax.Array, unembedding: jax.Array, softcap: float | None) -
 
 
 def _teacher_unembed(hidden: jax.Array, unembedding: jax.Array, softcap: float | None) -> jax.Array:
-    """`_unembed` with no gradient to the teacher's hidden states or its use of the unembedding."""
-    return _unembed(jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(unembedding), softcap)
+    """`unembed` with no gradient to the teacher's hidden states or its use of the unembedding."""
+    return unembed(jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(unembedding), softcap)
 
 
-def _scan_chunks(
+def scan_chunks(
     per_chunk: Callable[..., tuple[jax.Array, ...]],
     unembedding: jax.Array,
     seq_inputs: tuple[jax.Array, ...],
@@ -113,9 +113,9 @@ def chunked_cross_entropy(
     """
 
     def per_chunk(w: jax.Array, h: jax.Array, t: jax.Array) -> tuple[jax.Array, ...]:
-        return cross_entropy_parts(_unembed(h, w, softcap), t)
+        return cross_entropy_parts(unembed(h, w, softcap), t)
 
-    parts = _scan_chunks(per_chunk, unembedding, (hidden, targets), chunk_size)
+    parts = scan_chunks(per_chunk, unembedding, (hidden, targets), chunk_size)
     return cross_entropy_from_parts(parts, per_token_weights(mask, weights), label_smoothing, z_loss)
 
 
@@ -143,12 +143,12 @@ def chunked_kl_distillation(
 
     def per_chunk(w: jax.Array, hs: jax.Array, ht: jax.Array) -> tuple[jax.Array]:
         divergence = token_divergence(
-            _unembed(hs, w, softcap), _teacher_unembed(ht, w, softcap),
+            unembed(hs, w, softcap), _teacher_unembed(ht, w, softcap),
             temperature=temperature, direction=direction, jsd_beta=jsd_beta,
         )
         return (divergence,)
 
-    (divergence,) = _scan_chunks(per_chunk, unembedding, (student_hidden, teacher_hidden), chunk_size)
+    (divergence,) = scan_chunks(per_chunk, unembedding, (student_hidden, teacher_hidden), chunk_size)
     return distillation_result(divergence, mask, weights)
 
 
@@ -178,13 +178,13 @@ def chunked_salad_objective(
     check_divergence_options(direction, jsd_beta, temperature)
 
     def per_chunk(w: jax.Array, hs: jax.Array, ht: jax.Array, t: jax.Array) -> tuple[jax.Array, ...]:
-        student = _unembed(hs, w, softcap)
+        student = unembed(hs, w, softcap)
         divergence = token_divergence(
             student, _teacher_unembed(ht, w, softcap), temperature=temperature, direction=direction, jsd_beta=jsd_beta
         )
         return (divergence,) + cross_entropy_parts(student, t)
 
-    divergence, *ce_parts = _scan_chunks(per_chunk, unembedding, (student_hidden, teacher_hidden, targets), chunk_size)
+    divergence, *ce_parts = scan_chunks(per_chunk, unembedding, (student_hidden, teacher_hidden, targets), chunk_size)
     return salad_result(
         divergence, tuple(ce_parts), per_token_weights(kl_mask, weights), per_token_weights(nll_mask, weights), alpha
     )
@@ -203,12 +203,12 @@ def _chunked_sequence_kl(
     def per_chunk(w: jax.Array, h: jax.Array, r: jax.Array) -> tuple[jax.Array]:
         return (
             token_divergence(
-                _unembed(h, w, softcap), _teacher_unembed(r, w, softcap),
+                unembed(h, w, softcap), _teacher_unembed(r, w, softcap),
                 temperature=1.0, direction="forward", jsd_beta=0.5,
             ),
         )
 
-    (per_token,) = _scan_chunks(per_chunk, unembedding, (model_hidden, reference_hidden), chunk_size)
+    (per_token,) = scan_chunks(per_chunk, unembedding, (model_hidden, reference_hidden), chunk_size)
     return sequence_sums(per_token, mask)
 
 

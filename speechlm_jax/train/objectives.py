@@ -9,8 +9,9 @@ data (`config.loss.name`), not a code path per recipe:
     behavior_imitation  mtbi: CE on the teacher's own response, which the data pipeline
                         has already placed as `targets` / `loss_mask` (read from the
                         targets JSONL written by the teacher's generation)
-    ctc                 encoder pretraining: CTC of each audio slot's projector frames
-                        against its transcript (`audio_labels`) through the LLM's head
+    ctc                 encoder pretraining or connector alignment: CTC of each audio slot's
+                        projector frames against its transcript (`audio_labels`) through the
+                        LLM's head, chunked over the frames
     salad               alpha * KL(teacher || student) on `kl_mask` + (1 - alpha) * NLL on
                         `loss_mask`; the teacher is the same LLM with LoRA off on the
                         text twin, in the same step, under `stop_gradient`
@@ -29,7 +30,7 @@ import ml_collections
 
 from speechlm_jax.losses.chunked import chunked_cross_entropy, chunked_salad_objective
 from speechlm_jax.losses.common import gather_teacher
-from speechlm_jax.losses.ctc import ctc_loss
+from speechlm_jax.losses.ctc import chunked_ctc_loss
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -94,18 +95,24 @@ def ctc(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> tuple[jax.A
 
     The projector's frames go through the LLM's final norm and unembedding (no decoder
     layer), so the loss asks each frame to look like the embedding of the word it carries,
-    or like `blank_id` between words: an ASR objective for pretraining an encoder (and
-    projector) that trains every frame directly, where decoder-based ASR supervises the
-    audio only through attention. Slots without a transcript (padding) do not count.
-    Unlike the other objectives it builds the `[slots, frames, vocab]` logits whole
-    (`optax.ctc_loss` takes them so): fine for a small vocabulary, not for 128k at scale.
+    or like `blank_id` between words. With the encoder (and projector) trainable and a small
+    LLM it pretrains an encoder; with the recipe's frozen LLM it aligns the connector to that
+    LLM's own embedding space before any instruction data. Slots without a transcript
+    (padding) do not count. Chunked over the frames (`cfg.chunk_size`), so the
+    `[slots, frames, vocab]` logits never exist whole.
     """
     embeds, mask = model.encode_slots(batch)
-    logits = model.llm.logits(model.llm.norm(embeds))
     b, s = batch["audio"].shape[:2]
-    labels = batch["audio_labels"].reshape(b * s, -1)
-    weights = jnp.repeat(batch["weight"], s)
-    return ctc_loss(logits, mask, labels, blank_id=cfg.blank_id, weights=weights)
+    return chunked_ctc_loss(
+        model.llm.norm(embeds),
+        model.llm.unembedding(),
+        mask,
+        batch["audio_labels"].reshape(b * s, -1),
+        blank_id=cfg.blank_id,
+        chunk_size=cfg.chunk_size,
+        weights=jnp.repeat(batch["weight"], s),
+        softcap=model.llm.config.final_logit_softcapping,
+    )
 
 
 OBJECTIVES: dict[str, Callable[[Any, Batch, ml_collections.ConfigDict], tuple[jax.Array, Metrics]]] = {
