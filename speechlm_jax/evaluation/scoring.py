@@ -109,17 +109,18 @@ class OracleSpeech:
         return np.zeros(oracle_samples(len(self.tokenizer.encode(text)), self.downsample), np.int16)
 
 
-AudioEmbedder = Callable[[SpeechLM, Batch], jax.Array]
+AudioEmbedder = Callable[[SpeechLM, Batch], tuple[jax.Array, jax.Array]]
 
 
-def model_audio(model: SpeechLM, batch: Batch) -> jax.Array:
-    """The SpeechLM's own audio embeddings [B, S*F, D] (encoder + projector, LoRA on)."""
-    return model.audio_embeddings(batch, lora=True)
+def model_audio(model: SpeechLM, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """The SpeechLM's own audio embeddings [B, S*F, D] and their valid frames [B, S*F] (LoRA on)."""
+    return model.audio_inputs(batch, lora=True)
 
 
-def oracle_audio(model: SpeechLM, batch: Batch) -> jax.Array:
-    """The transcript's token embeddings at the audio frames, [B, S*F, D] (with `OracleSpeech`)."""
-    return model.llm.embed(batch["audio_tokens"])
+def oracle_audio(model: SpeechLM, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """The transcript's token embeddings at the audio frames, [B, S*F, D], all valid (with `OracleSpeech`)."""
+    tokens = batch["audio_tokens"]
+    return model.llm.embed(tokens), jnp.ones(tokens.shape, bool)
 
 
 @dataclasses.dataclass(eq=False)
@@ -186,8 +187,8 @@ def _forward(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch, *, embedder
         return out
     adapted = _text_hidden(model, batch, lora=True)
     out["text_adapted"] = _row_logliks(llm, adapted, batch["teacher_targets"], batch["teacher_loss_mask"], chunk_size)
-    embeds = model.embed_inputs(batch, lora=True, audio_embeds=embedder(model, batch))
-    speech, _ = llm.hidden_states(embeds, positions=batch["positions"], input_mask=batch["input_mask"], lora=True)
+    embeds, mask, positions = model.student_inputs(batch, lora=True, audio=embedder(model, batch))
+    speech, _ = llm.hidden_states(embeds, positions=positions, input_mask=mask, lora=True)
     out["speech"] = _row_logliks(llm, speech, batch["targets"], batch["loss_mask"], chunk_size)
     unembedding, softcap = llm.unembedding(), llm.config.final_logit_softcapping
     _, m = chunked_misalignment(speech, gather_teacher(base, batch["teacher_index"]), unembedding,
@@ -206,15 +207,16 @@ def _prefix(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch, *, embedder:
     """A prompt's input embeddings left-aligned for the decoder: ([B, T, D], mask [B, T])."""
     model = nnx.merge(graphdef, state)
     if condition == "speech":
-        embeds = model.embed_inputs(batch, lora=True, audio_embeds=embedder(model, batch))
-        mask = batch["input_mask"]
+        embeds, mask, _ = model.student_inputs(batch, lora=True, audio=embedder(model, batch))
     else:
         embeds, mask = _llm(model).embed(batch["teacher_tokens"]), batch["teacher_input_mask"]
+    # Real positions move to the end of the row in order, masked ones (padding, and the audio
+    # positions a length adapter left empty) to the front: a stable sort on (real, index).
     length = mask.shape[1]
-    shift = length - jnp.sum(mask, axis=1, keepdims=True)
     t = jnp.arange(length)[None, :]
-    left = jnp.take_along_axis(embeds, jnp.mod(t - shift, length)[..., None], axis=1)
-    return left, (t >= shift).astype(jnp.int32)
+    order = jnp.argsort(jnp.where(mask > 0, t + length, t), axis=1)
+    left = jnp.take_along_axis(embeds, order[..., None], axis=1)
+    return left, jnp.take_along_axis(mask, order, axis=1).astype(jnp.int32)
 
 
 class Scorer:

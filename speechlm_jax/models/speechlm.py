@@ -11,6 +11,15 @@ The composition behind every recipe in `docs/ARCHITECTURE.md`. Inside the jitted
 F = audio_token_count(L, downsample). The teacher is the same LLM with LoRA off on the
 batch's text twin (`teacher_tokens`), under stop_gradient: no second copy of the weights.
 
+The optional CTC length adapter (`LengthAdapter`) shortens each slot to about one position
+per token: the LLM's own head reads every projector frame (greedy CTC best path), the
+frames of each predicted token are mean-pooled (blank frames dropped, a token's repeated
+frames merged), and the pooled frames are left-aligned in the slot. Shapes stay static: the
+slot keeps its F positions, the unused tail is masked out of attention, and the positions
+of the whole row are recounted from the mask, so the LLM reads the audio as a contiguous
+run of token-like positions. It only makes sense once the connector is CTC-aligned to this
+LLM (`loss.name = "ctc"`).
+
 Module paths: `encoder/...`, `projector/...`, `llm/...`; `trainable_filter` turns the
 names of the parts that train into the nnx filter that splits the model into the
 trainable and frozen partitions.
@@ -20,12 +29,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from speechlm_jax.losses.ctc import chunked_ctc_greedy, kept_frames
+
 from speechlm_jax.models.frontend import HOP_LENGTH, log_mel_spectrogram
-from speechlm_jax.models.llm import DecoderLLM, LLMConfig
+from speechlm_jax.models.llm import DecoderLLM, LLMConfig, default_positions
 from speechlm_jax.models.lora import LoRAConfig, apply_lora
 from speechlm_jax.models.projector import Projector, ProjectorConfig, make_projector
 from speechlm_jax.models.whisper import WhisperConfig, WhisperEncoder
@@ -43,13 +56,48 @@ def scatter_audio(text_embeds: jax.Array, audio_embeds: jax.Array, audio_index: 
     return jnp.where((audio_index >= 0)[..., None], gathered.astype(text_embeds.dtype), text_embeds)
 
 
+@dataclasses.dataclass(frozen=True)
+class LengthAdapter:
+    """The CTC length adapter's settings: the head's blank token and its vocabulary chunk."""
+
+    blank_id: int
+    chunk_size: int = 256
+
+
+def pool_token_frames(embeds: jax.Array, mask: jax.Array, best: jax.Array, *, blank_id: int) -> tuple[jax.Array, jax.Array]:
+    """Mean-pools the frames of each best-path token, left-aligned: ([N, F, D], mask [N, F]).
+
+    embeds [N, F, D], mask [N, F] (real frames), best [N, F] the head's token per frame. A
+    token's run starts at a frame that is not blank and not a repeat of the frame before
+    (`losses.ctc.kept_frames`); the run is the non-blank frames up to the next start.
+    """
+    real = mask > 0
+    start = kept_frames(best, real, blank_id=blank_id)
+    member = real & (best != blank_id)
+    run = jnp.cumsum(start, axis=1) - 1  # the run index of each member frame
+    f = embeds.shape[1]
+    onehot = (member[:, :, None] & (run[:, :, None] == jnp.arange(f)[None, None, :])).astype(jnp.float32)  # [N, F, K]
+    sizes = jnp.sum(onehot, axis=1)  # [N, K]
+    pooled = jnp.einsum("nfk,nfd->nkd", onehot / jnp.maximum(sizes, 1.0)[:, None, :], embeds.astype(jnp.float32))
+    count = jnp.sum(start, axis=1)
+    return pooled.astype(embeds.dtype), jnp.arange(f)[None, :] < count[:, None]
+
+
 class SpeechLM(nnx.Module):
     """Speech encoder + projector + decoder LLM; see the module docstring for the data flow."""
 
-    def __init__(self, encoder: WhisperEncoder, projector: Projector, llm: DecoderLLM):
+    def __init__(self, encoder: WhisperEncoder, projector: Projector, llm: DecoderLLM,
+                 length_adapter: LengthAdapter | None = None):
         self.encoder = encoder
         self.projector = projector
         self.llm = llm
+        self.length_adapter = length_adapter
+
+    def best_path(self, embeds: jax.Array) -> jax.Array:
+        """The LLM head's greedy CTC token of every projector frame: embeds [N, F, D] -> [N, F] ids."""
+        chunk = self.length_adapter.chunk_size if self.length_adapter is not None else 256
+        return chunked_ctc_greedy(self.llm.norm(embeds), self.llm.unembedding(), chunk_size=chunk,
+                                  softcap=self.llm.config.final_logit_softcapping)
 
     def encode_audio(self, audio: jax.Array, audio_lens: jax.Array, *, lora: bool = True) -> tuple[jax.Array, jax.Array]:
         """audio [N, L] int16 (or float in [-1, 1]) with audio_lens [N] valid samples ->
@@ -62,7 +110,10 @@ class SpeechLM(nnx.Module):
         frames = jnp.arange(mels.shape[-1])
         frame_mask = frames[None, :] < (audio_lens // HOP_LENGTH)[:, None]
         hidden, mask = self.encoder(mels, frame_mask=frame_mask, lora=lora)
-        return self.projector(hidden, mask, lora=lora)
+        embeds, mask = self.projector(hidden, mask, lora=lora)
+        if self.length_adapter is not None:
+            embeds, mask = pool_token_frames(embeds, mask, self.best_path(embeds), blank_id=self.length_adapter.blank_id)
+        return embeds, mask
 
     def encode_slots(self, batch: Batch, *, lora: bool = True) -> tuple[jax.Array, jax.Array]:
         """The batch's audio [B, S, L] -> every slot's (embeddings [B*S, F, D], mask [B*S, F])."""
@@ -72,9 +123,33 @@ class SpeechLM(nnx.Module):
 
     def audio_embeddings(self, batch: Batch, *, lora: bool = True) -> jax.Array:
         """The batch's audio [B, S, L] -> its audio embeddings [B, S*F, D], slot-major per row."""
-        embeds, _ = self.encode_slots(batch, lora=lora)
+        return self.audio_inputs(batch, lora=lora)[0]
+
+    def audio_inputs(self, batch: Batch, *, lora: bool = True) -> tuple[jax.Array, jax.Array]:
+        """The batch's audio -> (embeddings [B, S*F, D], valid [B, S*F] bool), slot-major per row."""
+        embeds, mask = self.encode_slots(batch, lora=lora)
         b = batch["audio"].shape[0]
-        return embeds.reshape(b, -1, embeds.shape[2])
+        return embeds.reshape(b, -1, embeds.shape[2]), mask.reshape(b, -1)
+
+    def student_inputs(self, batch: Batch, *, lora: bool = True,
+                       audio: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The student's (input embeddings [B, T, D], input_mask [B, T], positions [B, T]).
+
+        Without the length adapter the mask and positions are the batch's own. With it, the
+        audio positions past each slot's pooled frames leave the mask and the positions are
+        recounted from it. `audio` = (embeddings [B, S*F, D], valid [B, S*F]) replaces the
+        encoder path when given (cached or oracle embeddings).
+        """
+        if audio is None and ("audio" not in batch or batch["audio"].shape[1] == 0):
+            return self.llm.embed(batch["tokens"]), batch["input_mask"], batch["positions"]
+        embeds, valid = audio if audio is not None else self.audio_inputs(batch, lora=lora)
+        inputs = self.embed_inputs(batch, lora=lora, audio_embeds=embeds)
+        if self.length_adapter is None:
+            return inputs, batch["input_mask"], batch["positions"]
+        index = batch["audio_index"]
+        kept = jnp.take_along_axis(valid, jnp.maximum(index, 0), axis=1) | (index < 0)
+        mask = batch["input_mask"] * kept.astype(batch["input_mask"].dtype)
+        return inputs, mask, default_positions(mask)
 
     def embed_inputs(self, batch: Batch, *, lora: bool = True, audio_embeds: jax.Array | None = None) -> jax.Array:
         """Student input embeddings [B, T, D]: token embeddings with audio scattered in.
@@ -91,8 +166,9 @@ class SpeechLM(nnx.Module):
 
     def student_hidden(self, batch: Batch, lora: bool = True, *, audio_embeds: jax.Array | None = None) -> jax.Array:
         """Final-normed hidden states [B, T, D] of the student (speech or interleaved input)."""
-        embeds = self.embed_inputs(batch, lora=lora, audio_embeds=audio_embeds)
-        hidden, _ = self.llm.hidden_states(embeds, positions=batch["positions"], input_mask=batch["input_mask"], lora=lora)
+        audio = None if audio_embeds is None else (audio_embeds, jnp.ones(audio_embeds.shape[:2], bool))
+        embeds, mask, positions = self.student_inputs(batch, lora=lora, audio=audio)
+        hidden, _ = self.llm.hidden_states(embeds, positions=positions, input_mask=mask, lora=lora)
         return hidden
 
     def teacher_hidden(self, batch: Batch) -> jax.Array:
@@ -117,6 +193,7 @@ def build_speechlm(
     lora_cfg: LoRAConfig | None,
     *,
     encoder_lora_cfg: LoRAConfig | None = None,
+    length_adapter: LengthAdapter | None = None,
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
     rngs: nnx.Rngs,
@@ -138,7 +215,7 @@ def build_speechlm(
         apply_lora(llm, lora_cfg, rngs=rngs, param_dtype=param_dtype)
     if encoder_lora_cfg is not None:
         apply_lora(encoder, encoder_lora_cfg, rngs=rngs, param_dtype=param_dtype)
-    return SpeechLM(encoder, projector, llm)
+    return SpeechLM(encoder, projector, llm, length_adapter)
 
 
 # What each name in `trainable_filter(kinds)` selects. LoRAParam subclasses Param, so
