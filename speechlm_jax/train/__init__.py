@@ -8,6 +8,7 @@
     step.py        the jitted pure step (trainable, frozen, opt_state, batch, rng)
     checkpoint.py  orbax checkpoints: trainable, optimiser, rng, data iterator, base hash
     metrics.py     TensorBoard, progress bar, FLOP count and MFU
+    chips.py       accelerator chips: HBM and peak FLOP/s (speechlm-compile, MFU)
     data.py        config.data -> this host's Grain iterators
     trainer.py     the loop, top to bottom
     main.py        the absl CLI

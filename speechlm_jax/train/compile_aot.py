@@ -41,49 +41,10 @@ from absl import app, flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from speechlm_jax.train import config as config_lib
+from speechlm_jax.train.chips import CHIPS, Chip, GiB, chip_of
 
-GiB = 1024**3
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """One accelerator chip: its HBM, dense bf16 peak, and how a slice name counts it."""
-
-    name: str
-    hbm_bytes: int
-    peak_flops: float  # dense bf16 FLOP/s per chip
-    name_units_per_chip: int = 1  # v4 / v5p slice names count TensorCores (two per chip)
-    grid_dims: int = 2  # v4 / v5p are 3D tori, v5e / v6e 2D
-    platform: str = "tpu"
-
-
-# Sources: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} (system architecture tables: HBM per
-# chip and peak bf16 compute per chip); NVIDIA H100 SXM, H200 SXM and A100 datasheets
-# (dense bf16 Tensor Core FLOP/s, i.e. without 2:4 sparsity).
-CHIPS: dict[str, Chip] = {
-    "v4": Chip("TPU v4", 32 * GiB, 275e12, name_units_per_chip=2, grid_dims=3),
-    "v5e": Chip("TPU v5e", 16 * GiB, 197e12),
-    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, name_units_per_chip=2, grid_dims=3),
-    "v6e": Chip("TPU v6e", 32 * GiB, 918e12),
-    "h100": Chip("NVIDIA H100 80GB", 80 * 10**9, 989e12, platform="gpu"),
-    "h200": Chip("NVIDIA H200", 141 * 10**9, 989e12, platform="gpu"),
-    "a100-40gb": Chip("NVIDIA A100 40GB", 40 * 10**9, 312e12, platform="gpu"),
-    "a100-80gb": Chip("NVIDIA A100 80GB", 80 * 10**9, 312e12, platform="gpu"),
-}
+# Slice-name spellings of chip keys: `v5litepod-32` is a v5e slice.
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
-# `device_kind` prefixes of attached devices (`--topology local`), most specific first.
-DEVICE_KINDS = (
-    ("NVIDIA H200", "h200"), ("NVIDIA H100", "h100"), ("NVIDIA A100", "a100-80gb"),
-    ("TPU v6 lite", "v6e"), ("TPU v5 lite", "v5e"), ("TPU v5", "v5p"), ("TPU v4", "v4"),
-)
-
-
-def chip_of(device_kind: str) -> Chip:
-    """The chip of a JAX `device_kind` ("NVIDIA H100 80GB HBM3", "TPU v5 lite", ...)."""
-    for prefix, key in DEVICE_KINDS:
-        if device_kind.startswith(prefix):
-            return CHIPS["a100-40gb" if key == "a100-80gb" and "40GB" in device_kind else key]
-    raise ValueError(f"no HBM / peak figures for device kind {device_kind!r}; known chips: {', '.join(CHIPS)}")
 
 
 class TopologyUnavailableError(RuntimeError):
