@@ -23,8 +23,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from speechlm_jax.sharding import batch_sharding, make_mesh
-from speechlm_jax.train import build, data, metrics, objectives, optimizer, partitions, step
+from speechlm_jax.train import build, data, metrics, objectives, step
 from speechlm_jax.train import config as config_lib
+from speechlm_jax.train import state as state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "recipe config: configs/<recipe>.py:<variant>", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps (after one warm-up step)")
@@ -43,18 +44,14 @@ def main(argv: list[str]) -> None:
     shardings = {k: batch_sharding(mesh, v.ndim, rules) for k, v in host_batch.items()}
     batch = {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in host_batch.items()}
 
-    xla_options = step.compiler_options(config.train.fast_compile)
-    graphdef, trainable, frozen = partitions.split_model(build.build_model(config, mesh, rules, compiler_options=xla_options), groups)
-    frozen = build.cast_floating(frozen, config.model.frozen_dtype)
-    tx, schedules = optimizer.make_optimizer(config)
-    trainable_sh, frozen_sh = partitions.shardings(trainable, mesh, rules), partitions.shardings(frozen, mesh, rules)
-    opt_sh = partitions.shardings(jax.eval_shape(tx.init, trainable), mesh, rules)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+    state = state_lib.build_state(config, mesh, for_training=True)
+    trainable, frozen, opt_state = state.trainable, state.frozen, state.opt_state
     train_step = step.make_train_step(
-        graphdef, objectives.make_objective(config.loss), tx, schedules,
-        trainable_shardings=trainable_sh, frozen_shardings=frozen_sh, opt_shardings=opt_sh, batch_shardings=shardings,
-        grad_accum=config.train.grad_accum, compiler_options=xla_options,
+        state.graphdef, objectives.make_objective(config.loss), state.tx, state.schedules,
+        trainable_shardings=state.trainable_shardings, frozen_shardings=state.frozen_shardings, opt_shardings=state.opt_shardings,
+        batch_shardings=shardings, grad_accum=config.train.grad_accum, compiler_options=step.compiler_options(config.train.fast_compile),
     )
+    del state  # the timed steps rebind trainable and opt_state; `state` would pin the first ones
     rng = jax.random.key(config.seed)
 
     start = time.perf_counter()

@@ -5,7 +5,7 @@ orbax checkpoints of the *trainable* partition under `checkpoints/<step>/`; the 
 is not saved but rebuilt from `model.llm_weights` / `model.encoder_weights`, and its
 content hash is recorded in the checkpoint's `meta`.
 
-`load_workdir` rebuilds the SpeechLM of a run exactly as the trainer does (`train.build`),
+`load_workdir` rebuilds the SpeechLM of a run exactly as the trainer does (`train.state`),
 restores only the `trainable` and `meta` items of the step, and checks the base hash (an
 adapter exported onto different base weights would be a different model).
 
@@ -44,9 +44,9 @@ from speechlm_jax.models.hf_import import LLM_IGNORED, SafetensorsCheckpoint, lo
 from speechlm_jax.data.tokenizer import load_tokenizer
 from speechlm_jax.models.speechlm import SpeechLM, build_speechlm
 from speechlm_jax.sharding import make_mesh
-from speechlm_jax.train import build, checkpoint, data, optimizer, partitions, restore
-from speechlm_jax.train import step as step_lib
+from speechlm_jax.train import checkpoint, data, restore
 from speechlm_jax.train import config as config_lib
+from speechlm_jax.train import state as state_lib
 
 IMPORTED_STEP = 0
 
@@ -157,11 +157,8 @@ def write_checkpoint(
     base; default: the config's). With `data_iterator` (the run's Grain iterator) the step
     is complete, as the trainer's own saves are.
     """
-    mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    options = step_lib.compiler_options(config.train.fast_compile)
-    built = build.build_model(config, mesh, config_lib.sharding_rules(config), compiler_options=options)
-    groups = config_lib.trainable_groups(config)
-    _, trainable, frozen = partitions.split_model(built, groups)
+    state = state_lib.build_state(config, make_mesh({"data": 1}, jax.devices()[:1]))
+    trainable = state.trainable
     if source is not None:
         imported = dict(nnx.to_flat_state(nnx.state(source, nnx.Param)))
         flat = []
@@ -171,18 +168,17 @@ def write_checkpoint(
                 variable = variable.replace(jax.device_put(np.asarray(imported[path].get_value(), fresh.dtype), fresh.sharding))
             flat.append((path, variable))
         trainable = nnx.from_flat_state(flat)
-    tx, _ = optimizer.make_optimizer(config)
     meta = {
-        "base_hash": checkpoint.base_hash(build.cast_floating(frozen, config.model.frozen_dtype)),
+        "base_hash": checkpoint.base_hash(state.frozen),
         "base_path": base_path or restore.base_path(config),
         "rng": checkpoint.rng_to_meta(jax.random.key(config.seed)),
         "step": step,
     }
     ckpt = checkpoint.Checkpointer(workdir, every=1, keep=config.checkpoint.keep, async_save=False)
     if data_iterator is not None:
-        ckpt.save(step, trainable, tx.init(trainable), meta, data_iterator)
+        ckpt.save(step, trainable, state.tx.init(trainable), meta, data_iterator)
     else:
-        args = ocp.args.Composite(trainable=ocp.args.StandardSave(trainable), opt_state=ocp.args.StandardSave(tx.init(trainable)), meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(trainable=ocp.args.StandardSave(trainable), opt_state=ocp.args.StandardSave(state.tx.init(trainable)), meta=ocp.args.JsonSave(meta))
         ckpt.manager.save(step, args=args, force=True)
     ckpt.close()
 

@@ -6,7 +6,7 @@
     speechlm-eval --base /ckpt/llama --tokenizer /ckpt/llama --items arc.jsonl --out /tmp/upper
 
 A workdir is loaded as the trainer left it: its resolved `config.json` rebuilds the model
-(`train.build.build_model`, frozen base from its source, cast to `model.frozen_dtype` as in
+(`train.state.build_state`, frozen base from its source, cast to `model.frozen_dtype` as in
 training), the latest checkpoint's trainable state is restored through the trainer's
 orbax `Checkpointer`, and the frozen base's content hash is checked against the one the
 checkpoint recorded. `--base` loads an HF LLM alone: text conditions only (the upper bound).

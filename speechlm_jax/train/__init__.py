@@ -6,10 +6,11 @@
     optimizer.py   clip + AdamW per group with warmup-cosine / warmup-stable-decay schedules
     objectives.py  model-aware glue: recipe objective -> chunked pure losses
     step.py        the jitted pure step (trainable, frozen, opt_state, batch, rng)
+    state.py       the run's state: build -> trainable / frozen -> frozen dtype -> shardings
     checkpoint.py  orbax checkpoints: trainable, optimiser, rng, data iterator, base hash
     metrics.py     TensorBoard, progress bar, FLOP count and MFU
+    chips.py       accelerator chips: HBM and peak FLOP/s (speechlm-compile, MFU)
     data.py        config.data -> this host's Grain iterators
     trainer.py     the loop, top to bottom
-    main.py        the absl CLI
-    tiny_corpus.py the TTS corpus of the `:tiny` variants and the tests
+    main.py        the `speechlm-train` command
 """

@@ -41,49 +41,10 @@ from absl import app, flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from speechlm_jax.train import config as config_lib
+from speechlm_jax.train.chips import CHIPS, Chip, GiB, chip_of
 
-GiB = 1024**3
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """One accelerator chip: its HBM, dense bf16 peak, and how a slice name counts it."""
-
-    name: str
-    hbm_bytes: int
-    peak_flops: float  # dense bf16 FLOP/s per chip
-    name_units_per_chip: int = 1  # v4 / v5p slice names count TensorCores (two per chip)
-    grid_dims: int = 2  # v4 / v5p are 3D tori, v5e / v6e 2D
-    platform: str = "tpu"
-
-
-# Sources: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} (system architecture tables: HBM per
-# chip and peak bf16 compute per chip); NVIDIA H100 SXM, H200 SXM and A100 datasheets
-# (dense bf16 Tensor Core FLOP/s, i.e. without 2:4 sparsity).
-CHIPS: dict[str, Chip] = {
-    "v4": Chip("TPU v4", 32 * GiB, 275e12, name_units_per_chip=2, grid_dims=3),
-    "v5e": Chip("TPU v5e", 16 * GiB, 197e12),
-    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, name_units_per_chip=2, grid_dims=3),
-    "v6e": Chip("TPU v6e", 32 * GiB, 918e12),
-    "h100": Chip("NVIDIA H100 80GB", 80 * 10**9, 989e12, platform="gpu"),
-    "h200": Chip("NVIDIA H200", 141 * 10**9, 989e12, platform="gpu"),
-    "a100-40gb": Chip("NVIDIA A100 40GB", 40 * 10**9, 312e12, platform="gpu"),
-    "a100-80gb": Chip("NVIDIA A100 80GB", 80 * 10**9, 312e12, platform="gpu"),
-}
+# Slice-name spellings of chip keys: `v5litepod-32` is a v5e slice.
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
-# `device_kind` prefixes of attached devices (`--topology local`), most specific first.
-DEVICE_KINDS = (
-    ("NVIDIA H200", "h200"), ("NVIDIA H100", "h100"), ("NVIDIA A100", "a100-80gb"),
-    ("TPU v6 lite", "v6e"), ("TPU v5 lite", "v5e"), ("TPU v5", "v5p"), ("TPU v4", "v4"),
-)
-
-
-def chip_of(device_kind: str) -> Chip:
-    """The chip of a JAX `device_kind` ("NVIDIA H100 80GB HBM3", "TPU v5 lite", ...)."""
-    for prefix, key in DEVICE_KINDS:
-        if device_kind.startswith(prefix):
-            return CHIPS["a100-40gb" if key == "a100-80gb" and "40GB" in device_kind else key]
-    raise ValueError(f"no HBM / peak figures for device kind {device_kind!r}; known chips: {', '.join(CHIPS)}")
 
 
 class TopologyUnavailableError(RuntimeError):
@@ -247,10 +208,6 @@ def check_fits(report: CompileReport) -> None:
     )
 
 
-def _with_shardings(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def abstract_batch(config: ml_collections.ConfigDict, bucket: int = -1) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch of one step in bucket `bucket` (default: the largest), as shapes."""
     from speechlm_jax.data import batching
@@ -266,32 +223,23 @@ def abstract_batch(config: ml_collections.ConfigDict, bucket: int = -1) -> dict[
 def train_step_and_inputs(config: ml_collections.ConfigDict, mesh: Mesh, batch: dict[str, jax.ShapeDtypeStruct]) -> tuple[Any, tuple[Any, ...]]:
     """The trainer's jitted step for `mesh` and its abstract inputs, each carrying the trainer's sharding.
 
-    Inputs are (trainable, frozen, opt_state, batch, rng) as ShapeDtypeStructs: the model is
-    built with `nnx.eval_shape`, so no parameter is ever allocated.
+    Inputs are (trainable, frozen, opt_state, batch, rng) as ShapeDtypeStructs: the state is
+    built abstractly (`train.state.build_state`), so no parameter is ever allocated. Raises
+    ConfigError when the batch does not divide over the mesh's batch shards.
     """
     from speechlm_jax.sharding import batch_sharding
-    from speechlm_jax.train import build, objectives, optimizer, partitions, step
+    from speechlm_jax.train import objectives, step
+    from speechlm_jax.train import state as state_lib
 
-    rules = config_lib.sharding_rules(config)
-    graphdef, trainable, frozen = partitions.split_model(build.abstract_model(config), config_lib.trainable_groups(config))
-    frozen = jax.eval_shape(lambda f: build.cast_floating(f, config.model.frozen_dtype), frozen)
-    tx, schedules = optimizer.make_optimizer(config)
-    opt_state = jax.eval_shape(tx.init, trainable)
-    trainable_sh = partitions.shardings(trainable, mesh, rules)
-    frozen_sh = partitions.shardings(frozen, mesh, rules)
-    opt_sh = partitions.shardings(opt_state, mesh, rules)
-    batch_sh = {k: batch_sharding(mesh, v.ndim, rules) for k, v in batch.items()}
+    state = state_lib.build_state(config, mesh, abstract=True, for_training=True)
+    batch_sh = {k: batch_sharding(mesh, v.ndim, config_lib.sharding_rules(config)) for k, v in batch.items()}
     train_step = step.make_train_step(
-        graphdef, objectives.make_objective(config.loss), tx, schedules,
-        trainable_shardings=trainable_sh, frozen_shardings=frozen_sh, opt_shardings=opt_sh, batch_shardings=batch_sh,
-        grad_accum=config.train.grad_accum, skip_nonfinite=config.train.nonfinite == "skip",
+        state.graphdef, objectives.make_objective(config.loss), state.tx, state.schedules,
+        trainable_shardings=state.trainable_shardings, frozen_shardings=state.frozen_shardings, opt_shardings=state.opt_shardings,
+        batch_shardings=batch_sh, grad_accum=config.train.grad_accum, skip_nonfinite=config.train.nonfinite == "skip",
     )
     rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=NamedSharding(mesh, PartitionSpec()))
-    inputs = (
-        _with_shardings(trainable, trainable_sh), _with_shardings(frozen, frozen_sh), _with_shardings(opt_state, opt_sh),
-        _with_shardings(batch, batch_sh), rng,
-    )
-    return train_step, inputs
+    return train_step, (state.trainable, state.frozen, state.opt_state, state_lib.with_shardings(batch, batch_sh), rng)
 
 
 def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh, batch: dict[str, jax.ShapeDtypeStruct]) -> jax.stages.Lowered:
@@ -314,29 +262,19 @@ def model_flops(config: ml_collections.ConfigDict, batch: dict[str, jax.ShapeDty
     return flops.breakdown(shape)["total"]
 
 
-def _batch_shards(mesh: Mesh, config: ml_collections.ConfigDict) -> int:
-    from speechlm_jax.sharding import batch_sharding
-
-    spec = batch_sharding(mesh, 1, config_lib.sharding_rules(config)).spec[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
-    return math.prod(mesh.shape[a] for a in axes)
-
-
 def compile_train_step(
     config: ml_collections.ConfigDict, topology: Topology, *, mfu: float = 0.4, bucket: int = -1, hbm_bytes: int | None = None
 ) -> CompileReport:
     """Compiles the train step of `config` for `topology` and reads off its memory and FLOPs.
 
-    Raises DoesNotFitError when XLA's compiler itself runs out of device memory; a program
-    that compiles but exceeds the HBM comes back as a report with `fits` False (`check_fits`).
+    Raises ConfigError when the batch does not divide over the mesh's batch shards, and
+    DoesNotFitError when XLA's compiler itself runs out of device memory; a program that
+    compiles but exceeds the HBM comes back as a report with `fits` False (`check_fits`).
     """
     from speechlm_jax.sharding import make_mesh
 
     config_lib.validate(config)
     mesh = make_mesh(dict(config.mesh), topology.devices)
-    shards = _batch_shards(mesh, config) * config.train.grad_accum
-    if config.train.batch_size % shards:
-        raise config_lib.ConfigError(f"train.batch_size={config.train.batch_size} must divide into {shards} (batch shards of mesh {dict(mesh.shape)} x train.grad_accum)")
     hbm = hbm_bytes or topology.hbm_per_device
     batch = abstract_batch(config, bucket)
     start = time.perf_counter()

@@ -38,34 +38,18 @@ import numpy as np
 from flax import nnx
 
 from speechlm_jax.models.frontend import audio_token_count, encoder_frame_count, mel_frame_count
+from speechlm_jax.train.chips import chip_of
 
-# Dense bf16 peak FLOP/s per device, by `device_kind` prefix (vendor datasheets).
-PEAK_FLOPS = {
-    "NVIDIA H200": 989e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA A100": 312e12,
-    "NVIDIA L4": 121e12,
-    "TPU v6": 918e12,
-    "TPU v5p": 459e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v4": 275e12,
-    # v5p reports its kind as plain "TPU v5": after the longer v5 names, since kinds match by prefix.
-    "TPU v5": 459e12,
-}
-# A CPU has no datasheet figure here: a nominal 32 fp32 FLOP/cycle (two AVX2 FMA units)
+# A CPU has no datasheet figure in `train.chips`: a nominal 32 fp32 FLOP/cycle (two AVX2 FMA units)
 # at 2.5 GHz per core, so CPU MFU numbers compare runs, not machines.
 CPU_FLOPS_PER_CORE = 32 * 2.5e9
 
 
 def peak_flops(device: jax.Device) -> float:
-    """Peak FLOP/s of one device (nominal for CPUs, see CPU_FLOPS_PER_CORE)."""
+    """Peak FLOP/s of one device: its chip's (`train.chips`), nominal for CPUs (see CPU_FLOPS_PER_CORE)."""
     if device.platform == "cpu":
         return CPU_FLOPS_PER_CORE * (os.cpu_count() or 1) / max(jax.local_device_count(), 1)
-    for prefix, flops in PEAK_FLOPS.items():
-        if device.device_kind.startswith(prefix):
-            return flops
-    raise ValueError(f"no peak FLOP/s known for device kind {device.device_kind!r}; add it to PEAK_FLOPS")
+    return chip_of(device.device_kind).peak_flops
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,9 +4,9 @@ Evaluation (`speechlm-eval`), conversion (`speechlm-convert export`) and SALAD's
 selection all read a workdir the same way, so they share this one reader:
 
 1. `config.json`, the resolved config the trainer wrote;
-2. the frozen base rebuilt exactly as the trainer built it (`train.build`, with the run's own
-   compiler options, so randomly initialised parts of tiny runs are bitwise what it trained on)
-   and checked against the content hash the checkpoint recorded;
+2. the frozen base rebuilt exactly as the trainer built it (`train.state.build_state`, with the
+   run's own compiler options, so randomly initialised parts of tiny runs are bitwise what it
+   trained on) and checked against the content hash the checkpoint recorded;
 3. only the `trainable` and `meta` items of the step: the optimiser state and the data position
    are the trainer's business. The stored shapes are checked against the config first, since
    orbax would otherwise restore into the config's shapes without complaint.
@@ -25,9 +25,8 @@ from jax.sharding import Mesh
 
 from speechlm_jax.models.speechlm import SpeechLM
 from speechlm_jax.sharding import make_mesh
-from speechlm_jax.train import build, checkpoint, partitions
-from speechlm_jax.train import config as config_lib
-from speechlm_jax.train import step as step_lib
+from speechlm_jax.train import checkpoint
+from speechlm_jax.train import state as state_lib
 
 
 def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
@@ -75,21 +74,17 @@ def load_model(workdir: str | Path, *, mesh: Mesh | None = None, step: int | Non
     workdir = Path(workdir)
     config = read_config(workdir)
     mesh = mesh if mesh is not None else make_mesh({"data": 1}, jax.devices()[:1])
-    options = step_lib.compiler_options(config.train.fast_compile)
-    model = build.build_model(config, mesh, config_lib.sharding_rules(config), compiler_options=options)
-    graphdef, trainable, frozen = partitions.split_model(model, config_lib.trainable_groups(config))
-    del model
-    frozen = build.cast_floating(frozen, config.model.frozen_dtype)
+    state = state_lib.build_state(config, mesh)
     ckpt = checkpoint.Checkpointer(workdir, every=1, keep=config.checkpoint.keep, async_save=False)
     try:
         steps = sorted(ckpt.manager.all_steps())
         step = steps[-1] if step is None and steps else step
         if step is None or step not in steps:
             raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}; saved steps: {steps}")
-        check_trainable_fits(ckpt.directory / str(step) / "trainable", trainable)
-        args = ocp.args.Composite(trainable=ocp.args.StandardRestore(checkpoint.abstract_like(trainable)), meta=ocp.args.JsonRestore())
+        check_trainable_fits(ckpt.directory / str(step) / "trainable", state.trainable)
+        args = ocp.args.Composite(trainable=ocp.args.StandardRestore(checkpoint.abstract_like(state.trainable)), meta=ocp.args.JsonRestore())
         restored = ckpt.manager.restore(step, args=args)
     finally:
         ckpt.close()
-    checkpoint.check_base(dict(restored.meta), checkpoint.base_hash(frozen), base_path(config))
-    return nnx.merge(graphdef, restored.trainable, frozen), config, step
+    checkpoint.check_base(dict(restored.meta), checkpoint.base_hash(state.frozen), base_path(config))
+    return nnx.merge(state.graphdef, restored.trainable, state.frozen), config, step

@@ -1,8 +1,8 @@
 """The training loop, top to bottom: config, data, mesh, model, state, resume, steps, loop.
 
 Everything a run does is in `train` in reading order; the pieces it calls each have one
-job (`build`: the model in its shardings; `partitions`: what trains; `optimizer`: AdamW per
-group; `step`: the jitted pure step; `checkpoint`: orbax; `metrics`: TensorBoard, the
+job (`state`: the model split into what trains and the frozen base, the optimiser and their
+shardings; `step`: the jitted pure step; `checkpoint`: orbax; `metrics`: TensorBoard, the
 progress bar, MFU).
 
 Resume order (as big_vision): 1. this workdir's own latest checkpoint (a restart after
@@ -21,7 +21,6 @@ checkpoint is written, so a non-finite state is never saved), or, with
 from __future__ import annotations
 
 import dataclasses
-import math
 import signal
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -36,7 +35,8 @@ from jax.sharding import Mesh
 
 from speechlm_jax import distributed
 from speechlm_jax.sharding import batch_sharding, make_mesh
-from speechlm_jax.train import build, checkpoint, data, metrics, objectives, optimizer, partitions, restore, step
+from speechlm_jax.train import build, checkpoint, data, metrics, objectives, partitions, restore, step
+from speechlm_jax.train import state as state_lib
 from speechlm_jax.train import config as config_lib
 
 
@@ -87,13 +87,6 @@ def _global_batch(batch: Mapping[str, np.ndarray], shardings: Mapping[str, Any])
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
 
 
-def _batch_shards(mesh: Any, rules: Any) -> int:
-    """Into how many pieces the mesh splits the batch axis."""
-    spec = batch_sharding(mesh, 1, rules).spec[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
-    return math.prod(mesh.shape[a] for a in axes)
-
-
 def _mean_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
     fetched = jax.device_get(records)
     return {k: float(np.mean([r[k] for r in fetched])) for k in fetched[0]}
@@ -129,9 +122,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     rules = config_lib.sharding_rules(config)
     logging.info("mesh %s on %d devices", dict(mesh.shape), mesh.size)
     distributed.log_topology(mesh)
-    shards = _batch_shards(mesh, rules) * config.train.grad_accum
-    if config.train.batch_size % shards:
-        raise config_lib.ConfigError(f"train.batch_size={config.train.batch_size} must divide into {shards} (batch shards of mesh {dict(mesh.shape)} x train.grad_accum)")
 
     # --- Data: the Grain iterator (checkpointed with the state) and the held-out batches.
     pipeline = data.Data(config)
@@ -141,21 +131,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     if len(pipeline.tokenizer) > vocab:
         raise config_lib.ConfigError(f"tokenizer {config.data.tokenizer!r} has {len(pipeline.tokenizer)} tokens, the LLM's vocabulary only {vocab}")
 
-    # --- Model: built in its shardings, split into what trains and the frozen base.
-    xla_options = step.compiler_options(config.train.fast_compile)
-    model = build.build_model(config, mesh, rules, compiler_options=xla_options)
-    graphdef, trainable, frozen = partitions.split_model(model, groups)
-    del model  # the states hold every array; the module object would pin a second reference
-    frozen = build.cast_floating(frozen, config.model.frozen_dtype)
+    # --- State: the batch checked against the mesh; the model in its shardings, split into what
+    # trains and the frozen base; the optimiser state of the trainable groups only, sharded like them.
+    state = state_lib.build_state(config, mesh, for_training=True)
+    graphdef, trainable, frozen, tx, schedules, opt_state = state.graphdef, state.trainable, state.frozen, state.tx, state.schedules, state.opt_state
+    trainable_sh, frozen_sh, opt_sh = state.trainable_shardings, state.frozen_shardings, state.opt_shardings
+    del state  # the loop rebinds trainable and opt_state; `state` would pin the first ones
     logging.info("trainable %s; frozen %s", partitions.count_params(trainable), partitions.count_params(frozen))
     base = {"base_hash": checkpoint.base_hash(frozen), "base_path": restore.base_path(config)}
-
-    # --- Optimiser state: only for the trainable groups, sharded like the parameters.
-    tx, schedules = optimizer.make_optimizer(config)
-    trainable_sh = partitions.shardings(trainable, mesh, rules)
-    frozen_sh = partitions.shardings(frozen, mesh, rules)
-    opt_sh = partitions.shardings(jax.eval_shape(tx.init, trainable), mesh, rules)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
     rng = jax.random.key(config.seed)
 
     # --- Resume: this workdir's latest checkpoint, else the fresh state above.
@@ -170,6 +153,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         logging.info("resumed from step %d", start)
 
     # --- Steps: jitted with explicit shardings; trainable and opt_state are donated.
+    xla_options = step.compiler_options(config.train.fast_compile)
     objective = objectives.make_objective(config.loss)
     train_step = step.make_train_step(
         graphdef, objective, tx, schedules,
