@@ -56,6 +56,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.encoder_weights = ""
     # hidden / width 0 = the projector's default (d_llm / the downsample factor).
     c.model.projector = ml_collections.ConfigDict(dict(kind="frame_stack", downsample=4, hidden=0, activation="gelu", use_bias=False, width=0))
+    # The CTC length adapter: about one position per token, by the LLM head's greedy labels of the
+    # projector frames (blank = `blank_id`); for a connector CTC-aligned to this LLM.
+    c.model.length_adapter = ml_collections.ConfigDict(dict(enabled=False, blank_id=0))
+    # Start parts of the model from an earlier run's checkpoint (`train.init_from`): "" = no.
+    c.model.init_from = ml_collections.ConfigDict(dict(workdir="", parts="projector", step=0))
     # Targets are regexes searched in each part's own module paths (`layers/3/attn/q_proj`).
     c.model.lora = ml_collections.ConfigDict(
         dict(rank=0, alpha=16.0, targets=rf".*{LLM_ALL_LINEAR}$", encoder=False, encoder_targets=rf".*{WHISPER_ALL_LINEAR}$")

@@ -81,6 +81,9 @@ def check_representable(model: SpeechLM) -> None:
             problems.append(f"the {encoder.max_source_positions} encoder frames of a window do not split into groups of {k}")
     if llm.final_logit_softcapping is not None:
         problems.append(f"the LLM soft-caps its final logits ({llm.final_logit_softcapping}); Voxtral's lm_head does not")
+    if model.length_adapter is not None:
+        problems.append("the CTC length adapter pools the projector's frames by the LLM head's greedy labels; "
+                        "Voxtral (like every transformers audio-LLM class) feeds each projector frame to the LLM")
     if problems:
         raise NotRepresentableError(
             "no transformers class represents this SpeechLM exactly (VoxtralForConditionalGeneration is the one for a "

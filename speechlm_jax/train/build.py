@@ -30,7 +30,7 @@ from speechlm_jax.models import presets
 from speechlm_jax.models.llm import LLMConfig
 from speechlm_jax.models.lora import LoRAConfig
 from speechlm_jax.models.projector import ProjectorConfig
-from speechlm_jax.models.speechlm import SpeechLM, build_speechlm
+from speechlm_jax.models.speechlm import LengthAdapter, SpeechLM, build_speechlm
 from speechlm_jax.models.whisper import WhisperConfig
 from speechlm_jax.sharding import Rules
 from speechlm_jax.train import partitions
@@ -78,9 +78,11 @@ def lora_configs(config: ml_collections.ConfigDict) -> tuple[LoRAConfig | None, 
 def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> SpeechLM:
     """A randomly initialised SpeechLM of `config` (adapters when `model.lora.rank` > 0), unsharded."""
     llm_lora, encoder_lora = lora_configs(config)
+    adapter = config.model.length_adapter
     return build_speechlm(
         encoder_config(config), projector_config(config), llm_config(config), llm_lora,
-        encoder_lora_cfg=encoder_lora, dtype=jnp.dtype(config.model.dtype), param_dtype=jnp.dtype(config.model.param_dtype), rngs=rngs,
+        encoder_lora_cfg=encoder_lora,
+        length_adapter=LengthAdapter(adapter.blank_id, config.loss.chunk_size) if adapter.enabled else None, dtype=jnp.dtype(config.model.dtype), param_dtype=jnp.dtype(config.model.param_dtype), rngs=rngs,
     )
 
 

@@ -156,6 +156,14 @@ def write_resolved(config: ml_collections.ConfigDict, workdir: str | Path) -> Pa
     return path
 
 
+def read_resolved(workdir: str | Path) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote into its workdir (`write_resolved`)."""
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a trainer workdir")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """Loads `path/to/recipe.py[:arg]` the way `config_flags` does: the module's `get_config(arg)`."""
     path, _, arg = spec.partition(":") if ".py:" in spec else (spec, "", "")

@@ -14,7 +14,6 @@ selection all read a workdir the same way, so they share this one reader:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -26,15 +25,13 @@ from jax.sharding import Mesh
 from speechlm_jax.models.speechlm import SpeechLM
 from speechlm_jax.sharding import make_mesh
 from speechlm_jax.train import checkpoint
+from speechlm_jax.train import config as config_lib
 from speechlm_jax.train import state as state_lib
 
 
 def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
     """The resolved config a run wrote into its workdir."""
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a trainer workdir")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return config_lib.read_resolved(workdir)
 
 
 def base_path(config: ml_collections.ConfigDict) -> str:

@@ -3,7 +3,8 @@
 `build_state(config, mesh)` is the one recipe for it:
 
 1. the SpeechLM of `config` (`train.build`: pretrained parts read from their HF folders,
-   the rest initialised from `config.seed`, every array directly in its sharding), or with
+   the rest initialised from `config.seed`, every array directly in its sharding; then the
+   parts `model.init_from` names taken from an earlier run, `train.init_from`), or with
    `abstract=True` its shapes only (`nnx.eval_shape`: no weight is read or allocated);
 2. split into the `trainable` state (the groups of `train.trainable`) and the `frozen` base
    (`train.partitions`), the frozen base cast to `model.frozen_dtype`;
@@ -35,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from speechlm_jax.sharding import Rules, batch_sharding
-from speechlm_jax.train import build, optimizer, partitions, step
+from speechlm_jax.train import build, init_from, optimizer, partitions, step
 from speechlm_jax.train import config as config_lib
 
 
@@ -93,6 +94,7 @@ def build_state(config: ml_collections.ConfigDict, mesh: Mesh, *, abstract: bool
         model = build.abstract_model(config)
     else:
         model = build.build_model(config, mesh, rules, compiler_options=step.compiler_options(config.train.fast_compile))
+        model = init_from.apply(model, config, mesh)
     graphdef, trainable, frozen = partitions.split_model(model, config_lib.trainable_groups(config))
     del model  # the states hold every array; the module object would pin a second reference
     cast = functools.partial(build.cast_floating, dtype=config.model.frozen_dtype)

@@ -173,3 +173,48 @@ def test_bfloat16_compute_tracks_float32():
     assert half.dtype == jnp.float32 and bool(jnp.isfinite(half).all())
     valid = np.asarray(batch["input_mask"], bool)
     assert np.max(np.abs(np.asarray(half) - np.asarray(full))[valid]) < 0.05
+
+
+def test_pool_token_frames_merges_each_best_path_token_and_drops_blanks():
+    from speechlm_jax.models.speechlm import pool_token_frames
+
+    embeds = jnp.arange(8, dtype=jnp.float32).reshape(1, 8, 1) * jnp.ones((1, 1, 2))
+    # Frames: a a _ b _ b c [pad]: tokens a, b, b (a blank separates the repeat), c; frame 7 is padding.
+    best = jnp.asarray([[5, 5, 0, 6, 0, 6, 7, 7]])
+    mask = jnp.asarray([[1, 1, 1, 1, 1, 1, 1, 0]])
+    pooled, valid = pool_token_frames(embeds, mask, best, blank_id=0)
+    np.testing.assert_array_equal(valid, [[True, True, True, True, False, False, False, False]])
+    np.testing.assert_allclose(pooled[0, :4, 0], [0.5, 3.0, 5.0, 6.0])
+    np.testing.assert_allclose(pooled[0, 4:], 0.0)
+
+
+def test_length_adapter_reads_the_pooled_frames_as_one_contiguous_sequence():
+    """With the adapter, a row's text positions see exactly what the LLM sees when the pooled frames are
+    written into the sequence without gaps: masked tail, positions recounted from the mask."""
+    from speechlm_jax.models.speechlm import LengthAdapter
+
+    model = make_model(length_adapter=LengthAdapter(blank_id=0, chunk_size=16))
+    full = make_batch()
+    batch = {k: jnp.asarray(v[:1]) for k, v in full.items()}
+    embeds, valid = model.audio_inputs(batch)
+    inputs, mask, positions = model.student_inputs(batch)
+    kept = int(valid.sum())
+    frames = int((batch["audio_index"] >= 0).sum())
+    assert 0 < kept <= frames and int(mask.sum()) == int(batch["input_mask"].sum()) - (frames - kept)
+    hidden, _ = model.llm.hidden_states(inputs, positions=positions, input_mask=mask)
+
+    # The same row written contiguously: text, the `kept` pooled frames, text.
+    real = np.asarray(mask[0]) > 0
+    contiguous = inputs[:, real]
+    n = contiguous.shape[1]
+    reference, _ = model.llm.hidden_states(contiguous, positions=jnp.arange(n)[None], input_mask=jnp.ones((1, n), jnp.int32))
+    np.testing.assert_allclose(hidden[:, real], reference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(positions[0])[real], np.arange(n))
+
+
+def test_length_adapter_off_keeps_the_batch_mask_and_positions():
+    model = make_model()
+    batch = {k: jnp.asarray(v) for k, v in make_batch().items()}
+    _, mask, positions = model.student_inputs(batch)
+    np.testing.assert_array_equal(mask, batch["input_mask"])
+    np.testing.assert_array_equal(positions, batch["positions"])

@@ -1,0 +1,77 @@
+"""`model.init_from`: a run's parts started from an earlier run's checkpoint, or a clear refusal."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from speechlm_jax.sharding import make_mesh
+from speechlm_jax.train import init_from, state, trainer
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory, tiny_corpus, compilation_cache):
+    """Two steps of `asr:tiny` training the projector and the encoder (what a connector-alignment run trains)."""
+    from speechlm_jax.configs import asr
+
+    config = asr.get_config(f"tiny,data_dir={tiny_corpus}")
+    config.train.update(steps=2, progress_bar=False, eval_every=0, fast_compile=True,
+                        compilation_cache=str(compilation_cache))
+    config.train.trainable = "projector,encoder"
+    config.model.lora.rank = 0
+    config.checkpoint.async_save = False
+    workdir = tmp_path_factory.mktemp("source")
+    trainer.train(config, workdir)
+    return workdir, config
+
+
+def _target(source_config, workdir, parts):
+    config = source_config.copy_and_resolve_references()
+    config.seed = source_config.seed + 1  # another initialisation: only init_from can make the parts equal
+    config.train.trainable = "projector"
+    config.model.init_from.workdir = str(workdir)
+    config.model.init_from.parts = parts
+    return config
+
+
+def _flat(module):
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(module, nnx.Param))]
+
+
+def test_parts_come_from_the_earlier_run_and_the_rest_from_the_config(source_run):
+    workdir, source_config = source_run
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    trained = nnx.merge(*(lambda s: (s.graphdef, s.trainable, s.frozen))(
+        state.build_state(source_config, mesh)))  # the source's initial values, for contrast
+    source_trainable = init_from.source_trainable(_target(source_config, workdir, "projector"), mesh)
+    built = state.build_state(_target(source_config, workdir, "projector,encoder"), mesh)
+    model = nnx.merge(built.graphdef, built.trainable, built.frozen)
+    for part in ("projector", "encoder"):
+        expected = [np.asarray(x) for x in jax.tree.leaves(source_trainable[part])]
+        got = _flat(getattr(model, part))
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected)), part
+        # Two optimiser steps moved them away from the source's own initial values.
+        assert not all(np.array_equal(a, b) for a, b in zip(got, _flat(getattr(trained, part)))), part
+    # The LLM is this config's own (seeded differently), not the source's.
+    assert not all(np.array_equal(a, b) for a, b in zip(_flat(model.llm), _flat(trained.llm)))
+
+
+def test_a_part_of_another_shape_is_named_with_both_shapes(source_run):
+    workdir, source_config = source_run
+    config = _target(source_config, workdir, "projector")
+    config.model.projector.downsample = 2 * source_config.model.projector.downsample
+    with pytest.raises(init_from.InitFromError, match=r"projector/linear_1/kernel is \(\d+, \d+\) in .*, this model's is"):
+        state.build_state(config, make_mesh({"data": 1}, jax.devices()[:1]))
+
+
+def test_an_unknown_part_and_a_missing_step_are_refused(source_run):
+    workdir, source_config = source_run
+    config = _target(source_config, workdir, "projector")
+    config.model.init_from.parts = "projector,decoder"
+    with pytest.raises(init_from.InitFromError, match="name some of projector, encoder"):
+        init_from.parts(config)
+    config.model.init_from.step = 7
+    with pytest.raises(init_from.InitFromError, match=r"no checkpoint at step 7 .* saved steps: \[2\]"):
+        init_from.source_trainable(config, make_mesh({"data": 1}, jax.devices()[:1]))
