@@ -54,6 +54,15 @@ def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> dic
     }
 
 
+def character_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Corpus CER of the normalised texts (jiwer), references that normalise to nothing left out."""
+    pairs = [(normalize_text(r), normalize_text(h)) for r, h in zip(references, hypotheses, strict=True)]
+    pairs = [(r, h) for r, h in pairs if r]
+    if not pairs:
+        raise ValueError("no non-empty reference to score")
+    return float(jiwer.cer([r for r, _ in pairs], [h for _, h in pairs]))
+
+
 def asr_items(records: Sequence[Mapping[str, Any]], *, prompt_split: str = "train", seed: int = 0) -> list[Item]:
     """Items asking the `asr` task about each speech record `{"id", "text", "audio"}`."""
     pool = get_task("asr").prompts(prompt_split)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from speechlm_jax.losses.ctc import chunked_ctc_greedy, kept_frames
+from speechlm_jax.losses.ctc import chunked_ctc_greedy, collapse_best_path, kept_frames
 
 from speechlm_jax.models.frontend import HOP_LENGTH, log_mel_spectrogram
 from speechlm_jax.models.llm import DecoderLLM, LLMConfig, default_positions
@@ -106,14 +106,23 @@ class SpeechLM(nnx.Module):
         Row i has audio_token_count(audio_lens[i], downsample) valid frames; an unused slot
         (length 0) yields finite, fully masked output.
         """
+        embeds, mask = self.project_audio(audio, audio_lens, lora=lora)
+        if self.length_adapter is not None:
+            embeds, mask = pool_token_frames(embeds, mask, self.best_path(embeds), blank_id=self.length_adapter.blank_id)
+        return embeds, mask
+
+    def project_audio(self, audio: jax.Array, audio_lens: jax.Array, *, lora: bool = True) -> tuple[jax.Array, jax.Array]:
+        """Log-mel -> encoder -> projector: (frames [N, F, D], mask [N, F]), before any length adapter."""
         mels = log_mel_spectrogram(audio, n_mels=self.encoder.config.num_mel_bins)
         frames = jnp.arange(mels.shape[-1])
         frame_mask = frames[None, :] < (audio_lens // HOP_LENGTH)[:, None]
         hidden, mask = self.encoder(mels, frame_mask=frame_mask, lora=lora)
-        embeds, mask = self.projector(hidden, mask, lora=lora)
-        if self.length_adapter is not None:
-            embeds, mask = pool_token_frames(embeds, mask, self.best_path(embeds), blank_id=self.length_adapter.blank_id)
-        return embeds, mask
+        return self.projector(hidden, mask, lora=lora)
+
+    def ctc_transcript(self, audio: jax.Array, audio_lens: jax.Array, *, blank_id: int, max_labels: int) -> jax.Array:
+        """The connector's own ASR: greedy CTC through the LLM's head, [N, L] audio -> [N, max_labels] ids, -1 after the end."""
+        embeds, mask = self.project_audio(audio, audio_lens)
+        return collapse_best_path(self.best_path(embeds), mask, blank_id=blank_id, max_labels=max_labels)
 
     def encode_slots(self, batch: Batch, *, lora: bool = True) -> tuple[jax.Array, jax.Array]:
         """The batch's audio [B, S, L] -> every slot's (embeddings [B*S, F, D], mask [B*S, F])."""
