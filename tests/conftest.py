@@ -166,3 +166,77 @@ def save_hf_model(hf_config):
         return model
 
     return save
+
+
+# -- A tiny random SpeechLM over the toy world's word tokenizer (evaluation/, selection/) ----
+
+TOY_DOWNSAMPLE = 2
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer():
+    """`toy_tokenizer(directory)`: the toy world's word tokenizer, built in `directory` and loaded."""
+    from speechlm_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
+    from speechlm_jax.toyworld import all_words, register_toy_tasks
+
+    def make(directory: Path):
+        register_toy_tasks()
+        return load_tokenizer(build_word_tokenizer(all_words(), directory))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def toy_downsample() -> int:
+    """The projector downsampling of `toy_speechlm` (a Scorer of it needs the same)."""
+    return TOY_DOWNSAMPLE
+
+
+@pytest.fixture(scope="session")
+def toy_llm_config():
+    """`toy_llm_config(vocab_size)`: the tiny Llama of `toy_speechlm` and `toy_base_llm`."""
+    from speechlm_jax.models.llm import LLMConfig
+
+    def make(vocab_size: int) -> LLMConfig:
+        # Rounded up to a multiple of 8 so the vocab axis shards over a tensor axis of 2.
+        return LLMConfig(
+            model_type="llama", vocab_size=-(-vocab_size // 8) * 8, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            tie_word_embeddings=False, eos_token_id=(2,), bos_token_id=1, pad_token_id=0,
+        )
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def toy_speechlm(toy_llm_config):
+    """`toy_speechlm(tok, seed=0)`: random weights, rank-4 LoRA on every linear (zero B: the
+    adapter starts as the identity). A new model each call."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from speechlm_jax.models.lora import LoRAConfig
+    from speechlm_jax.models.projector import ProjectorConfig
+    from speechlm_jax.models.speechlm import build_speechlm
+    from speechlm_jax.models.whisper import WhisperConfig
+
+    encoder = WhisperConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64)
+
+    def make(tok, seed: int = 0):
+        return build_speechlm(encoder, ProjectorConfig(downsample=TOY_DOWNSAMPLE), toy_llm_config(len(tok)),
+                              LoRAConfig(rank=4), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def toy_base_llm(toy_llm_config):
+    """`toy_base_llm(tok, seed=0)`: the random LLM of `toy_speechlm` alone, without adapters."""
+    from flax import nnx
+
+    from speechlm_jax.models.llm import DecoderLLM
+
+    def make(tok, seed: int = 0):
+        return DecoderLLM(toy_llm_config(len(tok)), rngs=nnx.Rngs(seed))
+
+    return make
