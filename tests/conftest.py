@@ -15,3 +15,228 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Fixtures shared by several test folders. Tests never import one another (nor helper
+# modules): what they share lives here, or in their folder's conftest.py. The imports of
+# the package stay inside the fixtures, so a run of one folder loads only what it uses.
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+# -- The trainer's tiny TTS corpus, tiny recipe configs and XLA cache (train/, scale/) ------
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from speechlm_jax.toyworld.corpus import build_tiny_corpus
+
+    return build_tiny_corpus(tmp_path_factory.mktemp("tiny_corpus"), train_sentences=12, heldout_sentences=4)
+
+
+@pytest.fixture(scope="session")
+def compilation_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A persistent XLA cache for the trainer tests: the same program compiles once per session.
+
+    The train/ and scale/ conftests turn it on for every test of theirs.
+    """
+    path = tmp_path_factory.mktemp("xla_cache")
+    previous = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield path
+    jax.config.update("jax_compilation_cache_dir", previous[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+
+
+@pytest.fixture
+def tiny_config(tiny_corpus: Path, compilation_cache: Path):
+    """`tiny_config(recipe, **train)`: the recipe's `:tiny` variant, quiet, with the shared XLA cache."""
+    from speechlm_jax.configs import asr, mtbi, salad, vtb
+
+    recipes = {"asr": asr, "mtbi": mtbi, "salad": salad, "vtb": vtb}
+
+    def make(recipe: str, **train: object):
+        config = recipes[recipe].get_config(f"tiny,data_dir={tiny_corpus}")
+        config.train.progress_bar = False
+        config.train.eval_every = 0
+        config.train.fast_compile = True
+        config.train.compilation_cache = str(compilation_cache)
+        for key, value in train.items():
+            config.train[key] = value
+        return config
+
+    return make
+
+
+# -- Tiny random transformers LLMs of every supported family (models/, selection/, generation) --
+# Each family exercises its own switches (llama3 RoPE scaling + GQA, Qwen2 q/k/v biases, Qwen3
+# q/k norms, Gemma 3 sliding window smaller than the test sequences, soft-capping, local RoPE base).
+
+LLM_FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
+
+
+@pytest.fixture(scope="session")
+def llm_families() -> tuple[str, ...]:
+    """Every LLM family the tiny transformers models come in."""
+    return LLM_FAMILIES
+
+
+@pytest.fixture(params=LLM_FAMILIES)
+def llm_family(request: pytest.FixtureRequest) -> str:
+    """Runs the test once per LLM family (test ids `[llama]`, `[qwen2]`, ...)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def hf_config():
+    """`hf_config(family, *, tied)`: a tiny transformers config of `family` with tied or untied embeddings."""
+    import transformers
+
+    common = dict(
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        # Larger than HF's 0.02 so that greedy decoding of a random model does not just repeat one token.
+        initializer_range=0.15,
+    )
+
+    def make(family: str, *, tied: bool) -> transformers.PretrainedConfig:
+        kw = dict(common, tie_word_embeddings=tied)
+        if family == "llama":
+            rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+            return transformers.LlamaConfig(**kw, rope_parameters=rope)
+        if family == "qwen2":
+            return transformers.Qwen2Config(**kw, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        if family == "qwen3":
+            return transformers.Qwen3Config(**kw, head_dim=24, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        if family == "gemma3":
+            # The sqrt(d) embedding scale already makes Gemma's activations large: HF's default init.
+            kw["initializer_range"] = 0.02
+            return transformers.Gemma3TextConfig(
+                **kw,
+                head_dim=16,
+                query_pre_attn_scalar=24,
+                sliding_window=5,
+                layer_types=["sliding_attention", "full_attention"],
+                attn_logit_softcapping=20.0,
+                final_logit_softcapping=8.0,
+                rope_parameters={
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                    "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                },
+            )
+        raise ValueError(family)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def save_hf_model(hf_config):
+    """`save_hf_model(family, directory, *, tied, seed=0, **save_kwargs)`: a random tiny transformers
+    model, saved with `save_pretrained` and returned.
+
+    Float32, eval mode, eager attention (the exact reference numerics). Norm weights are
+    randomised too (HF initialises them to the identity), so a mapping error on any of them
+    shows in the logits.
+    """
+    import torch
+    import transformers
+
+    def save(family: str, directory: Path, *, tied: bool, seed: int = 0, **save_kwargs) -> transformers.PreTrainedModel:
+        torch.manual_seed(seed)
+        config = hf_config(family, tied=tied)
+        config._attn_implementation = "eager"
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.add_(0.1 * torch.randn_like(param))
+                elif name.endswith("bias"):
+                    param.copy_(0.05 * torch.randn_like(param))
+        model.save_pretrained(directory, **save_kwargs)
+        return model
+
+    return save
+
+
+# -- A tiny random SpeechLM over the toy world's word tokenizer (evaluation/, selection/) ----
+
+TOY_DOWNSAMPLE = 2
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer():
+    """`toy_tokenizer(directory)`: the toy world's word tokenizer, built in `directory` and loaded."""
+    from speechlm_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
+    from speechlm_jax.toyworld import all_words, register_toy_tasks
+
+    def make(directory: Path):
+        register_toy_tasks()
+        return load_tokenizer(build_word_tokenizer(all_words(), directory))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def toy_downsample() -> int:
+    """The projector downsampling of `toy_speechlm` (a Scorer of it needs the same)."""
+    return TOY_DOWNSAMPLE
+
+
+@pytest.fixture(scope="session")
+def toy_llm_config():
+    """`toy_llm_config(vocab_size)`: the tiny Llama of `toy_speechlm` and `toy_base_llm`."""
+    from speechlm_jax.models.llm import LLMConfig
+
+    def make(vocab_size: int) -> LLMConfig:
+        # Rounded up to a multiple of 8 so the vocab axis shards over a tensor axis of 2.
+        return LLMConfig(
+            model_type="llama", vocab_size=-(-vocab_size // 8) * 8, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            tie_word_embeddings=False, eos_token_id=(2,), bos_token_id=1, pad_token_id=0,
+        )
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def toy_speechlm(toy_llm_config):
+    """`toy_speechlm(tok, seed=0)`: random weights, rank-4 LoRA on every linear (zero B: the
+    adapter starts as the identity). A new model each call."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from speechlm_jax.models.lora import LoRAConfig
+    from speechlm_jax.models.projector import ProjectorConfig
+    from speechlm_jax.models.speechlm import build_speechlm
+    from speechlm_jax.models.whisper import WhisperConfig
+
+    encoder = WhisperConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64)
+
+    def make(tok, seed: int = 0):
+        return build_speechlm(encoder, ProjectorConfig(downsample=TOY_DOWNSAMPLE), toy_llm_config(len(tok)),
+                              LoRAConfig(rank=4), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def toy_base_llm(toy_llm_config):
+    """`toy_base_llm(tok, seed=0)`: the random LLM of `toy_speechlm` alone, without adapters."""
+    from flax import nnx
+
+    from speechlm_jax.models.llm import DecoderLLM
+
+    def make(tok, seed: int = 0):
+        return DecoderLLM(toy_llm_config(len(tok)), rngs=nnx.Rngs(seed))
+
+    return make

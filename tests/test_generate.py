@@ -10,16 +10,15 @@ import torch
 
 from speechlm_jax.models.hf_import import load_llm
 from speechlm_jax.generate import generate, sample_logits
-from tests.models.tiny_llms import FAMILIES, save_hf_model
 
 NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, llm_families, save_hf_model):
     """family -> (our model, transformers model); Llama and Qwen3 untied, the others tied."""
     out = {}
-    for family in FAMILIES:
+    for family in llm_families:
         directory = tmp_path_factory.mktemp(family)
         hf = save_hf_model(family, directory, tied=family in ("qwen2", "gemma3"), seed=1)
         out[family] = load_llm(directory), hf
@@ -48,9 +47,8 @@ def hf_greedy(hf, tokens: np.ndarray, mask: np.ndarray, eos_id: int | None) -> n
     return out[:, tokens.shape[1] :].numpy()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_matches_transformers_with_left_padding(models, family):
-    model, hf = models[family]
+def test_greedy_matches_transformers_with_left_padding(models, llm_family):
+    model, hf = models[llm_family]
     tokens, mask = left_padded_prompts()
     ref = hf_greedy(hf, tokens, mask, eos_id=None)
     out = generate(model, tokens, mask, max_new_tokens=NEW_TOKENS, eos_id=())

@@ -16,22 +16,6 @@ from speechlm_jax.data.tokenizer import load_tokenizer
 from speechlm_jax.generate import generate
 from speechlm_jax.models.projector import ProjectorConfig
 
-from tests.convert import tiny_speechlm as tiny
-
-
-def hf_inputs(folder, batch, clip) -> dict[str, torch.Tensor]:
-    """The same audio + prompt for the HF class: features from the exported feature extractor."""
-    extractor = transformers.AutoFeatureExtractor.from_pretrained(folder)
-    features = extractor(clip.astype(np.float32) / 32768.0, sampling_rate=16000, return_tensors="pt").input_features
-    tokens = torch.tensor(np.asarray(batch["tokens"]))
-    return dict(input_ids=tokens, input_features=features, attention_mask=torch.ones_like(tokens))
-
-
-def load_voxtral(folder, **kwargs) -> transformers.VoxtralForConditionalGeneration:
-    model, info = transformers.VoxtralForConditionalGeneration.from_pretrained(folder, output_loading_info=True, **kwargs)
-    assert not any(info.values()), info
-    return model.eval()
-
 
 def stored_keys(folder) -> dict[str, str]:
     """{key: safetensors dtype} over every file of a folder."""
@@ -40,9 +24,10 @@ def stored_keys(folder) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("family,tied", [("llama", False), ("qwen2", True)])
-def test_voxtral_export_gives_our_logits_and_tokens(family, tied, tmp_path):
-    model = tiny.tiny_speechlm(family, tied=tied)
-    tokenizer = tiny.tokenizer_dir(tmp_path)
+def test_voxtral_export_gives_our_logits_and_tokens(family, tied, tiny_speechlm, tokenizer_dir, clip, prompt_batch,
+                                                    hf_inputs, load_voxtral, tmp_path):
+    model = tiny_speechlm(family, tied=tied)
+    tokenizer = tokenizer_dir(tmp_path)
     audio_token_id = load_tokenizer(str(tokenizer)).audio_token_id
     out = export.export_speechlm(model, tmp_path / "hf", audio_token_id=audio_token_id, tokenizer_dir=tokenizer, merge_lora=True)
 
@@ -52,8 +37,7 @@ def test_voxtral_export_gives_our_logits_and_tokens(family, tied, tmp_path):
     assert transformers.AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<audio>") == audio_token_id
     hf = load_voxtral(out)
 
-    clip = tiny.audio()
-    batch = tiny.prompt_batch(tokenizer, clip)
+    batch = prompt_batch(tokenizer, clip)
     inputs = hf_inputs(out, batch, clip)
     with torch.no_grad():
         reference = hf(**inputs).logits.numpy()
@@ -69,8 +53,8 @@ def test_voxtral_export_gives_our_logits_and_tokens(family, tied, tmp_path):
     assert len(hf_tokens) == length
 
 
-def test_keys_are_the_layout_transformers_writes_and_shards_load(tmp_path):
-    model = tiny.tiny_speechlm(lora=False)
+def test_keys_are_the_layout_transformers_writes_and_shards_load(tiny_speechlm, load_voxtral, tmp_path):
+    model = tiny_speechlm(lora=False)
     out = export.export_speechlm(model, tmp_path / "hf", audio_token_id=4, max_shard_size="40KB")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -83,17 +67,16 @@ def test_keys_are_the_layout_transformers_writes_and_shards_load(tmp_path):
     assert set(index["weight_map"]) == set(stored_keys(out))
 
 
-def test_bf16_export_loads_and_runs(tmp_path):
-    model = tiny.tiny_speechlm()
-    tokenizer = tiny.tokenizer_dir(tmp_path)
+def test_bf16_export_loads_and_runs(tiny_speechlm, tokenizer_dir, clip, prompt_batch, hf_inputs, load_voxtral, tmp_path):
+    model = tiny_speechlm()
+    tokenizer = tokenizer_dir(tmp_path)
     out = export.export_speechlm(model, tmp_path / "hf", audio_token_id=4, tokenizer_dir=tokenizer, merge_lora=True, dtype="bf16")
     dtypes = stored_keys(out)
     assert dtypes.pop("audio_tower.embed_positions.weight") == "F32"
     assert set(dtypes.values()) == {"BF16"}
     hf = load_voxtral(out)
     assert hf.lm_head.weight.dtype == torch.bfloat16
-    clip = tiny.audio()
-    batch = tiny.prompt_batch(tokenizer, clip)
+    batch = prompt_batch(tokenizer, clip)
     with torch.no_grad():
         logits = hf(**hf_inputs(out, batch, clip)).logits.float().numpy()
     ours = np.asarray(model(batch))
@@ -102,9 +85,9 @@ def test_bf16_export_loads_and_runs(tmp_path):
     assert np.abs(logits - ours).max() < 0.05 * np.abs(ours).max()
 
 
-def test_llm_alone_as_causal_lm(tmp_path):
-    model = tiny.tiny_speechlm("qwen2")
-    out = export.export_llm(model.llm, tmp_path / "llm", tokenizer_dir=tiny.tokenizer_dir(tmp_path), merge_lora=True)
+def test_llm_alone_as_causal_lm(tiny_speechlm, tokenizer_dir, tmp_path):
+    model = tiny_speechlm("qwen2")
+    out = export.export_llm(model.llm, tmp_path / "llm", tokenizer_dir=tokenizer_dir(tmp_path), merge_lora=True)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(hf).__name__ == "Qwen2ForCausalLM"
     tokens = np.array([[1, 5, 9, 11, 7, 30, 12]], np.int32)
@@ -127,15 +110,15 @@ def _no_partial_output(tmp_path) -> bool:
         (ProjectorConfig(kind="frame_stack", downsample=4, hidden=16), "hidden width is 16"),
     ],
 )
-def test_unrepresentable_models_are_refused_and_nothing_is_written(projector, message, tmp_path):
-    model = tiny.tiny_speechlm(projector=projector, lora=False)
+def test_unrepresentable_models_are_refused_and_nothing_is_written(projector, message, tiny_speechlm, tmp_path):
+    model = tiny_speechlm(projector=projector, lora=False)
     with pytest.raises(voxtral.NotRepresentableError, match=message):
         export.export_speechlm(model, tmp_path / "hf", audio_token_id=4)
     assert _no_partial_output(tmp_path)
 
 
-def test_tensors_that_do_not_fit_the_config_fail_before_writing(tmp_path):
-    model = tiny.tiny_speechlm(lora=False)
+def test_tensors_that_do_not_fit_the_config_fail_before_writing(tiny_speechlm, tmp_path):
+    model = tiny_speechlm(lora=False)
     up = model.llm.layers[1].mlp.up_proj.kernel
     up.set_value(up.get_value()[:, :-1])
     with pytest.raises(ValueError, match=r"first mismatched tensor: language_model\.model\.layers\.1\.mlp\.up_proj\.weight"):
@@ -143,8 +126,8 @@ def test_tensors_that_do_not_fit_the_config_fail_before_writing(tmp_path):
     assert _no_partial_output(tmp_path)
 
 
-def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
-    model = tiny.tiny_speechlm(lora=False)
+def test_failure_while_writing_leaves_nothing(tiny_speechlm, tmp_path, monkeypatch):
+    model = tiny_speechlm(lora=False)
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -158,9 +141,9 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
         export.export_speechlm(model, tmp_path / "hf", audio_token_id=4)
 
 
-def test_audio_token_outside_the_vocabulary_is_refused(tmp_path):
+def test_audio_token_outside_the_vocabulary_is_refused(tiny_speechlm, tmp_path):
     with pytest.raises(ValueError, match="audio_token_id 48 is outside the LLM's vocabulary of 48"):
-        export.export_speechlm(tiny.tiny_speechlm(lora=False), tmp_path / "hf", audio_token_id=48)
+        export.export_speechlm(tiny_speechlm(lora=False), tmp_path / "hf", audio_token_id=48)
     assert _no_partial_output(tmp_path)
 
 

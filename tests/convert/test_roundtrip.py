@@ -18,13 +18,12 @@ from safetensors.numpy import save_file
 
 from speechlm_jax.convert import export, main, workdir
 from speechlm_jax.models.hf_import import SafetensorsCheckpoint
+from speechlm_jax.models.lora import linear_modules
 from speechlm_jax.data.tokenizer import build_word_tokenizer
 from speechlm_jax.sharding import make_mesh
 from speechlm_jax.train import build, checkpoint, optimizer, partitions, restore
 from speechlm_jax.train import config as config_lib
 from speechlm_jax.train import data as train_data
-
-from tests.convert import tiny_speechlm as tiny
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,6 +34,10 @@ def tensors(folder) -> dict[str, np.ndarray]:
     return {k: ckpt.get(k).view(np.uint16) if ckpt.dtype(k) == "BF16" else ckpt.get(k) for k in ckpt.keys()}
 
 
+def has_lora(model: nnx.Module) -> bool:
+    return any(linear.has_lora for _, linear in linear_modules(model))
+
+
 def assert_bitwise(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
     assert a.keys() == b.keys()
     for key in a:
@@ -42,9 +45,9 @@ def assert_bitwise(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def hf_voxtral(folder) -> None:
+def hf_voxtral(folder, words: str) -> None:
     """A random VoxtralForConditionalGeneration saved by transformers itself, with a word tokenizer."""
-    tokenizer = build_word_tokenizer([tiny.WORDS], folder)
+    tokenizer = build_word_tokenizer([words], folder)
     torch.manual_seed(0)
     config = transformers.VoxtralConfig(
         audio_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_mel_bins=80, max_source_positions=100),
@@ -60,8 +63,8 @@ def hf_voxtral(folder) -> None:
     model.save_pretrained(folder)
 
 
-def test_transformers_voxtral_imports_and_exports_bitwise(tmp_path):
-    hf_voxtral(tmp_path / "hf")
+def test_transformers_voxtral_imports_and_exports_bitwise(tokenizer_words, tmp_path):
+    hf_voxtral(tmp_path / "hf", tokenizer_words)
     main.main(["import", "--hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "run")])
     run = tmp_path / "run"
     config = json.loads((run / "config.json").read_text())
@@ -71,8 +74,8 @@ def test_transformers_voxtral_imports_and_exports_bitwise(tmp_path):
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab() == transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").get_vocab()
 
 
-def test_import_of_tensors_that_do_not_fit_the_config_fails_without_output(tmp_path, capsys):
-    hf_voxtral(tmp_path / "hf")
+def test_import_of_tensors_that_do_not_fit_the_config_fails_without_output(tokenizer_words, tmp_path, capsys):
+    hf_voxtral(tmp_path / "hf", tokenizer_words)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     config["text_config"]["intermediate_size"] = 48
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
@@ -82,9 +85,9 @@ def test_import_of_tensors_that_do_not_fit_the_config_fails_without_output(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
-def test_adapter_and_bf16_survive_import_and_export_bitwise(tmp_path):
-    model = tiny.tiny_speechlm("qwen2", tied=True)
-    tokenizer = tiny.tokenizer_dir(tmp_path)
+def test_adapter_and_bf16_survive_import_and_export_bitwise(tiny_speechlm, tokenizer_dir, tmp_path):
+    model = tiny_speechlm("qwen2", tied=True)
+    tokenizer = tokenizer_dir(tmp_path)
     first = export.export_speechlm(model, tmp_path / "first", audio_token_id=4, tokenizer_dir=tokenizer, dtype="bf16", max_shard_size="64KB")
     run = workdir.import_hf(first, tmp_path / "run")
     assert json.loads((run / "config.json").read_text())["train"]["trainable"] == "projector,lora"
@@ -98,8 +101,8 @@ def test_adapter_and_bf16_survive_import_and_export_bitwise(tmp_path):
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
 
 
-def test_workdir_with_other_base_weights_is_refused(tmp_path):
-    hf_voxtral(tmp_path / "hf")
+def test_workdir_with_other_base_weights_is_refused(tokenizer_words, tmp_path):
+    hf_voxtral(tmp_path / "hf", tokenizer_words)
     run = workdir.import_hf(tmp_path / "hf", tmp_path / "run")
     weights = run / "base" / "llm" / "model.safetensors"
     changed = {k: v.copy() for k, v in tensors(run / "base" / "llm").items()}
@@ -109,14 +112,14 @@ def test_workdir_with_other_base_weights_is_refused(tmp_path):
         workdir.load_workdir(run)
 
 
-def test_cli_reports_errors_without_output(tmp_path, capsys):
+def test_cli_reports_errors_without_output(tiny_speechlm, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main.main(["export", "--workdir", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 1
     assert "not a trainer workdir" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
-    export.export_llm(tiny.tiny_speechlm(lora=False).llm, tmp_path / "llm")
+    export.export_llm(tiny_speechlm(lora=False).llm, tmp_path / "llm")
     with pytest.raises(SystemExit):
         main.main(["import", "--hf", str(tmp_path / "llm"), "--workdir", str(tmp_path / "run")])
     assert "not VoxtralForConditionalGeneration; an LLM folder (*ForCausalLM) needs no import" in capsys.readouterr().err
@@ -143,7 +146,7 @@ def trained_run(tmp_path_factory):
 def test_trained_workdir_exports_to_voxtral_with_our_logits(trained_run, tmp_path):
     run, corpus = trained_run
     loaded = workdir.load_workdir(run)
-    assert loaded.step == 2 and tiny.has_lora(loaded.model)
+    assert loaded.step == 2 and has_lora(loaded.model)
     main.main(["export", "--workdir", str(run), "--out", str(tmp_path / "hf"), "--merge-lora"])
     hf = transformers.VoxtralForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
 
@@ -165,14 +168,14 @@ def test_trained_workdir_exports_to_voxtral_with_our_logits(trained_run, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def conv_projector_run(tmp_path_factory):
+def conv_projector_run(tokenizer_dir, tmp_path_factory):
     """A workdir of the ASR recipe's tiny variant with a BLSP-style Conv1d projector (random base)."""
     from speechlm_jax.configs import asr
 
     tmp_path = tmp_path_factory.mktemp("conv")
     config = asr.get_config(f"tiny,data_dir={tmp_path}")
     config.model.projector.kind = "conv"
-    config.data.tokenizer = str(tiny.tokenizer_dir(tmp_path))
+    config.data.tokenizer = str(tokenizer_dir(tmp_path))
     config.train.fast_compile = True
     run = tmp_path / "run"
     config_lib.write_resolved(config, run)

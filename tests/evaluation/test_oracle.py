@@ -16,16 +16,15 @@ from speechlm_jax.evaluation.items import Item, task_items
 from speechlm_jax.evaluation.retention import run_retention
 from speechlm_jax.evaluation.scoring import OracleSpeech, Scorer, oracle_audio
 from speechlm_jax.toyworld.sentences import sentences
-from tests.evaluation import tiny
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return tiny.tokenizer(tmp_path_factory.mktemp("tok"))
+def tok(tmp_path_factory, toy_tokenizer):
+    return toy_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-def oracle_scorer(tok, model, **kwargs):
-    return Scorer(model, tok, downsample=tiny.DOWNSAMPLE, speech=OracleSpeech(tok, tiny.DOWNSAMPLE),
+def oracle_scorer(tok, model, downsample, **kwargs):
+    return Scorer(model, tok, downsample=downsample, speech=OracleSpeech(tok, downsample),
                   embedder=oracle_audio, batch_size=4, length_multiple=64, **kwargs)
 
 
@@ -37,8 +36,8 @@ def toy_items(n: int = 3) -> list[Item]:
     return generative + choice
 
 
-def test_oracle_gap_is_zero(tok):
-    scorer = oracle_scorer(tok, tiny.speechlm(tok))
+def test_oracle_gap_is_zero(tok, toy_speechlm, toy_downsample):
+    scorer = oracle_scorer(tok, toy_speechlm(tok), toy_downsample)
     items = toy_items()
     result = run_gap(scorer, items, max_new_tokens=6)
     assert result["conditions"] == ["text", "speech"]
@@ -51,9 +50,9 @@ def test_oracle_gap_is_zero(tok):
     assert any(r["text"] for r in result["items"] if r["task"] == "first_word")
 
 
-def test_oracle_option_logliks_match_and_equal_the_llm_reference(tok):
-    model = tiny.speechlm(tok)
-    scorer = oracle_scorer(tok, model)
+def test_oracle_option_logliks_match_and_equal_the_llm_reference(tok, toy_speechlm, toy_downsample):
+    model = toy_speechlm(tok)
+    scorer = oracle_scorer(tok, model, toy_downsample)
     items = toy_items(2)[-2:]
     out = scorer.option_logliks(items, ("text", "speech", "text_adapted"))
     for text, speech, adapted in zip(out["text"], out["speech"], out["text_adapted"]):
@@ -71,28 +70,28 @@ def test_oracle_option_logliks_match_and_equal_the_llm_reference(tok):
     np.testing.assert_allclose(out["text"][0][2], [expected, n], rtol=1e-5)
 
 
-def test_oracle_misalignment_and_forgetting_are_zero(tok):
-    model = tiny.speechlm(tok)
+def test_oracle_misalignment_and_forgetting_are_zero(tok, toy_speechlm, toy_downsample):
+    model = toy_speechlm(tok)
     texts = sentences("train", 5, seed=2)
-    result = run_diagnostics(oracle_scorer(tok, model), texts)
+    result = run_diagnostics(oracle_scorer(tok, model, toy_downsample), texts)
     assert result["misalignment"]["tokens"] > 0 and result["forgetting"]["tokens"] > 0
     assert abs(result["misalignment"]["per_token"]) < 1e-6
     assert abs(result["forgetting"]["per_token"]) < 1e-6
     # A non-zero adapter moves both (the diagnostics are not trivially zero).
     lora_b = model.llm.layers[0].mlp.up_proj.lora_b
     lora_b[...] = jnp.full_like(lora_b[...], 0.5)
-    moved = run_diagnostics(oracle_scorer(tok, model), texts)
+    moved = run_diagnostics(oracle_scorer(tok, model, toy_downsample), texts)
     assert moved["misalignment"]["per_token"] > 1e-4
     assert moved["forgetting"]["per_token"] > 1e-4
 
 
-def test_retention_of_an_identity_adapter_is_full(tok):
-    result = run_retention(oracle_scorer(tok, tiny.speechlm(tok)), toy_items(2), max_new_tokens=4)
+def test_retention_of_an_identity_adapter_is_full(tok, toy_speechlm, toy_downsample):
+    result = run_retention(oracle_scorer(tok, toy_speechlm(tok), toy_downsample), toy_items(2), max_new_tokens=4)
     assert result["overall"]["drop"] == 0.0
 
 
-def test_base_llm_reports_text_only(tok):
-    scorer = Scorer(tiny.base_llm(tok), tok, batch_size=4, length_multiple=64)
+def test_base_llm_reports_text_only(tok, toy_base_llm):
+    scorer = Scorer(toy_base_llm(tok), tok, batch_size=4, length_multiple=64)
     result = run_gap(scorer, toy_items(2), max_new_tokens=4)
     assert result["conditions"] == ["text"] and "gap" not in result["overall"]
     with pytest.raises(ValueError, match="SpeechLM"):

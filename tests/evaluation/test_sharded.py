@@ -8,12 +8,11 @@ from speechlm_jax.evaluation.items import Item, task_items
 from speechlm_jax.evaluation.scoring import Scorer, TTSSpeech
 from speechlm_jax.sharding import make_mesh
 from speechlm_jax.toyworld.sentences import sentences
-from tests.evaluation import tiny
 
 
-def test_eight_devices_match_one(tmp_path):
+def test_eight_devices_match_one(tmp_path, toy_tokenizer, toy_speechlm, toy_downsample):
     assert len(jax.devices()) == 8
-    tok = tiny.tokenizer(tmp_path / "tok")
+    tok = toy_tokenizer(tmp_path / "tok")
     texts = sentences("heldout", 2, seed=5)
     items = task_items(get_task("last_word"), texts, prompt_split="heldout") + [
         Item(id=f"mc{i}", task="mc", question=s, choices=("yes", "no"), answer="yes", prompt="{content} is it true")
@@ -22,7 +21,7 @@ def test_eight_devices_match_one(tmp_path):
     results = {}
     for name, mesh in (("one", make_mesh({"data": 1}, jax.devices()[:1])),
                        ("eight", make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))):
-        scorer = Scorer(tiny.speechlm(tok, seed=1), tok, downsample=tiny.DOWNSAMPLE, mesh=mesh, batch_size=4,
+        scorer = Scorer(toy_speechlm(tok, seed=1), tok, downsample=toy_downsample, mesh=mesh, batch_size=4,
                         speech=speech, length_multiple=64, sample_multiple=64000)
         if name == "eight":
             kernel = scorer.state["llm"]["layers"][0]["mlp"]["up_proj"]["kernel"][...]

@@ -11,17 +11,16 @@ from speechlm_jax.data.sources import TargetTable
 from speechlm_jax.data.tasks import get_task
 from speechlm_jax.toyworld import register_toy_tasks
 from speechlm_jax.toyworld.sentences import sentences
-from tests.evaluation import tiny
 
 TASKS = "first_word,count_words"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, toy_tokenizer, toy_llm_config):
     root = tmp_path_factory.mktemp("gen")
-    tok = tiny.tokenizer(root / "tok")
+    tok = toy_tokenizer(root / "tok")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=tiny.llm_config(len(tok)).vocab_size, hidden_size=32,
+    config = transformers.LlamaConfig(vocab_size=toy_llm_config(len(tok)).vocab_size, hidden_size=32,
                                       intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                                       initializer_range=0.2)

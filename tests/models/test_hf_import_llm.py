@@ -16,7 +16,6 @@ from flax import nnx
 
 from speechlm_jax.models.hf_import import LLM_TABLES, SafetensorsCheckpoint, load_llm, plan_import
 from speechlm_jax.sharding import make_mesh, state_shardings
-from tests.models.tiny_llms import hf_config, save_hf_model
 
 
 def tokens() -> np.ndarray:
@@ -32,14 +31,14 @@ def our_logits(model) -> np.ndarray:
     return np.asarray(model(jnp.asarray(tokens())))
 
 
-def test_sharded_checkpoint_with_index(tmp_path):
+def test_sharded_checkpoint_with_index(save_hf_model, tmp_path):
     hf = save_hf_model("qwen3", tmp_path, tied=False, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     assert len(list(tmp_path.glob("*.safetensors"))) > 2
     assert np.abs(our_logits(load_llm(tmp_path)) - hf_logits(hf)).max() <= 1e-4
 
 
-def test_bf16_checkpoint_is_read_bit_exactly(tmp_path):
+def test_bf16_checkpoint_is_read_bit_exactly(save_hf_model, tmp_path):
     hf = save_hf_model("llama", tmp_path / "f32", tied=False)
     hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     model = load_llm(tmp_path / "bf16", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
@@ -62,7 +61,7 @@ def test_bf16_checkpoint_is_read_bit_exactly(tmp_path):
     assert np.abs(our_logits(upcast) - hf_logits(reference)).max() <= 1e-4
 
 
-def test_mismatched_config_names_tensor_and_shapes(tmp_path):
+def test_mismatched_config_names_tensor_and_shapes(save_hf_model, tmp_path):
     save_hf_model("llama", tmp_path, tied=True)
     config = json.loads((tmp_path / "config.json").read_text())
     config["intermediate_size"] = 80
@@ -74,7 +73,7 @@ def test_mismatched_config_names_tensor_and_shapes(tmp_path):
     assert "checkpoint shape (64, 96)" in message and "(96, 64)" in message and "expects (80, 64)" in message
 
 
-def test_missing_and_unexpected_keys_are_listed(tmp_path):
+def test_missing_and_unexpected_keys_are_listed(save_hf_model, tmp_path):
     save_hf_model("qwen2", tmp_path, tied=True)
     path = tmp_path / "model.safetensors"
     tensors = safetensors.numpy.load_file(str(path))
@@ -88,7 +87,7 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
     assert "unexpected keys (1): ['model.layers.0.extra.weight']" in message
 
 
-def test_mesh_places_each_tensor_in_its_sharding(tmp_path):
+def test_mesh_places_each_tensor_in_its_sharding(save_hf_model, tmp_path):
     hf = save_hf_model("gemma3", tmp_path, tied=True)
     mesh = make_mesh({"fsdp": 4, "tensor": 2})
     sharded = load_llm(tmp_path, mesh=mesh)
@@ -106,7 +105,7 @@ def test_mesh_places_each_tensor_in_its_sharding(tmp_path):
     assert np.abs(our_logits(sharded) - hf_logits(hf)).max() <= 1e-4
 
 
-def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path):
+def test_gemma3_multimodal_checkpoint_loads_its_text_model(hf_config, tmp_path):
     text = hf_config("gemma3", tied=True)
     vision = transformers.SiglipVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14

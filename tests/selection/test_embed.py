@@ -15,7 +15,6 @@ from speechlm_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
 from speechlm_jax.data.sources import read_text_corpus
 from speechlm_jax.selection import embed
 from speechlm_jax.sharding import make_mesh
-from tests.models.tiny_llms import save_hf_model
 
 TEXTS = ["the small cat sleeps", "a dog runs near the river", "two brown dogs", "the cat",
          "a small brown cat runs near the barn and sleeps", "the river"]
@@ -27,7 +26,7 @@ def _reference_mean(model: torch.nn.Module, ids: list[int]) -> np.ndarray:
     return hidden.mean(0).numpy()
 
 
-def test_llm_embedder_matches_transformers_mean_pooled_hidden_states(tmp_path):
+def test_llm_embedder_matches_transformers_mean_pooled_hidden_states(save_hf_model, tmp_path):
     hf = save_hf_model("llama", tmp_path / "llm", tied=False)
     tok = load_tokenizer(build_word_tokenizer(TEXTS, tmp_path / "tok"))
     mesh = make_mesh({"data": 2}, jax.devices()[:2])

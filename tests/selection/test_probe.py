@@ -12,24 +12,23 @@ from speechlm_jax.evaluation.diagnostics import run_diagnostics
 from speechlm_jax.evaluation.scoring import OracleSpeech, Scorer, TTSSpeech, oracle_audio
 from speechlm_jax.selection import probe
 from speechlm_jax.toyworld.sentences import sentences
-from tests.evaluation import tiny
 
 TEXTS = sentences("train", 8, seed=4)
 ASSIGNMENTS = np.array([0, 1, 2, 0, 1, 2, 0, 1])
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return tiny.tokenizer(tmp_path_factory.mktemp("tok"))
+def tok(tmp_path_factory, toy_tokenizer):
+    return toy_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
-def model(tok):
-    return tiny.speechlm(tok, seed=3)
+def model(tok, toy_speechlm):
+    return toy_speechlm(tok, seed=3)
 
 
-def _scorer(model, tok, speech, **kwargs):
-    return Scorer(model, tok, downsample=tiny.DOWNSAMPLE, speech=speech, batch_size=4, length_multiple=32, **kwargs)
+def _scorer(model, tok, speech, downsample, **kwargs):
+    return Scorer(model, tok, downsample=downsample, speech=speech, batch_size=4, length_multiple=32, **kwargs)
 
 
 def test_choose_probes_is_seeded_and_inside_clusters():
@@ -39,16 +38,16 @@ def test_choose_probes_is_seeded_and_inside_clusters():
     assert probe.choose_probes(ASSIGNMENTS, 3, 10, seed=0)[2] == [2, 5]
 
 
-def test_cluster_misalignment_equals_the_harness_per_cluster(model, tok, tmp_path):
+def test_cluster_misalignment_equals_the_harness_per_cluster(model, tok, toy_downsample, tmp_path):
     probes = probe.choose_probes(ASSIGNMENTS, 3, 2, seed=1)
     manifest = probe.synthesize_probes({i: TEXTS[i] for v in probes.values() for i in v}, tmp_path / "speech",
                                        prefix_fraction=0.5)
     speech = probe.ManifestSpeech(manifest)
-    scores = probe.score_clusters(_scorer(model, tok, speech), probes, TEXTS, tmp_path, prefix_fraction=0.5,
+    scores = probe.score_clusters(_scorer(model, tok, speech, toy_downsample), probes, TEXTS, tmp_path, prefix_fraction=0.5,
                                   clusters_per_chunk=2)
     assert speech.misses == 0  # every spoken prefix came from the synthesised probe set
     ours = probe.cluster_misalignment(scores, 3)
-    live = _scorer(model, tok, TTSSpeech())  # the harness speaking the texts itself
+    live = _scorer(model, tok, TTSSpeech(), toy_downsample)  # the harness speaking the texts itself
     for c, indices in probes.items():
         # Batched with other texts (other padding), the float32 sums agree to 1e-4 (or 1e-6 absolute).
         reference = run_diagnostics(live, [TEXTS[i] for i in indices], prefix_fraction=0.5)
@@ -58,16 +57,16 @@ def test_cluster_misalignment_equals_the_harness_per_cluster(model, tok, tmp_pat
     assert ours["probes"] == [2, 2, 2]
 
 
-def test_oracle_speech_gives_zero_misalignment(model, tok, tmp_path):
+def test_oracle_speech_gives_zero_misalignment(model, tok, toy_downsample, tmp_path):
     probes = probe.choose_probes(ASSIGNMENTS, 3, 2, seed=1)
-    scorer = _scorer(model, tok, OracleSpeech(tok, tiny.DOWNSAMPLE), embedder=oracle_audio)
+    scorer = _scorer(model, tok, OracleSpeech(tok, toy_downsample), toy_downsample, embedder=oracle_audio)
     result = probe.cluster_misalignment(probe.score_clusters(scorer, probes, TEXTS, tmp_path), 3)
     np.testing.assert_allclose(result["misalignment"], 0.0, atol=1e-6)
 
 
-def test_scoring_resumes_with_the_first_unscored_cluster(model, tok, tmp_path):
+def test_scoring_resumes_with_the_first_unscored_cluster(model, tok, toy_downsample, tmp_path):
     probes = probe.choose_probes(ASSIGNMENTS, 3, 2, seed=1)
-    scorer = _scorer(model, tok, OracleSpeech(tok, tiny.DOWNSAMPLE), embedder=oracle_audio)
+    scorer = _scorer(model, tok, OracleSpeech(tok, toy_downsample), toy_downsample, embedder=oracle_audio)
     path = probe.score_clusters(scorer, {0: probes[0]}, TEXTS, tmp_path, clusters_per_chunk=1)  # interrupted after cluster 0
     calls = []
     original = scorer.divergences
@@ -78,8 +77,8 @@ def test_scoring_resumes_with_the_first_unscored_cluster(model, tok, tmp_path):
     assert sorted((r["cluster"], r["index"]) for r in rows) == sorted((c, i) for c, v in probes.items() for i in v)
 
 
-def test_spoken_prefix_matches_the_harness_segments(tok):
-    scorer = _scorer(tiny.speechlm(tok), tok, OracleSpeech(tok, tiny.DOWNSAMPLE))
+def test_spoken_prefix_matches_the_harness_segments(tok, toy_speechlm, toy_downsample):
+    scorer = _scorer(toy_speechlm(tok), tok, OracleSpeech(tok, toy_downsample), toy_downsample)
     from speechlm_jax.data.examples import Audio
     from speechlm_jax.evaluation.diagnostics import corpus_segments
 
