@@ -20,6 +20,10 @@ Benchmarks, each on when its input is given:
     --corpus file             SALAD's M and F on this text corpus (lines, or JSONL with "text")
     --asr / --asr_source      WER on the run's held-out speech (`data.eval_speech_sources`) or on
                               TYPE:PATH, the first `--asr_limit` utterances
+    --ctc_asr                 WER / CER of the connector's own greedy CTC transcript (through the
+                              LLM's head, blank `loss.blank_id`) on the same utterances
+    --cascade                 the cascade baseline on every item set above: the connector's CTC
+                              transcript of the speech answered by the base LLM (`cascade.py`)
 Tasks are named by the registry; `--task_modules` (and a run's `data.task_modules`) import
 the modules that register them. `--oracle` replaces the speech by the transcript's own token embeddings (a harness check:
 gap and M must come out 0). The report goes to `--out` (default: the workdir).
@@ -42,7 +46,7 @@ from speechlm_jax.models import hf_import
 from speechlm_jax.data.mixture import open_speech_source
 from speechlm_jax.data.sources import read_text_corpus
 from speechlm_jax.data.tokenizer import SpeechTokenizer, load_tokenizer
-from speechlm_jax.evaluation import asr, diagnostics, gap, generalisation, items, report, retention
+from speechlm_jax.evaluation import asr, cascade, diagnostics, gap, generalisation, items, report, retention
 from speechlm_jax.evaluation.scoring import OracleSpeech, Scorer, model_audio, oracle_audio
 from speechlm_jax.cli import parse_list, parse_mesh, parse_source
 from speechlm_jax.models.speechlm import SpeechLM
@@ -79,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asr", action="store_true", help="WER on the run's held-out speech sources")
     p.add_argument("--asr_source", type=parse_source, default=None, help="TYPE:PATH (manifest|librispeech)")
     p.add_argument("--asr_limit", type=int, default=200)
+    p.add_argument("--ctc_asr", action="store_true", help="WER/CER of the run's greedy CTC transcripts")
+    p.add_argument("--cascade", action="store_true", help="the run's CTC transcript answered by the base LLM")
     p.add_argument("--oracle", action="store_true", help="transcript token embeddings as the speech (harness check)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--max_new_tokens", type=int, default=32)
@@ -123,6 +129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     normalize = not args.no_length_normalization
     result: dict[str, Any] = {"model": info}
     asked = [it for path in args.items.split(",") if path for it in items.load_items(path)]
+    gap_items, generalisation_sets = list(asked), {}
     if asked:
         result["gap"] = gap.run_gap(scorer, asked, max_new_tokens=args.max_new_tokens, normalize=normalize)
     if args.generalisation:
@@ -130,6 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seen = tuple(args.seen_tasks if args.seen_tasks is not None else config.data.tasks if config else ())
         if not seen and not args.heldout_tasks:
             raise ValueError("--generalisation needs --seen_tasks or --heldout_tasks (or a run with data.tasks)")
+        generalisation_sets = generalisation.generalisation_items(seen, args.heldout_tasks, sentences, seed=args.seed)
         result["generalisation"] = generalisation.run_generalisation(
             scorer, seen, args.heldout_tasks, sentences, max_new_tokens=args.max_new_tokens, seed=args.seed)
         if not asked:
@@ -145,6 +153,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if (args.asr or args.asr_source) and scorer.has_speech:
         asked = asr.asr_items(_asr_records(args, config), seed=args.seed)
         result["asr"] = asr.run_asr(scorer, asked, max_new_tokens=args.max_new_tokens)
+    if (args.ctc_asr or args.cascade) and not scorer.has_speech:
+        raise ValueError("--ctc_asr and --cascade read a run's connector: give --workdir")
+    if args.ctc_asr:
+        result["ctc_asr"] = cascade.run_ctc_asr(scorer, _asr_records(args, config), blank_id=config.loss.blank_id)
+    if args.cascade:
+        sets = {"gap": gap_items} if gap_items else {}
+        sets.update(generalisation_sets)
+        result["cascade"] = {name: cascade.run_cascade(scorer, its, blank_id=config.loss.blank_id,
+                                                       max_new_tokens=args.max_new_tokens, normalize=normalize)
+                             for name, its in sets.items() if its}
     out = args.out or args.workdir
     if not out:
         raise ValueError("--out is required with --base")
@@ -168,6 +186,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         headline["F_per_token"] = result["diagnostics"]["forgetting"]["per_token"]
     if "asr" in result:
         headline["wer"] = result["asr"]["wer"]
+    if "ctc_asr" in result:
+        headline["ctc_wer"], headline["ctc_cer"] = result["ctc_asr"]["wer"], result["ctc_asr"]["cer"]
+    headline.update({f"cascade/{k}": v["overall"] for k, v in result.get("cascade", {}).items()})
     print(json.dumps({"speechlm_eval": headline}), flush=True)
     return result
 

@@ -151,6 +151,15 @@ def markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         lines += ["", "## ASR", "", f"WER {a['wer']:.4f} over {int(a['utterances'])} utterances "
                   f"({int(a['words'])} words: {int(a['substitutions'])} substitutions, {int(a['deletions'])} deletions, "
                   f"{int(a['insertions'])} insertions)."]
+    if "ctc_asr" in report:
+        c = report["ctc_asr"]
+        lines += ["", "## The connector's CTC transcripts", "", f"WER {c['wer']:.4f}, CER {c['cer']:.4f}, "
+                  f"{c['exact']:.1%} of {int(c['utterances'])} utterances exact (greedy CTC through the LLM's head)."]
+    if "cascade" in report:
+        lines += ["", "## Cascade baseline", "",
+                  "The connector's CTC transcript of the speech, answered by the base LLM (LoRA off).", ""]
+        rows = {name: section["overall"] for name, section in report["cascade"].items()}
+        lines += _table(rows, ["cascade", "wer", "items"], "item set")
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{name}]({file})" for name, file in plots.items()]

@@ -37,7 +37,8 @@ def test_oracle_eval_of_a_trained_run(workdir, tmp_path):
     result = eval_main.main(["--workdir", str(workdir), "--oracle", "--task_modules", "speechlm_jax.toyworld.tasks",
                              "--generalisation", str(tmp_path / "sentences.txt"), "--seen_tasks", ",".join(SEEN_TASKS),
                              "--heldout_tasks", ",".join(HELDOUT_TASKS), "--corpus", str(tmp_path / "corpus.txt"),
-                             "--asr", "--asr_limit", "2", "--max_new_tokens", "3", "--batch_size", "8"])
+                             "--asr", "--asr_limit", "2", "--ctc_asr", "--cascade", "--max_new_tokens", "3",
+                             "--batch_size", "8"])
     assert result["model"]["step"] == 2 and result["model"]["recipe"] == "asr"
     assert set(result["generalisation"]) == {"seen_tasks/train_prompts", "seen_tasks/heldout_prompts", "heldout_tasks"}
     assert all(split["overall"]["gap"] == 0.0 for split in result["generalisation"].values())
@@ -46,5 +47,8 @@ def test_oracle_eval_of_a_trained_run(workdir, tmp_path):
     assert abs(result["diagnostics"]["misalignment"]["per_token"]) < 1e-6
     assert abs(result["diagnostics"]["forgetting"]["per_token"]) < 1e-6
     assert result["asr"]["utterances"] == 2
+    assert result["ctc_asr"]["utterances"] == 2 and 0.0 <= result["ctc_asr"]["cer"]
+    assert set(result["cascade"]) == set(result["generalisation"])
+    assert all(0.0 <= c["overall"]["cascade"] <= 1.0 for c in result["cascade"].values())
     for name in ("report.json", "report.md", "gap_per_task.png", "text_vs_speech.png", "training_curves.png"):
         assert (workdir / name).is_file()
