@@ -15,6 +15,7 @@ import ml_collections
 
 from speechlm_jax.configs import toyworld
 from speechlm_jax.configs.base import base_config, parse_arg, real, tiny
+from speechlm_jax.toyworld.tasks import SEEN_TASKS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -37,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # text (the forgetting term); projector + LLM LoRA.
         c = toyworld.recipe(c, a.out)
         c.data.kinds = ml_collections.ConfigDict({"imitation": 0.8, "asr": 0.2})
-        c.data.tasks = toyworld.SEEN_TASKS
+        c.data.tasks = SEEN_TASKS
         c.data.targets = toyworld.targets(a.out)
         c.data.text_sources = (toyworld.paths(a.out)["text_sft"],)
         c.data.text_weight = 0.2

@@ -25,7 +25,6 @@ from pathlib import Path
 import ml_collections
 
 from speechlm_jax.configs.base import base_config
-from speechlm_jax.toyworld.tasks import SEEN_TASKS
 
 DEMO_OUT = "demo_out"
 TASK_MODULE = "speechlm_jax.toyworld.tasks"  # registers the toy tasks (`data.task_modules`)

@@ -14,6 +14,7 @@ import ml_collections
 
 from speechlm_jax.configs import toyworld
 from speechlm_jax.configs.base import base_config, parse_arg, real, tiny
+from speechlm_jax.toyworld.tasks import SEEN_TASKS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -36,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.lora.encoder = True
         c.train.trainable = "projector,lora"
         c.data.kinds = ml_collections.ConfigDict({"asr": 0.3, "imitation": 0.4, "mixed_modal": 0.3})
-        c.data.tasks = toyworld.SEEN_TASKS
+        c.data.tasks = SEEN_TASKS
         c.data.use_task_answer = True
         c.data.text_sources = (toyworld.paths(a.out)["text_sft"],)
         c.data.text_weight = 0.15
