@@ -1,21 +1,27 @@
-"""Float64 NumPy references of the losses, and the inputs the tests of `speechlm_jax.losses` share.
+"""Loss fixtures: float64 NumPy references of the losses, and the inputs the tests of
+`speechlm_jax.losses` share, as the session fixture `numpy_ref`.
 
 The references are written from the definitions, in probabilities and position by
 position, independently of the log-space implementation under test; they share its mean
 convention sum_{b,t} w_b m_bt l_bt / sum_{b,t} w_b m_bt. Values must agree within 1e-6 in
 float32, gradients within 1e-5 of central finite differences of the references;
 `check_float64_gradients` verifies the JAX gradients themselves in float64.
+
+What the tests' decorators read (the KL directions, the hypothesis settings `FAST` and the
+`seeds` strategy) cannot be a fixture, so each test module writes those itself. Shapes stay
+fixed and the options are static arguments of jitted wrappers, so hypothesis varies only the
+data, through the seed of `make_inputs`, without recompiling for every example.
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 
-import hypothesis
-import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.test_util import check_grads
 
 # --- float64 NumPy references --------------------------------------------------------------
@@ -111,12 +117,6 @@ def numeric_grad(f: Callable[[np.ndarray], float], x: np.ndarray, eps: float = 1
 
 # --- inputs --------------------------------------------------------------------------------
 
-DIRECTIONS = ("forward", "reverse", "jsd")
-FAST = hypothesis.settings(max_examples=15, deadline=None, derandomize=True, print_blob=True)
-# Shapes stay fixed and the options are static arguments of jitted wrappers, so hypothesis
-# varies the data without recompiling for every example.
-seeds = st.integers(0, 2**31 - 1)
-
 
 def make_inputs(seed: int, batch: int = 2, seq: int = 5, vocab: int = 7, d_model: int = 4) -> dict[str, np.ndarray]:
     """Random float32 logits/hidden states, targets (-1 where unsupervised), masks, weights."""
@@ -151,3 +151,27 @@ def check_float64_gradients(loss_and_args: Callable[[dict[str, jax.Array]], tupl
         fn, args = loss_and_args(a)
         assert all(arg.dtype == jnp.float64 for arg in args)
         check_grads(jax.jit(fn), args, order=1, modes=("rev",))
+
+
+@pytest.fixture(scope="session")
+def numpy_ref() -> types.SimpleNamespace:
+    """The float64 references, without their `ref_` prefix (`numpy_ref.cross_entropy` is
+    `ref_cross_entropy`), and `make_inputs`, `numeric_grad`, `f64`, `check_float64_gradients`."""
+    return types.SimpleNamespace(
+        softmax=ref_softmax,
+        logsumexp=ref_logsumexp,
+        weighted_mean=ref_weighted_mean,
+        cross_entropy=ref_cross_entropy,
+        kl=ref_kl,
+        divergence=ref_divergence,
+        token_divergences=ref_token_divergences,
+        kl_distillation=ref_kl_distillation,
+        salad=ref_salad,
+        mean_squared_distance=ref_mean_squared_distance,
+        sequence_kl=ref_sequence_kl,
+        unembed=ref_unembed,
+        make_inputs=make_inputs,
+        numeric_grad=numeric_grad,
+        f64=f64,
+        check_float64_gradients=check_float64_gradients,
+    )
