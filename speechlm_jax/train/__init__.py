@@ -10,6 +10,6 @@
     metrics.py     TensorBoard, progress bar, FLOP count and MFU
     data.py        config.data -> this host's Grain iterators
     trainer.py     the loop, top to bottom
-    main.py        the absl CLI
+    main.py        the argparse CLI (`--config` and `--config.<key>=value` parsed by config.py)
     tiny_corpus.py the TTS corpus of the `:tiny` variants and the tests
 """
