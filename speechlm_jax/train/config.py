@@ -17,7 +17,8 @@ forms `ml_collections.config_flags` took, parsed here with argparse beside it:
 Values are read against the type of the value already there: bool (true/false, t/f, 1/0, any
 case), int, float, str (as given); a tuple from a Python literal (`"(1, 2)"`, `"['a']"`) or a
 bare string as a one-element tuple, repeated flags concatenating; lists via `ast.literal_eval`;
-a nested dict (ConfigDict) from a dict literal; `None` (or `none`) where the field holds None;
+a nested dict (ConfigDict) from a dict literal; `None` (or `none`) where the field holds None
+or is a placeholder;
 a None field takes any Python literal, else the string. Overrides apply in command-line order
 on the locked config, so an unknown key fails with the nearest valid keys.
 """
@@ -297,9 +298,17 @@ def _parse_tuple(text: str) -> tuple[Any, ...]:
     return (value,)
 
 
-def parse_override_value(text: str, kind: type, current: Any) -> Any:
+def _allows_none(holder: ml_collections.ConfigDict, leaf: str) -> bool:
+    """A field that holds None, or a placeholder (a FieldReference, which may be None again)."""
+    from ml_collections import config_dict
+
+    stored = getattr(holder, "_fields", {}).get(leaf)
+    return holder[leaf] is None or isinstance(stored, config_dict.FieldReference)
+
+
+def parse_override_value(text: str, kind: type, current: Any, allows_none: bool | None = None) -> Any:
     """One override's text read against the field's type (the `config_flags` rules)."""
-    if current is None and text in ("None", "none"):
+    if (current is None if allows_none is None else allows_none) and text in ("None", "none"):
         return None
     if kind is bool:
         return _parse_bool(text)
@@ -344,7 +353,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[Overr
                     raise ValueError("--no form takes no value")
                 value: Any = not override.negated
             else:
-                value = parse_override_value(override.value, kind, current)
+                value = parse_override_value(override.value, kind, current, _allows_none(holder, leaf))
                 if kind is tuple and override.key in seen_tuples:
                     value = tuple(current) + value  # --config.k a --config.k b -> ("a", "b")
             holder[leaf] = value
