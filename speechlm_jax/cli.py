@@ -5,6 +5,14 @@ share (a corpus source `TYPE:PATH`, mesh axis sizes, module lists) and `run_comm
 turns a command's outcome into its exit status the same way everywhere: 0 on success, 2 with
 one line on standard error for a user error (a bad flag value, a missing file, a config that
 cannot work), 1 for anything else (an internal error, with its traceback).
+
+Every entry point is `main(argv=None) -> int` around a function that returns the command's
+result (`evaluation.main.evaluate`, `evaluation.targets.generate_targets`, ...), which library
+code calls instead of building argv lists. `ArgumentParser` keeps argparse's own errors to one
+line too; `setup_logging` is how a command sets its log level (`--log_level`). The recipe
+config flags (`--config FILE.py:VARIANT`, `--config.<key>=value`) are parsed by
+`train.config.parse_command_line`. No module keeps global flag state, so any entry points
+import together in one process.
 """
 
 from __future__ import annotations
