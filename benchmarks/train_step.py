@@ -16,24 +16,36 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
+from collections.abc import Sequence
 
 import jax
-from absl import app, flags
-from ml_collections import config_flags
+import ml_collections
 
+from speechlm_jax import cli
 from speechlm_jax.sharding import batch_sharding, make_mesh
 from speechlm_jax.train import build, data, metrics, objectives, step
 from speechlm_jax.train import config as config_lib
 from speechlm_jax.train import state as state_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "recipe config: configs/<recipe>.py:<variant>", lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 10, "timed steps (after one warm-up step)")
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="benchmarks.train_step", description=__doc__.split("\n\n")[0])
+    config_lib.add_config_argument(p)
+    p.add_argument("--steps", type=int, default=10, help="timed steps (after one warm-up step)")
+    return p
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    config = _CONFIG.value
+def main(argv: Sequence[str] | None = None) -> int:
+    def body() -> None:
+        args, config = config_lib.parse_command_line(build_parser(), argv)
+        benchmark(config, args.steps)
+
+    return cli.run_command("benchmarks.train_step", body, (config_lib.ConfigError,))
+
+
+def benchmark(config: ml_collections.ConfigDict, steps: int = 10) -> dict:
+    """Times `steps` train steps of `config` after a warm-up one; prints and returns the result."""
     config_lib.validate(config)
     mesh = make_mesh(dict(config.mesh))
     rules = config_lib.sharding_rules(config)
@@ -63,7 +75,7 @@ def main(argv: list[str]) -> None:
     trainable, opt_state, out = compiled(trainable, frozen, opt_state, batch, rng)
     jax.block_until_ready(out)
     times = []
-    for i in range(_STEPS.value):
+    for i in range(steps):
         start = time.perf_counter()
         trainable, opt_state, out = compiled(trainable, frozen, opt_state, batch, jax.random.fold_in(rng, i))
         jax.block_until_ready(out)
@@ -93,7 +105,8 @@ def main(argv: list[str]) -> None:
         "device": f"{len(devices)}x {devices[0].device_kind}",
     }
     print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

@@ -5,11 +5,20 @@ share (a corpus source `TYPE:PATH`, mesh axis sizes, module lists) and `run_comm
 turns a command's outcome into its exit status the same way everywhere: 0 on success, 2 with
 one line on standard error for a user error (a bad flag value, a missing file, a config that
 cannot work), 1 for anything else (an internal error, with its traceback).
+
+Every entry point is `main(argv=None) -> int` around a function that returns the command's
+result (`evaluation.main.evaluate`, `evaluation.targets.generate_targets`, ...), which library
+code calls instead of building argv lists. `ArgumentParser` keeps argparse's own errors to one
+line too; `setup_logging` is how a command sets its log level (`--log_level`). The recipe
+config flags (`--config FILE.py:VARIANT`, `--config.<key>=value`) are parsed by
+`train.config.parse_command_line`. No module keeps global flag state, so any entry points
+import together in one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -19,6 +28,35 @@ SOURCE_TYPES = ("manifest", "librispeech", "tfds")
 
 class UsageError(ValueError):
     """A command-line value or input that cannot work; reported in one line with exit status 2."""
+
+
+class CommandFailed(RuntimeError):
+    """An outcome that is not a success and not a bug (a config that does not fit, items that
+    failed to synthesise); reported in one line with exit status 1."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """`argparse.ArgumentParser` whose usage errors are one line on standard error (exit status 2).
+
+    The full usage stays in `--help`; subcommand parsers (`add_subparsers`) inherit the class.
+    """
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def add_log_level(parser: argparse.ArgumentParser, default: str = "INFO") -> None:
+    parser.add_argument("--log_level", default=default, choices=LOG_LEVELS, help=f"logging threshold (default {default})")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Log records (stdlib and absl.logging alike) at `level` and above go to standard error."""
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(levelname).1s%(asctime)s %(process)d %(filename)s:%(lineno)d] %(message)s")
+    logging.getLogger().setLevel(level)
 
 
 def parse_source(spec: str) -> dict[str, str]:
@@ -48,13 +86,30 @@ def parse_list(spec: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in spec.split(",") if part.strip())
 
 
+def _one_line(error: BaseException) -> str:
+    text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
+
+
 def run_command(prog: str, body: Callable[[], object], user_errors: Sequence[type[BaseException]] = ()) -> int:
-    """Runs a command's body; returns its exit status (0 ok, 2 user error, 1 internal error)."""
+    """Runs a command's body; returns its exit status (0 ok, 2 user error, 1 internal error).
+
+    The body parses its own arguments: argparse's exits (`--help` 0, a bad flag 2) become the
+    status. `CommandFailed` is 1 with its message; whatever the body returns is ignored.
+    """
     try:
         body()
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        sys.stderr.write(f"{prog}: {exit_.code}\n")
+        return 1
     except (UsageError, FileNotFoundError, *user_errors) as error:
-        sys.stderr.write(f"{prog}: {error}\n")
+        sys.stderr.write(f"{prog}: {_one_line(error)}\n")
         return 2
+    except CommandFailed as error:
+        sys.stderr.write(f"{prog}: {_one_line(error)}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")
         return 130

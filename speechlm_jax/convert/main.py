@@ -9,7 +9,7 @@
 adapter onto that model. `import` reads such a Voxtral folder (and its `adapter/`) into a
 trainer workdir; `--config` names the recipe the run will train with (its data, loss and
 optimiser are kept, the model becomes the imported one). A model no transformers class represents, or tensors that do not fit the
-config, fail with the reason and leave no output behind (exit status 1).
+config, fail with the reason in one line and leave no output behind (exit status 2; 1 is an internal error).
 """
 
 from __future__ import annotations
@@ -18,14 +18,20 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from speechlm_jax import cli
 from speechlm_jax.convert import export, voxtral, workdir
 from speechlm_jax.train import config as config_lib
 from speechlm_jax.train.checkpoint import BaseMismatchError
 
 
+PROG = "speechlm-convert"
+# Inputs that cannot be converted: reported in one line, exit status 2.
+USER_ERRORS = (voxtral.NotRepresentableError, ValueError, FileExistsError, BaseMismatchError)
+
+
 def parser() -> argparse.ArgumentParser:
-    cli = argparse.ArgumentParser(prog="speechlm-convert", description=__doc__.split("\n\n")[0])
-    commands = cli.add_subparsers(dest="command", required=True)
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
     out = commands.add_parser("export", help="a trainer workdir -> an HF folder (transformers class, no remote code)")
     out.add_argument("--workdir", required=True, help="the run's workdir (config.json + checkpoints/)")
     out.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -38,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     into.add_argument("--hf", required=True, help="the VoxtralForConditionalGeneration folder")
     into.add_argument("--workdir", required=True, help="the workdir to create (must not exist)")
     into.add_argument("--config", default=None, help="recipe to train with, as speechlm-train takes it (configs/asr.py:tiny,data_dir=...)")
-    return cli
+    return parser
 
 
 def run(argv: Sequence[str]) -> str:
@@ -54,15 +60,10 @@ def run(argv: Sequence[str]) -> str:
     return str(export.export_speechlm(loaded.model, args.out, audio_token_id=loaded.audio_token_id, **common))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point (`speechlm-convert`)."""
-    try:
-        written = run(sys.argv[1:] if argv is None else argv)
-    except (voxtral.NotRepresentableError, ValueError, FileExistsError, FileNotFoundError, BaseMismatchError) as error:
-        sys.stderr.write(f"speechlm-convert: {error}\n")
-        sys.exit(1)
-    print(written)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point (`speechlm-convert`); prints the folder written, returns the exit status."""
+    return cli.run_command(PROG, lambda: print(run(sys.argv[1:] if argv is None else argv)), USER_ERRORS)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,9 +12,12 @@ hash of (--seed, id). Rerunning the same command resumes an interrupted run.
 import argparse
 import importlib
 import json
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from speechlm_jax import cli
 from speechlm_jax.data.tts import DEFAULT_VOICE_NAMES, Synthesizer, voice_grid
 from speechlm_jax.data.tts_corpus import synthesize_corpus
 
@@ -39,30 +42,45 @@ def load_synthesizer(spec: str) -> Synthesizer:
     """Instantiates `module:Class` with no arguments."""
     module_name, _, class_name = spec.partition(":")
     if not class_name:
-        raise ValueError(f"--synthesizer must be module:Class, got {spec!r}")
-    return getattr(importlib.import_module(module_name), class_name)()
+        raise cli.UsageError(f"--synthesizer must be module:Class, got {spec!r}")
+    try:
+        kind = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise cli.UsageError(f"--synthesizer {spec}: {error}") from error
+    return kind()
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="speechlm-synth", description=__doc__.split("\n")[0])
+PROG = "speechlm-synth"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--input", required=True, help="texts.txt (one per line) or items.jsonl")
     parser.add_argument("--out", required=True, help="output folder (manifest.jsonl + audio)")
     parser.add_argument(
         "--voices", default=",".join(DEFAULT_VOICE_NAMES), help="eSpeak voices[+variant], comma-separated"
     )
-    parser.add_argument("--rates", default="150,175,200", help="words per minute, comma-separated")
-    parser.add_argument("--pitches", default="40,50,60", help="pitch 0-100, comma-separated")
+    parser.add_argument("--rates", type=_ints, default=[150, 175, 200], help="words per minute, comma-separated")
+    parser.add_argument("--pitches", type=_ints, default=[40, 50, 60], help="pitch 0-100, comma-separated")
     parser.add_argument("--workers", type=int, default=1, help="synthesis processes")
     parser.add_argument("--layout", choices=("manifest", "librispeech"), default="manifest")
     parser.add_argument("--seed", type=int, default=0, help="seed of the voice assignment")
     parser.add_argument("--synthesizer", default=None, help="module:Class of another TTS engine")
-    args = parser.parse_args(argv)
+    return parser
 
-    voices = voice_grid([v for v in args.voices.split(",") if v], _ints(args.rates), _ints(args.pitches))
+
+def synthesize(args: argparse.Namespace) -> Any:
+    """Speaks the input into the corpus folder; prints the first failures and the summary, returns the report."""
+    if not Path(args.input).is_file():
+        raise cli.UsageError(f"--input {args.input}: no such file")
+    voices = voice_grid([v for v in args.voices.split(",") if v], args.rates, args.pitches)
     report = synthesize_corpus(
         read_items(args.input),
         args.out,
@@ -76,9 +94,19 @@ def main(argv: list[str] | None = None) -> None:
     for item_id, error in report.failed[:5]:
         print(f"failed {item_id}: {error}")
     print(report.summary())
-    if report.failed:
-        raise SystemExit(1)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point (`speechlm-synth`): 0 when every item is spoken, 1 when some failed, 2 a bad flag."""
+
+    def body() -> None:
+        report = synthesize(build_parser().parse_args(argv))
+        if report.failed:
+            raise cli.CommandFailed(f"{len(report.failed)} items failed")
+
+    return cli.run_command(PROG, body)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,7 +16,7 @@ the finished stage; a rerun with the same key skips it, a different key (or no m
 removes the folder and builds it again, so an interrupted stage never counts as done.
 Nothing here trains, evaluates or synthesises by itself: every stage calls the project's
 own trainer (`train.trainer.train`), evaluation (`evaluation.main`), generation
-(`generate_cli`), TTS (`data.tts`) and export (`convert`).
+(`evaluation.targets`), TTS (`data.tts_corpus`) and export (`convert`).
 """
 
 from __future__ import annotations
@@ -170,14 +170,11 @@ def export_encoder(run: Path, out: Path) -> Path:
 def build_targets(folder: Path, teacher: str, manifest: str, *, tasks: Sequence[str] = SEEN_TASKS,
                   prompts_per_example: int = 1, batch_size: int = 128) -> dict[str, Any]:
     """The teacher's greedy answers to seen tasks about every training transcript."""
-    from speechlm_jax.evaluation import targets as generate_cli
+    from speechlm_jax.evaluation.targets import generate_targets
 
-    args = generate_cli.build_parser().parse_args([
-        "--llm", teacher, "--source", f"manifest:{manifest}", "--tasks", ",".join(tasks), "--out", str(folder),
-        "--num_shards", str(toy_config.TARGET_SHARDS), "--batch_size", str(batch_size), "--max_new_tokens", "16",
-        "--prompts_per_example", str(prompts_per_example), "--dtype", "float32", "--mesh", "data=-1",
-    ])
-    return generate_cli.run(args)
+    return generate_targets(llm=teacher, source={"type": "manifest", "path": str(manifest)}, tasks=tuple(tasks), out=str(folder),
+                            num_shards=toy_config.TARGET_SHARDS, batch_size=batch_size, max_new_tokens=16,
+                            prompts_per_example=prompts_per_example, dtype="float32", mesh={"data": -1})
 
 
 # --- recipes and evaluation
@@ -199,17 +196,13 @@ def evaluate(out: Path, *, workdir: str | None = None, base: str | None = None, 
     generalisation (seen tasks in train and held-out phrasings, held-out tasks), another
     `sentences` held-out sentences for SALAD's M and F.
     """
-    from speechlm_jax.evaluation import main as eval_main
+    from speechlm_jax.evaluation.main import evaluate as run_eval
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "sentences.txt").write_text("\n".join(toy_sentences.sentences("heldout", sentences, seed=0)) + "\n")
     (out / "corpus.txt").write_text("\n".join(toy_sentences.sentences("heldout", sentences, seed=1)) + "\n")
-    argv = ["--workdir", workdir] if workdir else ["--base", str(base)]
-    argv += ["--out", str(out), "--task_modules", toy_config.TASK_MODULE, "--generalisation", str(out / "sentences.txt"),
-             "--seen_tasks", ",".join(SEEN_TASKS), "--heldout_tasks", ",".join(HELDOUT_TASKS),
-             "--batch_size", str(batch_size), "--max_new_tokens", "16", "--mesh", "data=-1"]
-    if workdir:
-        argv += ["--corpus", str(out / "corpus.txt")]
-    if asr:
-        argv += ["--asr", "--asr_limit", str(asr_limit)]
-    return eval_main.run(eval_main.build_parser().parse_args(argv))
+    return run_eval(workdir=workdir or None, base=None if workdir else str(base), out=str(out),
+                    task_modules=(toy_config.TASK_MODULE,), generalisation=str(out / "sentences.txt"),
+                    seen_tasks=tuple(SEEN_TASKS), heldout_tasks=tuple(HELDOUT_TASKS), batch_size=batch_size,
+                    max_new_tokens=16, mesh={"data": -1}, corpus=str(out / "corpus.txt") if workdir else "",
+                    asr=asr, asr_limit=asr_limit)

@@ -34,6 +34,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from speechlm_jax import cli
+
 RECIPES = ("asr", "mtbi", "salad", "vtb")
 SPLIT_KEYS = {
     "seen_tasks/train_prompts": "speech_acc_seen",
@@ -276,33 +278,44 @@ def run_demo(out: str | Path, recipes: Sequence[str] = RECIPES, *, sizes: Any = 
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Console entry point: builds, evaluates, prints the table; exit status 2 when something is missing."""
-    parser = argparse.ArgumentParser(prog="speechlm-demo", description=__doc__.split("\n\n")[0])
+PROG = "speechlm-demo"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo_out", help="the demo folder (stages are cached there)")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated subset of " + ",".join(RECIPES))
-    args = parser.parse_args(argv)
-    recipes = [r for r in args.recipes.split(",") if r]
+    return parser
+
+
+def demo(out: str | Path = "demo_out", recipes: Sequence[str] = RECIPES) -> dict[str, Any]:
+    """Checks the requirements, builds and evaluates (`run_demo`), prints the table; returns report.json's dict."""
     unknown = sorted(set(recipes) - set(RECIPES))
     if unknown:
-        parser.error(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
+        raise cli.UsageError(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        check_requirements()
-    except MissingRequirement as error:
-        sys.stderr.write(f"speechlm demo: {error}\n")
-        sys.exit(2)
-    report = run_demo(args.out, recipes)
+    check_requirements()
+    report = run_demo(out, recipes)
     print()
     print(table(report))
     print()
     for c in report["checks"]:
         print(f"[{'ok' if c['ok'] else 'MISSED'}] {c['check']}: {100 * c['value']:.1f}")
-    print(f"\nreport: {Path(args.out).absolute() / 'report.md'} (this run {report['seconds_this_run']:.0f} s)")
+    print(f"\nreport: {Path(out).absolute() / 'report.md'} (this run {report['seconds_this_run']:.0f} s)")
     return report
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: builds, evaluates, prints the table; exit status 2 when something is missing."""
+
+    def body() -> None:
+        args = build_parser().parse_args(argv)
+        demo(args.out, [r for r in args.recipes.split(",") if r])
+
+    return cli.run_command(PROG, body, (MissingRequirement,))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

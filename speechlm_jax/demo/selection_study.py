@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from speechlm_jax import cli
 from speechlm_jax.evaluation import main as eval_main
 from speechlm_jax.selection import main as select
 from speechlm_jax.train.restore import read_config as load_run_config
@@ -53,8 +55,8 @@ def write_corpus(path: Path, stage1: str | Path, size: int, seed: int) -> Path:
 
 def heldout_misalignment(run: str | Path, corpus: Path, out: Path, batch_size: int) -> dict[str, Any]:
     """`speechlm-eval --corpus` of a run: SALAD's M and F on the held-out sentences."""
-    result = eval_main.main(["--workdir", str(run), "--corpus", str(corpus), "--out", str(out),
-                             "--batch_size", str(batch_size)])
+    result = eval_main.evaluate(workdir=str(run), corpus=str(corpus), out=str(out), batch_size=batch_size)
+    print(json.dumps({"speechlm_eval": eval_main.headline(result)}), flush=True)
     return result["diagnostics"]
 
 
@@ -65,20 +67,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         write_corpus(corpus, args.stage1, args.corpus_size, args.seed)
     heldout = out / "heldout.txt"
     heldout.write_text("\n".join(sentences("heldout", args.heldout, seed=args.seed + 1)) + "\n")
-    common = ["--corpus", str(corpus), "--stage1", str(args.stage1), "--clusters", str(args.clusters),
-              "--tolerance", str(args.tolerance), "--probe_size", str(args.probe_size),
-              "--budget_fraction", str(args.budget_fraction), "--steps", str(args.steps), "--repeat", str(args.repeat),
-              "--batch_size", str(args.batch_size), "--tts_workers", str(args.tts_workers), "--quiet",
-              "--seed", str(args.seed), "--max_new_tokens", "16", "--set", f"train.compilation_cache={out / 'xla_cache'}"]
-    select.main(["embed", "cluster", "probe", "sample", "synthesize", "targets", "train", "probe_after", "report",
-                 "--workdir", str(out / "active"), "--gamma", str(args.gamma), *common])
+    common = dict(corpus=str(corpus), stage1=str(args.stage1), clusters=args.clusters, tolerance=args.tolerance,
+                  probe_size=args.probe_size, budget_fraction=args.budget_fraction, steps=args.steps, repeat=args.repeat,
+                  batch_size=args.batch_size, tts_workers=args.tts_workers, quiet=True, seed=args.seed,
+                  max_new_tokens=16, set=[f"train.compilation_cache={out / 'xla_cache'}"])
+    select.run_stages(["embed", "cluster", "probe", "sample", "synthesize", "targets", "train", "probe_after", "report"],
+                      workdir=str(out / "active"), gamma=args.gamma, **common)
     uniform = out / "uniform"
     uniform.mkdir(parents=True, exist_ok=True)
     for name in SHARED:  # the same corpus, clusters and probes: only the sampling differs
         if not (uniform / name).exists():
             shutil.copytree(out / "active" / name, uniform / name)
-    select.main(["sample", "synthesize", "targets", "train", "probe_after", "report",
-                 "--workdir", str(uniform), "--gamma", "0", *common])
+    select.run_stages(["sample", "synthesize", "targets", "train", "probe_after", "report"],
+                      workdir=str(uniform), gamma=0.0, **common)
 
     result: dict[str, Any] = {"budget_fraction": args.budget_fraction, "gamma": args.gamma, "steps": args.steps,
                               "clusters": args.clusters, "heldout_sentences": args.heldout}
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m speechlm_jax.demo.selection_study", description=__doc__.split("\n\n")[0])
     p.add_argument("--stage1", required=True, help="the stage-1 SALAD run (the toy demo's salad workdir)")
     p.add_argument("--out", required=True)
     p.add_argument("--corpus_size", type=int, default=2000)
@@ -117,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return run(build_parser().parse_args(argv))
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (the result is in `<out>/result.json`)."""
+    return cli.run_command("selection_study", lambda: run(build_parser().parse_args(argv)), (select.StageError,))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

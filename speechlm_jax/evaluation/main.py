@@ -32,6 +32,7 @@ gap and M must come out 0). The report goes to `--out` (default: the workdir).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -48,6 +49,7 @@ from speechlm_jax.data.sources import read_text_corpus
 from speechlm_jax.data.tokenizer import SpeechTokenizer, load_tokenizer
 from speechlm_jax.evaluation import asr, cascade, diagnostics, gap, generalisation, items, report, retention
 from speechlm_jax.evaluation.scoring import OracleSpeech, Scorer, model_audio, oracle_audio
+from speechlm_jax import cli
 from speechlm_jax.cli import parse_list, parse_mesh, parse_source
 from speechlm_jax.models.speechlm import SpeechLM
 from speechlm_jax.data.tasks import import_task_modules
@@ -66,14 +68,54 @@ def read_corpus(path: str | Path) -> list[str]:
     return [record["text"] for record in read_text_corpus(path)]
 
 
+PROG = "speechlm-eval"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalRequest:
+    """What `speechlm-eval` is asked: one field per flag (see `build_parser`), with its defaults."""
+
+    workdir: str | None = None
+    base: str | None = None
+    tokenizer: str = ""
+    out: str = ""
+    items: Sequence[str] = ()
+    task_modules: Sequence[str] = ()
+    generalisation: str = ""
+    seen_tasks: Sequence[str] | None = None
+    heldout_tasks: Sequence[str] = ()
+    corpus: str = ""
+    prefix_fraction: float = 0.5
+    asr: bool = False
+    asr_source: dict[str, str] | None = None
+    asr_limit: int = 200
+    oracle: bool = False
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    no_length_normalization: bool = False
+    mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": -1})
+    seed: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        # The command line's comma-separated forms are accepted from Python too.
+        for name in ("items", "task_modules", "heldout_tasks") + (("seen_tasks",) if self.seen_tasks is not None else ()):
+            value = getattr(self, name)
+            object.__setattr__(self, name, parse_list(value) if isinstance(value, str) else tuple(value))
+        if isinstance(self.mesh, str):
+            object.__setattr__(self, "mesh", parse_mesh(self.mesh))
+        if isinstance(self.asr_source, str):
+            object.__setattr__(self, "asr_source", parse_source(self.asr_source))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="speechlm-eval", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--workdir", help="a training run (config.json + checkpoints/)")
     model.add_argument("--base", help="an HF LLM folder alone: the text upper bound")
     p.add_argument("--tokenizer", default="", help="tokenizer folder (default: the run's, or --base)")
     p.add_argument("--out", default="", help="report folder (default: the workdir)")
-    p.add_argument("--items", default="", help="comma-separated item JSONL files (gap benchmark, retention)")
+    p.add_argument("--items", type=parse_list, default=(), help="comma-separated item JSONL files (gap benchmark, retention)")
     p.add_argument("--task_modules", type=parse_list, default=(), help="comma-separated modules that register tasks")
     p.add_argument("--generalisation", default="", help="sentences (lines or JSONL) for the generalisation benchmark")
     p.add_argument("--seen_tasks", type=parse_list, default=None, help="comma-separated (default: the run's data.tasks)")
@@ -95,10 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _asr_records(args: argparse.Namespace, config: ml_collections.ConfigDict | None) -> list[dict[str, Any]]:
+def parse_request(argv: Sequence[str] | None = None) -> EvalRequest:
+    """The command line of `speechlm-eval` as an EvalRequest (argparse exits on a bad flag)."""
+    return EvalRequest(**vars(build_parser().parse_args(argv)))
+
+
+def _asr_records(args: EvalRequest, config: ml_collections.ConfigDict | None) -> list[dict[str, Any]]:
     specs = [args.asr_source] if args.asr_source else list(config.data.eval_speech_sources) if config else []
     if not specs:
-        raise ValueError("--asr needs --asr_source or a run with data.eval_speech_sources")
+        raise cli.UsageError("--asr needs --asr_source or a run with data.eval_speech_sources")
     records = []
     for spec in specs:
         source = open_speech_source(dict(spec), "heldout")
@@ -106,8 +153,28 @@ def _asr_records(args: argparse.Namespace, config: ml_collections.ConfigDict | N
     return [r for r in records if r.get("audio") and r.get("text")][:args.asr_limit]
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def evaluate(**options: Any) -> dict[str, Any]:
+    """`speechlm-eval` from Python: the keyword arguments are EvalRequest's fields; returns the report dict."""
+    return run(EvalRequest(**options))
+
+
+def _check_inputs(args: EvalRequest) -> None:
+    if not args.workdir and not args.base:
+        raise cli.UsageError("one of --workdir and --base is needed")
+    if args.workdir and not (Path(args.workdir) / "config.json").is_file():
+        raise cli.UsageError(f"--workdir {args.workdir}: no config.json (not a training run)")
+    if args.base and not Path(args.base).is_dir():
+        raise cli.UsageError(f"--base {args.base}: no such folder")
+    if not args.out and not args.workdir:
+        raise cli.UsageError("--out is required with --base")
+    for flag, path in [("--items", p) for p in args.items] + [("--generalisation", args.generalisation), ("--corpus", args.corpus)]:
+        if path and not Path(path).is_file():
+            raise cli.UsageError(f"{flag} {path}: no such file")
+
+
+def run(args: EvalRequest) -> dict[str, Any]:
     """Loads the model, runs the asked benchmarks, writes the report; returns the report dict."""
+    _check_inputs(args)
     import_task_modules(args.task_modules)
     mesh = make_mesh(args.mesh)
     config = None
@@ -128,7 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     embedder=oracle_audio if args.oracle else model_audio)
     normalize = not args.no_length_normalization
     result: dict[str, Any] = {"model": info}
-    asked = [it for path in args.items.split(",") if path for it in items.load_items(path)]
+    asked = [it for path in args.items if path for it in items.load_items(path)]
     gap_items, generalisation_sets = list(asked), {}
     if asked:
         result["gap"] = gap.run_gap(scorer, asked, max_new_tokens=args.max_new_tokens, normalize=normalize)
@@ -136,7 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sentences = read_corpus(args.generalisation)
         seen = tuple(args.seen_tasks if args.seen_tasks is not None else config.data.tasks if config else ())
         if not seen and not args.heldout_tasks:
-            raise ValueError("--generalisation needs --seen_tasks or --heldout_tasks (or a run with data.tasks)")
+            raise cli.UsageError("--generalisation needs --seen_tasks or --heldout_tasks (or a run with data.tasks)")
         generalisation_sets = generalisation.generalisation_items(seen, args.heldout_tasks, sentences, seed=args.seed)
         result["generalisation"] = generalisation.run_generalisation(
             scorer, seen, args.heldout_tasks, sentences, max_new_tokens=args.max_new_tokens, seed=args.seed)
@@ -164,34 +231,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                        max_new_tokens=args.max_new_tokens, normalize=normalize)
                              for name, its in sets.items() if its}
     out = args.out or args.workdir
-    if not out:
-        raise ValueError("--out is required with --base")
     if jax.process_index() == 0:
         paths = report.write_report(result, out, workdir=args.workdir)
         result["files"] = {name: str(p) for name, p in paths.items()}
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Console entry point (`speechlm-eval`); prints the headline numbers as one JSON line."""
-    try:
-        result = run(build_parser().parse_args(argv))
-    except items.ItemFileError as error:
-        sys.stderr.write(f"speechlm-eval: {error}\n")
-        sys.exit(2)
-    headline = {name: result[name]["overall"] for name in ("gap", "retention") if name in result}
-    headline.update({f"generalisation/{k}": v["overall"] for k, v in result.get("generalisation", {}).items()})
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """The report's headline numbers (what `speechlm-eval` prints as one JSON line)."""
+    numbers = {name: result[name]["overall"] for name in ("gap", "retention") if name in result}
+    numbers.update({f"generalisation/{k}": v["overall"] for k, v in result.get("generalisation", {}).items()})
     if "diagnostics" in result:
-        headline["M_per_token"] = result["diagnostics"]["misalignment"]["per_token"]
-        headline["F_per_token"] = result["diagnostics"]["forgetting"]["per_token"]
+        numbers["M_per_token"] = result["diagnostics"]["misalignment"]["per_token"]
+        numbers["F_per_token"] = result["diagnostics"]["forgetting"]["per_token"]
     if "asr" in result:
-        headline["wer"] = result["asr"]["wer"]
+        numbers["wer"] = result["asr"]["wer"]
     if "ctc_asr" in result:
-        headline["ctc_wer"], headline["ctc_cer"] = result["ctc_asr"]["wer"], result["ctc_asr"]["cer"]
-    headline.update({f"cascade/{k}": v["overall"] for k, v in result.get("cascade", {}).items()})
-    print(json.dumps({"speechlm_eval": headline}), flush=True)
-    return result
+        numbers["ctc_wer"], numbers["ctc_cer"] = result["ctc_asr"]["wer"], result["ctc_asr"]["cer"]
+    numbers.update({f"cascade/{k}": v["overall"] for k, v in result.get("cascade", {}).items()})
+    return numbers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point (`speechlm-eval`); prints the headline numbers as one JSON line, returns the exit status."""
+
+    def body() -> None:
+        result = run(parse_request(argv))
+        print(json.dumps({"speechlm_eval": headline(result)}), flush=True)
+
+    return cli.run_command(PROG, body, (items.ItemFileError, config_lib.ConfigError))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,6 +28,7 @@ tokens/s) is printed as one JSON line at the end.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -48,8 +49,12 @@ from speechlm_jax.data.tasks import get_task, import_task_modules
 from speechlm_jax.data.tokenizer import load_tokenizer
 from speechlm_jax.evaluation.items import Item
 from speechlm_jax.evaluation.scoring import Scorer
+from speechlm_jax import cli
 from speechlm_jax.cli import parse_list, parse_mesh, parse_source
 from speechlm_jax.sharding import make_mesh
+
+PROG = "speechlm-generate"
+
 
 def shard_name(index: int, count: int) -> str:
     return f"targets-{index:05d}-of-{count:05d}.jsonl"
@@ -98,14 +103,50 @@ def write_shard(path: Path, rows: Sequence[dict[str, str]]) -> None:
     os.replace(tmp, path)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerateRequest:
+    """What `speechlm-generate` is asked: one field per flag (see `build_parser`), with its defaults."""
+
+    llm: str
+    source: dict[str, str]
+    tasks: Sequence[str]
+    out: str
+    tokenizer: str = ""
+    split: str = "train"
+    task_modules: Sequence[str] = ()
+    prompt_split: str = "train"
+    prompts_per_example: int = 1
+    num_shards: int = 8
+    batch_size: int = 64
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": -1})
+    dtype: str = "bfloat16"
+    limit: int = 0
+    no_progress: bool = False
+    distributed: bool = False
+
+    def __post_init__(self) -> None:
+        # The command line's string forms are accepted from Python too.
+        for name in ("tasks", "task_modules"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, parse_list(value) if isinstance(value, str) else tuple(value))
+        if isinstance(self.source, str):
+            object.__setattr__(self, "source", parse_source(self.source))
+        if isinstance(self.mesh, str):
+            object.__setattr__(self, "mesh", parse_mesh(self.mesh))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="speechlm-generate", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--llm", required=True, help="HF checkpoint folder of the text LLM (the teacher)")
     p.add_argument("--tokenizer", default="", help="tokenizer folder (default: --llm)")
     p.add_argument("--source", required=True, type=parse_source, help="paired corpus, TYPE:PATH (manifest|librispeech|tfds)")
     p.add_argument("--split", default="train", help="TFDS split")
-    p.add_argument("--tasks", required=True, help="comma-separated registered task names")
-    p.add_argument("--task_modules", default="", help="comma-separated modules to import that register tasks")
+    p.add_argument("--tasks", required=True, type=parse_list, help="comma-separated registered task names")
+    p.add_argument("--task_modules", type=parse_list, default=(), help="comma-separated modules to import that register tasks")
     p.add_argument("--prompt_split", default="train", choices=("train", "heldout"))
     p.add_argument("--prompts_per_example", type=int, default=1, help="phrasings per (utterance, task); 0 = all")
     p.add_argument("--out", required=True, help="output folder for the shard files")
@@ -123,14 +164,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def parse_request(argv: Sequence[str] | None = None) -> GenerateRequest:
+    """The command line of `speechlm-generate` as a GenerateRequest (argparse exits on a bad flag)."""
+    return GenerateRequest(**vars(build_parser().parse_args(argv)))
+
+
+def generate_targets(**options: Any) -> dict[str, Any]:
+    """`speechlm-generate` from Python: the keyword arguments are GenerateRequest's fields; returns the summary."""
+    return run(GenerateRequest(**options))
+
+
+def run(args: GenerateRequest) -> dict[str, Any]:
     """Generates this host's unfinished shards; returns the summary."""
     if args.distributed:
         jax.distributed.initialize()
-    import_task_modules(parse_list(args.task_modules))
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    import_task_modules(args.task_modules)
+    tasks = list(args.tasks)
+    if not tasks:
+        raise cli.UsageError("--tasks names no task")
     for name in tasks:
-        get_task(name)
+        try:
+            get_task(name)
+        except KeyError as error:
+            raise cli.UsageError(error.args[0]) from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = open_speech_source(args.source, args.split)
@@ -140,6 +196,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary: dict[str, Any] = {"shards": len(mine), "shards_skipped": len(mine) - len(todo), "examples": 0,
                                "generated_tokens": 0, "seconds": 0.0, "tokens_per_second": 0.0}
     if todo:
+        if not Path(args.llm).is_dir():
+            raise cli.UsageError(f"--llm {args.llm}: no such folder")
         tokenizer = load_tokenizer(args.tokenizer or args.llm)
         mesh = make_mesh(args.mesh, jax.local_devices())
         dtype = jnp.dtype(args.dtype)
@@ -168,12 +226,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Console entry point (`speechlm-generate`); prints the summary as one JSON line."""
-    summary = run(build_parser().parse_args(argv))
-    print(json.dumps({"speechlm_generate": summary}), flush=True)
-    return summary
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point (`speechlm-generate`); prints the summary as one JSON line, returns the exit status."""
+
+    def body() -> None:
+        summary = run(parse_request(argv))
+        print(json.dumps({"speechlm_generate": summary}), flush=True)
+
+    return cli.run_command(PROG, body)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -42,7 +42,9 @@ from typing import Any
 import numpy as np
 from absl import flags
 
+from speechlm_jax import cli
 from speechlm_jax import stages as stage_cache
+from speechlm_jax.cli import parse_mesh
 from speechlm_jax.selection import kmeans, probe, report, sample
 
 STAGES = ("embed", "cluster", "probe", "sample", "synthesize", "targets", "train", "probe_after", "report")
@@ -292,7 +294,7 @@ def stage_synthesize(args: argparse.Namespace) -> None:
 
 
 def stage_targets(args: argparse.Namespace) -> None:
-    from speechlm_jax.evaluation import targets as generate_cli
+    from speechlm_jax.evaluation.targets import generate_targets
     from speechlm_jax.selection.stage2 import target_tasks
     from speechlm_jax.train.restore import read_config as load_run_config
 
@@ -307,11 +309,12 @@ def stage_targets(args: argparse.Namespace) -> None:
     if tasks:
         if not config.model.llm_weights:
             raise StageError("the stage-1 mixture reads teacher targets but its LLM has no weights folder to generate them")
-        generate_cli.main(["--llm", config.model.llm_weights, "--tokenizer", config.data.tokenizer,
-                           "--source", f"manifest:{manifest}", "--tasks", ",".join(tasks), "--out", str(folder / "shards"),
-                           "--num_shards", "1", "--batch_size", str(args.batch_size), "--max_new_tokens",
-                           str(args.max_new_tokens), "--dtype", "float32", "--seed", str(args.seed), "--no_progress",
-                           "--mesh", args.mesh])
+        summary = generate_targets(llm=config.model.llm_weights, tokenizer=config.data.tokenizer,
+                                   source={"type": "manifest", "path": str(manifest)}, tasks=tuple(tasks),
+                                   out=str(folder / "shards"), num_shards=1, batch_size=args.batch_size,
+                                   max_new_tokens=args.max_new_tokens, dtype="float32", seed=args.seed, no_progress=True,
+                                   mesh=parse_mesh(args.mesh))
+        print(json.dumps({"speechlm_generate": summary}), flush=True)
     _finish(folder, dict(settings, tasks=list(tasks)))
 
 
@@ -387,9 +390,12 @@ RUNNERS = {"embed": stage_embed, "cluster": stage_cluster, "probe": stage_probe,
            "probe_after": stage_probe_after, "report": stage_report}
 
 
+PROG = "speechlm-select"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="speechlm-select", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("stages", nargs="+", choices=(*STAGES, "all"), help="stages to run, in pipeline order")
     p.add_argument("--workdir", required=True)
     p.add_argument("--corpus", default="", help="text corpus: JSONL ({'id', 'text'}) or plain lines")
@@ -423,19 +429,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point (`speechlm-select`)."""
-    args = build_parser().parse_args(argv)
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS(sys.argv[:1])  # the train stage's Grain worker processes (data.num_workers) read absl flags
-    stages = STAGES if "all" in args.stages else [s for s in STAGES if s in args.stages]
-    try:
-        for stage in stages:
-            RUNNERS[stage](args)
-    except (StageError, stage_cache.StageChanged) as error:
-        sys.stderr.write(f"speechlm-select: {error}\n")
-        sys.exit(2)
+def run_stages(stages: Sequence[str], **options: Any) -> None:
+    """`speechlm-select` from Python: runs `stages` (or "all") in pipeline order; the keyword
+    arguments are the command's flags (`workdir=..., gamma=5.0, set=["k=v"]`), defaults as there."""
+    unknown = sorted(set(stages) - {*STAGES, "all"})
+    if unknown:
+        raise StageError(f"unknown stages {unknown}; known: {', '.join(STAGES)}")
+    defaults = {a.dest: a.default for a in build_parser()._actions if a.dest not in ("help", "stages")}
+    extra = sorted(set(options) - set(defaults))
+    if extra:
+        raise TypeError(f"run_stages() got unknown options {extra}")
+    args = argparse.Namespace(**{**defaults, **options, "stages": list(stages)})
+    for stage in STAGES if "all" in stages else [s for s in STAGES if s in stages]:
+        RUNNERS[stage](args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point (`speechlm-select`); returns the exit status."""
+
+    def body() -> None:
+        args = build_parser().parse_args(argv)
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS(sys.argv[:1])  # the train stage's Grain worker processes (data.num_workers) read absl flags
+        run_stages(args.stages, **{k: v for k, v in vars(args).items() if k != "stages"})
+
+    return cli.run_command(PROG, body, (StageError, stage_cache.StageChanged))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

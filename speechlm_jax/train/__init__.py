@@ -12,5 +12,5 @@
     chips.py       accelerator chips: HBM and peak FLOP/s (speechlm-compile, MFU)
     data.py        config.data -> this host's Grain iterators
     trainer.py     the loop, top to bottom
-    main.py        the `speechlm-train` command
+    main.py        the `speechlm-train` command (`--config` and `--config.<key>=value` parsed by config.py)
 """

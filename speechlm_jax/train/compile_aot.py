@@ -37,9 +37,9 @@ from typing import Any
 
 import jax
 import ml_collections
-from absl import app, flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from speechlm_jax import cli
 from speechlm_jax.train import config as config_lib
 from speechlm_jax.train.chips import CHIPS, Chip, GiB, chip_of
 
@@ -301,47 +301,49 @@ def compile_train_step(
     )
 
 
-_CONFIG = config_lib.config_flag()
-_TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-128, v6e-64, v5p:4x4x4, ... or `local` (the attached devices)")
-_SLICES = flags.DEFINE_integer("slices", 1, "number of slices (multislice over DCN; put `data` across them in the mesh)")
-_MFU = flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed for the step-time estimate")
-_BUCKET = flags.DEFINE_integer("bucket", -1, "index into data.buckets of the batch shape to compile (default: the largest)")
-_HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "memory per device to check against (default: the chip's HBM)")
-_JSON = flags.DEFINE_bool("json", False, "print the report as one JSON line instead of a table")
+PROG = "speechlm-compile"
 
 
-def _run(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _TOPOLOGY.value is None:
-        raise app.UsageError("--topology is required")
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    config_lib.add_config_argument(p)
+    p.add_argument("--topology", required=True, help="v5p-128, v6e-64, v5p:4x4x4, ... or `local` (the attached devices)")
+    p.add_argument("--slices", type=int, default=1, help="number of slices (multislice over DCN; put `data` across them in the mesh)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the step-time estimate")
+    p.add_argument("--bucket", type=int, default=-1, help="index into data.buckets of the batch shape to compile (default: the largest)")
+    p.add_argument("--hbm_gib", type=float, default=0.0, help="memory per device to check against (default: the chip's HBM)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON line instead of a table")
+    cli.add_log_level(p)
+    return p
+
+
+def check_config(config: ml_collections.ConfigDict, topology_name: str, *, slices: int = 1, mfu: float = 0.4,
+                 bucket: int = -1, hbm_gib: float = 0.0, as_json: bool = False) -> CompileReport:
+    """Compiles `config`'s step for the topology, prints the report; DoesNotFitError when it does not fit."""
     try:
-        topology = make_topology(_TOPOLOGY.value, slices=_SLICES.value)
+        topology = make_topology(topology_name, slices=slices)
     except (ValueError, TopologyUnavailableError, jax.errors.JaxRuntimeError) as error:
-        sys.stderr.write(f"speechlm-compile: {error}\n")
-        sys.exit(2)
-    hbm = int(_HBM_GIB.value * GiB) or None
-    try:
-        report = compile_train_step(_CONFIG.value, topology, mfu=_MFU.value, bucket=_BUCKET.value, hbm_bytes=hbm)
-        print(json.dumps(report.as_dict()) if _JSON.value else report.table(), flush=True)
-        check_fits(report)
-    except DoesNotFitError as error:
-        sys.stderr.write(f"speechlm-compile: does not fit: {error}\n")
-        sys.exit(1)
+        raise cli.UsageError(str(error)) from error
+    report = compile_train_step(config, topology, mfu=mfu, bucket=bucket, hbm_bytes=int(hbm_gib * GiB) or None)
+    print(json.dumps(report.as_dict()) if as_json else report.table(), flush=True)
+    check_fits(report)
+    return report
 
 
-def main() -> None:
-    """Console entry point (`speechlm-compile`)."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point (`speechlm-compile`): 0 fits, 1 does not fit, 2 a bad flag or config."""
 
-    spec, keys = config_lib.config_flag_value(sys.argv), config_lib.override_keys(sys.argv)
-    try:
-        if spec is not None and keys:
-            config_lib.check_overrides(config_lib.load_config_file(spec), keys)
-    except config_lib.ConfigError as error:
-        sys.stderr.write(f"speechlm-compile: {error}\n")
-        sys.exit(2)
-    app.run(_run)
+    def body() -> None:
+        args, config = config_lib.parse_command_line(build_parser(), argv)
+        cli.setup_logging(args.log_level)
+        try:
+            check_config(config, args.topology, slices=args.slices, mfu=args.mfu, bucket=args.bucket,
+                         hbm_gib=args.hbm_gib, as_json=args.json)
+        except DoesNotFitError as error:
+            raise cli.CommandFailed(f"does not fit: {error}") from error
+
+    return cli.run_command(PROG, body, (config_lib.ConfigError,))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,21 +6,38 @@ the last level of a dotted path; `check_overrides` looks at the whole flattened 
 space, so `--config.optimiser.lr=1e-4` fails at start naming `optimizer.lr`.
 `validate` checks the values that the trainer interprets as names (recipe, schedule,
 trainable groups, mesh axes) so a wrong one fails before any weight is loaded.
+
+The command line of `speechlm-train` and `speechlm-compile` (`parse_command_line`) takes the
+forms `ml_collections.config_flags` took, parsed here with argparse beside it:
+
+    --config path/to/recipe.py:variant[,k=v...]     the module's get_config("variant,k=v...")
+    --config.a.b=VALUE  or  --config.a.b VALUE      an override, parsed against the field's type
+    --config.a.b  /  --noconfig.a.b                 a bool field set to True / False
+
+Values are read against the type of the value already there: bool (true/false, t/f, 1/0, any
+case), int, float, str (as given); a tuple from a Python literal (`"(1, 2)"`, `"['a']"`) or a
+bare string as a one-element tuple, repeated flags concatenating; lists via `ast.literal_eval`;
+a nested dict (ConfigDict) from a dict literal; `None` (or `none`) where the field holds None
+or is a placeholder;
+a None field takes any Python literal, else the string. Overrides apply in command-line order
+on the locked config, so an unknown key fails with the nearest valid keys.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
+import dataclasses
 import difflib
-import functools
 import importlib.util
 import json
+import re
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_collections
-from absl import flags
-from ml_collections import config_flags
 
 from speechlm_jax.sharding import MESH_AXES
 
@@ -167,12 +184,17 @@ def read_resolved(workdir: str | Path) -> ml_collections.ConfigDict:
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """Loads `path/to/recipe.py[:arg]` the way `config_flags` does: the module's `get_config(arg)`."""
     path, _, arg = spec.partition(":") if ".py:" in spec else (spec, "", "")
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {path!r} does not exist")
     module_spec = importlib.util.spec_from_file_location(f"_speechlm_config_{Path(path).stem}", path)
     if module_spec is None or module_spec.loader is None:
         raise ConfigError(f"cannot load config file {path!r}")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    try:
+        return module.get_config(arg) if arg else module.get_config()
+    except ValueError as error:  # the recipes' variant parsing (configs/base.parse_arg)
+        raise ConfigError(f"{spec}: {error}") from error
 
 
 def config_flag_value(argv: Sequence[str], flag: str = "config") -> str | None:
@@ -185,11 +207,210 @@ def config_flag_value(argv: Sequence[str], flag: str = "config") -> str | None:
     return None
 
 
-@functools.cache
-def config_flag() -> flags.FlagHolder:
-    """The `--config configs/<recipe>.py:<variant>` absl flag, defined once per process.
+# --- command-line overrides (`--config.a.b=value`)
 
-    Every entry point that takes a recipe config (`speechlm-train`, `speechlm-compile`) shares
-    it, so importing several of them in one process does not define the flag twice.
+
+@dataclasses.dataclass(frozen=True)
+class Override:
+    """One `--config.<key>[=value]` on the command line; `value` None is the bare boolean form."""
+
+    key: str
+    value: str | None = None
+    negated: bool = False  # --noconfig.<key>
+
+    def __str__(self) -> str:
+        flag = f"--{'no' if self.negated else ''}config.{self.key}"
+        return flag if self.value is None else f"{flag}={self.value}"
+
+
+def _override_pattern(flag: str) -> re.Pattern[str]:
+    return re.compile(rf"^--?(no)?{re.escape(flag)}\.([^=]+)(?:=(.*))?$", re.DOTALL)
+
+
+def _field(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+    node: Any = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[part]
+    return node, leaf
+
+
+def _takes_bare_form(config: ml_collections.ConfigDict | None, key: str) -> bool:
+    """Whether `--config.key` alone is complete (bool and None fields, as absl's boolean flags)."""
+    if config is None or not has_key(config, key):
+        return True  # reported as an unknown key (or a missing --config) later
+    holder, leaf = _field(config, key)
+    return holder.get_type(leaf) in (bool, type(None)) or holder[leaf] is None
+
+
+def split_overrides(argv: Sequence[str], config: ml_collections.ConfigDict | None,
+                    flag: str = "config") -> tuple[list[str], list[Override]]:
+    """argv -> (the other arguments, the overrides in order); `--config.k v` takes the next argument
+    as its value unless the field is a bool (or None) one."""
+    pattern = _override_pattern(flag)
+    rest: list[str] = []
+    overrides: list[Override] = []
+    i = 0
+    while i < len(argv):
+        match = pattern.match(argv[i])
+        if not match:
+            rest.append(argv[i])
+            i += 1
+            continue
+        negated, key, value = bool(match[1]), match[2], match[3]
+        if value is None and not negated and not _takes_bare_form(config, key) and i + 1 < len(argv):
+            value = argv[i + 1]
+            i += 1
+        overrides.append(Override(key, value, negated))
+        i += 1
+    return rest, overrides
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "t", "1"):
+        return True
+    if lowered in ("false", "f", "0"):
+        return False
+    raise ValueError(f"{text!r} is not a bool (true/false)")
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return int(text, 0)  # 0x.., 0o.., 0b.. as absl's integer flags read them
+    except ValueError:
+        raise ValueError(f"{text!r} is not an int") from None
+
+
+def _parse_literal(text: str) -> Any:
+    if text in ("true", "false"):
+        text = text.capitalize()
+    try:
+        return ast.literal_eval(text)
+    except (SyntaxError, ValueError):
+        return text  # a string: --config.value=my_string
+
+
+def _parse_tuple(text: str) -> tuple[Any, ...]:
+    """`config_flags`' tuple parser: a literal sequence, or a single element."""
+    try:
+        value = ast.literal_eval(text)
+    except ValueError:
+        value = text
+    except SyntaxError:
+        if "," in text or " " in text:
+            raise ValueError(f"{text!r} is not a tuple literal; quote the elements, e.g. \"('a', 'b')\"") from None
+        value = text
+    if isinstance(value, tuple):
+        return value
+    if isinstance(value, (list, set)):
+        return tuple(value)
+    return (value,)
+
+
+def _allows_none(holder: ml_collections.ConfigDict, leaf: str) -> bool:
+    """A field that holds None, or a placeholder (a FieldReference, which may be None again)."""
+    from ml_collections import config_dict
+
+    stored = getattr(holder, "_fields", {}).get(leaf)
+    return holder[leaf] is None or isinstance(stored, config_dict.FieldReference)
+
+
+def parse_override_value(text: str, kind: type, current: Any, allows_none: bool | None = None) -> Any:
+    """One override's text read against the field's type (the `config_flags` rules)."""
+    if (current is None if allows_none is None else allows_none) and text in ("None", "none"):
+        return None
+    if kind is bool:
+        return _parse_bool(text)
+    if kind is int:
+        return _parse_int(text)
+    if kind is float:
+        return float(text)
+    if kind is str:
+        return text
+    if kind is tuple:
+        return _parse_tuple(text)
+    if isinstance(kind, type) and issubclass(kind, ml_collections.ConfigDict):
+        value = ast.literal_eval(text)
+        if not isinstance(value, dict):
+            raise ValueError(f"{text!r} is not a dict literal")
+        return ml_collections.ConfigDict(value)
+    if kind in (list, dict):
+        value = ast.literal_eval(text)
+        if not isinstance(value, kind):
+            raise ValueError(f"{text!r} is not a {kind.__name__} literal")
+        return value
+    return _parse_literal(text)  # a None field (or one of another type): any literal, else the string
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[Override]) -> ml_collections.ConfigDict:
+    """Sets every override on `config` in order; ConfigError for an unknown key or a bad value."""
+    check_overrides(config, [o.key for o in overrides])
+    keys = [o.key for o in overrides]
+    for i, first in enumerate(keys):
+        for later in keys[i + 1:]:
+            if first.startswith(later + "."):
+                raise ConfigError(f"--config.{later} comes after --config.{first} and would undo it; put it first")
+    seen_tuples: set[str] = set()
+    for override in overrides:
+        holder, leaf = _field(config, override.key)
+        kind, current = holder.get_type(leaf), holder[leaf]
+        try:
+            if override.negated or override.value is None:
+                if kind is not bool and current is not None:
+                    raise ValueError(f"needs a value ({kind.__name__} field)")
+                if override.negated and override.value is not None:
+                    raise ValueError("--no form takes no value")
+                value: Any = not override.negated
+            else:
+                value = parse_override_value(override.value, kind, current, _allows_none(holder, leaf))
+                if kind is tuple and override.key in seen_tuples:
+                    value = tuple(current) + value  # --config.k a --config.k b -> ("a", "b")
+            holder[leaf] = value
+        except (ValueError, TypeError, SyntaxError) as error:
+            raise ConfigError(f"{override}: {error}") from None
+        if kind is tuple:
+            seen_tuples.add(override.key)
+    return config
+
+
+def load_config(spec: str, overrides: Sequence[Override] = ()) -> ml_collections.ConfigDict:
+    """The locked config of `--config spec` with the command-line overrides applied."""
+    config = load_config_file(spec)
+    config.lock()
+    return apply_overrides(config, overrides)
+
+
+CONFIG_HELP = ("recipe config file and variant: configs/<recipe>.py:<variant>[,key=value...]; "
+               "override any key with --config.<dotted.key>=VALUE (read against the field's type)")
+
+
+def add_config_argument(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--config", required=required, metavar="FILE.py:VARIANT", help=CONFIG_HELP)
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+                       flag: str = "config") -> tuple[argparse.Namespace, ml_collections.ConfigDict | None]:
+    """argparse's namespace and the overridden, locked config (None without `--config`).
+
+    The overrides are taken out of argv first (they need the config's field types), so argparse
+    sees only the command's own flags; `--help` prints the usage without reading any config.
     """
-    return config_flags.DEFINE_config_file("config", None, "recipe config: configs/<recipe>.py:<variant>", lock_config=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pattern = _override_pattern(flag)
+    if any(arg in ("-h", "--help") for arg in argv):
+        parser.parse_args([arg for arg in argv if not pattern.match(arg)])
+    spec = config_flag_value([arg for arg in argv if not pattern.match(arg)], flag)
+    config = load_config_file(spec) if spec else None
+    rest, overrides = split_overrides(argv, config, flag)
+    args = parser.parse_args(rest)
+    if config is None:
+        if overrides:
+            parser.error(f"{overrides[0]} needs --{flag}")
+        return args, None
+    config.lock()
+    return args, apply_overrides(config, overrides)

@@ -65,11 +65,11 @@ def hf_voxtral(folder, words: str) -> None:
 
 def test_transformers_voxtral_imports_and_exports_bitwise(tokenizer_words, tmp_path):
     hf_voxtral(tmp_path / "hf", tokenizer_words)
-    main.main(["import", "--hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "run")])
+    assert main.main(["import", "--hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "run")]) == 0
     run = tmp_path / "run"
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["trainable"] == "projector" and config["model"]["llm_weights"] == str(run / "base" / "llm")
-    main.main(["export", "--workdir", str(run), "--out", str(tmp_path / "out")])
+    assert main.main(["export", "--workdir", str(run), "--out", str(tmp_path / "out")]) == 0
     assert_bitwise(tensors(tmp_path / "hf"), tensors(tmp_path / "out"))
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab() == transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").get_vocab()
 
@@ -79,8 +79,7 @@ def test_import_of_tensors_that_do_not_fit_the_config_fails_without_output(token
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     config["text_config"]["intermediate_size"] = 48
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SystemExit):
-        main.main(["import", "--hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "run")])
+    assert main.main(["import", "--hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "run")]) == 2
     assert "first mismatched tensor: language_model.model.layers.0.mlp.down_proj.weight" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
@@ -93,7 +92,7 @@ def test_adapter_and_bf16_survive_import_and_export_bitwise(tiny_speechlm, token
     assert json.loads((run / "config.json").read_text())["train"]["trainable"] == "projector,lora"
     loaded = workdir.load_workdir(run)
     assert loaded.step == workdir.IMPORTED_STEP and loaded.audio_token_id == 4
-    main.main(["export", "--workdir", str(run), "--out", str(tmp_path / "second"), "--dtype", "bf16", "--max-shard-size", "64KB"])
+    assert main.main(["export", "--workdir", str(run), "--out", str(tmp_path / "second"), "--dtype", "bf16", "--max-shard-size", "64KB"]) == 0
     assert_bitwise(tensors(first), tensors(tmp_path / "second"))
     adapter = "adapter/adapter_model.safetensors"
     assert_bitwise(tensors(first / adapter), tensors(tmp_path / "second" / adapter))
@@ -113,15 +112,12 @@ def test_workdir_with_other_base_weights_is_refused(tokenizer_words, tmp_path):
 
 
 def test_cli_reports_errors_without_output(tiny_speechlm, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main.main(["export", "--workdir", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
-    assert exit_info.value.code == 1
+    assert main.main(["export", "--workdir", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
     assert "not a trainer workdir" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
     export.export_llm(tiny_speechlm(lora=False).llm, tmp_path / "llm")
-    with pytest.raises(SystemExit):
-        main.main(["import", "--hf", str(tmp_path / "llm"), "--workdir", str(tmp_path / "run")])
+    assert main.main(["import", "--hf", str(tmp_path / "llm"), "--workdir", str(tmp_path / "run")]) == 2
     assert "not VoxtralForConditionalGeneration; an LLM folder (*ForCausalLM) needs no import" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -147,7 +143,7 @@ def test_trained_workdir_exports_to_voxtral_with_our_logits(trained_run, tmp_pat
     run, corpus = trained_run
     loaded = workdir.load_workdir(run)
     assert loaded.step == 2 and has_lora(loaded.model)
-    main.main(["export", "--workdir", str(run), "--out", str(tmp_path / "hf"), "--merge-lora"])
+    assert main.main(["export", "--workdir", str(run), "--out", str(tmp_path / "hf"), "--merge-lora"]) == 0
     hf = transformers.VoxtralForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
 
     # One full 30 s window (the only input length VoxtralEncoder takes): 375 audio tokens.
@@ -185,13 +181,11 @@ def conv_projector_run(tokenizer_dir, tmp_path_factory):
 
 def test_workdir_no_class_represents_is_refused_and_nothing_written(conv_projector_run, tmp_path, capsys):
     run = conv_projector_run
-    with pytest.raises(SystemExit) as exit_info:
-        main.main(["export", "--workdir", str(run), "--out", str(tmp_path / "hf")])
-    assert exit_info.value.code == 1
+    assert main.main(["export", "--workdir", str(run), "--out", str(tmp_path / "hf")]) == 2
     assert "strided Conv1d" in capsys.readouterr().err
     assert not any(p.name.startswith((".hf", "hf")) for p in tmp_path.iterdir())
     # The LLM alone still has its class (step 3, the only checkpoint).
-    main.main(["export", "--workdir", str(run), "--step", "3", "--out", str(tmp_path / "llm"), "--llm-only", "--merge-lora"])
+    assert main.main(["export", "--workdir", str(run), "--step", "3", "--out", str(tmp_path / "llm"), "--llm-only", "--merge-lora"]) == 0
     assert json.loads((tmp_path / "llm" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
@@ -200,17 +194,16 @@ def test_checkpoint_that_does_not_fit_its_config_is_refused(conv_projector_run, 
     config = json.loads((run / "config.json").read_text())
     config["model"]["projector"]["hidden"] = 16
     (run / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SystemExit):
-        main.main(["export", "--workdir", str(run), "--out", str(tmp_path / "hf"), "--llm-only"])
+    assert main.main(["export", "--workdir", str(run), "--out", str(tmp_path / "hf"), "--llm-only"]) == 2
     assert "does not fit the workdir's config.json: first mismatched tensor projector/conv/" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
 
 
 def test_import_with_a_recipe_restores_the_way_the_trainer_resumes(trained_run, tmp_path):
     run, corpus = trained_run
-    main.main(["export", "--workdir", str(run), "--out", str(tmp_path / "hf")])
+    assert main.main(["export", "--workdir", str(run), "--out", str(tmp_path / "hf")]) == 0
     recipe = f"{REPO}/configs/asr.py:tiny,data_dir={corpus}"
-    main.main(["import", "--hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "imported"), "--config", recipe])
+    assert main.main(["import", "--hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "imported"), "--config", recipe]) == 0
 
     # What `trainer.train` does to resume: rebuild the model from the config, split it, make the
     # optimiser state and the data iterator, restore the step onto them, check the base.
@@ -237,9 +230,9 @@ def test_trainer_resumes_an_imported_workdir_from_step_0(trained_run, tmp_path):
     from speechlm_jax.train import trainer
 
     run, corpus = trained_run
-    main.main(["export", "--workdir", str(run), "--out", str(tmp_path / "hf")])
+    assert main.main(["export", "--workdir", str(run), "--out", str(tmp_path / "hf")]) == 0
     recipe = f"{REPO}/configs/asr.py:tiny,data_dir={corpus}"
-    main.main(["import", "--hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "imported"), "--config", recipe])
+    assert main.main(["import", "--hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "imported"), "--config", recipe]) == 0
 
     config = restore.read_config(tmp_path / "imported")
     # A zero learning rate: one step leaves the trainable state exactly as it was restored.

@@ -159,16 +159,16 @@ def test_cli_writes_corpus_and_summary(tmp_path, capsys):
         "--pitches",
         "50",
     ]
-    synth_main(args)
+    assert synth_main(args) == 0
     assert "2 synthesized, 0 already done, 0 failed" in capsys.readouterr().out.strip().splitlines()[-1]
     assert [r["id"] for r in _records(out / "manifest.jsonl")] == ["texts-000000", "texts-000002"]
-    synth_main(args)
+    assert synth_main(args) == 0
     assert "0 synthesized, 2 already done" in capsys.readouterr().out
 
     plugged = tmp_path / "plugged"
-    synth_main(
+    assert synth_main(
         args[:3] + [str(plugged), "--layout", "librispeech", "--synthesizer", f"{__name__}:ToneSynthesizer"]
-    )
+    ) == 0
     records = _records(plugged / "manifest.jsonl")
     assert [len(r["words"]) for r in records] == [3, 2]
     assert all(r["duration"] == pytest.approx(0.2 * len(r["words"]), abs=1e-3) for r in records)

@@ -21,28 +21,26 @@ def base(tmp_path_factory, toy_tokenizer, toy_llm_config):
     return root
 
 
-def test_base_llm_text_upper_bound_report(base, tmp_path, capsys):
+def test_base_llm_text_upper_bound_report(base, tmp_path):
     items = tmp_path / "items.jsonl"
     items.write_text("\n".join(json.dumps(row) for row in [
         {"question": "the dog runs", "choices": ["yes", "no"], "answer": "yes", "prompt": "is there a place in {content}"},
         {"question": "a cat sleeps in the barn", "choices": ["yes", "no"], "answer": 0, "task": "has_place"},
         {"question": "the dog runs", "answer": "runs", "prompt": "what is the last word of {content}", "task": "last_word"},
     ]) + "\n")
-    result = eval_main.main(["--base", str(base / "llm"), "--items", str(items), "--out", str(tmp_path / "out"),
-                             "--batch_size", "4", "--max_new_tokens", "3"])
+    result = eval_main.run(eval_main.parse_request(["--base", str(base / "llm"), "--items", str(items), "--out", str(tmp_path / "out"),
+                                                    "--batch_size", "4", "--max_new_tokens", "3"]))
     assert result["gap"]["conditions"] == ["text"] and result["gap"]["overall"]["items"] == 3
     assert set(result["gap"]["tasks"]) == {"items", "has_place", "last_word"}
     assert "retention" not in result and "diagnostics" not in result
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["gap"]["overall"] == result["gap"]["overall"]
     assert "## Text-speech gap" in (tmp_path / "out" / "report.md").read_text()
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["speechlm_eval"]["gap"]["items"] == 3
+    assert eval_main.headline(result)["gap"]["items"] == 3
 
 
 def test_malformed_item_file_exits_with_the_line(base, tmp_path, capsys):
     items = tmp_path / "bad.jsonl"
     items.write_text('{"question": "q", "answer": "a"}\n{"question": "q2", "choices": ["a", "b"]}\n')
-    with pytest.raises(SystemExit) as info:
-        eval_main.main(["--base", str(base / "llm"), "--items", str(items), "--out", str(tmp_path / "out")])
-    assert info.value.code == 2
+    assert eval_main.main(["--base", str(base / "llm"), "--items", str(items), "--out", str(tmp_path / "out")]) == 2
     assert "bad.jsonl:2: missing field 'answer'" in capsys.readouterr().err

@@ -38,13 +38,17 @@ def args(root, out, *extra):
             "--dtype", "float32", "--no_progress", "--temperature", "1.0", "--seed", "7", *extra]
 
 
+def generate(argv):
+    return generate_cli.run(generate_cli.parse_request(argv))
+
+
 def read(out):
     return {p.name: p.read_text() for p in sorted(out.glob("targets-*.jsonl"))}
 
 
 def test_interrupted_and_resumed_run_writes_the_same_targets(setup, tmp_path, monkeypatch):
     root, tok = setup
-    summary = generate_cli.main(args(root, tmp_path / "full"))
+    summary = generate(args(root, tmp_path / "full"))
     full = read(tmp_path / "full")
     assert sorted(full) == [f"targets-0000{i}-of-00003.jsonl" for i in range(3)]
     assert summary["examples"] == 7 * 2 and summary["generated_tokens"] > 0 and summary["tokens_per_second"] > 0
@@ -69,16 +73,16 @@ def test_interrupted_and_resumed_run_writes_the_same_targets(setup, tmp_path, mo
 
     monkeypatch.setattr(generate_cli, "write_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        generate_cli.main(args(root, tmp_path / "resumed"))
+        generate(args(root, tmp_path / "resumed"))
     assert len(read(tmp_path / "resumed")) == 1
     monkeypatch.setattr(generate_cli, "write_shard", real_write)
-    resumed = generate_cli.main(args(root, tmp_path / "resumed"))
+    resumed = generate(args(root, tmp_path / "resumed"))
     assert resumed["shards_skipped"] == 1
     assert read(tmp_path / "resumed") == full
 
     # A finished run is skipped entirely; another seed samples other answers.
-    assert generate_cli.main(args(root, tmp_path / "resumed"))["shards_skipped"] == 3
-    generate_cli.main(args(root, tmp_path / "other", "--seed", "8"))
+    assert generate(args(root, tmp_path / "resumed"))["shards_skipped"] == 3
+    generate(args(root, tmp_path / "other", "--seed", "8"))
     assert read(tmp_path / "other") != full
 
 

@@ -34,11 +34,11 @@ def workdir(tmp_path_factory):
 def test_oracle_eval_of_a_trained_run(workdir, tmp_path):
     (tmp_path / "sentences.txt").write_text(sentences("heldout", 1, seed=0)[0] + "\n")
     (tmp_path / "corpus.txt").write_text(sentences("heldout", 1, seed=1)[0] + "\n")
-    result = eval_main.main(["--workdir", str(workdir), "--oracle", "--task_modules", "speechlm_jax.toyworld.tasks",
-                             "--generalisation", str(tmp_path / "sentences.txt"), "--seen_tasks", ",".join(SEEN_TASKS),
-                             "--heldout_tasks", ",".join(HELDOUT_TASKS), "--corpus", str(tmp_path / "corpus.txt"),
-                             "--asr", "--asr_limit", "2", "--ctc_asr", "--cascade", "--max_new_tokens", "3",
-                             "--batch_size", "8"])
+    result = eval_main.run(eval_main.parse_request([
+        "--workdir", str(workdir), "--oracle", "--task_modules", "speechlm_jax.toyworld.tasks",
+        "--generalisation", str(tmp_path / "sentences.txt"), "--seen_tasks", ",".join(SEEN_TASKS),
+        "--heldout_tasks", ",".join(HELDOUT_TASKS), "--corpus", str(tmp_path / "corpus.txt"),
+        "--asr", "--asr_limit", "2", "--ctc_asr", "--cascade", "--max_new_tokens", "3", "--batch_size", "8"]))
     assert result["model"]["step"] == 2 and result["model"]["recipe"] == "asr"
     assert set(result["generalisation"]) == {"seen_tasks/train_prompts", "seen_tasks/heldout_prompts", "heldout_tasks"}
     assert all(split["overall"]["gap"] == 0.0 for split in result["generalisation"].values())

@@ -1,8 +1,8 @@
 """`speechlm-train` preceded by `speechlm_jax.distributed.initialize()`: the entry the
 multi-process tests launch through `launch/local.sh` (SPEECHLM_TRAIN), so each process joins
 the run from the JAX_* variables the launcher sets before the trainer touches a device,
-and logs its index and devices (absl logs only after its flags are parsed, so the handler is
-installed here)."""
+and logs its index and devices (before `main` sets up logging, so the handler is installed
+here)."""
 
 from absl import logging
 
@@ -14,4 +14,4 @@ if __name__ == "__main__":
     logging.set_verbosity(logging.INFO)
     distributed.initialize()
     distributed.log_topology()
-    main.main()
+    raise SystemExit(main.main())

@@ -113,3 +113,56 @@ def test_resolved_config_is_written(tmp_path):
     config = mtbi.get_config("tiny")
     path = config_lib.write_resolved(config, tmp_path)
     assert '"recipe": "mtbi"' in path.read_text()
+
+
+def _parse(*overrides):
+    from speechlm_jax.train.main import build_parser
+
+    return config_lib.parse_command_line(build_parser(), ["--config", f"{REPO}/configs/asr.py:tiny", "--workdir", "w", *overrides])
+
+
+def test_overrides_are_parsed_against_the_field_types():
+    args, config = _parse(
+        "--config.train.steps", "7", "--config.train.progress_bar=false", "--noconfig.train.fast_compile",
+        "--config.optimizer.lr.projector=3e-3", "--config.mesh.fsdp", "-1", "--config.data.tasks=first_word",
+        "--config.data.tasks", "count_words", "--config.data.buckets=((16000, 64),)", "--config.data.tokenizer=/tok",
+        "--config.data.kinds={'asr': 0.5, 'text': 0.5}", "--config.model.remat", "full")
+    assert args.workdir == "w" and config.is_locked
+    assert config.train.steps == 7 and config.train.progress_bar is False and config.train.fast_compile is False
+    assert config.optimizer.lr.projector == 3e-3 and config.mesh.fsdp == -1
+    assert config.data.tasks == ("first_word", "count_words") and config.data.buckets == ((16000, 64),)
+    assert config.data.tokenizer == "/tok" and dict(config.data.kinds) == {"asr": 0.5, "text": 0.5}
+    assert config.model.remat == "full"
+    _, config = _parse("--config.train.fast_compile")  # the bare form of a bool field is True
+    assert config.train.fast_compile is True
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.train.steps=many", "'many' is not an int"),
+    ("--config.train.progress_bar=maybe", "'maybe' is not a bool"),
+    ("--config.train.steps", "needs a value"),
+    ("--config.mesh=3", "not a dict literal"),
+    ("--config.optimiser.lr.projector=1", "nearest valid keys: optimizer.lr.projector"),
+])
+def test_bad_override_fails_naming_it(override, message):
+    with pytest.raises(config_lib.ConfigError, match=message):
+        _parse(override)
+
+
+def test_a_parent_override_after_a_child_one_is_refused():
+    with pytest.raises(config_lib.ConfigError, match="would undo it"):
+        _parse("--config.mesh.fsdp=2", "--config.mesh={'data': 1, 'fsdp': 1, 'tensor': 1}")
+    _, config = _parse("--config.mesh={'data': 1, 'fsdp': 1, 'tensor': 1}", "--config.mesh.fsdp=2")
+    assert dict(config.mesh) == {"data": 1, "fsdp": 2, "tensor": 1}
+
+
+def test_none_fields_take_literals_and_none():
+    from ml_collections import config_dict
+
+    config = config_dict.ConfigDict(dict(a=None, p=config_dict.placeholder(int), s="x"))
+    config.lock()
+    config_lib.apply_overrides(config, [config_lib.Override("a", "[1, 2]"), config_lib.Override("p", "3"),
+                                        config_lib.Override("s", "None")])
+    assert config.a == [1, 2] and config.p == 3 and config.s == "None"
+    config_lib.apply_overrides(config, [config_lib.Override("p", "None")])
+    assert config.p is None
