@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test demo install clean
+.PHONY: test lint demo install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed-demo
 	$(BIN)/python -m speechlm_jax.demo.main --out demo_out
 
-test: $(VENV)/.installed
+# The formatter and linter settings are in pyproject.toml.
+lint: $(VENV)/.installed
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q tests
 
 clean:

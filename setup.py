@@ -46,6 +46,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.6",
+            "ruff==0.17.6",
             "hypothesis>=6.100",
             "scipy>=1.11",
             "scikit-learn>=1.4",

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import transformers
 
-from speechlm_jax.models.hf_import import load_llm
 from speechlm_jax.generate import generate
+from speechlm_jax.models.hf_import import load_llm
 
 
 def best_time(fn, repeats: int) -> float:

@@ -81,9 +81,7 @@ def main() -> None:
 
     extractor = WhisperFeatureExtractor(feature_size=args.n_mels)
     # The numpy path is what __call__ runs when torch is not installed.
-    hf_s, hf = timed(
-        lambda: extractor._np_extract_fbank_features(waveforms, "cpu"), max(2, args.repeats // 2)
-    )
+    hf_s, hf = timed(lambda: extractor._np_extract_fbank_features(waveforms, "cpu"), max(2, args.repeats // 2))
     hf_torch_s, hf_torch = timed(
         lambda: (
             extractor(

@@ -34,14 +34,18 @@ from speechlm_jax.losses.reference import kl_distillation
 LossFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def naive_kl(student_hidden: jax.Array, teacher_hidden: jax.Array, unembedding: jax.Array, mask: jax.Array) -> jax.Array:
+def naive_kl(
+    student_hidden: jax.Array, teacher_hidden: jax.Array, unembedding: jax.Array, mask: jax.Array
+) -> jax.Array:
     student_logits = jnp.einsum("btd,dv->btv", student_hidden, unembedding)
     teacher_logits = jnp.einsum("btd,dv->btv", teacher_hidden, unembedding)
     return kl_distillation(student_logits, teacher_logits, mask, temperature=2.0)[0]
 
 
 def chunked_kl(chunk_size: int) -> LossFn:
-    def loss(student_hidden: jax.Array, teacher_hidden: jax.Array, unembedding: jax.Array, mask: jax.Array) -> jax.Array:
+    def loss(
+        student_hidden: jax.Array, teacher_hidden: jax.Array, unembedding: jax.Array, mask: jax.Array
+    ) -> jax.Array:
         return chunked_kl_distillation(
             student_hidden, teacher_hidden, unembedding, mask, chunk_size=chunk_size, temperature=2.0
         )[0]
@@ -101,14 +105,20 @@ def main() -> None:
     full = shapes(args.batch, args.seq, args.d_model, args.vocab)
     naive_temp = temp_bytes(naive_kl, full)
     chunked_temp = temp_bytes(chunked_kl(args.chunk_size), full)
-    print(f"full size temp bytes: naive {naive_temp / 2**30:.2f} GiB, chunked {chunked_temp / 2**30:.2f} GiB", flush=True)
+    print(
+        f"full size temp bytes: naive {naive_temp / 2**30:.2f} GiB, chunked {chunked_temp / 2**30:.2f} GiB", flush=True
+    )
 
     small = inputs(args.check_batch, args.check_seq, args.d_model, args.vocab)
     naive_s, (naive_loss, naive_grads) = step_time(loss_and_grad(naive_kl), small, args.repeats)
-    chunked_s, (chunked_loss, chunked_grads) = step_time(loss_and_grad(chunked_kl(args.chunk_size)), small, args.repeats)
+    chunked_s, (chunked_loss, chunked_grads) = step_time(
+        loss_and_grad(chunked_kl(args.chunk_size)), small, args.repeats
+    )
     loss_diff = float(jnp.abs(naive_loss - chunked_loss))
     grad_diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(naive_grads, chunked_grads))
-    print(f"at {args.check_batch}x{args.check_seq} tokens: naive {naive_s:.2f} s, chunked {chunked_s:.2f} s", flush=True)
+    print(
+        f"at {args.check_batch}x{args.check_seq} tokens: naive {naive_s:.2f} s, chunked {chunked_s:.2f} s", flush=True
+    )
 
     print(
         json.dumps(

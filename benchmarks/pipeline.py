@@ -30,9 +30,11 @@ from speechlm_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
 from speechlm_jax.data.tts import Voice
 from speechlm_jax.data.tts_corpus import synthesize_corpus
 
-VOCABULARY = ("the a small large red blue green dog cat bird house river garden morning evening light "
-              "runs walks sees finds keeps opens reads writes quickly slowly today again under over near "
-              "behind with without old young happy quiet").split()
+VOCABULARY = (
+    "the a small large red blue green dog cat bird house river garden morning evening light "
+    "runs walks sees finds keeps opens reads writes quickly slowly today again under over near "
+    "behind with without old young happy quiet"
+).split()
 CORPUS_RATE = 24000
 
 
@@ -42,8 +44,10 @@ def _corpus(workdir: Path, utterances: int) -> Path:
     if manifest.exists():
         return manifest
     rng = np.random.default_rng(0)
-    items = [{"id": f"b{i:04d}", "text": " ".join(rng.choice(VOCABULARY, size=int(rng.integers(8, 20))))}
-             for i in range(utterances)]
+    items = [
+        {"id": f"b{i:04d}", "text": " ".join(rng.choice(VOCABULARY, size=int(rng.integers(8, 20))))}
+        for i in range(utterances)
+    ]
     voices = [Voice("en-us"), Voice("en-gb"), Voice("en-us", rate=150)]
     synth = synthesize_corpus(items, workdir / f"synth_{utterances}", voices=voices, workers=2).manifest
     manifest.parent.mkdir(parents=True, exist_ok=True)
@@ -71,17 +75,24 @@ def main() -> None:
     args = parser.parse_args()
     flags.FLAGS(sys.argv[:1])  # Grain's worker processes (--num_workers) read absl flags
     if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cores])
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
     workdir = Path(args.workdir)
     manifest = _corpus(workdir, args.utterances)
     prompts = [p for task in TASKS.values() for p in task.prompts_train]
     tokenizer = load_tokenizer(build_word_tokenizer(list(VOCABULARY) + prompts, workdir / "tokenizer"))
     config = PipelineConfig(
         speech_sources=({"type": "manifest", "path": str(manifest)},),
-        kinds={"asr": 1.0}, interleave_prob=0.5, max_slots=4,
-        buckets=((16000 * 4, 96), (16000 * 8, 128)), teacher_tokens=128,
-        batch_size=args.batch_size, downsample=4,
-        num_threads=args.num_threads, num_workers=args.num_workers, prefetch_buffer_size=4 * args.batch_size)
+        kinds={"asr": 1.0},
+        interleave_prob=0.5,
+        max_slots=4,
+        buckets=((16000 * 4, 96), (16000 * 8, 128)),
+        teacher_tokens=128,
+        batch_size=args.batch_size,
+        downsample=4,
+        num_threads=args.num_threads,
+        num_workers=args.num_workers,
+        prefetch_buffer_size=4 * args.batch_size,
+    )
     iterator, stats = build_pipeline(config, tokenizer=tokenizer, split="train", seed=0)
     for _ in range(2):
         next(iterator)
@@ -91,18 +102,22 @@ def main() -> None:
         examples += int(next(iterator)["weight"].sum())
     elapsed = time.perf_counter() - start
     counts = stats.as_dict()
-    print(json.dumps({
-        "benchmark": "pipeline",
-        "examples_per_s": round(examples / elapsed, 2),
-        "batches_per_s": round(args.batches / elapsed, 3),
-        "batch_size": args.batch_size,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "num_threads": args.num_threads,
-        "num_workers": args.num_workers,
-        "source_rate_hz": CORPUS_RATE,
-        "interleave_prob": config.interleave_prob,
-        "skipped": {k: v for k, v in counts.items() if k.startswith("skipped")},
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "pipeline",
+                "examples_per_s": round(examples / elapsed, 2),
+                "batches_per_s": round(args.batches / elapsed, 3),
+                "batch_size": args.batch_size,
+                "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                "num_threads": args.num_threads,
+                "num_workers": args.num_workers,
+                "source_rate_hz": CORPUS_RATE,
+                "interleave_prob": config.interleave_prob,
+                "skipped": {k: v for k, v in counts.items() if k.startswith("skipped")},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from speechlm_jax.train import build, data, metrics, objectives, step
 from speechlm_jax.train import config as config_lib
 from speechlm_jax.train import state as state_lib
 
+
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="benchmarks.train_step", description=__doc__.split("\n\n")[0])
     config_lib.add_config_argument(p)
@@ -59,9 +60,16 @@ def benchmark(config: ml_collections.ConfigDict, steps: int = 10) -> dict:
     state = state_lib.build_state(config, mesh, for_training=True)
     trainable, frozen, opt_state = state.trainable, state.frozen, state.opt_state
     train_step = step.make_train_step(
-        state.graphdef, objectives.make_objective(config.loss), state.tx, state.schedules,
-        trainable_shardings=state.trainable_shardings, frozen_shardings=state.frozen_shardings, opt_shardings=state.opt_shardings,
-        batch_shardings=shardings, grad_accum=config.train.grad_accum, compiler_options=step.compiler_options(config.train.fast_compile),
+        state.graphdef,
+        objectives.make_objective(config.loss),
+        state.tx,
+        state.schedules,
+        trainable_shardings=state.trainable_shardings,
+        frozen_shardings=state.frozen_shardings,
+        opt_shardings=state.opt_shardings,
+        batch_shardings=shardings,
+        grad_accum=config.train.grad_accum,
+        compiler_options=step.compiler_options(config.train.fast_compile),
     )
     del state  # the timed steps rebind trainable and opt_state; `state` would pin the first ones
     rng = jax.random.key(config.seed)
@@ -82,7 +90,12 @@ def benchmark(config: ml_collections.ConfigDict, steps: int = 10) -> dict:
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
 
-    flops = metrics.ModelFlops(build.abstract_model(config), groups, uses_teacher=config.loss.name in objectives.USES_TEACHER, downsample=config.model.projector.downsample)
+    flops = metrics.ModelFlops(
+        build.abstract_model(config),
+        groups,
+        uses_teacher=config.loss.name in objectives.USES_TEACHER,
+        downsample=config.model.projector.downsample,
+    )
     breakdown = flops.breakdown(flops.shape_of(host_batch))
     tokens, audio_seconds = metrics.batch_counts(host_batch)
     devices = list(mesh.devices.flat)

@@ -37,7 +37,13 @@ REMOTE_DIR = "~/speechlm_jax"
 REMOTE_LOG = "~/speechlm_train.log"
 REMOTE_PID = "~/speechlm_train.pid"
 # The TPU VM software versions Cloud TPU documents for each generation.
-RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite", "v5e": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
+RUNTIMES = {
+    "v4": "tpu-ubuntu2204-base",
+    "v5litepod": "v2-alpha-tpuv5-lite",
+    "v5e": "v2-alpha-tpuv5-lite",
+    "v5p": "v2-alpha-tpuv5",
+    "v6e": "v2-alpha-tpuv6e",
+}
 
 
 @dataclass
@@ -78,10 +84,18 @@ def create_command(pod: Pod) -> list[str]:
     spot = ["--spot"] if pod.spot else []
     if pod.uses_queued_resource:
         return pod.gcloud(
-            "queued-resources", "create", pod.name, f"--accelerator-type={pod.accelerator}", f"--runtime-version={pod.runtime}",
-            f"--node-count={pod.slices}", f"--node-prefix={pod.name}", *spot,
+            "queued-resources",
+            "create",
+            pod.name,
+            f"--accelerator-type={pod.accelerator}",
+            f"--runtime-version={pod.runtime}",
+            f"--node-count={pod.slices}",
+            f"--node-prefix={pod.name}",
+            *spot,
         )
-    return pod.gcloud("tpu-vm", "create", pod.name, f"--accelerator-type={pod.accelerator}", f"--version={pod.runtime}", *spot)
+    return pod.gcloud(
+        "tpu-vm", "create", pod.name, f"--accelerator-type={pod.accelerator}", f"--version={pod.runtime}", *spot
+    )
 
 
 def ssh(pod: Pod, node: str, command: str, worker: str = "all") -> list[str]:
@@ -107,10 +121,7 @@ def install_commands(pod: Pod) -> list[list[str]]:
 def train_remote_command(pod: Pod) -> str:
     """What each worker runs: the trainer in the background, its pid recorded, its status returned."""
     args = " ".join(shlex.quote(a) for a in ["--distributed", *pod.train_args])
-    return (
-        f"cd {REMOTE_DIR} && .venv/bin/speechlm-train {args} > {REMOTE_LOG} 2>&1 & "
-        f"echo $! > {REMOTE_PID}; wait $!"
-    )
+    return f"cd {REMOTE_DIR} && .venv/bin/speechlm-train {args} > {REMOTE_LOG} 2>&1 & echo $! > {REMOTE_PID}; wait $!"
 
 
 def train_commands(pod: Pod) -> list[list[str]]:
@@ -131,7 +142,10 @@ def _show(command: list[str], note: str = "") -> str:
 
 def plan(pod: Pod) -> list[str]:
     """Every command of a launch in order, as shell lines (what --dry-run prints)."""
-    lines = [_show(describe_command(pod), "reuse the slice when this succeeds, otherwise create it:"), _show(create_command(pod))]
+    lines = [
+        _show(describe_command(pod), "reuse the slice when this succeeds, otherwise create it:"),
+        _show(create_command(pod)),
+    ]
     if pod.uses_queued_resource:
         lines.append("# wait until the describe command above prints ACTIVE")
     lines.append(_show(pack_command(), "copy and install the code on every worker"))
@@ -182,7 +196,9 @@ def launch(pod: Pod) -> int:
         status = status or next((r.returncode for r in runs if r.returncode), 0)
     finally:
         if status:
-            print(f"tpu_pod: a node's run failed with status {status}; stopping every worker", file=sys.stderr, flush=True)
+            print(
+                f"tpu_pod: a node's run failed with status {status}; stopping every worker", file=sys.stderr, flush=True
+            )
             for command in stop_commands(pod):
                 subprocess.run(command)
         for process in runs + [stream]:
@@ -197,11 +213,20 @@ def parse_args(argv: list[str]) -> tuple[Pod, bool]:
         argv, train_args = argv[:split], argv[split + 1 :]
     else:
         train_args = []
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--name", required=True, help="TPU VM / queued resource name")
     parser.add_argument("--zone", required=True)
-    parser.add_argument("--type", required=True, dest="accelerator", help="accelerator type per slice: v4-32, v5p-64, v5litepod-64, v6e-64, ...")
-    parser.add_argument("--runtime", default="", help="TPU VM software version (default: the generation's documented one)")
+    parser.add_argument(
+        "--type",
+        required=True,
+        dest="accelerator",
+        help="accelerator type per slice: v4-32, v5p-64, v5litepod-64, v6e-64, ...",
+    )
+    parser.add_argument(
+        "--runtime", default="", help="TPU VM software version (default: the generation's documented one)"
+    )
     parser.add_argument("--project", default="")
     parser.add_argument("--slices", type=int, default=1, help="multislice: number of slices (a queued resource)")
     parser.add_argument("--queued", action="store_true", help="use a queued resource even for one slice")
@@ -214,7 +239,9 @@ def parse_args(argv: list[str]) -> tuple[Pod, bool]:
         parser.error(f"no default runtime for {args.accelerator!r}; pass --runtime")
     if not train_args:
         parser.error("pass the training arguments after --, e.g. -- --config configs/asr.py:paper --workdir gs://...")
-    pod = Pod(args.name, args.zone, args.accelerator, runtime, args.project, args.slices, args.queued, args.spot, train_args)
+    pod = Pod(
+        args.name, args.zone, args.accelerator, runtime, args.project, args.slices, args.queued, args.spot, train_args
+    )
     return pod, args.dry_run
 
 

@@ -49,18 +49,23 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def add_log_level(parser: argparse.ArgumentParser, default: str = "INFO") -> None:
-    parser.add_argument("--log_level", default=default, choices=LOG_LEVELS, help=f"logging threshold (default {default})")
+    parser.add_argument(
+        "--log_level", default=default, choices=LOG_LEVELS, help=f"logging threshold (default {default})"
+    )
 
 
 def setup_logging(level: str = "INFO") -> None:
     """Log records (stdlib and absl.logging alike) at `level` and above go to standard error."""
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(levelname).1s%(asctime)s %(process)d %(filename)s:%(lineno)d] %(message)s")
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(levelname).1s%(asctime)s %(process)d %(filename)s:%(lineno)d] %(message)s",
+    )
     logging.getLogger().setLevel(level)
 
 
 def parse_source(spec: str) -> dict[str, str]:
-    """"manifest:/path" | "librispeech:/dir" | "tfds:/dir" -> the pipeline's source spec."""
+    """ "manifest:/path" | "librispeech:/dir" | "tfds:/dir" -> the pipeline's source spec."""
     kind, sep, path = spec.partition(":")
     if not sep or kind not in SOURCE_TYPES or not path:
         raise argparse.ArgumentTypeError(f"must be TYPE:PATH with TYPE in {SOURCE_TYPES}, got {spec!r}")
@@ -68,7 +73,7 @@ def parse_source(spec: str) -> dict[str, str]:
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
-    """"data=-1" / "fsdp=2,tensor=4" -> mesh axis sizes."""
+    """ "data=-1" / "fsdp=2,tensor=4" -> mesh axis sizes."""
     out = {}
     for part in filter(None, spec.split(",")):
         axis, sep, size = part.partition("=")
@@ -82,7 +87,7 @@ def parse_mesh(spec: str) -> dict[str, int]:
 
 
 def parse_list(spec: str) -> tuple[str, ...]:
-    """"a,b, c" -> ("a", "b", "c"); empty parts are dropped."""
+    """ "a,b, c" -> ("a", "b", "c"); empty parts are dropped."""
     return tuple(part.strip() for part in spec.split(",") if part.strip())
 
 

@@ -95,8 +95,12 @@ def initialize(mode: str = "auto", env: Mapping[str, str] | None = None) -> bool
     if spec is None and mode == "auto":
         return False
     spec = spec or ClusterSpec("jax-detection")
-    logging.info("joining a distributed run (%s): coordinator %s", spec.source, spec.coordinator_address or "auto-detected")
-    jax.distributed.initialize(coordinator_address=spec.coordinator_address, num_processes=spec.num_processes, process_id=spec.process_id)
+    logging.info(
+        "joining a distributed run (%s): coordinator %s", spec.source, spec.coordinator_address or "auto-detected"
+    )
+    jax.distributed.initialize(
+        coordinator_address=spec.coordinator_address, num_processes=spec.num_processes, process_id=spec.process_id
+    )
     return True
 
 
@@ -127,7 +131,12 @@ def log_topology(mesh: Mesh | None = None) -> dict[str, Any]:
     info = describe(mesh)
     logging.info(
         "process %d/%d: %d local of %d %s devices (%s)%s",
-        info["process_index"], info["process_count"], info["local_devices"], info["global_devices"],
-        info["platform"], info["device_kind"], f"; mesh {info['mesh']} ({info['mesh_local_devices']} here)" if mesh is not None else "",
+        info["process_index"],
+        info["process_count"],
+        info["local_devices"],
+        info["global_devices"],
+        info["platform"],
+        info["device_kind"],
+        f"; mesh {info['mesh']} ({info['mesh_local_devices']} here)" if mesh is not None else "",
     )
     return info

@@ -111,13 +111,21 @@ def hf_config():
     def make(family: str, *, tied: bool) -> transformers.PretrainedConfig:
         kw = dict(common, tie_word_embeddings=tied)
         if family == "llama":
-            rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+            rope = {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            }
             return transformers.LlamaConfig(**kw, rope_parameters=rope)
         if family == "qwen2":
             return transformers.Qwen2Config(**kw, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
         if family == "qwen3":
-            return transformers.Qwen3Config(**kw, head_dim=24, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+            return transformers.Qwen3Config(
+                **kw, head_dim=24, rope_parameters={"rope_type": "default", "rope_theta": 1e6}
+            )
         if family == "gemma3":
             # The sqrt(d) embedding scale already makes Gemma's activations large: HF's default init.
             kw["initializer_range"] = 0.02
@@ -200,9 +208,18 @@ def toy_llm_config():
     def make(vocab_size: int) -> LLMConfig:
         # Rounded up to a multiple of 8 so the vocab axis shards over a tensor axis of 2.
         return LLMConfig(
-            model_type="llama", vocab_size=-(-vocab_size // 8) * 8, hidden_size=32, intermediate_size=64,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-            tie_word_embeddings=False, eos_token_id=(2,), bos_token_id=1, pad_token_id=0,
+            model_type="llama",
+            vocab_size=-(-vocab_size // 8) * 8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            tie_word_embeddings=False,
+            eos_token_id=(2,),
+            bos_token_id=1,
+            pad_token_id=0,
         )
 
     return make
@@ -223,8 +240,15 @@ def toy_speechlm(toy_llm_config):
     encoder = WhisperConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64)
 
     def make(tok, seed: int = 0):
-        return build_speechlm(encoder, ProjectorConfig(downsample=TOY_DOWNSAMPLE), toy_llm_config(len(tok)),
-                              LoRAConfig(rank=4), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
+        return build_speechlm(
+            encoder,
+            ProjectorConfig(downsample=TOY_DOWNSAMPLE),
+            toy_llm_config(len(tok)),
+            LoRAConfig(rank=4),
+            dtype=jnp.float32,
+            param_dtype=jnp.float32,
+            rngs=nnx.Rngs(seed),
+        )
 
     return make
 

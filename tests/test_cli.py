@@ -45,8 +45,14 @@ def command(name: str) -> list[str]:
 
 
 def run(name: str, *args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        JAX_PLATFORMS="cpu",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     return subprocess.run([*command(name), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -82,31 +88,53 @@ def test_help_prints_usage(name):
 
 # (command, arguments, what the error line names); arguments may use {tmp}.
 USER_ERRORS = [
-    ("speechlm-train", ["--config", "{tmp}/missing.py:tiny", "--workdir", "{tmp}/run"], ["missing.py", "does not exist"]),
-    ("speechlm-train", ["--config", "configs/asr.py:tiny", "--config.train.batch_sise=4", "--workdir", "{tmp}/run"],
-     ["train.batch_sise", "nearest valid keys: train.batch_size"]),
-    ("speechlm-train", ["--config", "configs/asr.py:tiny", "--config.train.steps=many", "--workdir", "{tmp}/run"],
-     ["--config.train.steps=many", "not an int"]),
+    (
+        "speechlm-train",
+        ["--config", "{tmp}/missing.py:tiny", "--workdir", "{tmp}/run"],
+        ["missing.py", "does not exist"],
+    ),
+    (
+        "speechlm-train",
+        ["--config", "configs/asr.py:tiny", "--config.train.batch_sise=4", "--workdir", "{tmp}/run"],
+        ["train.batch_sise", "nearest valid keys: train.batch_size"],
+    ),
+    (
+        "speechlm-train",
+        ["--config", "configs/asr.py:tiny", "--config.train.steps=many", "--workdir", "{tmp}/run"],
+        ["--config.train.steps=many", "not an int"],
+    ),
     ("speechlm-train", ["--config", "configs/asr.py:tiny"], ["--workdir"]),
-    ("speechlm-compile", ["--config", "configs/asr.py:tiny", "--config.model.lora.rnak=4", "--topology", "v5p-8"],
-     ["model.lora.rank"]),
+    (
+        "speechlm-compile",
+        ["--config", "configs/asr.py:tiny", "--config.model.lora.rnak=4", "--topology", "v5p-8"],
+        ["model.lora.rank"],
+    ),
     ("speechlm-compile", ["--config", "configs/asr.py:tiny"], ["--topology"]),
     ("speechlm-eval", ["--base", "{tmp}/no_llm", "--out", "{tmp}/out"], ["{tmp}/no_llm"]),
     ("speechlm-eval", ["--out", "{tmp}/out"], ["--workdir", "--base"]),
     ("speechlm-generate", ["--source", "manifest:{tmp}/m.jsonl", "--tasks", "repeat", "--out", "{tmp}/out"], ["--llm"]),
-    ("speechlm-generate", ["--llm", "{tmp}", "--source", "nothing:{tmp}", "--tasks", "repeat", "--out", "{tmp}/out"],
-     ["--source", "TYPE:PATH"]),
+    (
+        "speechlm-generate",
+        ["--llm", "{tmp}", "--source", "nothing:{tmp}", "--tasks", "repeat", "--out", "{tmp}/out"],
+        ["--source", "TYPE:PATH"],
+    ),
     ("speechlm-convert", ["export", "--workdir", "{tmp}/nothing", "--out", "{tmp}/out"], ["not a trainer workdir"]),
     ("speechlm-convert", [], ["command"]),
     ("speechlm-select", ["report", "--workdir", "{tmp}/sel"], ["run the sample stage first"]),
     ("speechlm-select", ["polish", "--workdir", "{tmp}/sel"], ["polish"]),
     ("speechlm-demo", ["--out", "{tmp}/demo", "--recipes", "asr,bogus"], ["unknown recipes ['bogus']"]),
     ("speechlm-synth", ["--input", "{tmp}/missing.txt", "--out", "{tmp}/out"], ["missing.txt"]),
-    ("speechlm-synth", ["--input", "{tmp}/missing.txt", "--out", "{tmp}/out", "--rates", "fast"], ["--rates", "'fast'"]),
+    (
+        "speechlm-synth",
+        ["--input", "{tmp}/missing.txt", "--out", "{tmp}/out", "--rates", "fast"],
+        ["--rates", "'fast'"],
+    ),
 ]
 
 
-@pytest.mark.parametrize("name, args, fragments", USER_ERRORS, ids=[f"{n}-{i}" for i, (n, *_) in enumerate(USER_ERRORS)])
+@pytest.mark.parametrize(
+    "name, args, fragments", USER_ERRORS, ids=[f"{n}-{i}" for i, (n, *_) in enumerate(USER_ERRORS)]
+)
 def test_user_error_is_one_line_with_exit_status_2(name, args, fragments, tmp_path):
     result = run(name, *(a.format(tmp=tmp_path) for a in args))
     assert_user_error(result, name, *(f.format(tmp=tmp_path) for f in fragments))
@@ -124,19 +152,47 @@ def tiny_llm(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("cli_llm") / "llm"
     tok = tiny.tokenizer(folder)
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=tiny.llm_config(len(tok)).vocab_size, hidden_size=32,
-                                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = transformers.LlamaConfig(
+        vocab_size=tiny.llm_config(len(tok)).vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder
 
 
 def test_eval_of_a_base_llm_succeeds(tiny_llm, tmp_path):
     items = tmp_path / "items.jsonl"
-    items.write_text(json.dumps({"question": "the dog runs", "choices": ["yes", "no"], "answer": "yes",
-                                 "prompt": "is there a place in {content}"}) + "\n")
-    result = run("speechlm-eval", "--base", str(tiny_llm), "--items", str(items), "--out", str(tmp_path / "out"),
-                 "--batch_size", "8", "--max_new_tokens", "2")
+    items.write_text(
+        json.dumps(
+            {
+                "question": "the dog runs",
+                "choices": ["yes", "no"],
+                "answer": "yes",
+                "prompt": "is there a place in {content}",
+            }
+        )
+        + "\n"
+    )
+    result = run(
+        "speechlm-eval",
+        "--base",
+        str(tiny_llm),
+        "--items",
+        str(items),
+        "--out",
+        str(tmp_path / "out"),
+        "--batch_size",
+        "8",
+        "--max_new_tokens",
+        "2",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["speechlm_eval"]["gap"]["items"] == 1
     assert (tmp_path / "out" / "report.json").is_file()
@@ -151,11 +207,34 @@ def test_eval_of_a_malformed_item_file_is_a_user_error(tiny_llm, tmp_path):
 
 def test_generate_targets_succeeds(tiny_llm, tmp_path):
     manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps({"id": f"u{i}", "audio": f"u{i}.flac", "text": t}) + "\n"
-                                for i, t in enumerate(["the dog runs", "a cat sleeps"])))
-    result = run("speechlm-generate", "--llm", str(tiny_llm), "--source", f"manifest:{manifest}", "--tasks", "first_word",
-                 "--task_modules", "speechlm_jax.toyworld.tasks", "--out", str(tmp_path / "targets"), "--num_shards", "1",
-                 "--batch_size", "8", "--max_new_tokens", "2", "--dtype", "float32", "--no_progress")
+    manifest.write_text(
+        "".join(
+            json.dumps({"id": f"u{i}", "audio": f"u{i}.flac", "text": t}) + "\n"
+            for i, t in enumerate(["the dog runs", "a cat sleeps"])
+        )
+    )
+    result = run(
+        "speechlm-generate",
+        "--llm",
+        str(tiny_llm),
+        "--source",
+        f"manifest:{manifest}",
+        "--tasks",
+        "first_word",
+        "--task_modules",
+        "speechlm_jax.toyworld.tasks",
+        "--out",
+        str(tmp_path / "targets"),
+        "--num_shards",
+        "1",
+        "--batch_size",
+        "8",
+        "--max_new_tokens",
+        "2",
+        "--dtype",
+        "float32",
+        "--no_progress",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["speechlm_generate"]["examples"] == 2
     assert (tmp_path / "targets" / "targets-00000-of-00001.jsonl").is_file()
@@ -164,16 +243,36 @@ def test_generate_targets_succeeds(tiny_llm, tmp_path):
 def test_generate_with_an_unknown_task_is_a_user_error(tiny_llm, tmp_path):
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text(json.dumps({"id": "u0", "audio": "u0.flac", "text": "the dog runs"}) + "\n")
-    result = run("speechlm-generate", "--llm", str(tiny_llm), "--source", f"manifest:{manifest}", "--tasks", "no_such_task",
-                 "--out", str(tmp_path / "targets"))
+    result = run(
+        "speechlm-generate",
+        "--llm",
+        str(tiny_llm),
+        "--source",
+        f"manifest:{manifest}",
+        "--tasks",
+        "no_such_task",
+        "--out",
+        str(tmp_path / "targets"),
+    )
     assert_user_error(result, "speechlm-generate", "no_such_task")
 
 
 def test_synth_of_two_words_succeeds(tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("hello world\n")
-    result = run("speechlm-synth", "--input", str(texts), "--out", str(tmp_path / "corpus"), "--voices", "en-us",
-                 "--rates", "175", "--pitches", "50")
+    result = run(
+        "speechlm-synth",
+        "--input",
+        str(texts),
+        "--out",
+        str(tmp_path / "corpus"),
+        "--voices",
+        "en-us",
+        "--rates",
+        "175",
+        "--pitches",
+        "50",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 synthesized" in result.stdout
     assert len((tmp_path / "corpus" / "manifest.jsonl").read_text().splitlines()) == 1
@@ -183,8 +282,12 @@ def test_convert_import_of_a_voxtral_folder_succeeds(tmp_path):
     from speechlm_jax.convert import export
     from tests.convert import tiny_speechlm as tiny
 
-    folder = export.export_speechlm(tiny.tiny_speechlm("qwen2", tied=True), tmp_path / "hf", audio_token_id=4,
-                                    tokenizer_dir=tiny.tokenizer_dir(tmp_path))
+    folder = export.export_speechlm(
+        tiny.tiny_speechlm("qwen2", tied=True),
+        tmp_path / "hf",
+        audio_token_id=4,
+        tokenizer_dir=tiny.tokenizer_dir(tmp_path),
+    )
     result = run("speechlm-convert", "import", "--hf", str(folder), "--workdir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "run")

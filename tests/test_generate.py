@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from speechlm_jax.models.hf_import import load_llm
 from speechlm_jax.generate import generate, sample_logits
+from speechlm_jax.models.hf_import import load_llm
 
 NEW_TOKENS = 32
 
@@ -79,7 +79,9 @@ def test_inputs_embeds_prefix_equals_tokens(models):
     model, _ = models["gemma3"]
     tokens, mask = left_padded_prompts()
     from_tokens = generate(model, tokens, mask, max_new_tokens=12, eos_id=2)
-    from_embeds = generate(model, None, mask, max_new_tokens=12, eos_id=2, inputs_embeds=model.embed(jnp.asarray(tokens)))
+    from_embeds = generate(
+        model, None, mask, max_new_tokens=12, eos_id=2, inputs_embeds=model.embed(jnp.asarray(tokens))
+    )
     np.testing.assert_array_equal(np.asarray(from_embeds.tokens), np.asarray(from_tokens.tokens))
 
 

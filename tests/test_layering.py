@@ -9,8 +9,9 @@ TOOL = REPO / "tools" / "import_graph.py"
 
 
 def _check(root: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), "--root", str(root), "--check"],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(TOOL), "--root", str(root), "--check"], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_no_import_runs_upward():

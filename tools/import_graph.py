@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     found = edges(Path(args.root))
     upward = [e for e in found if e[2]]
-    for source, target, up in (upward if args.check else found):
+    for source, target, up in upward if args.check else found:
         print(f"{'UPWARD ' if up else '       '}{source} -> {target}")
     print(f"{len(found)} imports between layers, {len(upward)} upward", file=sys.stderr)
     return 1 if upward else 0

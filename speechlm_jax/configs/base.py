@@ -55,7 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.encoder = "whisper-large-v3"
     c.model.encoder_weights = ""
     # hidden / width 0 = the projector's default (d_llm / the downsample factor).
-    c.model.projector = ml_collections.ConfigDict(dict(kind="frame_stack", downsample=4, hidden=0, activation="gelu", use_bias=False, width=0))
+    c.model.projector = ml_collections.ConfigDict(
+        dict(kind="frame_stack", downsample=4, hidden=0, activation="gelu", use_bias=False, width=0)
+    )
     # The CTC length adapter: about one position per token, by the LLM head's greedy labels of the
     # projector frames (blank = `blank_id`); for a connector CTC-aligned to this LLM.
     c.model.length_adapter = ml_collections.ConfigDict(dict(enabled=False, blank_id=0))
@@ -63,7 +65,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.init_from = ml_collections.ConfigDict(dict(workdir="", parts="projector", step=0))
     # Targets are regexes searched in each part's own module paths (`layers/3/attn/q_proj`).
     c.model.lora = ml_collections.ConfigDict(
-        dict(rank=0, alpha=16.0, targets=rf".*{LLM_ALL_LINEAR}$", encoder=False, encoder_targets=rf".*{WHISPER_ALL_LINEAR}$")
+        dict(
+            rank=0,
+            alpha=16.0,
+            targets=rf".*{LLM_ALL_LINEAR}$",
+            encoder=False,
+            encoder_targets=rf".*{WHISPER_ALL_LINEAR}$",
+        )
     )
     c.model.dtype = "bfloat16"  # compute dtype; trainables are stored in param_dtype
     c.model.param_dtype = "float32"  # the trainable parameters
@@ -149,13 +157,27 @@ def base_config() -> ml_collections.ConfigDict:
 # unembedding (std 0.02) bounds the logits near sqrt(d) * 0.02 * sqrt(d), so d = 128 is
 # the smallest width whose adapters can still make the next token clearly likelier.
 TINY_LLM = dict(
-    model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-    rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    model_type="llama",
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=512,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
 )
 TINY_ENCODER = dict(
-    model_type="whisper", num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4,
-    encoder_ffn_dim=256, max_source_positions=1500,
+    model_type="whisper",
+    num_mel_bins=80,
+    d_model=64,
+    encoder_layers=2,
+    encoder_attention_heads=4,
+    encoder_ffn_dim=256,
+    max_source_positions=1500,
 )
 
 
@@ -211,7 +233,9 @@ def tiny(c: ml_collections.ConfigDict, data_dir: str) -> ml_collections.ConfigDi
 REAL_LLMS = {"llama-3.2-3b": "Llama-3.2-3B", "qwen2.5-7b": "Qwen2.5-7B", "gemma-3-4b": "gemma-3-4b"}
 
 
-def real(c: ml_collections.ConfigDict, llm: str, *, weights_dir: str = "", data_dir: str = "") -> ml_collections.ConfigDict:
+def real(
+    c: ml_collections.ConfigDict, llm: str, *, weights_dir: str = "", data_dir: str = ""
+) -> ml_collections.ConfigDict:
     """Whisper-large-v3 + `llm` (a preset name) at real size, bf16 compute, FSDP over the devices.
 
     `weights_dir/<name>` folders hold the HF checkpoints (`speechlm-convert` or a hub download

@@ -22,7 +22,9 @@ TINY_TASKS = ("first_word", "last_word", "count_words", "repeat")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, variant="paper", llm="qwen2.5-7b", data_dir="", weights_dir="", targets="", out=toyworld.DEMO_OUT)
+    a = parse_arg(
+        arg, variant="paper", llm="qwen2.5-7b", data_dir="", weights_dir="", targets="", out=toyworld.DEMO_OUT
+    )
     c = base_config()
     c.recipe = "mtbi"
     c.loss.name = "behavior_imitation"

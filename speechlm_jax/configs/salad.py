@@ -19,7 +19,9 @@ from speechlm_jax.toyworld.tasks import SEEN_TASKS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, variant="paper", llm="llama-3.2-3b", data_dir="", weights_dir="", alpha=1.0, out=toyworld.DEMO_OUT)
+    a = parse_arg(
+        arg, variant="paper", llm="llama-3.2-3b", data_dir="", weights_dir="", alpha=1.0, out=toyworld.DEMO_OUT
+    )
     c = base_config()
     c.recipe = "salad"
     c.loss.name = "salad"

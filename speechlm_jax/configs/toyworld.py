@@ -48,19 +48,42 @@ VOICE_PITCHES = (35, 65)
 
 # The teacher: a Llama-style decoder over the word-level tokenizer (about 450 words).
 TEACHER_LLM = dict(
-    model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
-    rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    model_type="llama",
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
 )
 # The speech encoder (Whisper architecture, 80 mels) and the ASR decoder it is pretrained with.
 ENCODER = dict(
-    model_type="whisper", num_mel_bins=80, d_model=128, encoder_layers=2, encoder_attention_heads=4,
-    encoder_ffn_dim=256, max_source_positions=1500,
+    model_type="whisper",
+    num_mel_bins=80,
+    d_model=128,
+    encoder_layers=2,
+    encoder_attention_heads=4,
+    encoder_ffn_dim=256,
+    max_source_positions=1500,
 )
 ASR_DECODER = dict(
-    model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
-    rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    model_type="llama",
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
 )
 DOWNSAMPLE = 8
 

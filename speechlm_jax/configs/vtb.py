@@ -18,7 +18,9 @@ from speechlm_jax.toyworld.tasks import SEEN_TASKS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, variant="paper", llm="gemma-3-4b", data_dir="", weights_dir="", text_sources="", out=toyworld.DEMO_OUT)
+    a = parse_arg(
+        arg, variant="paper", llm="gemma-3-4b", data_dir="", weights_dir="", text_sources="", out=toyworld.DEMO_OUT
+    )
     c = base_config()
     c.recipe = "vtb"
     c.loss.name = "cross_entropy"

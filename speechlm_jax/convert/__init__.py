@@ -1,1 +1,4 @@
-"""Conversion of trained runs to Hugging Face formats (a transformers audio-LLM class, a PEFT adapter) and back into a resumable workdir."""
+"""Conversion of trained runs to Hugging Face formats (a transformers audio-LLM class, a PEFT adapter).
+
+And back: an HF folder imported into a resumable trainer workdir.
+"""

@@ -53,19 +53,19 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from speechlm_jax.convert import peft_adapter, voxtral
+from speechlm_jax.models.frontend import HOP_LENGTH
 from speechlm_jax.models.hf_import import (
-    WHISPER_TABLE,
     LLM_IGNORED,
     LLM_TABLES,
     SAFETENSORS_FILE,
     SAFETENSORS_INDEX,
+    WHISPER_TABLE,
     Rule,
     conv_kernel,
     keep,
     plan_import,
     transpose,
 )
-from speechlm_jax.models.frontend import HOP_LENGTH
 from speechlm_jax.models.llm import DecoderLLM, LLMConfig
 from speechlm_jax.models.lora import linear_modules
 from speechlm_jax.models.speechlm import SpeechLM, build_speechlm
@@ -121,7 +121,9 @@ def merged_kernels(model: nnx.Module) -> dict[str, np.ndarray]:
     return merged
 
 
-def hf_tensors(model: nnx.Module, table: Sequence[Rule], *, merged: Mapping[str, np.ndarray], dtype: np.dtype) -> dict[str, np.ndarray]:
+def hf_tensors(
+    model: nnx.Module, table: Sequence[Rule], *, merged: Mapping[str, np.ndarray], dtype: np.dtype
+) -> dict[str, np.ndarray]:
     """{HF key: array} of every base parameter of `model` (adapters excluded), through `table` backwards.
 
     `merged` replaces kernels (merged adapters); arrays are cast to `dtype` except FP32_KEYS.
@@ -164,7 +166,10 @@ def write_safetensors(folder: Path, tensors: Mapping[str, np.ndarray], max_shard
         save_file(shard, folder / name, metadata=metadata)
         weight_map.update({key: name for key in shard})
     index = {
-        "metadata": {"total_parameters": int(sum(t.size for t in tensors.values())), "total_size": int(sum(t.nbytes for t in tensors.values()))},
+        "metadata": {
+            "total_parameters": int(sum(t.size for t in tensors.values())),
+            "total_size": int(sum(t.nbytes for t in tensors.values())),
+        },
         "weight_map": dict(sorted(weight_map.items())),
     }
     (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
@@ -189,11 +194,15 @@ def staged_folder(out: str | Path) -> Iterator[Path]:
 
 def _save_tokenizer(tokenizer_dir: str | Path | None, folder: Path) -> None:
     if tokenizer_dir:
-        transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True).save_pretrained(str(folder))
+        transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True).save_pretrained(
+            str(folder)
+        )
 
 
 def _generation_config(llm: LLMConfig) -> transformers.GenerationConfig:
-    eos = None if not llm.eos_token_id else llm.eos_token_id[0] if len(llm.eos_token_id) == 1 else list(llm.eos_token_id)
+    eos = (
+        None if not llm.eos_token_id else llm.eos_token_id[0] if len(llm.eos_token_id) == 1 else list(llm.eos_token_id)
+    )
     return transformers.GenerationConfig(bos_token_id=llm.bos_token_id, eos_token_id=eos, pad_token_id=llm.pad_token_id)
 
 
@@ -235,10 +244,14 @@ def export_speechlm(
     np_dtype = _check_dtype(dtype)
     voxtral.check_representable(model)
     if not 0 <= audio_token_id < model.llm.config.vocab_size:
-        raise ValueError(f"audio_token_id {audio_token_id} is outside the LLM's vocabulary of {model.llm.config.vocab_size}")
+        raise ValueError(
+            f"audio_token_id {audio_token_id} is outside the LLM's vocabulary of {model.llm.config.vocab_size}"
+        )
     encoder_adapted = any(linear.has_lora for _, linear in linear_modules(model.encoder))
     if encoder_adapted and not merge_lora:
-        raise ValueError("the encoder has LoRA adapters; PEFT adapters are exported for the LLM only: use merge_lora (--merge-lora)")
+        raise ValueError(
+            "the encoder has LoRA adapters; PEFT adapters are exported for the LLM only: use merge_lora (--merge-lora)"
+        )
     config = voxtral.hf_config(model, audio_token_id)
     config.dtype = TORCH_DTYPE_NAMES[dtype]
     written = json.loads(config.to_json_string())
@@ -255,7 +268,10 @@ def export_speechlm(
     plan_import(nnx.state(abstract), table, _Shapes(tensors), ignore=ignore)
     window_seconds = 2 * encoder_cfg.max_source_positions * HOP_LENGTH / 16000
     if window_seconds != int(window_seconds):
-        raise ValueError(f"a {2 * encoder_cfg.max_source_positions}-frame window is not a whole number of seconds; WhisperFeatureExtractor cannot describe it")
+        raise ValueError(
+            f"a {2 * encoder_cfg.max_source_positions}-frame window is not a whole number of seconds; "
+            "WhisperFeatureExtractor cannot describe it"
+        )
     write_adapter = _adapter_plan(model.llm, merge_lora)
 
     with staged_folder(out) as folder:
@@ -264,12 +280,21 @@ def export_speechlm(
         write_safetensors(folder, tensors, max_shard_size)
         _save_tokenizer(tokenizer_dir, folder)
         transformers.WhisperFeatureExtractor(
-            feature_size=encoder_cfg.num_mel_bins, sampling_rate=16000, hop_length=HOP_LENGTH, chunk_length=int(window_seconds), n_fft=400
+            feature_size=encoder_cfg.num_mel_bins,
+            sampling_rate=16000,
+            hop_length=HOP_LENGTH,
+            chunk_length=int(window_seconds),
+            n_fft=400,
         ).save_pretrained(str(folder))
         if write_adapter:
             (folder / ADAPTER_DIR).mkdir()
             peft_adapter.write_adapter(
-                folder / ADAPTER_DIR, model.llm, module_name=voxtral.in_memory_module, base_model=str(Path(out).absolute()), dtype=np_dtype, task_type=None
+                folder / ADAPTER_DIR,
+                model.llm,
+                module_name=voxtral.in_memory_module,
+                base_model=str(Path(out).absolute()),
+                dtype=np_dtype,
+                task_type=None,
             )
     return Path(out).absolute()
 
@@ -310,7 +335,12 @@ def export_llm(
         if write_adapter:
             (folder / ADAPTER_DIR).mkdir()
             peft_adapter.write_adapter(
-                folder / ADAPTER_DIR, llm, module_name=peft_adapter.causal_lm_module, base_model=str(Path(out).absolute()), dtype=np_dtype, task_type="CAUSAL_LM"
+                folder / ADAPTER_DIR,
+                llm,
+                module_name=peft_adapter.causal_lm_module,
+                base_model=str(Path(out).absolute()),
+                dtype=np_dtype,
+                task_type="CAUSAL_LM",
             )
     return Path(out).absolute()
 

@@ -56,25 +56,33 @@ def adapted_linears(llm: DecoderLLM) -> list[tuple[str, Linear]]:
 
 def rank_and_alpha(linears: list[tuple[str, Linear]]) -> tuple[int, float]:
     """The adapters' shared (r, lora_alpha); PEFT's single-config form needs them equal."""
-    pairs = {(int(l.lora_a.shape[1]), float(l.lora_scale) * int(l.lora_a.shape[1])) for _, l in linears}
+    pairs = {(int(m.lora_a.shape[1]), float(m.lora_scale) * int(m.lora_a.shape[1])) for _, m in linears}
     if len(pairs) != 1:
         raise ValueError(f"the LLM adapters have different (rank, alpha) pairs {sorted(pairs)}; export them merged")
     return pairs.pop()
 
 
-def adapter_tensors(llm: DecoderLLM, module_name: ModuleName, dtype: np.dtype) -> tuple[dict[str, np.ndarray], list[str]]:
+def adapter_tensors(
+    llm: DecoderLLM, module_name: ModuleName, dtype: np.dtype
+) -> tuple[dict[str, np.ndarray], list[str]]:
     """({PEFT key: array in `dtype`}, target module names) of the LLM's adapters."""
     tensors: dict[str, np.ndarray] = {}
     modules = []
     for path, linear in adapted_linears(llm):
         module = module_name(_kernel_key(llm, path))
         modules.append(module)
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(np.asarray(linear.lora_a[...]).T.astype(dtype))
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(np.asarray(linear.lora_b[...]).T.astype(dtype))
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(
+            np.asarray(linear.lora_a[...]).T.astype(dtype)
+        )
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(
+            np.asarray(linear.lora_b[...]).T.astype(dtype)
+        )
     return tensors, modules
 
 
-def write_adapter(folder: Path, llm: DecoderLLM, *, module_name: ModuleName, base_model: str, dtype: np.dtype, task_type: str | None) -> None:
+def write_adapter(
+    folder: Path, llm: DecoderLLM, *, module_name: ModuleName, base_model: str, dtype: np.dtype, task_type: str | None
+) -> None:
     """Writes the LLM's adapters into `folder` (which must exist) as a PEFT LoRA adapter."""
     linears = adapted_linears(llm)
     if not linears:
@@ -111,7 +119,9 @@ def read_adapter(folder: str | Path, llm: DecoderLLM, *, module_name: ModuleName
     folder = Path(folder)
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
     if config.get("peft_type") != "LORA" or config.get("use_rslora") or config.get("use_dora"):
-        raise ValueError(f"{folder} is not a plain LoRA adapter (peft_type {config.get('peft_type')!r}, rsLoRA/DoRA unsupported)")
+        raise ValueError(
+            f"{folder} is not a plain LoRA adapter (peft_type {config.get('peft_type')!r}, rsLoRA/DoRA unsupported)"
+        )
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ValueError(f"{folder} uses per-module rank/alpha patterns, which our LoRAConfig does not express")
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
@@ -125,7 +135,10 @@ def read_adapter(folder: str | Path, llm: DecoderLLM, *, module_name: ModuleName
             continue
         want_a, want_b = (rank, linear.in_features), (linear.out_features, rank)
         if checkpoint.shape(a_key) != want_a or checkpoint.shape(b_key) != want_b:
-            raise ValueError(f"adapter tensors of {module} have shapes {checkpoint.shape(a_key)}, {checkpoint.shape(b_key)}; the model expects {want_a}, {want_b}")
+            raise ValueError(
+                f"adapter tensors of {module} have shapes {checkpoint.shape(a_key)}, {checkpoint.shape(b_key)}; "
+                f"the model expects {want_a}, {want_b}"
+            )
         linear.add_lora(rank, alpha, rngs=rngs)
         linear.lora_a[...] = np.asarray(checkpoint.get(a_key), np.float32).T
         linear.lora_b[...] = np.asarray(checkpoint.get(b_key), np.float32).T

@@ -63,27 +63,40 @@ def check_representable(model: SpeechLM) -> None:
     problems = []
     if isinstance(projector, ConvProjector):
         problems.append(
-            f"the projector is a strided Conv1d (stride {projector.stride}, width {projector.width}); Voxtral's projector "
-            "stacks frames into a two-layer MLP and Qwen2-Audio's average-pools before the encoder's LayerNorm into one Linear"
+            f"the projector is a strided Conv1d (stride {projector.stride}, width {projector.width}); Voxtral's "
+            "projector stacks frames into a two-layer MLP and Qwen2-Audio's average-pools before the encoder's "
+            "LayerNorm into one Linear"
         )
     else:
         k = projector.stack
         if projector.linear_1.bias is not None:
-            problems.append("the projector Linears have biases (SLAM-LLM adapter); Voxtral's linear_1/linear_2 have none")
+            problems.append(
+                "the projector Linears have biases (SLAM-LLM adapter); Voxtral's linear_1/linear_2 have none"
+            )
         if k * encoder.d_model != encoder.encoder_ffn_dim:
             problems.append(
                 f"the projector stacks {k} frames of d_model {encoder.d_model}, but Voxtral stacks "
-                f"audio_config.intermediate_size / hidden_size = encoder_ffn_dim / d_model = {encoder.encoder_ffn_dim} / {encoder.d_model} frames"
+                "audio_config.intermediate_size / hidden_size = encoder_ffn_dim / d_model = "
+                f"{encoder.encoder_ffn_dim} / {encoder.d_model} frames"
             )
         if projector.linear_1.out_features != llm.hidden_size:
-            problems.append(f"the projector's hidden width is {projector.linear_1.out_features}; Voxtral's is the LLM width {llm.hidden_size}")
+            problems.append(
+                f"the projector's hidden width is {projector.linear_1.out_features}; "
+                f"Voxtral's is the LLM width {llm.hidden_size}"
+            )
         if encoder.max_source_positions % k:
-            problems.append(f"the {encoder.max_source_positions} encoder frames of a window do not split into groups of {k}")
+            problems.append(
+                f"the {encoder.max_source_positions} encoder frames of a window do not split into groups of {k}"
+            )
     if llm.final_logit_softcapping is not None:
-        problems.append(f"the LLM soft-caps its final logits ({llm.final_logit_softcapping}); Voxtral's lm_head does not")
+        problems.append(
+            f"the LLM soft-caps its final logits ({llm.final_logit_softcapping}); Voxtral's lm_head does not"
+        )
     if model.length_adapter is not None:
-        problems.append("the CTC length adapter pools the projector's frames by the LLM head's greedy labels; "
-                        "Voxtral (like every transformers audio-LLM class) feeds each projector frame to the LLM")
+        problems.append(
+            "the CTC length adapter pools the projector's frames by the LLM head's greedy labels; "
+            "Voxtral (like every transformers audio-LLM class) feeds each projector frame to the LLM"
+        )
     if problems:
         raise NotRepresentableError(
             "no transformers class represents this SpeechLM exactly (VoxtralForConditionalGeneration is the one for a "
@@ -130,7 +143,9 @@ def configs_from_hf(config: Mapping[str, Any]) -> tuple[WhisperConfig, Projector
         activation_function=audio.get("activation_function", "gelu"),
     )
     if encoder.encoder_ffn_dim % encoder.d_model:
-        raise ValueError(f"audio intermediate_size {encoder.encoder_ffn_dim} is not a multiple of hidden_size {encoder.d_model}")
+        raise ValueError(
+            f"audio intermediate_size {encoder.encoder_ffn_dim} is not a multiple of hidden_size {encoder.d_model}"
+        )
     projector = ProjectorConfig(
         kind="frame_stack",
         downsample=encoder.encoder_ffn_dim // encoder.d_model,
@@ -142,7 +157,9 @@ def configs_from_hf(config: Mapping[str, Any]) -> tuple[WhisperConfig, Projector
 
 def table(llm: LLMConfig) -> tuple[Rule, ...]:
     """Our SpeechLM parameter paths -> Voxtral on-disk keys: the Whisper and LLM tables, re-rooted."""
-    encoder = tuple(Rule(f"encoder/{r.ours}", "audio_tower." + r.hf.removeprefix("encoder."), r.hook) for r in WHISPER_TABLE)
+    encoder = tuple(
+        Rule(f"encoder/{r.ours}", "audio_tower." + r.hf.removeprefix("encoder."), r.hook) for r in WHISPER_TABLE
+    )
     projector = (
         Rule("projector/linear_1/kernel", "multi_modal_projector.linear_1.weight", transpose),
         Rule("projector/linear_2/kernel", "multi_modal_projector.linear_2.weight", transpose),

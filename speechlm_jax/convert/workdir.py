@@ -40,8 +40,8 @@ from flax import nnx
 
 from speechlm_jax.configs.base import base_config
 from speechlm_jax.convert import export, peft_adapter, voxtral
-from speechlm_jax.models.hf_import import LLM_IGNORED, SafetensorsCheckpoint, load_state, read_hf_config
 from speechlm_jax.data.tokenizer import load_tokenizer
+from speechlm_jax.models.hf_import import LLM_IGNORED, SafetensorsCheckpoint, load_state, read_hf_config
 from speechlm_jax.models.speechlm import SpeechLM, build_speechlm
 from speechlm_jax.sharding import make_mesh
 from speechlm_jax.train import checkpoint, data, restore
@@ -97,11 +97,15 @@ def load_voxtral(folder: str | Path) -> tuple[SpeechLM, int]:
     graphdef, abstract_state = nnx.split(abstract)
     model = nnx.merge(graphdef, load_state(abstract_state, voxtral.table(llm_cfg), ckpt, ignore=ignore))
     if (folder / export.ADAPTER_DIR).is_dir():
-        peft_adapter.read_adapter(folder / export.ADAPTER_DIR, model.llm, module_name=voxtral.in_memory_module, rngs=nnx.Rngs(0))
+        peft_adapter.read_adapter(
+            folder / export.ADAPTER_DIR, model.llm, module_name=voxtral.in_memory_module, rngs=nnx.Rngs(0)
+        )
     return model, int(hf["audio_token_id"])
 
 
-def run_config(model: SpeechLM, workdir: Path, recipe: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+def run_config(
+    model: SpeechLM, workdir: Path, recipe: ml_collections.ConfigDict | None = None
+) -> ml_collections.ConfigDict:
     """The run config of an imported `model` whose base folders live under `workdir/base`.
 
     `recipe` (a training config: data, loss, optimiser) is kept except for the model and the
@@ -110,12 +114,24 @@ def run_config(model: SpeechLM, workdir: Path, recipe: ml_collections.ConfigDict
     """
     config = ml_collections.ConfigDict((recipe or base_config()).to_dict())
     llm_dir, encoder_dir = str(workdir / "base" / "llm"), str(workdir / "base" / "encoder")
-    for key, value in (("llm", llm_dir), ("llm_weights", llm_dir), ("encoder", encoder_dir), ("encoder_weights", encoder_dir)):
+    for key, value in (
+        ("llm", llm_dir),
+        ("llm_weights", llm_dir),
+        ("encoder", encoder_dir),
+        ("encoder_weights", encoder_dir),
+    ):
         del config.model[key]  # a recipe may hold a dict of HF fields here; the field changes type
         config.model[key] = value
     config.data.tokenizer = llm_dir
     projector = model.projector
-    config.model.projector.update(kind="frame_stack", downsample=projector.stack, hidden=0, activation=voxtral.activation_name(projector), use_bias=False, width=0)
+    config.model.projector.update(
+        kind="frame_stack",
+        downsample=projector.stack,
+        hidden=0,
+        activation=voxtral.activation_name(projector),
+        use_bias=False,
+        width=0,
+    )
     groups = list(config_lib.trainable_groups(config)) if recipe is not None else ["projector"]
     if recipe is None:
         for name in ("dtype", "param_dtype", "frozen_dtype"):
@@ -124,7 +140,9 @@ def run_config(model: SpeechLM, workdir: Path, recipe: ml_collections.ConfigDict
     adapted = peft_adapter.adapted_linears(model.llm)
     if adapted:
         rank, alpha = peft_adapter.rank_and_alpha(adapted)
-        config.model.lora.update(rank=rank, alpha=alpha, targets="^(" + "|".join(re.escape(path) for path, _ in adapted) + ")$")
+        config.model.lora.update(
+            rank=rank, alpha=alpha, targets="^(" + "|".join(re.escape(path) for path, _ in adapted) + ")$"
+        )
         groups += [] if "lora" in groups else ["lora"]
     config.train.trainable = ",".join(groups)
     return config
@@ -165,7 +183,9 @@ def write_checkpoint(
         for path, variable in nnx.to_flat_state(trainable):
             fresh = variable.get_value()
             if path in imported:
-                variable = variable.replace(jax.device_put(np.asarray(imported[path].get_value(), fresh.dtype), fresh.sharding))
+                variable = variable.replace(
+                    jax.device_put(np.asarray(imported[path].get_value(), fresh.dtype), fresh.sharding)
+                )
             flat.append((path, variable))
         trainable = nnx.from_flat_state(flat)
     meta = {
@@ -178,7 +198,11 @@ def write_checkpoint(
     if data_iterator is not None:
         ckpt.save(step, trainable, state.tx.init(trainable), meta, data_iterator)
     else:
-        args = ocp.args.Composite(trainable=ocp.args.StandardSave(trainable), opt_state=ocp.args.StandardSave(state.tx.init(trainable)), meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(
+            trainable=ocp.args.StandardSave(trainable),
+            opt_state=ocp.args.StandardSave(state.tx.init(trainable)),
+            meta=ocp.args.JsonSave(meta),
+        )
         ckpt.manager.save(step, args=args, force=True)
     ckpt.close()
 

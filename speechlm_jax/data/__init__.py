@@ -1,1 +1,1 @@
-"""Data: audio decoding, sources, tasks, the Grain pipeline (config, mixture, maker, batching), TTS and spoken corpora."""
+"""Data: audio decoding, sources, tasks, the Grain pipeline (config, mixture, maker, batching), TTS, spoken corpora."""

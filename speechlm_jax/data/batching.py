@@ -31,8 +31,16 @@ from speechlm_jax.sharding import batch_sharding
 _COUNTS_KEY = "speechlm_counts"
 
 
-def collate(examples: Sequence[Example], bucket: tuple[int, int], *, batch_size: int, max_slots: int,
-            teacher_tokens: int, downsample: int, pad_id: int) -> dict[str, np.ndarray]:
+def collate(
+    examples: Sequence[Example],
+    bucket: tuple[int, int],
+    *,
+    batch_size: int,
+    max_slots: int,
+    teacher_tokens: int,
+    downsample: int,
+    pad_id: int,
+) -> dict[str, np.ndarray]:
     """Pads examples into one batch of the bucket's static shape (docs/ARCHITECTURE.md, "The batch").
 
     audio [B, S, L] int16; student arrays [B, T]; teacher arrays [B, U]; audio_labels
@@ -79,11 +87,11 @@ def collate(examples: Sequence[Example], bucket: tuple[int, int], *, batch_size:
         batch["teacher_targets"][i, :m] = ex.teacher_targets
         batch["teacher_loss_mask"][i, :m] = ex.teacher_loss_mask
         for k, clip in enumerate(ex.audio):
-            batch["audio"][i, k, :len(clip)] = clip
+            batch["audio"][i, k, : len(clip)] = clip
             batch["audio_lens"][i, k] = len(clip)
         for k, ids in enumerate(ex.audio_labels):
-            kept = ids[:frames + 1]
-            batch["audio_labels"][i, k, :len(kept)] = kept
+            kept = ids[: frames + 1]
+            batch["audio_labels"][i, k, : len(kept)] = kept
         batch["weight"][i] = 1.0
         batch["task_id"][i] = ex.task_id
     return batch
@@ -97,8 +105,9 @@ class BucketBatchDataset(grain.IterDataset):
     input, `flush` emits the partly filled buckets (padding rows have weight 0).
     """
 
-    def __init__(self, parent: grain.IterDataset, examples: grain.MapDataset, config: PipelineConfig,
-                 *, pad_id: int, flush: bool) -> None:
+    def __init__(
+        self, parent: grain.IterDataset, examples: grain.MapDataset, config: PipelineConfig, *, pad_id: int, flush: bool
+    ) -> None:
         super().__init__(parent)
         self.examples = examples
         self.config = config
@@ -113,7 +122,6 @@ class BucketBatchDataset(grain.IterDataset):
 
 
 class _BucketBatchIterator(grain.DatasetIterator):
-
     def __init__(self, parent: grain.DatasetIterator, ds: BucketBatchDataset) -> None:
         super().__init__(parent)
         self._ds = ds
@@ -125,8 +133,15 @@ class _BucketBatchIterator(grain.DatasetIterator):
         examples, self._buffers[bucket] = self._buffers[bucket], []
         config = self._ds.config
         self._counts["batches"] += 1
-        return collate(examples, config.buckets[bucket], batch_size=config.batch_size, max_slots=config.max_slots,
-                       teacher_tokens=config.teacher_tokens, downsample=config.downsample, pad_id=self._ds.pad_id)
+        return collate(
+            examples,
+            config.buckets[bucket],
+            batch_size=config.batch_size,
+            max_slots=config.max_slots,
+            teacher_tokens=config.teacher_tokens,
+            downsample=config.downsample,
+            pad_id=self._ds.pad_id,
+        )
 
     def __next__(self) -> dict[str, np.ndarray]:
         while not self._exhausted:
@@ -201,5 +216,7 @@ class PipelineStats:
 
 def to_global_arrays(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Each process's batch -> global jax.Arrays sharded over the mesh's batch axes."""
-    return {key: jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
-            for key, value in batch.items()}
+    return {
+        key: jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+        for key, value in batch.items()
+    }

@@ -122,8 +122,9 @@ def _shift(values: np.ndarray, fill) -> np.ndarray:
     return np.concatenate([values[1:], np.asarray([fill], values.dtype)])
 
 
-def build_example(segments: Sequence[Segment], tokenizer: SpeechTokenizer, *, downsample: int,
-                  task_id: int = 0) -> Example:
+def build_example(
+    segments: Sequence[Segment], tokenizer: SpeechTokenizer, *, downsample: int, task_id: int = 0
+) -> Example:
     """Tokenizes `segments` into the student sequence, the teacher twin and their alignment.
 
     Raises ExampleError("empty_audio") when a clip is too short to give one audio frame.
@@ -185,8 +186,9 @@ def build_example(segments: Sequence[Segment], tokenizer: SpeechTokenizer, *, do
     )
 
 
-def prompt_segments(tokenizer: SpeechTokenizer, prompt: str, content: Sequence[Segment],
-                    response: str) -> list[Segment]:
+def prompt_segments(
+    tokenizer: SpeechTokenizer, prompt: str, content: Sequence[Segment], response: str
+) -> list[Segment]:
     """One chat turn: `prompt` with `content` at `{content}`, then the supervised response.
 
     The content's segments are expected to carry their own leading spaces (see
@@ -210,8 +212,9 @@ def leading_space(prompt: str) -> bool:
     return bool(before.strip())
 
 
-def chat_segments(tokenizer: SpeechTokenizer, messages: Sequence[dict[str, str]], *,
-                  supervise_prompt: bool = False) -> list[Segment]:
+def chat_segments(
+    tokenizer: SpeechTokenizer, messages: Sequence[dict[str, str]], *, supervise_prompt: bool = False
+) -> list[Segment]:
     """A text-only conversation; the last (assistant) turn is supervised.
 
     `supervise_prompt` supervises every token (language modelling over the whole

@@ -78,8 +78,9 @@ def _merge(spans: list[Span]) -> list[Span]:
     return merged
 
 
-def sample_spans(num_words: int, rng: np.random.Generator, *, ratio: float, min_span: int,
-                 max_span: int, max_audio_spans: int) -> list[Span]:
+def sample_spans(
+    num_words: int, rng: np.random.Generator, *, ratio: float, min_span: int, max_span: int, max_audio_spans: int
+) -> list[Span]:
     """Random spoken/written spans tiling `num_words` words (see the module docstring)."""
     if num_words < 1:
         raise ExampleError("empty_text")
@@ -114,12 +115,22 @@ def _join(words: Sequence[str], space: bool) -> str:
     return (" " if space else "") + " ".join(words)
 
 
-def _split_timed(waveform: np.ndarray, words: Words, span: Span, lo: int, hi: int, max_samples: int,
-                 sample_rate: int, lead_space: bool) -> list[Audio]:
+def _split_timed(
+    waveform: np.ndarray,
+    words: Words,
+    span: Span,
+    lo: int,
+    hi: int,
+    max_samples: int,
+    sample_rate: int,
+    lead_space: bool,
+) -> list[Audio]:
     """Cuts samples `[lo, hi)` holding words `span` into slots of at most `max_samples`."""
     # cut[i]: the sample where a slot may end before word i (gap midpoint), for i in the span.
-    cuts = {i: min(hi, max(lo, int(round((words.end[i - 1] + words.start[i]) / 2 * sample_rate))))
-            for i in range(span.start + 1, span.end)}
+    cuts = {
+        i: min(hi, max(lo, int(round((words.end[i - 1] + words.start[i]) / 2 * sample_rate))))
+        for i in range(span.start + 1, span.end)
+    }
     cuts[span.end] = hi
     pieces = []
     first, piece_lo = span.start, lo
@@ -131,7 +142,7 @@ def _split_timed(waveform: np.ndarray, words: Words, span: Span, lo: int, hi: in
             raise ExampleError("too_long", "a single word is longer than the largest audio bucket")
         space = lead_space or first > 0
         text = _join(words.text[first:last], space)
-        pieces.append(Audio(waveform[piece_lo:cuts[last]], text))
+        pieces.append(Audio(waveform[piece_lo : cuts[last]], text))
         first, piece_lo = last, cuts[last]
     return pieces
 
@@ -139,12 +150,20 @@ def _split_timed(waveform: np.ndarray, words: Words, span: Span, lo: int, hi: in
 def _split_untimed(waveform: np.ndarray, transcript: str, max_samples: int) -> list[Audio]:
     count = math.ceil(len(waveform) / max_samples)
     size = math.ceil(len(waveform) / count)
-    clips = [waveform[i * size:(i + 1) * size] for i in range(count)]
+    clips = [waveform[i * size : (i + 1) * size] for i in range(count)]
     return [Audio(clip, transcript if i == count - 1 else "") for i, clip in enumerate(clips)]
 
 
-def whole_utterance(waveform: np.ndarray, transcript: str, words: Words | None, *, lead_space: bool,
-                    max_samples: int, split_long: bool, sample_rate: int) -> list[Segment]:
+def whole_utterance(
+    waveform: np.ndarray,
+    transcript: str,
+    words: Words | None,
+    *,
+    lead_space: bool,
+    max_samples: int,
+    split_long: bool,
+    sample_rate: int,
+) -> list[Segment]:
     """The whole utterance spoken: one slot, or several when it is too long and may be split."""
     if len(waveform) <= max_samples:
         return [Audio(waveform, _join(transcript.split(), lead_space))]
@@ -156,9 +175,18 @@ def whole_utterance(waveform: np.ndarray, transcript: str, words: Words | None, 
     return _split_timed(waveform, words, span, 0, len(waveform), max_samples, sample_rate, lead_space)
 
 
-def content_segments(waveform: np.ndarray, words: Words, spans: Sequence[Span], *, lead_space: bool,
-                     max_samples: int, split_long: bool, sample_rate: int, margin_s: float,
-                     min_samples: int = 1) -> list[Segment]:
+def content_segments(
+    waveform: np.ndarray,
+    words: Words,
+    spans: Sequence[Span],
+    *,
+    lead_space: bool,
+    max_samples: int,
+    split_long: bool,
+    sample_rate: int,
+    margin_s: float,
+    min_samples: int = 1,
+) -> list[Segment]:
     """Interleaved content: spoken spans cut from `waveform` by word timings, the rest text.
 
     A spoken span whose clip is shorter than `min_samples` (too short for one audio
@@ -171,14 +199,14 @@ def content_segments(waveform: np.ndarray, words: Words, spans: Sequence[Span], 
         lo = max(0, int(round(words.start[span.start] * sample_rate - margin)))
         hi = min(len(waveform), int(round(words.end[span.end - 1] * sample_rate + margin)))
         if not span.audio or hi - lo < min_samples:
-            text = _join(words.text[span.start:span.end], space)
+            text = _join(words.text[span.start : span.end], space)
             if segments and isinstance(segments[-1], Text):
                 segments[-1] = Text(segments[-1].text + text)
             else:
                 segments.append(Text(text))
             continue
         if hi - lo <= max_samples:
-            segments.append(Audio(waveform[lo:hi], _join(words.text[span.start:span.end], space)))
+            segments.append(Audio(waveform[lo:hi], _join(words.text[span.start : span.end], space)))
         elif split_long:
             segments.extend(_split_timed(waveform, words, span, lo, hi, max_samples, sample_rate, lead_space))
         else:

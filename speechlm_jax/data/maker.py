@@ -49,22 +49,26 @@ class ExampleMaker:
         self.task_ids = {name: i for i, name in enumerate(config.task_names)}
         self.max_samples = config.buckets[-1][0]
         # The shortest clip that gives one audio token: shorter spoken spans stay text.
-        self.min_samples = next(n for n in range(0, self.max_samples + 1, HOP_LENGTH)
-                                if audio_token_count(n, config.downsample) >= 1)
+        self.min_samples = next(
+            n for n in range(0, self.max_samples + 1, HOP_LENGTH) if audio_token_count(n, config.downsample) >= 1
+        )
 
     def __call__(self, record: Record, rng: np.random.Generator) -> Example | Skipped:
         try:
             if "messages" in record:
-                segments = chat_segments(self.tokenizer, record["messages"],
-                                         supervise_prompt=self.config.text_loss == "all")
-                example = build_example(segments, self.tokenizer,
-                                        downsample=self.config.downsample, task_id=self.task_ids[TEXT_KIND])
+                segments = chat_segments(
+                    self.tokenizer, record["messages"], supervise_prompt=self.config.text_loss == "all"
+                )
+                example = build_example(
+                    segments, self.tokenizer, downsample=self.config.downsample, task_id=self.task_ids[TEXT_KIND]
+                )
                 split = False
             else:
                 kind = self.kinds[int(rng.choice(len(self.kinds), p=self.kind_p))]
                 segments, task, split = self._speech_segments(kind, record, rng)
-                example = build_example(segments, self.tokenizer, downsample=self.config.downsample,
-                                        task_id=self.task_ids[task.name])
+                example = build_example(
+                    segments, self.tokenizer, downsample=self.config.downsample, task_id=self.task_ids[task.name]
+                )
             example.split = split
             return self._bucketed(example)
         except ExampleError as e:
@@ -90,8 +94,9 @@ class ExampleMaker:
             raise ExampleError("empty_audio")
         return waveform
 
-    def _prompt_and_response(self, task: TextTask, record: Record, text: str,
-                             rng: np.random.Generator) -> tuple[str, str]:
+    def _prompt_and_response(
+        self, task: TextTask, record: Record, text: str, rng: np.random.Generator
+    ) -> tuple[str, str]:
         pool = task.prompts(self.config.prompt_split)
         question = record.get("question")
         if task.name == "spoken_qa":
@@ -112,8 +117,9 @@ class ExampleMaker:
         prompt = usable[int(rng.integers(len(usable)))]
         return prompt, responses[prompt]
 
-    def _speech_segments(self, kind: str, record: Record,
-                         rng: np.random.Generator) -> tuple[list[Segment], TextTask, bool]:
+    def _speech_segments(
+        self, kind: str, record: Record, rng: np.random.Generator
+    ) -> tuple[list[Segment], TextTask, bool]:
         config = self.config
         text = " ".join(record.get("text", "").split())
         if not text:
@@ -131,20 +137,40 @@ class ExampleMaker:
             if words is None:
                 raise ExampleError("no_word_timings")
             if kind == "mixed_modal":
-                spans = interleave.single_audio_span(len(words), rng, min_span=config.span_min,
-                                                     max_span=config.span_max)
+                spans = interleave.single_audio_span(
+                    len(words), rng, min_span=config.span_min, max_span=config.span_max
+                )
             else:
-                spans = interleave.sample_spans(len(words), rng, ratio=config.interleave_ratio,
-                                                min_span=config.span_min, max_span=config.span_max,
-                                                max_audio_spans=config.max_slots)
+                spans = interleave.sample_spans(
+                    len(words),
+                    rng,
+                    ratio=config.interleave_ratio,
+                    min_span=config.span_min,
+                    max_span=config.span_max,
+                    max_audio_spans=config.max_slots,
+                )
             content = interleave.content_segments(
-                waveform, words, spans, lead_space=space, max_samples=self.max_samples, split_long=split_long,
-                sample_rate=config.sample_rate, margin_s=config.margin_s, min_samples=self.min_samples)
+                waveform,
+                words,
+                spans,
+                lead_space=space,
+                max_samples=self.max_samples,
+                split_long=split_long,
+                sample_rate=config.sample_rate,
+                margin_s=config.margin_s,
+                min_samples=self.min_samples,
+            )
 
         else:
             content = interleave.whole_utterance(
-                waveform, text, words, lead_space=space, max_samples=self.max_samples, split_long=split_long,
-                sample_rate=config.sample_rate)
+                waveform,
+                text,
+                words,
+                lead_space=space,
+                max_samples=self.max_samples,
+                split_long=split_long,
+                sample_rate=config.sample_rate,
+            )
         # Spoken spans are separated by text, so adjacent slots are the pieces of a split one.
         split = any(isinstance(a, Audio) and isinstance(b, Audio) for a, b in zip(content, content[1:]))
         return prompt_segments(self.tokenizer, prompt, content, response), task, split

@@ -74,8 +74,9 @@ def _prepared(ds: grain.MapDataset, *, train: bool, seed: int, num_epochs: int |
     return ds
 
 
-def host_mixture(config: PipelineConfig, *, split: str, process_index: int, process_count: int,
-                 seed: int) -> HostMixture:
+def host_mixture(
+    config: PipelineConfig, *, split: str, process_index: int, process_count: int, seed: int
+) -> HostMixture:
     """Opens the config's sources and mixes this host's shard of them (see the module docstring)."""
     train = split == "train"
     speech = ConcatSource([open_speech_source(spec, split) for spec in config.speech_sources])
@@ -85,12 +86,14 @@ def host_mixture(config: PipelineConfig, *, split: str, process_index: int, proc
     host = slice(process_index, None, process_count)
     parts, weights = [], []
     if len(speech) and config.text_weight < 1.0:
-        parts.append(_prepared(grain.MapDataset.source(speech)[host], train=train, seed=seed,
-                               num_epochs=config.num_epochs))
+        parts.append(
+            _prepared(grain.MapDataset.source(speech)[host], train=train, seed=seed, num_epochs=config.num_epochs)
+        )
         weights.append(1.0 - config.text_weight)
     if len(text) and config.text_weight > 0.0:
-        parts.append(_prepared(grain.MapDataset.source(text)[host], train=train, seed=seed + 1,
-                               num_epochs=config.num_epochs))
+        parts.append(
+            _prepared(grain.MapDataset.source(text)[host], train=train, seed=seed + 1, num_epochs=config.num_epochs)
+        )
         weights.append(config.text_weight)
     if not parts:
         raise ValueError("the pipeline config names no readable speech or text data")

@@ -54,9 +54,15 @@ def _with_index(index: int, item: Example | Skipped) -> Example | Skipped:
     return item
 
 
-def build_dataset(config: PipelineConfig | Any, *, tokenizer: SpeechTokenizer, split: str = "train",
-                  process_index: int = 0, process_count: int = 1,
-                  seed: int = 0) -> tuple[grain.IterDataset, Counter]:
+def build_dataset(
+    config: PipelineConfig | Any,
+    *,
+    tokenizer: SpeechTokenizer,
+    split: str = "train",
+    process_index: int = 0,
+    process_count: int = 1,
+    seed: int = 0,
+) -> tuple[grain.IterDataset, Counter]:
     """The pipeline as a Grain IterDataset of batches, and the sources' skipped-line counts.
 
     `split == "train"` shuffles and repeats (`config.num_epochs`, None = forever);
@@ -66,22 +72,30 @@ def build_dataset(config: PipelineConfig | Any, *, tokenizer: SpeechTokenizer, s
     if config.num_workers > 0 and not flags.FLAGS.is_parsed():
         raise RuntimeError(
             "num_workers > 0 starts Grain worker processes, which read absl flags: parse them in the "
-            "program first (absl.app.run, or flags.FLAGS(sys.argv[:1]) in a main without absl.app)")
-    mixture = host_mixture(config, split=split, process_index=process_index, process_count=process_count,
-                           seed=seed)
-    examples = mixture.records.random_map(ExampleMaker(config, tokenizer, mixture.targets),
-                                          seed=seed).map_with_index(_with_index)
+            "program first (absl.app.run, or flags.FLAGS(sys.argv[:1]) in a main without absl.app)"
+        )
+    mixture = host_mixture(config, split=split, process_index=process_index, process_count=process_count, seed=seed)
+    examples = mixture.records.random_map(ExampleMaker(config, tokenizer, mixture.targets), seed=seed).map_with_index(
+        _with_index
+    )
     read = grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.prefetch_buffer_size)
-    ds = BucketBatchDataset(examples.to_iter_dataset(read), examples, config, pad_id=tokenizer.pad_id,
-                            flush=split != "train")
+    ds = BucketBatchDataset(
+        examples.to_iter_dataset(read), examples, config, pad_id=tokenizer.pad_id, flush=split != "train"
+    )
     if config.num_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
     return ds, mixture.source_skipped
 
 
-def build_pipeline(config: PipelineConfig | Any, *, tokenizer: SpeechTokenizer, split: str = "train",
-                   process_index: int | None = None, process_count: int | None = None,
-                   seed: int = 0) -> tuple[grain.DatasetIterator, PipelineStats]:
+def build_pipeline(
+    config: PipelineConfig | Any,
+    *,
+    tokenizer: SpeechTokenizer,
+    split: str = "train",
+    process_index: int | None = None,
+    process_count: int | None = None,
+    seed: int = 0,
+) -> tuple[grain.DatasetIterator, PipelineStats]:
     """This process's batch iterator (checkpointable with Grain's orbax handler) and its stats.
 
     The host shard defaults to this JAX process (`jax.process_index()` of
@@ -90,8 +104,9 @@ def build_pipeline(config: PipelineConfig | Any, *, tokenizer: SpeechTokenizer, 
     config = PipelineConfig.from_config(config)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    ds, source_skipped = build_dataset(config, tokenizer=tokenizer, split=split, process_index=process_index,
-                                       process_count=process_count, seed=seed)
+    ds, source_skipped = build_dataset(
+        config, tokenizer=tokenizer, split=split, process_index=process_index, process_count=process_count, seed=seed
+    )
     iterator = iter(ds)
     return iterator, PipelineStats(iterator, source_skipped, config.task_names)
 

@@ -74,16 +74,18 @@ def manifest_source(path: str | Path) -> ListSource:
             continue
         audio = Path(row["audio"])
         audio = audio if audio.is_absolute() else path.parent / audio
-        records.append({
-            "id": str(row.get("id", audio.stem)),
-            "audio": str(audio),
-            "text": row.get("text", ""),
-            "words": row.get("words") or None,
-            "speaker": str(row.get("speaker", "")),
-            "duration": row.get("duration"),
-            # Spoken-content QA fields, when the manifest has them.
-            **{k: row[k] for k in ("question", "answer") if isinstance(row.get(k), str)},
-        })
+        records.append(
+            {
+                "id": str(row.get("id", audio.stem)),
+                "audio": str(audio),
+                "text": row.get("text", ""),
+                "words": row.get("words") or None,
+                "speaker": str(row.get("speaker", "")),
+                "duration": row.get("duration"),
+                # Spoken-content QA fields, when the manifest has them.
+                **{k: row[k] for k in ("question", "answer") if isinstance(row.get(k), str)},
+            }
+        )
     return ListSource(records, skipped)
 
 
@@ -102,14 +104,16 @@ def librispeech_source(root: str | Path, *, audio_ext: str = ".flac") -> ListSou
             if not line.strip():
                 continue
             utt_id, _, text = line.strip().partition(" ")
-            records.append({
-                "id": utt_id,
-                "audio": str(trans.parent / f"{utt_id}{audio_ext}"),
-                "text": text.strip(),
-                "words": None,
-                "speaker": speaker,
-                "duration": None,
-            })
+            records.append(
+                {
+                    "id": utt_id,
+                    "audio": str(trans.parent / f"{utt_id}{audio_ext}"),
+                    "text": text.strip(),
+                    "words": None,
+                    "speaker": speaker,
+                    "duration": None,
+                }
+            )
     records.sort(key=lambda r: r["id"])
     return ListSource(records, skipped)
 
@@ -136,8 +140,10 @@ class TFDSSource:
 
     def __getitem__(self, index: int) -> Record:
         row = self.data[index]
-        words = [{"w": _text(w), "start": float(s), "end": float(e)}
-                 for w, s, e in zip(row["words"]["w"], row["words"]["start"], row["words"]["end"])]
+        words = [
+            {"w": _text(w), "start": float(s), "end": float(e)}
+            for w, s, e in zip(row["words"]["w"], row["words"]["start"], row["words"]["end"])
+        ]
         return {
             "id": _text(row["id"]),
             "audio": None,
@@ -157,10 +163,12 @@ def text_source(path: str | Path) -> ListSource:
     for i, row in enumerate(_jsonl(path, skipped)):
         if "messages" in row:
             messages = row["messages"]
-            ok = (isinstance(messages, list) and messages
-                  and all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
-                          for m in messages)
-                  and messages[-1]["role"] == "assistant")
+            ok = (
+                isinstance(messages, list)
+                and messages
+                and all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in messages)
+                and messages[-1]["role"] == "assistant"
+            )
         else:
             instruction, response = row.get("instruction"), row.get("response")
             ok = isinstance(instruction, str) and isinstance(response, str)
@@ -171,8 +179,12 @@ def text_source(path: str | Path) -> ListSource:
         if not ok:
             skipped["bad_record"] += 1
             continue
-        records.append({"id": str(row.get("id", f"{path.stem}-{i}")),
-                        "messages": [{"role": m["role"], "content": m["content"]} for m in messages]})
+        records.append(
+            {
+                "id": str(row.get("id", f"{path.stem}-{i}")),
+                "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+            }
+        )
     return ListSource(records, skipped)
 
 

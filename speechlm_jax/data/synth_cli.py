@@ -33,9 +33,7 @@ def read_items(path: str | Path) -> list[dict[str, Any]]:
                 record = json.loads(line)
                 items.append({"id": str(record.get("id", number)), "text": record["text"]})
         return items
-    return [
-        {"id": f"{path.stem}-{number:06d}", "text": line} for number, line in enumerate(lines) if line.strip()
-    ]
+    return [{"id": f"{path.stem}-{number:06d}", "text": line} for number, line in enumerate(lines) if line.strip()]
 
 
 def load_synthesizer(spec: str) -> Synthesizer:

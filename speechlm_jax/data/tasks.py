@@ -63,7 +63,7 @@ def register_task(task: TextTask, *, replace: bool = False) -> TextTask:
 
 
 def import_task_modules(modules: Sequence[str]) -> None:
-    """Imports each named module (`data.task_modules`, `--task_modules`); a task module registers its tasks on import."""
+    """Imports each named module (`data.task_modules`, `--task_modules`); a task module registers on import."""
     for name in modules:
         try:
             importlib.import_module(name)
@@ -81,45 +81,47 @@ def _transcript(sentence: str) -> str:
     return sentence
 
 
-ASR = register_task(TextTask(
-    name="asr",
-    prompts_train=(
-        "Transcribe the audio. {content}",
-        "Write down what is said. {content}",
-        "{content} Transcribe this speech.",
-        "Repeat exactly what you hear: {content}",
-        "Convert the speech to text. {content}",
-    ),
-    prompts_heldout=(
-        "What are the words spoken here? {content}",
-        "{content} Please write out the spoken words.",
-    ),
-    answer=_transcript,
-))
+ASR = register_task(
+    TextTask(
+        name="asr",
+        prompts_train=(
+            "Transcribe the audio. {content}",
+            "Write down what is said. {content}",
+            "{content} Transcribe this speech.",
+            "Repeat exactly what you hear: {content}",
+            "Convert the speech to text. {content}",
+        ),
+        prompts_heldout=(
+            "What are the words spoken here? {content}",
+            "{content} Please write out the spoken words.",
+        ),
+        answer=_transcript,
+    )
+)
 
 # BLSP's continuation task: the response is the LLM's own continuation of the transcript.
-CONTINUATION = register_task(TextTask(
-    name="continuation",
-    prompts_train=(
-        "Continue the following text in a coherent and engaging style with less than 40 words. {content}",
-        "Continue this text. {content}",
-        "{content} Go on with the text.",
-    ),
-    prompts_heldout=(
-        "Write what comes next after this: {content}",
-    ),
-))
+CONTINUATION = register_task(
+    TextTask(
+        name="continuation",
+        prompts_train=(
+            "Continue the following text in a coherent and engaging style with less than 40 words. {content}",
+            "Continue this text. {content}",
+            "{content} Go on with the text.",
+        ),
+        prompts_heldout=("Write what comes next after this: {content}",),
+    )
+)
 
 # Spoken-content QA: the passage is spoken, the question is text (`{question}` is filled
 # from the record before the content is placed).
-SPOKEN_QA = register_task(TextTask(
-    name="spoken_qa",
-    prompts_train=(
-        "{content} Answer the question about what was said. {question}",
-        "Listen: {content} Question: {question}",
-        "{question} Answer using this passage. {content}",
-    ),
-    prompts_heldout=(
-        "Here is a passage. {content} Now answer: {question}",
-    ),
-))
+SPOKEN_QA = register_task(
+    TextTask(
+        name="spoken_qa",
+        prompts_train=(
+            "{content} Answer the question about what was said. {question}",
+            "Listen: {content} Question: {question}",
+            "{question} Answer using this passage. {content}",
+        ),
+        prompts_heldout=("Here is a passage. {content} Now answer: {question}",),
+    )
+)

@@ -41,8 +41,14 @@ class PairedSpeech(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "int16 waveform, text, speaker, duration, word timings."}
 
-    def __init__(self, *, splits: Mapping[str, str | Path] | None = None, sample_rate: int = 16000,
-                 file_format: str = "array_record", **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        splits: Mapping[str, str | Path] | None = None,
+        sample_rate: int = 16000,
+        file_format: str = "array_record",
+        **kwargs: Any,
+    ):
         self.splits = dict(splits or {})
         self.sample_rate = sample_rate
         self.skipped: Counter = Counter()
@@ -52,18 +58,22 @@ class PairedSpeech(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="Local paired speech corpus (manifest or LibriSpeech layout).",
-            features=tfds.features.FeaturesDict({
-                "id": tfds.features.Text(),
-                "waveform": tfds.features.Tensor(shape=(None,), dtype=np.int16),
-                "text": tfds.features.Text(),
-                "speaker": tfds.features.Text(),
-                "duration": tfds.features.Scalar(np.float32),
-                "words": tfds.features.Sequence({
-                    "w": tfds.features.Text(),
-                    "start": tfds.features.Scalar(np.float32),
-                    "end": tfds.features.Scalar(np.float32),
-                }),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "id": tfds.features.Text(),
+                    "waveform": tfds.features.Tensor(shape=(None,), dtype=np.int16),
+                    "text": tfds.features.Text(),
+                    "speaker": tfds.features.Text(),
+                    "duration": tfds.features.Scalar(np.float32),
+                    "words": tfds.features.Sequence(
+                        {
+                            "w": tfds.features.Text(),
+                            "start": tfds.features.Scalar(np.float32),
+                            "end": tfds.features.Scalar(np.float32),
+                        }
+                    ),
+                }
+            ),
             disable_shuffling=True,
         )
 
@@ -82,18 +92,22 @@ class PairedSpeech(tfds.core.GeneratorBasedBuilder):
                 self.skipped["bad_audio"] += 1
                 continue
             words = record["words"] or []
-            yield record["id"], {
-                "id": record["id"],
-                "waveform": waveform,
-                "text": record["text"],
-                "speaker": record["speaker"],
-                "duration": len(waveform) / self.sample_rate,
-                "words": [{"w": str(w["w"]), "start": float(w["start"]), "end": float(w["end"])} for w in words],
-            }
+            yield (
+                record["id"],
+                {
+                    "id": record["id"],
+                    "waveform": waveform,
+                    "text": record["text"],
+                    "speaker": record["speaker"],
+                    "duration": len(waveform) / self.sample_rate,
+                    "words": [{"w": str(w["w"]), "start": float(w["start"]), "end": float(w["end"])} for w in words],
+                },
+            )
 
 
-def prepare_paired_speech(splits: Mapping[str, str | Path], data_dir: str | Path,
-                          sample_rate: int = 16000) -> tuple[Path, Counter]:
+def prepare_paired_speech(
+    splits: Mapping[str, str | Path], data_dir: str | Path, sample_rate: int = 16000
+) -> tuple[Path, Counter]:
     """Builds (or reuses) the dataset under `data_dir`; returns its folder and the skip counts."""
     builder = PairedSpeech(splits=splits, data_dir=str(data_dir), sample_rate=sample_rate)
     builder.download_and_prepare()

@@ -61,8 +61,9 @@ class ChatFrame:
 class SpeechTokenizer:
     """An HF tokenizer plus the chat frame and audio placeholder the example builder needs."""
 
-    def __init__(self, hf_tokenizer: PreTrainedTokenizerBase, *, audio_token: str = AUDIO_TOKEN,
-                 use_chat_template: bool = True):
+    def __init__(
+        self, hf_tokenizer: PreTrainedTokenizerBase, *, audio_token: str = AUDIO_TOKEN, use_chat_template: bool = True
+    ):
         self.hf = hf_tokenizer
         self.audio_token = audio_token
         self.use_chat_template = use_chat_template and bool(getattr(hf_tokenizer, "chat_template", None))
@@ -88,8 +89,7 @@ class SpeechTokenizer:
         return list(self.hf(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens,
-                              clean_up_tokenization_spaces=True)
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=True)
 
     @functools.cached_property
     def chat_frame(self) -> ChatFrame:
@@ -101,10 +101,10 @@ class SpeechTokenizer:
         rendered = self.hf.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
         prefix, assistant_header = rendered.split(_USER_SENTINEL)
         full = self.hf.apply_chat_template(
-            user + [{"role": "assistant", "content": _ASSISTANT_SENTINEL}], tokenize=False)
+            user + [{"role": "assistant", "content": _ASSISTANT_SENTINEL}], tokenize=False
+        )
         end_of_turn = full.split(_ASSISTANT_SENTINEL)[1].rstrip()
-        return ChatFrame(prefix=prefix, assistant_header=assistant_header,
-                         end_of_turn=end_of_turn or self.hf.eos_token)
+        return ChatFrame(prefix=prefix, assistant_header=assistant_header, end_of_turn=end_of_turn or self.hf.eos_token)
 
     def render_prompt(self, messages: Sequence[dict[str, str]]) -> str:
         """The text of a conversation up to the assistant's answer (its header included)."""
@@ -123,8 +123,9 @@ class SpeechTokenizer:
         return tuple(sorted(ids))
 
 
-def load_tokenizer(path: str | Path, *, audio_token: str = AUDIO_TOKEN,
-                   use_chat_template: bool = True) -> SpeechTokenizer:
+def load_tokenizer(
+    path: str | Path, *, audio_token: str = AUDIO_TOKEN, use_chat_template: bool = True
+) -> SpeechTokenizer:
     """Loads a local HF tokenizer folder (never the hub) as a `SpeechTokenizer`."""
     hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return SpeechTokenizer(hf, audio_token=audio_token, use_chat_template=use_chat_template)
@@ -146,12 +147,16 @@ def build_word_tokenizer(texts: Iterable[str], out_dir: str | Path) -> Path:
     model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     model.pre_tokenizer = pre_tokenizer
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=model, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-        unk_token="<unk>", additional_special_tokens=list(WORD_SPECIAL_TOKENS[4:]),
-        clean_up_tokenization_spaces=True)
+        tokenizer_object=model,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        additional_special_tokens=list(WORD_SPECIAL_TOKENS[4:]),
+        clean_up_tokenization_spaces=True,
+    )
     hf.chat_template = WORD_CHAT_TEMPLATE
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(out))
     return out
-

@@ -125,9 +125,7 @@ def _render(synthesizer: Synthesizer, out_dir: Path, job: _Job) -> dict[str, Any
     if audio.dtype != np.int16 or audio.ndim != 1 or audio.size == 0:
         raise ValueError(f"synthesizer returned {audio.dtype} {audio.shape}; expected int16 [samples]")
     if synthesizer.sample_rate != SAMPLE_RATE:
-        audio = to_int16(
-            soxr.resample(audio.astype(np.float32) / 32768.0, synthesizer.sample_rate, SAMPLE_RATE)
-        )
+        audio = to_int16(soxr.resample(audio.astype(np.float32) / 32768.0, synthesizer.sample_rate, SAMPLE_RATE))
     save_audio(out_dir / job.audio, audio, SAMPLE_RATE)
     return {
         "id": job.id,

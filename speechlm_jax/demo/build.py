@@ -32,9 +32,10 @@ from typing import Any
 
 import ml_collections
 
-from speechlm_jax.configs import toyworld as toy_config
 from speechlm_jax import stages
-from speechlm_jax.convert import export, workdir as run_workdir
+from speechlm_jax.configs import toyworld as toy_config
+from speechlm_jax.convert import export
+from speechlm_jax.convert import workdir as run_workdir
 from speechlm_jax.data.tts import Voice, voice_grid
 from speechlm_jax.toyworld import corpus as toy_corpus
 from speechlm_jax.toyworld import sentences as toy_sentences
@@ -49,7 +50,9 @@ class Sizes:
 
     train_sentences: int = toy_config.TRAIN_SENTENCES
     heldout_sentences: int = toy_config.HELDOUT_SENTENCES
-    voices: tuple[Voice, ...] = tuple(voice_grid(toy_config.VOICE_NAMES, toy_config.VOICE_RATES, toy_config.VOICE_PITCHES))
+    voices: tuple[Voice, ...] = tuple(
+        voice_grid(toy_config.VOICE_NAMES, toy_config.VOICE_RATES, toy_config.VOICE_PITCHES)
+    )
     # Times each task is asked per training sentence in the teacher's data (others: once).
     asks: tuple[tuple[str, int], ...] = tuple(toy_config.TEXT_SFT_ASKS.items())
     seed: int = 0
@@ -117,8 +120,13 @@ def task_spec() -> dict[str, Any]:
 
 def build_corpus(folder: Path, sizes: Sizes) -> None:
     """Sentences, the tokenizer and the teacher's text SFT data (every task, train phrasings)."""
-    toy_corpus.build_corpus(folder, train_sentences=sizes.train_sentences, heldout_sentences=sizes.heldout_sentences,
-                            seed=sizes.seed, asks=dict(sizes.asks))
+    toy_corpus.build_corpus(
+        folder,
+        train_sentences=sizes.train_sentences,
+        heldout_sentences=sizes.heldout_sentences,
+        seed=sizes.seed,
+        asks=dict(sizes.asks),
+    )
 
 
 # --- speech
@@ -167,14 +175,30 @@ def export_encoder(run: Path, out: Path) -> Path:
 # --- teacher targets
 
 
-def build_targets(folder: Path, teacher: str, manifest: str, *, tasks: Sequence[str] = SEEN_TASKS,
-                  prompts_per_example: int = 1, batch_size: int = 128) -> dict[str, Any]:
+def build_targets(
+    folder: Path,
+    teacher: str,
+    manifest: str,
+    *,
+    tasks: Sequence[str] = SEEN_TASKS,
+    prompts_per_example: int = 1,
+    batch_size: int = 128,
+) -> dict[str, Any]:
     """The teacher's greedy answers to seen tasks about every training transcript."""
     from speechlm_jax.evaluation.targets import generate_targets
 
-    return generate_targets(llm=teacher, source={"type": "manifest", "path": str(manifest)}, tasks=tuple(tasks), out=str(folder),
-                            num_shards=toy_config.TARGET_SHARDS, batch_size=batch_size, max_new_tokens=16,
-                            prompts_per_example=prompts_per_example, dtype="float32", mesh={"data": -1})
+    return generate_targets(
+        llm=teacher,
+        source={"type": "manifest", "path": str(manifest)},
+        tasks=tuple(tasks),
+        out=str(folder),
+        num_shards=toy_config.TARGET_SHARDS,
+        batch_size=batch_size,
+        max_new_tokens=16,
+        prompts_per_example=prompts_per_example,
+        dtype="float32",
+        mesh={"data": -1},
+    )
 
 
 # --- recipes and evaluation
@@ -188,8 +212,16 @@ def recipe_config(name: str, out: str | Path) -> ml_collections.ConfigDict:
     return load_config_file(f"{root / name}.py:toy,out={Path(out).absolute()}")
 
 
-def evaluate(out: Path, *, workdir: str | None = None, base: str | None = None, sentences: int,
-             asr: bool = False, asr_limit: int = toy_config.ASR_EVAL_UTTERANCES, batch_size: int = 64) -> dict[str, Any]:
+def evaluate(
+    out: Path,
+    *,
+    workdir: str | None = None,
+    base: str | None = None,
+    sentences: int,
+    asr: bool = False,
+    asr_limit: int = toy_config.ASR_EVAL_UTTERANCES,
+    batch_size: int = 64,
+) -> dict[str, Any]:
     """`speechlm-eval` of a run (or of a base LLM alone) into `out`; returns its report dict.
 
     The toy world's benchmark: `sentences` held-out sentences per task for prompt and task
@@ -201,8 +233,18 @@ def evaluate(out: Path, *, workdir: str | None = None, base: str | None = None, 
     out.mkdir(parents=True, exist_ok=True)
     (out / "sentences.txt").write_text("\n".join(toy_sentences.sentences("heldout", sentences, seed=0)) + "\n")
     (out / "corpus.txt").write_text("\n".join(toy_sentences.sentences("heldout", sentences, seed=1)) + "\n")
-    return run_eval(workdir=workdir or None, base=None if workdir else str(base), out=str(out),
-                    task_modules=(toy_config.TASK_MODULE,), generalisation=str(out / "sentences.txt"),
-                    seen_tasks=tuple(SEEN_TASKS), heldout_tasks=tuple(HELDOUT_TASKS), batch_size=batch_size,
-                    max_new_tokens=16, mesh={"data": -1}, corpus=str(out / "corpus.txt") if workdir else "",
-                    asr=asr, asr_limit=asr_limit)
+    return run_eval(
+        workdir=workdir or None,
+        base=None if workdir else str(base),
+        out=str(out),
+        task_modules=(toy_config.TASK_MODULE,),
+        generalisation=str(out / "sentences.txt"),
+        seen_tasks=tuple(SEEN_TASKS),
+        heldout_tasks=tuple(HELDOUT_TASKS),
+        batch_size=batch_size,
+        max_new_tokens=16,
+        mesh={"data": -1},
+        corpus=str(out / "corpus.txt") if workdir else "",
+        asr=asr,
+        asr_limit=asr_limit,
+    )

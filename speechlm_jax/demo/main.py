@@ -48,10 +48,19 @@ ASR_MARGIN = 0.30
 RETENTION_TOLERANCE = 0.02
 # Python packages the demo imports, with what each is for (a clear message when one is missing).
 REQUIRED = {
-    "jax": "JAX", "flax": "Flax NNX", "optax": "optax", "orbax.checkpoint": "orbax-checkpoint",
-    "grain": "grain", "transformers": "transformers", "jinja2": "jinja2 (chat templates)", "ml_collections": "ml-collections",
-    "soundfile": "soundfile", "espeakng_loader": "espeakng-loader (the bundled eSpeak NG TTS)",
-    "jiwer": "jiwer", "matplotlib": "matplotlib", "tqdm": "tqdm",
+    "jax": "JAX",
+    "flax": "Flax NNX",
+    "optax": "optax",
+    "orbax.checkpoint": "orbax-checkpoint",
+    "grain": "grain",
+    "transformers": "transformers",
+    "jinja2": "jinja2 (chat templates)",
+    "ml_collections": "ml-collections",
+    "soundfile": "soundfile",
+    "espeakng_loader": "espeakng-loader (the bundled eSpeak NG TTS)",
+    "jiwer": "jiwer",
+    "matplotlib": "matplotlib",
+    "tqdm": "tqdm",
 }
 
 
@@ -70,14 +79,17 @@ def check_requirements() -> None:
     if missing:
         raise MissingRequirement(
             f"missing Python packages: {', '.join(missing)}. Run `make demo` (it installs them into .venv) "
-            "or `pip install -e .` in this environment.")
+            "or `pip install -e .` in this environment."
+        )
     from speechlm_jax.data.tts import EspeakSynthesizer, Voice
 
     try:
         EspeakSynthesizer().synthesize("the dog runs", Voice())
     except Exception as error:  # noqa: BLE001 - any failure here means no TTS; say so plainly
-        raise MissingRequirement(f"the eSpeak NG speech synthesizer does not work here ({error}); "
-                                 "reinstall espeakng-loader (`pip install --force-reinstall espeakng-loader`)") from error
+        raise MissingRequirement(
+            f"the eSpeak NG speech synthesizer does not work here ({error}); "
+            "reinstall espeakng-loader (`pip install --force-reinstall espeakng-loader`)"
+        ) from error
 
 
 # --- the report
@@ -95,8 +107,11 @@ def teacher_scores(report: dict[str, Any]) -> dict[str, float]:
     return {
         "text_acc": _weighted(splits, ("seen_tasks/train_prompts", "heldout_tasks"), "text"),
         "text_acc_heldout_prompts": splits["seen_tasks/heldout_prompts"]["overall"]["text"],
-        "tasks": {task: s["text"] for name in ("seen_tasks/train_prompts", "heldout_tasks")
-                  for task, s in splits[name]["tasks"].items()},
+        "tasks": {
+            task: s["text"]
+            for name in ("seen_tasks/train_prompts", "heldout_tasks")
+            for task, s in splits[name]["tasks"].items()
+        },
     }
 
 
@@ -119,23 +134,43 @@ def recipe_scores(report: dict[str, Any]) -> dict[str, float]:
 
 def checks(teacher: dict[str, float], recipes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The toy world's targets, each with the measured value and whether it holds."""
-    out = [{"check": f"teacher text accuracy >= {TEACHER_TARGET:.0%}", "value": teacher["text_acc"],
-            "ok": teacher["text_acc"] >= TEACHER_TARGET}]
+    out = [
+        {
+            "check": f"teacher text accuracy >= {TEACHER_TARGET:.0%}",
+            "value": teacher["text_acc"],
+            "ok": teacher["text_acc"] >= TEACHER_TARGET,
+        }
+    ]
     for name in ("mtbi", "salad"):
         if name in recipes:
             gap = recipes[name]["gap_heldout_tasks"]
-            out.append({"check": f"{name}: gap on held-out tasks <= {GAP_TARGET * 100:.0f} points", "value": gap,
-                        "ok": gap <= GAP_TARGET})
+            out.append(
+                {
+                    "check": f"{name}: gap on held-out tasks <= {GAP_TARGET * 100:.0f} points",
+                    "value": gap,
+                    "ok": gap <= GAP_TARGET,
+                }
+            )
     if "asr" in recipes:
         for name in ("mtbi", "salad"):
             if name in recipes:
                 margin = recipes[name]["speech_acc_heldout_tasks"] - recipes["asr"]["speech_acc_heldout_tasks"]
-                out.append({"check": f"asr at least {ASR_MARGIN * 100:.0f} points below {name} on held-out tasks",
-                            "value": margin, "ok": margin >= ASR_MARGIN})
+                out.append(
+                    {
+                        "check": f"asr at least {ASR_MARGIN * 100:.0f} points below {name} on held-out tasks",
+                        "value": margin,
+                        "ok": margin >= ASR_MARGIN,
+                    }
+                )
     for name, row in recipes.items():
         drop = row["text_retention_drop"]
-        out.append({"check": f"{name}: text retention within {RETENTION_TOLERANCE * 100:.0f} points of the teacher",
-                    "value": drop, "ok": abs(drop) <= RETENTION_TOLERANCE})
+        out.append(
+            {
+                "check": f"{name}: text retention within {RETENTION_TOLERANCE * 100:.0f} points of the teacher",
+                "value": drop,
+                "ok": abs(drop) <= RETENTION_TOLERANCE,
+            }
+        )
     return out
 
 
@@ -146,7 +181,8 @@ def _pct(value: float | None) -> str:
 def table(report: dict[str, Any]) -> str:
     """The demo's table as Markdown (also what the console shows)."""
     lines = [
-        "| model | text acc | speech seen | speech held-out phrasings | speech held-out tasks | gap held-out tasks | text retention | WER |",
+        "| model | text acc | speech seen | speech held-out phrasings | speech held-out tasks | gap held-out "
+        "tasks | text retention | WER |",
         "|---|---|---|---|---|---|---|---|",
         f"| teacher (text LLM) | {_pct(report['teacher']['text_acc'])} | | | | | | |",
     ]
@@ -154,14 +190,16 @@ def table(report: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | | {_pct(r['speech_acc_seen'])} | {_pct(r['speech_acc_heldout_prompts'])} | "
             f"{_pct(r['speech_acc_heldout_tasks'])} | {_pct(r['gap_heldout_tasks'])} | {_pct(r['text_retention'])} | "
-            f"{_pct(r.get('wer'))} |")
+            f"{_pct(r.get('wer'))} |"
+        )
     return "\n".join(lines)
 
 
 def markdown(report: dict[str, Any]) -> str:
     """`report.md`: the table, the targets and the plots."""
-    checks_md = "\n".join(f"- [{'x' if c['ok'] else ' '}] {c['check']}: measured {100 * c['value']:.1f}"
-                          for c in report["checks"])
+    checks_md = "\n".join(
+        f"- [{'x' if c['ok'] else ' '}] {c['check']}: measured {100 * c['value']:.1f}" for c in report["checks"]
+    )
     timings = "\n".join(f"| {k} | {v:.1f} |" for k, v in report["timings"].items())
     return (
         "# Toy world: the text-speech gap, measured\n\n"
@@ -215,8 +253,9 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
 # --- the demo
 
 
-def run_demo(out: str | Path, recipes: Sequence[str] = RECIPES, *, sizes: Any = None,
-             eval_sentences: int | None = None) -> dict[str, Any]:
+def run_demo(
+    out: str | Path, recipes: Sequence[str] = RECIPES, *, sizes: Any = None, eval_sentences: int | None = None
+) -> dict[str, Any]:
     """Builds every stage under `out` (cached), writes the reports; returns report.json's dict."""
     from speechlm_jax.configs import toyworld as toy_config
     from speechlm_jax.demo import build
@@ -229,10 +268,13 @@ def run_demo(out: str | Path, recipes: Sequence[str] = RECIPES, *, sizes: Any = 
     stages = build.Stages(out)
 
     sizes_spec = json.loads(json.dumps(dataclasses.asdict(sizes), default=str))
-    stages.run("corpus", {"sizes": sizes_spec, "tasks": build.task_spec()}, [],
-               lambda f: build.build_corpus(f, sizes))
-    stages.run("speech", {"voices": [v.key for v in sizes.voices]}, ["corpus"],
-               lambda f: build.build_speech(f, out / "corpus", sizes))
+    stages.run("corpus", {"sizes": sizes_spec, "tasks": build.task_spec()}, [], lambda f: build.build_corpus(f, sizes))
+    stages.run(
+        "speech",
+        {"voices": [v.key for v in sizes.voices]},
+        ["corpus"],
+        lambda f: build.build_speech(f, out / "corpus", sizes),
+    )
 
     teacher_config = toy_config.teacher(out)
 
@@ -249,19 +291,32 @@ def run_demo(out: str | Path, recipes: Sequence[str] = RECIPES, *, sizes: Any = 
         build.export_encoder(folder / "run", folder / "hf")
 
     stages.run("encoder", build.config_dict(encoder_config), ["corpus", "speech"], encoder)
-    stages.run("targets", {"shards": toy_config.TARGET_SHARDS}, ["teacher", "speech"],
-               lambda f: build.build_targets(f / "shards", p["teacher"], p["speech"]))
+    stages.run(
+        "targets",
+        {"shards": toy_config.TARGET_SHARDS},
+        ["teacher", "speech"],
+        lambda f: build.build_targets(f / "shards", p["teacher"], p["speech"]),
+    )
 
     eval_spec = {"sentences": eval_sentences, "asr": toy_config.ASR_EVAL_UTTERANCES}
-    stages.run("eval/teacher", eval_spec, ["teacher"],
-               lambda f: build.evaluate(f, base=p["teacher"], sentences=eval_sentences))
+    stages.run(
+        "eval/teacher", eval_spec, ["teacher"], lambda f: build.evaluate(f, base=p["teacher"], sentences=eval_sentences)
+    )
     rows = {}
     for name in recipes:
         config = build.recipe_config(name, out)
-        stages.run(f"recipe/{name}", build.config_dict(config), ["teacher", "encoder", "targets", "speech"],
-                   lambda f, c=config: build.train_run(c, f))
-        stages.run(f"eval/{name}", eval_spec, [f"recipe/{name}"],
-                   lambda f, n=name: build.evaluate(f, workdir=str(out / "recipe" / n), sentences=eval_sentences, asr=True))
+        stages.run(
+            f"recipe/{name}",
+            build.config_dict(config),
+            ["teacher", "encoder", "targets", "speech"],
+            lambda f, c=config: build.train_run(c, f),
+        )
+        stages.run(
+            f"eval/{name}",
+            eval_spec,
+            [f"recipe/{name}"],
+            lambda f, n=name: build.evaluate(f, workdir=str(out / "recipe" / n), sentences=eval_sentences, asr=True),
+        )
         rows[name] = recipe_scores(json.loads((out / "eval" / name / "report.json").read_text()))
 
     report = {

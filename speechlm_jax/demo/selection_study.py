@@ -28,8 +28,8 @@ from typing import Any
 from speechlm_jax import cli
 from speechlm_jax.evaluation import main as eval_main
 from speechlm_jax.selection import main as select
-from speechlm_jax.train.restore import read_config as load_run_config
 from speechlm_jax.toyworld.sentences import sentences
+from speechlm_jax.train.restore import read_config as load_run_config
 
 SHARED = ("embed", "cluster", "probe_before")
 
@@ -67,22 +67,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         write_corpus(corpus, args.stage1, args.corpus_size, args.seed)
     heldout = out / "heldout.txt"
     heldout.write_text("\n".join(sentences("heldout", args.heldout, seed=args.seed + 1)) + "\n")
-    common = dict(corpus=str(corpus), stage1=str(args.stage1), clusters=args.clusters, tolerance=args.tolerance,
-                  probe_size=args.probe_size, budget_fraction=args.budget_fraction, steps=args.steps, repeat=args.repeat,
-                  batch_size=args.batch_size, tts_workers=args.tts_workers, quiet=True, seed=args.seed,
-                  max_new_tokens=16, set=[f"train.compilation_cache={out / 'xla_cache'}"])
-    select.run_stages(["embed", "cluster", "probe", "sample", "synthesize", "targets", "train", "probe_after", "report"],
-                      workdir=str(out / "active"), gamma=args.gamma, **common)
+    common = dict(
+        corpus=str(corpus),
+        stage1=str(args.stage1),
+        clusters=args.clusters,
+        tolerance=args.tolerance,
+        probe_size=args.probe_size,
+        budget_fraction=args.budget_fraction,
+        steps=args.steps,
+        repeat=args.repeat,
+        batch_size=args.batch_size,
+        tts_workers=args.tts_workers,
+        quiet=True,
+        seed=args.seed,
+        max_new_tokens=16,
+        set=[f"train.compilation_cache={out / 'xla_cache'}"],
+    )
+    select.run_stages(
+        ["embed", "cluster", "probe", "sample", "synthesize", "targets", "train", "probe_after", "report"],
+        workdir=str(out / "active"),
+        gamma=args.gamma,
+        **common,
+    )
     uniform = out / "uniform"
     uniform.mkdir(parents=True, exist_ok=True)
     for name in SHARED:  # the same corpus, clusters and probes: only the sampling differs
         if not (uniform / name).exists():
             shutil.copytree(out / "active" / name, uniform / name)
-    select.run_stages(["sample", "synthesize", "targets", "train", "probe_after", "report"],
-                      workdir=str(uniform), gamma=0.0, **common)
+    select.run_stages(
+        ["sample", "synthesize", "targets", "train", "probe_after", "report"], workdir=str(uniform), gamma=0.0, **common
+    )
 
-    result: dict[str, Any] = {"budget_fraction": args.budget_fraction, "gamma": args.gamma, "steps": args.steps,
-                              "clusters": args.clusters, "heldout_sentences": args.heldout}
+    result: dict[str, Any] = {
+        "budget_fraction": args.budget_fraction,
+        "gamma": args.gamma,
+        "steps": args.steps,
+        "clusters": args.clusters,
+        "heldout_sentences": args.heldout,
+    }
     runs = {"stage1": Path(args.stage1), "active": out / "active" / "train", "uniform": uniform / "train"}
     for name, workdir in runs.items():
         d = heldout_misalignment(workdir, heldout, out / "eval" / name, args.batch_size)

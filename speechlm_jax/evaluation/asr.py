@@ -67,8 +67,14 @@ def asr_items(records: Sequence[Mapping[str, Any]], *, prompt_split: str = "trai
     """Items asking the `asr` task about each speech record `{"id", "text", "audio"}`."""
     pool = get_task("asr").prompts(prompt_split)
     return [
-        Item(id=str(r["id"]), task="asr", question=" ".join(str(r["text"]).split()), answer=str(r["text"]),
-             audio=r.get("audio"), prompt=pick(pool, seed, str(r["id"])))
+        Item(
+            id=str(r["id"]),
+            task="asr",
+            question=" ".join(str(r["text"]).split()),
+            answer=str(r["text"]),
+            audio=r.get("audio"),
+            prompt=pick(pool, seed, str(r["id"])),
+        )
         for r in records
     ]
 

@@ -34,8 +34,9 @@ from speechlm_jax.models.frontend import audio_token_count
 
 
 @partial(jax.jit, static_argnames=("graphdef", "blank_id", "max_labels"))
-def _transcribe(graphdef: nnx.GraphDef, state: nnx.State, audio: jax.Array, audio_lens: jax.Array, *,
-                blank_id: int, max_labels: int) -> jax.Array:
+def _transcribe(
+    graphdef: nnx.GraphDef, state: nnx.State, audio: jax.Array, audio_lens: jax.Array, *, blank_id: int, max_labels: int
+) -> jax.Array:
     return nnx.merge(graphdef, state).ctc_transcript(audio, audio_lens, blank_id=blank_id, max_labels=max_labels)
 
 
@@ -45,21 +46,28 @@ def transcribe(scorer: Scorer, waveforms: Sequence[np.ndarray], *, blank_id: int
         raise ValueError("the cascade needs a speech LLM (a --workdir), not a base LLM alone")
     out: list[str] = []
     for start in range(0, len(waveforms), scorer.batch_size):
-        chunk = list(waveforms[start:start + scorer.batch_size])
+        chunk = list(waveforms[start : start + scorer.batch_size])
         samples = -(-max(len(w) for w in chunk) // scorer.sample_multiple) * scorer.sample_multiple
         audio = np.zeros((scorer.batch_size, samples), np.int16)
         lens = np.zeros((scorer.batch_size,), np.int32)
         for i, w in enumerate(chunk):
-            audio[i, :len(w)], lens[i] = w, len(w)
-        ids = _transcribe(scorer._graphdef, scorer.state, jnp.asarray(audio), jnp.asarray(lens), blank_id=blank_id,
-                          max_labels=audio_token_count(samples, scorer.downsample))
-        for row in np.asarray(jax.device_get(ids))[:len(chunk)]:
+            audio[i, : len(w)], lens[i] = w, len(w)
+        ids = _transcribe(
+            scorer._graphdef,
+            scorer.state,
+            jnp.asarray(audio),
+            jnp.asarray(lens),
+            blank_id=blank_id,
+            max_labels=audio_token_count(samples, scorer.downsample),
+        )
+        for row in np.asarray(jax.device_get(ids))[: len(chunk)]:
             out.append(scorer.tokenizer.decode([int(t) for t in row if t >= 0]).strip())
     return out
 
 
-def run_cascade(scorer: Scorer, items: Sequence[Item], *, blank_id: int, max_new_tokens: int,
-                normalize: bool = True) -> dict[str, Any]:
+def run_cascade(
+    scorer: Scorer, items: Sequence[Item], *, blank_id: int, max_new_tokens: int, normalize: bool = True
+) -> dict[str, Any]:
     """Per task and overall: the base LLM's accuracy on the run's own transcripts ("cascade"), with their WER."""
     spoken = [scorer.speech.waveform(" ".join(it.question.split()), it.audio) for it in items]
     transcripts = transcribe(scorer, spoken, blank_id=blank_id)
@@ -77,10 +85,16 @@ def run_ctc_asr(scorer: Scorer, records: Sequence[dict[str, Any]], *, blank_id: 
     """WER and CER of the run's greedy CTC transcripts of utterances `{"audio", "text"}` (the connector's ASR)."""
     from speechlm_jax.data.audio import load_audio
 
-    waveforms = [scorer.speech.waveform(r["text"], r["audio"]) if "audio" in r else load_audio(r["audio"]) for r in records]
+    waveforms = [
+        scorer.speech.waveform(r["text"], r["audio"]) if "audio" in r else load_audio(r["audio"]) for r in records
+    ]
     transcripts = transcribe(scorer, waveforms, blank_id=blank_id)
     references = [r["text"] for r in records]
     wer = word_error_rate(references, transcripts)
     exact = float(np.mean([" ".join(t.split()) == " ".join(r.split()) for t, r in zip(transcripts, references)]))
-    return {**wer, "cer": character_error_rate(references, transcripts), "exact": exact,
-            "items": [{"reference": r, "transcript": t} for r, t in zip(references, transcripts)]}
+    return {
+        **wer,
+        "cer": character_error_rate(references, transcripts),
+        "exact": exact,
+        "items": [{"reference": r, "transcript": t} for r, t in zip(references, transcripts)],
+    }

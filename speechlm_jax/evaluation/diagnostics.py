@@ -38,16 +38,26 @@ def corpus_segments(scorer: Scorer, sentence: str, prefix_fraction: float) -> li
     spoken = min(len(words), max(1, round(len(words) * prefix_fraction)))
     transcript = " ".join(words[:spoken])
     waveform = scorer.speech.waveform(transcript, None)
-    audio = interleave.whole_utterance(waveform, transcript, None, lead_space=False,
-                                       max_samples=scorer.max_audio_samples, split_long=True, sample_rate=SAMPLE_RATE)
+    audio = interleave.whole_utterance(
+        waveform,
+        transcript,
+        None,
+        lead_space=False,
+        max_samples=scorer.max_audio_samples,
+        split_long=True,
+        sample_rate=SAMPLE_RATE,
+    )
     rest = words[spoken:]
     return [Text(scorer.tokenizer.hf.bos_token or ""), *audio, *([Text(" " + " ".join(rest))] if rest else [])]
 
 
 def _summary(sums: np.ndarray, tokens: np.ndarray) -> dict[str, float | int]:
     total = float(np.sum(tokens))
-    return {"per_token": float(np.sum(sums) / total) if total else 0.0,
-            "per_sequence": float(np.mean(sums)), "tokens": int(total)}
+    return {
+        "per_token": float(np.sum(sums) / total) if total else 0.0,
+        "per_sequence": float(np.mean(sums)),
+        "tokens": int(total),
+    }
 
 
 def run_diagnostics(scorer: Scorer, sentences: Sequence[str], *, prefix_fraction: float = 0.5) -> dict[str, Any]:

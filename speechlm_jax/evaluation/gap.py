@@ -47,8 +47,9 @@ def score_answer(prediction: str, answer: str, metric: str) -> float:
     raise ValueError(f"unknown metric {metric!r}")
 
 
-def answer_items(scorer: Scorer, items: Sequence[Item], conditions: Sequence[str], *, max_new_tokens: int,
-                 normalize: bool = True) -> list[dict[str, Any]]:
+def answer_items(
+    scorer: Scorer, items: Sequence[Item], conditions: Sequence[str], *, max_new_tokens: int, normalize: bool = True
+) -> list[dict[str, Any]]:
     """Per item: its prediction and score under each condition (`<condition>`, `<condition>_correct`)."""
     records = [{"id": it.id, "task": it.task, "answer": it.answer} for it in items]
     choice = [k for k, it in enumerate(items) if it.multiple_choice]

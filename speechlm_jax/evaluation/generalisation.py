@@ -26,11 +26,15 @@ from speechlm_jax.evaluation.scoring import Scorer
 SPLITS = ("seen_tasks/train_prompts", "seen_tasks/heldout_prompts", "heldout_tasks")
 
 
-def generalisation_items(seen_tasks: Sequence[str], heldout_tasks: Sequence[str], sentences: Sequence[str],
-                         *, seed: int = 0) -> dict[str, list[Item]]:
+def generalisation_items(
+    seen_tasks: Sequence[str], heldout_tasks: Sequence[str], sentences: Sequence[str], *, seed: int = 0
+) -> dict[str, list[Item]]:
     """The three item sets of the benchmark (see the module docstring), every task on every sentence."""
+
     def items(tasks: Sequence[str], prompt_split: str) -> list[Item]:
-        return [it for name in tasks for it in task_items(get_task(name), sentences, prompt_split=prompt_split, seed=seed)]
+        return [
+            it for name in tasks for it in task_items(get_task(name), sentences, prompt_split=prompt_split, seed=seed)
+        ]
 
     return {
         SPLITS[0]: items(seen_tasks, "train"),
@@ -39,8 +43,15 @@ def generalisation_items(seen_tasks: Sequence[str], heldout_tasks: Sequence[str]
     }
 
 
-def run_generalisation(scorer: Scorer, seen_tasks: Sequence[str], heldout_tasks: Sequence[str],
-                       sentences: Sequence[str], *, max_new_tokens: int, seed: int = 0) -> dict[str, Any]:
+def run_generalisation(
+    scorer: Scorer,
+    seen_tasks: Sequence[str],
+    heldout_tasks: Sequence[str],
+    sentences: Sequence[str],
+    *,
+    max_new_tokens: int,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Per split: the gap benchmark's summary (text, speech, gap per task and overall) and items."""
     sets = generalisation_items(seen_tasks, heldout_tasks, sentences, seed=seed)
     return {split: run_gap(scorer, items, max_new_tokens=max_new_tokens) for split, items in sets.items() if items}

@@ -155,7 +155,7 @@ def load_items(path: str | Path) -> list[Item]:
 
 def pick(pool: Sequence[str], seed: int, key: str) -> str:
     """A deterministic choice from `pool` for (seed, key): the same on every host and rerun."""
-    digest = hashlib.blake2b(f"{seed}|{key}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}|{key}".encode(), digest_size=8).digest()
     return pool[int.from_bytes(digest, "big") % len(pool)]
 
 
@@ -169,7 +169,12 @@ def task_items(task: TextTask, sentences: Sequence[str], *, prompt_split: str, s
         raise ValueError(f"task {task.name!r} has no answer function; it cannot be scored")
     pool = task.prompts(prompt_split)
     return [
-        Item(id=f"{task.name}-{prompt_split}-{i}", task=task.name, question=sentence, answer=task.answer(sentence),
-             prompt=pick(pool, seed, f"{task.name}|{sentence}"))
+        Item(
+            id=f"{task.name}-{prompt_split}-{i}",
+            task=task.name,
+            question=sentence,
+            answer=task.answer(sentence),
+            prompt=pick(pool, seed, f"{task.name}|{sentence}"),
+        )
         for i, sentence in enumerate(sentences)
     ]

@@ -25,8 +25,8 @@ Benchmarks, each on when its input is given:
     --cascade                 the cascade baseline on every item set above: the connector's CTC
                               transcript of the speech answered by the base LLM (`cascade.py`)
 Tasks are named by the registry; `--task_modules` (and a run's `data.task_modules`) import
-the modules that register them. `--oracle` replaces the speech by the transcript's own token embeddings (a harness check:
-gap and M must come out 0). The report goes to `--out` (default: the workdir).
+the modules that register them. `--oracle` replaces the speech by the transcript's own token
+embeddings (a harness check: gap and M must come out 0). The report goes to `--out` (default: the workdir).
 """
 
 from __future__ import annotations
@@ -43,22 +43,24 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from speechlm_jax.models import hf_import
+from speechlm_jax import cli
+from speechlm_jax.cli import parse_list, parse_mesh, parse_source
 from speechlm_jax.data.mixture import open_speech_source
 from speechlm_jax.data.sources import read_text_corpus
+from speechlm_jax.data.tasks import import_task_modules
 from speechlm_jax.data.tokenizer import SpeechTokenizer, load_tokenizer
 from speechlm_jax.evaluation import asr, cascade, diagnostics, gap, generalisation, items, report, retention
 from speechlm_jax.evaluation.scoring import OracleSpeech, Scorer, model_audio, oracle_audio
-from speechlm_jax import cli
-from speechlm_jax.cli import parse_list, parse_mesh, parse_source
+from speechlm_jax.models import hf_import
 from speechlm_jax.models.speechlm import SpeechLM
-from speechlm_jax.data.tasks import import_task_modules
 from speechlm_jax.sharding import make_mesh
 from speechlm_jax.train import config as config_lib
 from speechlm_jax.train import restore
 
 
-def load_run(workdir: str | Path, mesh: jax.sharding.Mesh, step: int | None = None) -> tuple[SpeechLM, ml_collections.ConfigDict, int]:
+def load_run(
+    workdir: str | Path, mesh: jax.sharding.Mesh, step: int | None = None
+) -> tuple[SpeechLM, ml_collections.ConfigDict, int]:
     """The trained SpeechLM of a workdir at `step` (default: the latest), its config and the step."""
     return restore.load_model(workdir, mesh=mesh, step=step)
 
@@ -99,7 +101,9 @@ class EvalRequest:
 
     def __post_init__(self) -> None:
         # The command line's comma-separated forms are accepted from Python too.
-        for name in ("items", "task_modules", "heldout_tasks") + (("seen_tasks",) if self.seen_tasks is not None else ()):
+        for name in ("items", "task_modules", "heldout_tasks") + (
+            ("seen_tasks",) if self.seen_tasks is not None else ()
+        ):
             value = getattr(self, name)
             object.__setattr__(self, name, parse_list(value) if isinstance(value, str) else tuple(value))
         if isinstance(self.mesh, str):
@@ -115,10 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--base", help="an HF LLM folder alone: the text upper bound")
     p.add_argument("--tokenizer", default="", help="tokenizer folder (default: the run's, or --base)")
     p.add_argument("--out", default="", help="report folder (default: the workdir)")
-    p.add_argument("--items", type=parse_list, default=(), help="comma-separated item JSONL files (gap benchmark, retention)")
+    p.add_argument(
+        "--items", type=parse_list, default=(), help="comma-separated item JSONL files (gap benchmark, retention)"
+    )
     p.add_argument("--task_modules", type=parse_list, default=(), help="comma-separated modules that register tasks")
     p.add_argument("--generalisation", default="", help="sentences (lines or JSONL) for the generalisation benchmark")
-    p.add_argument("--seen_tasks", type=parse_list, default=None, help="comma-separated (default: the run's data.tasks)")
+    p.add_argument(
+        "--seen_tasks", type=parse_list, default=None, help="comma-separated (default: the run's data.tasks)"
+    )
     p.add_argument("--heldout_tasks", type=parse_list, default=(), help="comma-separated tasks no recipe trained on")
     p.add_argument("--corpus", default="", help="text corpus for SALAD's M and F")
     p.add_argument("--prefix_fraction", type=float, default=0.5, help="spoken fraction of each corpus sentence")
@@ -150,7 +158,7 @@ def _asr_records(args: EvalRequest, config: ml_collections.ConfigDict | None) ->
     for spec in specs:
         source = open_speech_source(dict(spec), "heldout")
         records += [source[i] for i in range(len(source))]
-    return [r for r in records if r.get("audio") and r.get("text")][:args.asr_limit]
+    return [r for r in records if r.get("audio") and r.get("text")][: args.asr_limit]
 
 
 def evaluate(**options: Any) -> dict[str, Any]:
@@ -167,7 +175,10 @@ def _check_inputs(args: EvalRequest) -> None:
         raise cli.UsageError(f"--base {args.base}: no such folder")
     if not args.out and not args.workdir:
         raise cli.UsageError("--out is required with --base")
-    for flag, path in [("--items", p) for p in args.items] + [("--generalisation", args.generalisation), ("--corpus", args.corpus)]:
+    for flag, path in [("--items", p) for p in args.items] + [
+        ("--generalisation", args.generalisation),
+        ("--corpus", args.corpus),
+    ]:
         if path and not Path(path).is_file():
             raise cli.UsageError(f"{flag} {path}: no such file")
 
@@ -190,9 +201,15 @@ def run(args: EvalRequest) -> dict[str, Any]:
         layout = {}  # an LLM alone reads no audio
         info = {"base": str(args.base)}
     info["oracle"] = bool(args.oracle)
-    scorer = Scorer(model, tokenizer, mesh=mesh, batch_size=args.batch_size, **layout,
-                    speech=OracleSpeech(tokenizer, layout["downsample"]) if args.oracle and layout else None,
-                    embedder=oracle_audio if args.oracle else model_audio)
+    scorer = Scorer(
+        model,
+        tokenizer,
+        mesh=mesh,
+        batch_size=args.batch_size,
+        **layout,
+        speech=OracleSpeech(tokenizer, layout["downsample"]) if args.oracle and layout else None,
+        embedder=oracle_audio if args.oracle else model_audio,
+    )
     normalize = not args.no_length_normalization
     result: dict[str, Any] = {"model": info}
     asked = [it for path in args.items if path for it in items.load_items(path)]
@@ -206,14 +223,17 @@ def run(args: EvalRequest) -> dict[str, Any]:
             raise cli.UsageError("--generalisation needs --seen_tasks or --heldout_tasks (or a run with data.tasks)")
         generalisation_sets = generalisation.generalisation_items(seen, args.heldout_tasks, sentences, seed=args.seed)
         result["generalisation"] = generalisation.run_generalisation(
-            scorer, seen, args.heldout_tasks, sentences, max_new_tokens=args.max_new_tokens, seed=args.seed)
+            scorer, seen, args.heldout_tasks, sentences, max_new_tokens=args.max_new_tokens, seed=args.seed
+        )
         if not asked:
             # Without item files, text retention is measured on every task asked (train phrasings).
-            asked = generalisation.generalisation_items(seen + tuple(args.heldout_tasks), (), sentences, seed=args.seed)[
-                generalisation.SPLITS[0]]
+            asked = generalisation.generalisation_items(
+                seen + tuple(args.heldout_tasks), (), sentences, seed=args.seed
+            )[generalisation.SPLITS[0]]
     if asked and scorer.has_speech:
-        result["retention"] = retention.run_retention(scorer, asked, max_new_tokens=args.max_new_tokens,
-                                                      normalize=normalize)
+        result["retention"] = retention.run_retention(
+            scorer, asked, max_new_tokens=args.max_new_tokens, normalize=normalize
+        )
     corpus = read_corpus(args.corpus) if args.corpus else []
     if corpus and scorer.has_speech:
         result["diagnostics"] = diagnostics.run_diagnostics(scorer, corpus, prefix_fraction=args.prefix_fraction)
@@ -227,9 +247,13 @@ def run(args: EvalRequest) -> dict[str, Any]:
     if args.cascade:
         sets = {"gap": gap_items} if gap_items else {}
         sets.update(generalisation_sets)
-        result["cascade"] = {name: cascade.run_cascade(scorer, its, blank_id=config.loss.blank_id,
-                                                       max_new_tokens=args.max_new_tokens, normalize=normalize)
-                             for name, its in sets.items() if its}
+        result["cascade"] = {
+            name: cascade.run_cascade(
+                scorer, its, blank_id=config.loss.blank_id, max_new_tokens=args.max_new_tokens, normalize=normalize
+            )
+            for name, its in sets.items()
+            if its
+        }
     out = args.out or args.workdir
     if jax.process_index() == 0:
         paths = report.write_report(result, out, workdir=args.workdir)

@@ -100,7 +100,7 @@ def plot_training_curves(curves: Curves, path: Path) -> Path:
         ax.set_title(tag, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(tags):]:
+    for ax in list(axes.flat)[len(tags) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -130,34 +130,64 @@ def markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     for key, value in report.get("model", {}).items():
         lines.append(f"- {key}: `{value}`")
     if "gap" in report:
-        lines += ["", "## Text-speech gap", "",
-                  "Text: the base LLM (LoRA off) reading the question; speech: the speech LLM hearing it.", ""]
+        lines += [
+            "",
+            "## Text-speech gap",
+            "",
+            "Text: the base LLM (LoRA off) reading the question; speech: the speech LLM hearing it.",
+            "",
+        ]
         lines += _score_table(report["gap"], ["text", "speech", "gap"])
     if "generalisation" in report:
         lines += ["", "## Prompt and task generalisation", ""]
         rows = {split: section["overall"] for split, section in report["generalisation"].items()}
-        lines += _table(rows, [c for c in ("text", "speech", "gap", "items") if c in next(iter(rows.values()))], "split")
+        lines += _table(
+            rows, [c for c in ("text", "speech", "gap", "items") if c in next(iter(rows.values()))], "split"
+        )
     if "retention" in report:
         lines += ["", "## Text retention", "", "Text input: base LLM (LoRA off) vs adapted model (LoRA on).", ""]
         lines += _score_table(report["retention"], ["text", "text_adapted", "drop"])
     if "diagnostics" in report:
         d = report["diagnostics"]
-        lines += ["", "## SALAD diagnostics", "",
-                  f"On {d['sequences']} sentences, the first {d['prefix_fraction']:.0%} of the words spoken.", ""]
-        lines += _table({"misalignment M": d["misalignment"], "forgetting F": d["forgetting"]},
-                        ["per_token", "per_sequence", "tokens"], "diagnostic")
+        lines += [
+            "",
+            "## SALAD diagnostics",
+            "",
+            f"On {d['sequences']} sentences, the first {d['prefix_fraction']:.0%} of the words spoken.",
+            "",
+        ]
+        lines += _table(
+            {"misalignment M": d["misalignment"], "forgetting F": d["forgetting"]},
+            ["per_token", "per_sequence", "tokens"],
+            "diagnostic",
+        )
     if "asr" in report:
         a = report["asr"]
-        lines += ["", "## ASR", "", f"WER {a['wer']:.4f} over {int(a['utterances'])} utterances "
-                  f"({int(a['words'])} words: {int(a['substitutions'])} substitutions, {int(a['deletions'])} deletions, "
-                  f"{int(a['insertions'])} insertions)."]
+        lines += [
+            "",
+            "## ASR",
+            "",
+            f"WER {a['wer']:.4f} over {int(a['utterances'])} utterances "
+            f"({int(a['words'])} words: {int(a['substitutions'])} substitutions, {int(a['deletions'])} deletions, "
+            f"{int(a['insertions'])} insertions).",
+        ]
     if "ctc_asr" in report:
         c = report["ctc_asr"]
-        lines += ["", "## The connector's CTC transcripts", "", f"WER {c['wer']:.4f}, CER {c['cer']:.4f}, "
-                  f"{c['exact']:.1%} of {int(c['utterances'])} utterances exact (greedy CTC through the LLM's head)."]
+        lines += [
+            "",
+            "## The connector's CTC transcripts",
+            "",
+            f"WER {c['wer']:.4f}, CER {c['cer']:.4f}, "
+            f"{c['exact']:.1%} of {int(c['utterances'])} utterances exact (greedy CTC through the LLM's head).",
+        ]
     if "cascade" in report:
-        lines += ["", "## Cascade baseline", "",
-                  "The connector's CTC transcript of the speech, answered by the base LLM (LoRA off).", ""]
+        lines += [
+            "",
+            "## Cascade baseline",
+            "",
+            "The connector's CTC transcript of the speech, answered by the base LLM (LoRA off).",
+            "",
+        ]
         rows = {name: section["overall"] for name, section in report["cascade"].items()}
         lines += _table(rows, ["cascade", "wer", "items"], "item set")
     if plots:
@@ -173,11 +203,18 @@ def per_task_gaps(report: Mapping[str, Any]) -> dict[str, Mapping[str, float]]:
     if gap and "gap" in gap["overall"]:
         return dict(gap["tasks"])
     splits = report.get("generalisation", {})
-    return {task: scores for split in ("seen_tasks/train_prompts", "heldout_tasks") if split in splits
-            for task, scores in splits[split]["tasks"].items() if "gap" in scores}
+    return {
+        task: scores
+        for split in ("seen_tasks/train_prompts", "heldout_tasks")
+        if split in splits
+        for task, scores in splits[split]["tasks"].items()
+        if "gap" in scores
+    }
 
 
-def write_report(report: Mapping[str, Any], out_dir: str | Path, *, workdir: str | Path | None = None) -> dict[str, Path]:
+def write_report(
+    report: Mapping[str, Any], out_dir: str | Path, *, workdir: str | Path | None = None
+) -> dict[str, Path]:
     """Writes report.json, report.md and the plots into `out_dir`; returns their paths by name.
 
     `workdir` (a training run) adds the training curves from its event files.
@@ -189,7 +226,9 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path, *, workdir: str
     if tasks:
         plots["gap per task"] = plot_gap(tasks, out / "gap_per_task.png")
     groups = dict(tasks)
-    groups.update({split: s["overall"] for split, s in report.get("generalisation", {}).items() if "speech" in s["overall"]})
+    groups.update(
+        {split: s["overall"] for split, s in report.get("generalisation", {}).items() if "speech" in s["overall"]}
+    )
     if groups:
         plots["text vs speech accuracy"] = plot_text_vs_speech(groups, out / "text_vs_speech.png")
     curves = read_training_curves(workdir) if workdir is not None else {}

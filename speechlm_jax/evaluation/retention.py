@@ -25,7 +25,9 @@ def _with_drop(scores: dict[str, float]) -> dict[str, float]:
     return scores
 
 
-def run_retention(scorer: Scorer, items: Sequence[Item], *, max_new_tokens: int, normalize: bool = True) -> dict[str, Any]:
+def run_retention(
+    scorer: Scorer, items: Sequence[Item], *, max_new_tokens: int, normalize: bool = True
+) -> dict[str, Any]:
     """Base vs adapted text accuracy per task and overall, with the drop, and the per-item answers."""
     records = answer_items(scorer, items, CONDITIONS, max_new_tokens=max_new_tokens, normalize=normalize)
     summary = summarise(records, CONDITIONS)

@@ -51,8 +51,8 @@ from speechlm_jax.evaluation.items import Item
 from speechlm_jax.generate import generate
 from speechlm_jax.losses.chunked import chunked_cross_entropy, chunked_forgetting, chunked_misalignment
 from speechlm_jax.losses.common import gather_teacher
-from speechlm_jax.models.llm import DecoderLLM
 from speechlm_jax.models.frontend import HOP_LENGTH, audio_token_count
+from speechlm_jax.models.llm import DecoderLLM
 from speechlm_jax.models.speechlm import SpeechLM
 from speechlm_jax.sharding import DEFAULT_RULES, Rules, batch_sharding, make_mesh, shard_state
 
@@ -149,19 +149,25 @@ def _llm(model: SpeechLM | DecoderLLM) -> DecoderLLM:
 def _text_hidden(model: SpeechLM | DecoderLLM, batch: Batch, *, lora: bool) -> jax.Array:
     """Final hidden states [B, U, D] of the text twin (`teacher_*` arrays)."""
     llm = _llm(model)
-    hidden, _ = llm.hidden_states(llm.embed(batch["teacher_tokens"]), positions=batch["teacher_positions"],
-                                  input_mask=batch["teacher_input_mask"], lora=lora)
+    hidden, _ = llm.hidden_states(
+        llm.embed(batch["teacher_tokens"]),
+        positions=batch["teacher_positions"],
+        input_mask=batch["teacher_input_mask"],
+        lora=lora,
+    )
     return hidden
 
 
-def _row_logliks(llm: DecoderLLM, hidden: jax.Array, targets: jax.Array, mask: jax.Array,
-                 chunk_size: int) -> tuple[jax.Array, jax.Array]:
+def _row_logliks(
+    llm: DecoderLLM, hidden: jax.Array, targets: jax.Array, mask: jax.Array, chunk_size: int
+) -> tuple[jax.Array, jax.Array]:
     """Per row: summed log p(target) over the mask [B] and the number of tokens [B]."""
     unembedding, softcap = llm.unembedding(), llm.config.final_logit_softcapping
 
     def row(h: jax.Array, t: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
-        nll, metrics = chunked_cross_entropy(h[None], unembedding, t[None], m[None], chunk_size=chunk_size,
-                                             softcap=softcap)
+        nll, metrics = chunked_cross_entropy(
+            h[None], unembedding, t[None], m[None], chunk_size=chunk_size, softcap=softcap
+        )
         return -nll * metrics["tokens"], metrics["tokens"]
 
     return jax.vmap(row)(hidden, targets, mask)
@@ -170,8 +176,9 @@ def _row_logliks(llm: DecoderLLM, hidden: jax.Array, targets: jax.Array, mask: j
 # Module-level programs with the graph and the embedder static: every Scorer of the same
 # model structure shares their compiled forms.
 @partial(jax.jit, static_argnames=("graphdef", "embedder", "chunk_size"))
-def _forward(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch, *, embedder: AudioEmbedder,
-             chunk_size: int) -> dict[str, tuple[jax.Array, jax.Array]]:
+def _forward(
+    graphdef: nnx.GraphDef, state: nnx.State, batch: Batch, *, embedder: AudioEmbedder, chunk_size: int
+) -> dict[str, tuple[jax.Array, jax.Array]]:
     """Every teacher-forced score of a batch in one program, each as per-row (sum [B], tokens [B]).
 
     "text", "text_adapted", "speech": summed log p of the supervised tokens; with a SpeechLM
@@ -191,8 +198,14 @@ def _forward(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch, *, embedder
     speech, _ = llm.hidden_states(embeds, positions=positions, input_mask=mask, lora=True)
     out["speech"] = _row_logliks(llm, speech, batch["targets"], batch["loss_mask"], chunk_size)
     unembedding, softcap = llm.unembedding(), llm.config.final_logit_softcapping
-    _, m = chunked_misalignment(speech, gather_teacher(base, batch["teacher_index"]), unembedding,
-                                batch["kl_mask"], chunk_size=chunk_size, softcap=softcap)
+    _, m = chunked_misalignment(
+        speech,
+        gather_teacher(base, batch["teacher_index"]),
+        unembedding,
+        batch["kl_mask"],
+        chunk_size=chunk_size,
+        softcap=softcap,
+    )
     text_mask = batch["teacher_input_mask"].astype(jnp.float32)
     next_real = jnp.concatenate([text_mask[:, 1:], jnp.zeros_like(text_mask[:, :1])], axis=1)
     _, f = chunked_forgetting(adapted, base, unembedding, next_real, chunk_size=chunk_size, softcap=softcap)
@@ -202,8 +215,9 @@ def _forward(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch, *, embedder
 
 
 @partial(jax.jit, static_argnames=("graphdef", "embedder", "condition"))
-def _prefix(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch, *, embedder: AudioEmbedder,
-            condition: str) -> tuple[jax.Array, jax.Array]:
+def _prefix(
+    graphdef: nnx.GraphDef, state: nnx.State, batch: Batch, *, embedder: AudioEmbedder, condition: str
+) -> tuple[jax.Array, jax.Array]:
     """A prompt's input embeddings left-aligned for the decoder: ([B, T, D], mask [B, T])."""
     model = nnx.merge(graphdef, state)
     if condition == "speech":
@@ -227,11 +241,22 @@ class Scorer:
     and what the LLM sees at audio positions.
     """
 
-    def __init__(self, model: SpeechLM | DecoderLLM, tokenizer: SpeechTokenizer, *, downsample: int = 4,
-                 mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, batch_size: int = 8,
-                 speech: Speech | None = None, embedder: AudioEmbedder = model_audio, chunk_size: int = 256,
-                 length_multiple: int = 32, sample_multiple: int = 2 * SAMPLE_RATE,
-                 max_audio_samples: int = 30 * SAMPLE_RATE):
+    def __init__(
+        self,
+        model: SpeechLM | DecoderLLM,
+        tokenizer: SpeechTokenizer,
+        *,
+        downsample: int = 4,
+        mesh: Mesh | None = None,
+        rules: Rules = DEFAULT_RULES,
+        batch_size: int = 8,
+        speech: Speech | None = None,
+        embedder: AudioEmbedder = model_audio,
+        chunk_size: int = 256,
+        length_multiple: int = 32,
+        sample_multiple: int = 2 * SAMPLE_RATE,
+        max_audio_samples: int = 30 * SAMPLE_RATE,
+    ):
         self.has_speech = isinstance(model, SpeechLM)
         self.tokenizer = tokenizer
         self.downsample = downsample
@@ -266,9 +291,15 @@ class Scorer:
         placed = (" " if space else "") + " ".join(item.question.split())
         if spoken:
             waveform = self.speech.waveform(placed, item.audio)
-            content = interleave.whole_utterance(waveform, item.question, None, lead_space=space,
-                                                 max_samples=self.max_audio_samples, split_long=True,
-                                                 sample_rate=SAMPLE_RATE)
+            content = interleave.whole_utterance(
+                waveform,
+                item.question,
+                None,
+                lead_space=space,
+                max_samples=self.max_audio_samples,
+                split_long=True,
+                sample_rate=SAMPLE_RATE,
+            )
         else:
             content = [Text(placed)]
         segments = prompt_segments(self.tokenizer, item.prompt, content, response or "")
@@ -286,23 +317,32 @@ class Scorer:
     def shape(self, prepared: Sequence[Prepared]) -> tuple[int, int, int, int]:
         """(student tokens, teacher tokens, audio slots, samples per slot) that fit every example, rounded up."""
         examples = [p.example for p in prepared]
-        return (_round_up(max(e.num_tokens for e in examples), self.length_multiple),
-                _round_up(max(e.num_teacher_tokens for e in examples), self.length_multiple),
-                max(1, max(len(e.audio) for e in examples)),
-                _round_up(max(e.max_audio_samples for e in examples), self.sample_multiple))
+        return (
+            _round_up(max(e.num_tokens for e in examples), self.length_multiple),
+            _round_up(max(e.num_teacher_tokens for e in examples), self.length_multiple),
+            max(1, max(len(e.audio) for e in examples)),
+            _round_up(max(e.max_audio_samples for e in examples), self.sample_multiple),
+        )
 
     def collate(self, prepared: Sequence[Prepared], shape: tuple[int, int, int, int]) -> dict[str, np.ndarray]:
         """Pads up to `batch_size` examples into one batch of `shape`; adds `audio_tokens` [B, S*F] for the oracle."""
         examples = [p.example for p in prepared]
         length, teacher, slots, samples = shape
-        batch = collate(examples, (samples, length), batch_size=self.batch_size, max_slots=slots,
-                        teacher_tokens=teacher, downsample=self.downsample, pad_id=self.tokenizer.pad_id)
+        batch = collate(
+            examples,
+            (samples, length),
+            batch_size=self.batch_size,
+            max_slots=slots,
+            teacher_tokens=teacher,
+            downsample=self.downsample,
+            pad_id=self.tokenizer.pad_id,
+        )
         frames = audio_token_count(samples, self.downsample)
         audio_tokens = np.full((self.batch_size, slots * frames), self.tokenizer.pad_id, np.int32)
         for i, p in enumerate(prepared):
             for s, ids in enumerate(p.slot_tokens):
                 n = min(len(ids), frames)
-                audio_tokens[i, s * frames:s * frames + n] = ids[:n]
+                audio_tokens[i, s * frames : s * frames + n] = ids[:n]
         batch["audio_tokens"] = audio_tokens
         return batch
 
@@ -318,7 +358,7 @@ class Scorer:
             return []
         shape = self.shape(prepared)
         order = sorted(range(len(prepared)), key=lambda i: (prepared[i].example.num_tokens, i))
-        groups = [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+        groups = [order[k : k + self.batch_size] for k in range(0, len(order), self.batch_size)]
         return [(g, self._device(self.collate([prepared[i] for i in g], shape))) for g in groups]
 
     # --- Public scoring.
@@ -334,11 +374,12 @@ class Scorer:
         """`_forward` over all examples: per name, [examples, 2] of (sum, tokens)."""
         out = {name: np.zeros((len(prepared), 2), np.float64) for name in names}
         for indices, batch in self._batches(prepared):
-            values = jax.device_get(_forward(self._graphdef, self.state, batch, embedder=self.embedder,
-                                              chunk_size=self.chunk_size))
+            values = jax.device_get(
+                _forward(self._graphdef, self.state, batch, embedder=self.embedder, chunk_size=self.chunk_size)
+            )
             for name in names:
-                out[name][indices, 0] = np.asarray(values[name][0])[:len(indices)]
-                out[name][indices, 1] = np.asarray(values[name][1])[:len(indices)]
+                out[name][indices, 0] = np.asarray(values[name][0])[: len(indices)]
+                out[name][indices, 1] = np.asarray(values[name][1])[: len(indices)]
         return out
 
     def option_logliks(self, items: Sequence[Item], conditions: Sequence[str]) -> dict[str, list[np.ndarray]]:
@@ -365,9 +406,17 @@ class Scorer:
             ids = ids[:-1]
         return self.tokenizer.decode(ids).strip()
 
-    def generate_prepared(self, prepared: Sequence[Prepared], condition: str, *, max_new_tokens: int,
-                          temperature: float = 0.0, top_p: float = 1.0, rng: jax.Array | None = None,
-                          progress: Callable[[int], object] | None = None) -> tuple[list[str], int]:
+    def generate_prepared(
+        self,
+        prepared: Sequence[Prepared],
+        condition: str,
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        rng: jax.Array | None = None,
+        progress: Callable[[int], object] | None = None,
+    ) -> tuple[list[str], int]:
         """Greedy (or sampled) answers to prompt-only examples, and the number of tokens generated.
 
         Sampling folds the batch number into `rng`; `progress(n)` is called after each batch.
@@ -376,12 +425,26 @@ class Scorer:
         answers = [""] * len(prepared)
         generated = 0
         for b, (indices, batch) in enumerate(self._batches(prepared)):
-            embeds, mask = _prefix(self._graphdef, self.state, batch, embedder=self.embedder,
-                                   condition="speech" if condition == "speech" else "text")
-            out = generate(self.llm, None, mask, inputs_embeds=embeds, max_new_tokens=max_new_tokens,
-                           eos_id=self.tokenizer.stop_ids, temperature=temperature, top_p=top_p,
-                           rng=None if rng is None else jax.random.fold_in(rng, b),
-                           pad_id=self.tokenizer.pad_id, lora=condition != "text")
+            embeds, mask = _prefix(
+                self._graphdef,
+                self.state,
+                batch,
+                embedder=self.embedder,
+                condition="speech" if condition == "speech" else "text",
+            )
+            out = generate(
+                self.llm,
+                None,
+                mask,
+                inputs_embeds=embeds,
+                max_new_tokens=max_new_tokens,
+                eos_id=self.tokenizer.stop_ids,
+                temperature=temperature,
+                top_p=top_p,
+                rng=None if rng is None else jax.random.fold_in(rng, b),
+                pad_id=self.tokenizer.pad_id,
+                lora=condition != "text",
+            )
             tokens, lengths = jax.device_get((out.tokens, out.lengths))
             for row, i in enumerate(indices):
                 answers[i] = self.decode(np.asarray(tokens[row]), int(lengths[row]))
@@ -399,5 +462,9 @@ class Scorer:
         """SALAD's M (speech vs text) and F (adapted vs base text): per-sequence sums and token counts."""
         self._check(["speech"])
         scores = self._scores(prepared, ("misalignment", "forgetting"))
-        return {"misalignment": scores["misalignment"][:, 0], "misalignment_tokens": scores["misalignment"][:, 1],
-                "forgetting": scores["forgetting"][:, 0], "forgetting_tokens": scores["forgetting"][:, 1]}
+        return {
+            "misalignment": scores["misalignment"][:, 0],
+            "misalignment_tokens": scores["misalignment"][:, 1],
+            "forgetting": scores["forgetting"][:, 0],
+            "forgetting_tokens": scores["forgetting"][:, 1],
+        }

@@ -43,14 +43,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from speechlm_jax.models import hf_import
+from speechlm_jax import cli
+from speechlm_jax.cli import parse_list, parse_mesh, parse_source
 from speechlm_jax.data.mixture import open_speech_source
 from speechlm_jax.data.tasks import get_task, import_task_modules
 from speechlm_jax.data.tokenizer import load_tokenizer
 from speechlm_jax.evaluation.items import Item
 from speechlm_jax.evaluation.scoring import Scorer
-from speechlm_jax import cli
-from speechlm_jax.cli import parse_list, parse_mesh, parse_source
+from speechlm_jax.models import hf_import
 from speechlm_jax.sharding import make_mesh
 
 PROG = "speechlm-generate"
@@ -74,13 +74,14 @@ def choose_prompts(pool: Sequence[str], k: int, seed: int, utterance_id: str, ta
     """`k` distinct phrasings (all when k >= the pool or k <= 0), drawn from (seed, id, task) alone."""
     if k <= 0 or k >= len(pool):
         return list(pool)
-    digest = hashlib.blake2b(f"{seed}|{utterance_id}|{task}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}|{utterance_id}|{task}".encode(), digest_size=8).digest()
     order = np.random.default_rng(int.from_bytes(digest, "big")).permutation(len(pool))
     return [pool[i] for i in sorted(order[:k])]
 
 
-def shard_requests(records: Sequence[dict[str, Any]], tasks: Sequence[str], *, prompt_split: str,
-                   prompts_per_example: int, seed: int) -> list[Item]:
+def shard_requests(
+    records: Sequence[dict[str, Any]], tasks: Sequence[str], *, prompt_split: str, prompts_per_example: int, seed: int
+) -> list[Item]:
     """The questions of one shard, in record order: one per (record, task, phrasing)."""
     requests = []
     for record in records:
@@ -143,10 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--llm", required=True, help="HF checkpoint folder of the text LLM (the teacher)")
     p.add_argument("--tokenizer", default="", help="tokenizer folder (default: --llm)")
-    p.add_argument("--source", required=True, type=parse_source, help="paired corpus, TYPE:PATH (manifest|librispeech|tfds)")
+    p.add_argument(
+        "--source", required=True, type=parse_source, help="paired corpus, TYPE:PATH (manifest|librispeech|tfds)"
+    )
     p.add_argument("--split", default="train", help="TFDS split")
     p.add_argument("--tasks", required=True, type=parse_list, help="comma-separated registered task names")
-    p.add_argument("--task_modules", type=parse_list, default=(), help="comma-separated modules to import that register tasks")
+    p.add_argument(
+        "--task_modules", type=parse_list, default=(), help="comma-separated modules to import that register tasks"
+    )
     p.add_argument("--prompt_split", default="train", choices=("train", "heldout"))
     p.add_argument("--prompts_per_example", type=int, default=1, help="phrasings per (utterance, task); 0 = all")
     p.add_argument("--out", required=True, help="output folder for the shard files")
@@ -193,8 +198,14 @@ def run(args: GenerateRequest) -> dict[str, Any]:
     count = min(len(records), args.limit) if args.limit else len(records)
     mine = host_shards(args.num_shards, jax.process_index(), jax.process_count())
     todo = [i for i in mine if not (out / shard_name(i, args.num_shards)).exists()]
-    summary: dict[str, Any] = {"shards": len(mine), "shards_skipped": len(mine) - len(todo), "examples": 0,
-                               "generated_tokens": 0, "seconds": 0.0, "tokens_per_second": 0.0}
+    summary: dict[str, Any] = {
+        "shards": len(mine),
+        "shards_skipped": len(mine) - len(todo),
+        "examples": 0,
+        "generated_tokens": 0,
+        "seconds": 0.0,
+        "tokens_per_second": 0.0,
+    }
     if todo:
         if not Path(args.llm).is_dir():
             raise cli.UsageError(f"--llm {args.llm}: no such folder")
@@ -203,21 +214,47 @@ def run(args: GenerateRequest) -> dict[str, Any]:
         dtype = jnp.dtype(args.dtype)
         llm = hf_import.load_llm(args.llm, dtype=dtype, param_dtype=dtype, mesh=mesh)
         scorer = Scorer(llm, tokenizer, mesh=mesh, batch_size=args.batch_size)
-        shards = {i: shard_requests([records[k] for k in range(*shard_bounds(count, i, args.num_shards))], tasks,
-                                    prompt_split=args.prompt_split, prompts_per_example=args.prompts_per_example,
-                                    seed=args.seed) for i in todo}
-        bar = tqdm(total=sum(len(r) for r in shards.values()), unit="ex", desc="speechlm-generate",
-                   disable=args.no_progress, file=sys.stderr)
+        shards = {
+            i: shard_requests(
+                [records[k] for k in range(*shard_bounds(count, i, args.num_shards))],
+                tasks,
+                prompt_split=args.prompt_split,
+                prompts_per_example=args.prompts_per_example,
+                seed=args.seed,
+            )
+            for i in todo
+        }
+        bar = tqdm(
+            total=sum(len(r) for r in shards.values()),
+            unit="ex",
+            desc="speechlm-generate",
+            disable=args.no_progress,
+            file=sys.stderr,
+        )
         key = jax.random.key(args.seed)
         start = time.perf_counter()
         for i, requests in shards.items():
             prepared = [scorer.prepare(scorer.segments(r, spoken=False, response=None)) for r in requests]
-            responses, tokens = scorer.generate_prepared(
-                prepared, "text", max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_p=args.top_p, rng=jax.random.fold_in(key, i), progress=bar.update) if prepared else ([], 0)
-            write_shard(out / shard_name(i, args.num_shards),
-                        [{"id": r.id, "task": r.task, "prompt": r.prompt, "response": text}
-                         for r, text in zip(requests, responses)])
+            responses, tokens = (
+                scorer.generate_prepared(
+                    prepared,
+                    "text",
+                    max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature,
+                    top_p=args.top_p,
+                    rng=jax.random.fold_in(key, i),
+                    progress=bar.update,
+                )
+                if prepared
+                else ([], 0)
+            )
+            write_shard(
+                out / shard_name(i, args.num_shards),
+                [
+                    {"id": r.id, "task": r.task, "prompt": r.prompt, "response": text}
+                    for r, text in zip(requests, responses)
+                ],
+            )
             summary["examples"] += len(requests)
             summary["generated_tokens"] += tokens
         bar.close()

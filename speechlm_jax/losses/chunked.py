@@ -143,8 +143,11 @@ def chunked_kl_distillation(
 
     def per_chunk(w: jax.Array, hs: jax.Array, ht: jax.Array) -> tuple[jax.Array]:
         divergence = token_divergence(
-            unembed(hs, w, softcap), _teacher_unembed(ht, w, softcap),
-            temperature=temperature, direction=direction, jsd_beta=jsd_beta,
+            unembed(hs, w, softcap),
+            _teacher_unembed(ht, w, softcap),
+            temperature=temperature,
+            direction=direction,
+            jsd_beta=jsd_beta,
         )
         return (divergence,)
 
@@ -203,8 +206,11 @@ def _chunked_sequence_kl(
     def per_chunk(w: jax.Array, h: jax.Array, r: jax.Array) -> tuple[jax.Array]:
         return (
             token_divergence(
-                unembed(h, w, softcap), _teacher_unembed(r, w, softcap),
-                temperature=1.0, direction="forward", jsd_beta=0.5,
+                unembed(h, w, softcap),
+                _teacher_unembed(r, w, softcap),
+                temperature=1.0,
+                direction="forward",
+                jsd_beta=0.5,
             ),
         )
 

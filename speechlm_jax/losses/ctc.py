@@ -54,15 +54,25 @@ def ctc_loss(
     x = upcast(logits)
     label_mask = labels >= 0
     per_utterance = optax.ctc_loss(
-        x, 1.0 - (frame_mask > 0).astype(x.dtype), jnp.where(label_mask, labels, 0), 1.0 - label_mask.astype(x.dtype),
+        x,
+        1.0 - (frame_mask > 0).astype(x.dtype),
+        jnp.where(label_mask, labels, 0),
+        1.0 - label_mask.astype(x.dtype),
         blank_id=blank_id,
     )
     best = jnp.argmax(x, axis=-1)
     return _ctc_result(per_utterance, best, frame_mask, labels, blank_id=blank_id, weights=weights)
 
 
-def _ctc_result(per_utterance: jax.Array, best: jax.Array, frame_mask: jax.Array, labels: jax.Array, *,
-                blank_id: int, weights: jax.Array | None) -> tuple[jax.Array, Metrics]:
+def _ctc_result(
+    per_utterance: jax.Array,
+    best: jax.Array,
+    frame_mask: jax.Array,
+    labels: jax.Array,
+    *,
+    blank_id: int,
+    weights: jax.Array | None,
+) -> tuple[jax.Array, Metrics]:
     """The loss and metrics of both forms from -log p per utterance [U] and the best token per frame [U, F]."""
     label_mask = labels >= 0
     n_labels = jnp.sum(label_mask, axis=-1)
@@ -117,8 +127,9 @@ def collapse_best_path(best: jax.Array, frame_mask: jax.Array, *, blank_id: int,
     return out[:, :max_labels]
 
 
-def _frame_log_normalizer(hidden: jax.Array, unembedding: jax.Array, *, chunk_size: int,
-                          softcap: float | None) -> tuple[jax.Array, jax.Array]:
+def _frame_log_normalizer(
+    hidden: jax.Array, unembedding: jax.Array, *, chunk_size: int, softcap: float | None
+) -> tuple[jax.Array, jax.Array]:
     """logsumexp over the vocabulary [U, F] and the best token [U, F] of every frame, chunk by chunk."""
 
     def per_chunk(w: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -128,16 +139,19 @@ def _frame_log_normalizer(hidden: jax.Array, unembedding: jax.Array, *, chunk_si
     return scan_chunks(per_chunk, unembedding, (hidden,), chunk_size)
 
 
-def chunked_ctc_greedy(hidden: jax.Array, unembedding: jax.Array, *, chunk_size: int,
-                       softcap: float | None = None) -> jax.Array:
+def chunked_ctc_greedy(
+    hidden: jax.Array, unembedding: jax.Array, *, chunk_size: int, softcap: float | None = None
+) -> jax.Array:
     """The best token of every frame [U, F] from hidden states [U, F, D], never holding [U, F, vocab]."""
-    _, best = _frame_log_normalizer(jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(unembedding),
-                                    chunk_size=chunk_size, softcap=softcap)
+    _, best = _frame_log_normalizer(
+        jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(unembedding), chunk_size=chunk_size, softcap=softcap
+    )
     return best
 
 
-def _ctc_forward(emissions: jax.Array, extended: jax.Array, frame_mask: jax.Array, n_labels: jax.Array,
-                 blank_id: int) -> jax.Array:
+def _ctc_forward(
+    emissions: jax.Array, extended: jax.Array, frame_mask: jax.Array, n_labels: jax.Array, blank_id: int
+) -> jax.Array:
     """-log p(transcript) [U] by the CTC forward recursion over the blank-extended transcript.
 
     emissions [U, F, S] log p of each extended position's token at each frame, extended [U, S]
@@ -146,8 +160,9 @@ def _ctc_forward(emissions: jax.Array, extended: jax.Array, frame_mask: jax.Arra
     """
     u, _, s = emissions.shape
     # A path may skip the blank between two labels unless they are the same token.
-    skip = jnp.concatenate([jnp.zeros((u, 2), bool), (extended[:, 2:] != blank_id) & (extended[:, 2:] != extended[:, :-2])],
-                           axis=1)
+    skip = jnp.concatenate(
+        [jnp.zeros((u, 2), bool), (extended[:, 2:] != blank_id) & (extended[:, 2:] != extended[:, :-2])], axis=1
+    )
     first = jnp.full((u, s), NEG_INF).at[:, :2].set(emissions[:, 0, :2])
 
     def shifted(alpha: jax.Array, k: int) -> jax.Array:
@@ -159,7 +174,9 @@ def _ctc_forward(emissions: jax.Array, extended: jax.Array, frame_mask: jax.Arra
         moved = jnp.where(skip, jnp.logaddexp(stay_or_advance, shifted(alpha, 2)), stay_or_advance) + emit
         return jnp.where(real[:, None], moved, alpha), None
 
-    alpha, _ = jax.lax.scan(step, first, (jnp.moveaxis(emissions[:, 1:], 1, 0), jnp.moveaxis(frame_mask[:, 1:] > 0, 1, 0)))
+    alpha, _ = jax.lax.scan(
+        step, first, (jnp.moveaxis(emissions[:, 1:], 1, 0), jnp.moveaxis(frame_mask[:, 1:] > 0, 1, 0))
+    )
     last = 2 * n_labels
     end_blank = jnp.take_along_axis(alpha, last[:, None], axis=1)[:, 0]
     end_label = jnp.take_along_axis(alpha, jnp.maximum(last - 1, 0)[:, None], axis=1)[:, 0]
@@ -194,4 +211,6 @@ def chunked_ctc_loss(
         logits = softcap * jnp.tanh(logits / softcap)
     emissions = logits - log_z[..., None]
     per_utterance = _ctc_forward(emissions, extended, frame_mask, jnp.sum(label_mask, axis=-1), blank_id)
-    return _ctc_result(per_utterance, jax.lax.stop_gradient(best), frame_mask, labels, blank_id=blank_id, weights=weights)
+    return _ctc_result(
+        per_utterance, jax.lax.stop_gradient(best), frame_mask, labels, blank_id=blank_id, weights=weights
+    )

@@ -121,7 +121,9 @@ def _logits_divergence(
 ) -> jax.Array:
     """Validated options, then `token_divergence` of `[batch, seq, vocab]` logits: `[batch, seq]`."""
     check_divergence_options(direction, jsd_beta, temperature)
-    return token_divergence(student_logits, teacher_logits, temperature=temperature, direction=direction, jsd_beta=jsd_beta)
+    return token_divergence(
+        student_logits, teacher_logits, temperature=temperature, direction=direction, jsd_beta=jsd_beta
+    )
 
 
 def kl_distillation(

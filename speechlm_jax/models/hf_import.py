@@ -233,7 +233,9 @@ def plan_import(
         stored = checkpoint.shape(key)
         got = tuple(jax.eval_shape(hook, jax.ShapeDtypeStruct(stored, jnp.float32)).shape)
         if got != want:
-            mismatched.append(f"{key} -> {ours}: checkpoint shape {stored} (as ours {got}) but the model expects {want}")
+            mismatched.append(
+                f"{key} -> {ours}: checkpoint shape {stored} (as ours {got}) but the model expects {want}"
+            )
         plan[ours] = (key, hook)
     used = {key for key, _ in plan.values()}
     unexpected = sorted(k for k in available - used if not any(p.fullmatch(k) for p in ignored))
@@ -316,7 +318,6 @@ def load_llm(
 def llm_config_from_checkpoint(path: str | Path, **overrides: Any) -> LLMConfig:
     """The `LLMConfig` of a checkpoint directory (reads only config.json)."""
     return LLMConfig.from_hf(read_hf_config(path), **overrides)
-
 
 
 # ---------------------------------------------------------------------------------------

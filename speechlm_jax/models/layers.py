@@ -55,7 +55,9 @@ class Linear(nnx.Module):
     def add_lora(self, rank: int, alpha: float, *, rngs: nnx.Rngs, param_dtype: jnp.dtype = jnp.float32) -> None:
         """Attaches a rank-`rank` adapter scaled by alpha / rank; B starts at zero (output unchanged)."""
         init = nnx.initializers.he_uniform()
-        self.lora_a = nnx.LoRAParam(init(rngs.params(), (self.in_features, rank), param_dtype), axes=(self.axes[0], "lora"))
+        self.lora_a = nnx.LoRAParam(
+            init(rngs.params(), (self.in_features, rank), param_dtype), axes=(self.axes[0], "lora")
+        )
         self.lora_b = nnx.LoRAParam(jnp.zeros((rank, self.out_features), param_dtype), axes=("lora", self.axes[1]))
         self.lora_scale = float(alpha) / rank
 
@@ -97,7 +99,9 @@ class Embed(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.dtype = dtype
-        self.embedding = nnx.Param(default_init(rngs.params(), (num_embeddings, features), param_dtype), axes=("vocab", "embed"))
+        self.embedding = nnx.Param(
+            default_init(rngs.params(), (num_embeddings, features), param_dtype), axes=("vocab", "embed")
+        )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
@@ -109,7 +113,15 @@ class Embed(nnx.Module):
 class RMSNorm(nnx.Module):
     """RMSNorm in float32. `zero_centered` stores w - 1 (Gemma's `(1 + w)` convention)."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-6, zero_centered: bool = False, axes: Axes = ("norm",), param_dtype: jnp.dtype = jnp.float32):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float = 1e-6,
+        zero_centered: bool = False,
+        axes: Axes = ("norm",),
+        param_dtype: jnp.dtype = jnp.float32,
+    ):
         self.eps = eps
         self.zero_centered = zero_centered
         init = jnp.zeros if zero_centered else jnp.ones

@@ -81,7 +81,9 @@ class RopeConfig:
             factor=float(params["factor"]),
             low_freq_factor=float(params["low_freq_factor"]),
             high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params.get("original_max_position_embeddings", max_position_embeddings)),
+            original_max_position_embeddings=int(
+                params.get("original_max_position_embeddings", max_position_embeddings)
+            ),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -107,7 +109,9 @@ class RopeConfig:
             low_freq_wavelen = old_context / self.low_freq_factor
             high_freq_wavelen = old_context / self.high_freq_factor
             wavelen = (np.float32(2 * math.pi) / inv_freq).astype(np.float32)
-            scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(self.factor), inv_freq).astype(np.float32)
+            scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(self.factor), inv_freq).astype(
+                np.float32
+            )
             smooth = (old_context / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
             smooth = smooth.astype(np.float32)
             smoothed = ((1 - smooth) * scaled / np.float32(self.factor) + smooth * scaled).astype(np.float32)
@@ -330,7 +334,10 @@ def _layer_types_from_hf(cfg: Mapping[str, Any], model_type: str, layers: int) -
     types = cfg.get("layer_types")
     if not types:
         max_window_layers = cfg.get("max_window_layers", layers)
-        types = [SLIDING_ATTENTION if window is not None and i >= max_window_layers else FULL_ATTENTION for i in range(layers)]
+        types = [
+            SLIDING_ATTENTION if window is not None and i >= max_window_layers else FULL_ATTENTION
+            for i in range(layers)
+        ]
     if SLIDING_ATTENTION not in types:
         return None, ()
     return window, tuple(types)
@@ -502,7 +509,9 @@ class DecoderLLM(nnx.Module):
         d = config.hidden_size
         self.embed_tokens = Embed(config.vocab_size, d, **kw)
         self.layers = nnx.List([DecoderLayer(config, **kw) for _ in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(d, eps=config.rms_norm_eps, zero_centered=config.zero_centered_norm, param_dtype=param_dtype)
+        self.norm = RMSNorm(
+            d, eps=config.rms_norm_eps, zero_centered=config.zero_centered_norm, param_dtype=param_dtype
+        )
         lm_head = None if config.tie_word_embeddings else Linear(d, config.vocab_size, axes=("embed", "vocab"), **kw)
         self.lm_head = nnx.data(lm_head)
 
@@ -553,7 +562,9 @@ class DecoderLLM(nnx.Module):
         if c.sliding_window is not None:
             in_window = kv_slots[None, None, :] > q_slots[None, :, None] - c.sliding_window
             masks[SLIDING_ATTENTION] = masks[FULL_ATTENTION] & in_window
-        ropes = {kind: rope_tables(c.rope_for(kind), c.head_dim, positions) for kind in set(c.layer_types) | {FULL_ATTENTION}}
+        ropes = {
+            kind: rope_tables(c.rope_for(kind), c.head_dim, positions) for kind in set(c.layer_types) | {FULL_ATTENTION}
+        }
 
         x = inputs_embeds.astype(self.dtype)
         keys, values = [], []

@@ -43,7 +43,9 @@ def linear_modules(model: nnx.Module) -> list[tuple[str, Linear]]:
     return [(module_path(path), node) for path, node in nnx.iter_graph(model) if isinstance(node, Linear)]
 
 
-def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs, param_dtype: jnp.dtype = jnp.float32) -> list[str]:
+def apply_lora(
+    model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs, param_dtype: jnp.dtype = jnp.float32
+) -> list[str]:
     """Adds adapters to every `Linear` whose path matches `config.targets`; returns the paths."""
     pattern = re.compile(config.targets)
     hits = []
@@ -52,7 +54,10 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs, param_d
             linear.add_lora(config.rank, config.alpha, rngs=rngs, param_dtype=param_dtype)
             hits.append(path)
     if not hits:
-        raise ValueError(f"LoRA targets {config.targets!r} match no Linear; paths look like {[p for p, _ in linear_modules(model)[:4]]}")
+        raise ValueError(
+            f"LoRA targets {config.targets!r} match no Linear; paths look like "
+            f"{[p for p, _ in linear_modules(model)[:4]]}"
+        )
     return hits
 
 

@@ -47,7 +47,15 @@ def _llama3(
 
 
 def _qwen25(
-    hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, *, tied: bool, vocab: int = 151936, max_pos: int = 32768
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    *,
+    tied: bool,
+    vocab: int = 151936,
+    max_pos: int = 32768,
 ) -> dict[str, Any]:
     return {
         "architectures": ["Qwen2ForCausalLM"],
@@ -156,7 +164,14 @@ LLM_PRESETS: dict[str, dict[str, Any]] = {
     "gemma-3-270m": _gemma3(640, 2048, 18, 4, 1, vocab=262144, sliding_window=512, max_pos=32768),
     "gemma-3-1b": _gemma3(1152, 6912, 26, 4, 1, vocab=262144, sliding_window=512, max_pos=32768),
     "gemma-3-4b": _gemma3(
-        2560, 10240, 34, 8, 4, vocab=262208, sliding_window=1024, max_pos=131072,
+        2560,
+        10240,
+        34,
+        8,
+        4,
+        vocab=262208,
+        sliding_window=1024,
+        max_pos=131072,
         rope_scaling={"rope_type": "linear", "factor": 8.0},
     ),
 }
@@ -170,7 +185,9 @@ LLM_PRESETS: dict[str, dict[str, Any]] = {
 # ---------------------------------------------------------------------------------------
 
 
-def _whisper(d_model: int, layers: int, heads: int, *, num_mel_bins: int = 80, vocab_size: int = 51865) -> dict[str, Any]:
+def _whisper(
+    d_model: int, layers: int, heads: int, *, num_mel_bins: int = 80, vocab_size: int = 51865
+) -> dict[str, Any]:
     return dict(
         architectures=["WhisperForConditionalGeneration"],
         model_type="whisper",

@@ -97,10 +97,19 @@ class ConvProjector(nnx.Module):
         # centred on its own group of `stride` frames.
         self.pad = ((width - stride) // 2, width - stride - (width - stride) // 2)
         self.conv = Conv1d(
-            d_audio, hidden, width=width, stride=stride, padding=0, axes=("conv_width", "embed", "mlp"),
-            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            d_audio,
+            hidden,
+            width=width,
+            stride=stride,
+            padding=0,
+            axes=("conv_width", "embed", "mlp"),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
-        self.linear = Linear(hidden, d_llm, axes=("mlp", "embed"), use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear = Linear(
+            hidden, d_llm, axes=("mlp", "embed"), use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
     def __call__(self, h: jax.Array, mask: jax.Array, *, lora: bool = True) -> tuple[jax.Array, jax.Array]:
         """h [batch, frames, d_audio], mask [batch, frames] -> ([batch, frames // k, d_llm], mask [batch, frames // k]).

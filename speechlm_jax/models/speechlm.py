@@ -27,16 +27,14 @@ trainable and frozen partitions.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import dataclasses
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from speechlm_jax.losses.ctc import chunked_ctc_greedy, collapse_best_path, kept_frames
-
 from speechlm_jax.models.frontend import HOP_LENGTH, log_mel_spectrogram
 from speechlm_jax.models.llm import DecoderLLM, LLMConfig, default_positions
 from speechlm_jax.models.lora import LoRAConfig, apply_lora
@@ -64,7 +62,9 @@ class LengthAdapter:
     chunk_size: int = 256
 
 
-def pool_token_frames(embeds: jax.Array, mask: jax.Array, best: jax.Array, *, blank_id: int) -> tuple[jax.Array, jax.Array]:
+def pool_token_frames(
+    embeds: jax.Array, mask: jax.Array, best: jax.Array, *, blank_id: int
+) -> tuple[jax.Array, jax.Array]:
     """Mean-pools the frames of each best-path token, left-aligned: ([N, F, D], mask [N, F]).
 
     embeds [N, F, D], mask [N, F] (real frames), best [N, F] the head's token per frame. A
@@ -86,8 +86,13 @@ def pool_token_frames(embeds: jax.Array, mask: jax.Array, best: jax.Array, *, bl
 class SpeechLM(nnx.Module):
     """Speech encoder + projector + decoder LLM; see the module docstring for the data flow."""
 
-    def __init__(self, encoder: WhisperEncoder, projector: Projector, llm: DecoderLLM,
-                 length_adapter: LengthAdapter | None = None):
+    def __init__(
+        self,
+        encoder: WhisperEncoder,
+        projector: Projector,
+        llm: DecoderLLM,
+        length_adapter: LengthAdapter | None = None,
+    ):
         self.encoder = encoder
         self.projector = projector
         self.llm = llm
@@ -96,10 +101,16 @@ class SpeechLM(nnx.Module):
     def best_path(self, embeds: jax.Array) -> jax.Array:
         """The LLM head's greedy CTC token of every projector frame: embeds [N, F, D] -> [N, F] ids."""
         chunk = self.length_adapter.chunk_size if self.length_adapter is not None else 256
-        return chunked_ctc_greedy(self.llm.norm(embeds), self.llm.unembedding(), chunk_size=chunk,
-                                  softcap=self.llm.config.final_logit_softcapping)
+        return chunked_ctc_greedy(
+            self.llm.norm(embeds),
+            self.llm.unembedding(),
+            chunk_size=chunk,
+            softcap=self.llm.config.final_logit_softcapping,
+        )
 
-    def encode_audio(self, audio: jax.Array, audio_lens: jax.Array, *, lora: bool = True) -> tuple[jax.Array, jax.Array]:
+    def encode_audio(
+        self, audio: jax.Array, audio_lens: jax.Array, *, lora: bool = True
+    ) -> tuple[jax.Array, jax.Array]:
         """audio [N, L] int16 (or float in [-1, 1]) with audio_lens [N] valid samples ->
         (embeddings [N, F, D], mask [N, F] bool) with F = audio_token_count(L, downsample).
 
@@ -108,10 +119,14 @@ class SpeechLM(nnx.Module):
         """
         embeds, mask = self.project_audio(audio, audio_lens, lora=lora)
         if self.length_adapter is not None:
-            embeds, mask = pool_token_frames(embeds, mask, self.best_path(embeds), blank_id=self.length_adapter.blank_id)
+            embeds, mask = pool_token_frames(
+                embeds, mask, self.best_path(embeds), blank_id=self.length_adapter.blank_id
+            )
         return embeds, mask
 
-    def project_audio(self, audio: jax.Array, audio_lens: jax.Array, *, lora: bool = True) -> tuple[jax.Array, jax.Array]:
+    def project_audio(
+        self, audio: jax.Array, audio_lens: jax.Array, *, lora: bool = True
+    ) -> tuple[jax.Array, jax.Array]:
         """Log-mel -> encoder -> projector: (frames [N, F, D], mask [N, F]), before any length adapter."""
         mels = log_mel_spectrogram(audio, n_mels=self.encoder.config.num_mel_bins)
         frames = jnp.arange(mels.shape[-1])
@@ -120,7 +135,10 @@ class SpeechLM(nnx.Module):
         return self.projector(hidden, mask, lora=lora)
 
     def ctc_transcript(self, audio: jax.Array, audio_lens: jax.Array, *, blank_id: int, max_labels: int) -> jax.Array:
-        """The connector's own ASR: greedy CTC through the LLM's head, [N, L] audio -> [N, max_labels] ids, -1 after the end."""
+        """The connector's own ASR: greedy CTC through the LLM's head.
+
+        audio [N, L] with audio_lens [N] -> token ids [N, max_labels], -1 after the end.
+        """
         embeds, mask = self.project_audio(audio, audio_lens)
         return collapse_best_path(self.best_path(embeds), mask, blank_id=blank_id, max_labels=max_labels)
 
@@ -140,8 +158,9 @@ class SpeechLM(nnx.Module):
         b = batch["audio"].shape[0]
         return embeds.reshape(b, -1, embeds.shape[2]), mask.reshape(b, -1)
 
-    def student_inputs(self, batch: Batch, *, lora: bool = True,
-                       audio: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def student_inputs(
+        self, batch: Batch, *, lora: bool = True, audio: tuple[jax.Array, jax.Array] | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The student's (input embeddings [B, T, D], input_mask [B, T], positions [B, T]).
 
         Without the length adapter the mask and positions are the batch's own. With it, the

@@ -226,7 +226,10 @@ class WhisperEncoder(nnx.Module):
         table = jnp.asarray(sinusoids(config.max_source_positions, d), param_dtype)
         self.embed_positions = Buffer(table, axes=("audio_frames", "embed"))
         self.layers = nnx.List(
-            [WhisperEncoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(config.encoder_layers)]
+            [
+                WhisperEncoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for _ in range(config.encoder_layers)
+            ]
         )
         self.layer_norm = LayerNorm(d, eps=config.layer_norm_eps, param_dtype=param_dtype)
 

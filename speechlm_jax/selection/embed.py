@@ -67,8 +67,17 @@ class LLMEmbedder:
     `length_multiple` and rows padded to `batch_size`, so few shapes compile.
     """
 
-    def __init__(self, llm: DecoderLLM, tokenizer: SpeechTokenizer, *, mesh: Mesh | None = None,
-                 rules: Rules = DEFAULT_RULES, batch_size: int = 32, max_tokens: int = 256, length_multiple: int = 32):
+    def __init__(
+        self,
+        llm: DecoderLLM,
+        tokenizer: SpeechTokenizer,
+        *,
+        mesh: Mesh | None = None,
+        rules: Rules = DEFAULT_RULES,
+        batch_size: int = 32,
+        max_tokens: int = 256,
+        length_multiple: int = 32,
+    ):
         self.tokenizer = tokenizer
         self.mesh = mesh if mesh is not None else make_mesh({"data": 1}, jax.devices()[:1])
         self.rules = rules
@@ -86,16 +95,19 @@ class LLMEmbedder:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         out = []
         for start in range(0, len(texts), self.batch_size):
-            ids = [self._ids(t) for t in texts[start:start + self.batch_size]]
-            length = min(_round_up(max(len(i) for i in ids), self.length_multiple), _round_up(self.max_tokens, self.length_multiple))
+            ids = [self._ids(t) for t in texts[start : start + self.batch_size]]
+            length = min(
+                _round_up(max(len(i) for i in ids), self.length_multiple),
+                _round_up(self.max_tokens, self.length_multiple),
+            )
             tokens = np.full((self.batch_size, length), self.tokenizer.pad_id, np.int32)
             mask = np.zeros((self.batch_size, length), np.int32)
             for row, row_ids in enumerate(ids):
-                tokens[row, :len(row_ids)] = row_ids
-                mask[row, :len(row_ids)] = 1
+                tokens[row, : len(row_ids)] = row_ids
+                mask[row, : len(row_ids)] = 1
             put = partial(jax.device_put, device=batch_sharding(self.mesh, 2, self.rules))
             pooled = _mean_hidden(self.graphdef, self.state, put(tokens), put(mask))
-            out.append(np.asarray(jax.device_get(pooled))[:len(ids)])
+            out.append(np.asarray(jax.device_get(pooled))[: len(ids)])
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -121,8 +133,13 @@ class HFEncoderEmbedder:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         out = []
         for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(list(texts[start:start + self.batch_size]), padding=True, truncation=True,
-                                 max_length=self.max_tokens, return_tensors="pt")
+            enc = self.tokenizer(
+                list(texts[start : start + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_tokens,
+                return_tensors="pt",
+            )
             with self._torch.no_grad():
                 hidden = self.model(**enc).last_hidden_state.float()
             mask = enc["attention_mask"].unsqueeze(-1).float()
@@ -148,8 +165,9 @@ def _shards(num: int, shard_size: int) -> Iterator[tuple[int, int, int]]:
         yield index, start, min(start + shard_size, num)
 
 
-def embed_corpus(records: Sequence[dict[str, str]], embedder: Embedder, out_dir: str | Path, *,
-                 shard_size: int = 4096) -> list[Path]:
+def embed_corpus(
+    records: Sequence[dict[str, str]], embedder: Embedder, out_dir: str | Path, *, shard_size: int = 4096
+) -> list[Path]:
     """Writes the embeddings of `records` as shards (see the module docstring); returns this process's shard paths.
 
     Shards already on disk are kept, so an interrupted run continues where it stopped.

@@ -98,7 +98,9 @@ def _fill(dist: jax.Array, assign: jax.Array, room: jax.Array) -> tuple[jax.Arra
 
 
 @jax.jit
-def balanced_assign(points: jax.Array, centroids: jax.Array, lower: jax.Array | int, upper: jax.Array | int) -> jax.Array:
+def balanced_assign(
+    points: jax.Array, centroids: jax.Array, lower: jax.Array | int, upper: jax.Array | int
+) -> jax.Array:
     """Cluster of every point [N] int32, each cluster holding between `lower` and `upper` points.
 
     The bounds are traced, not static: one compiled program serves every tolerance.
@@ -153,8 +155,15 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def balanced_kmeans(points: np.ndarray, num_clusters: int, *, tolerance: float = 0.05, iterations: int = 25,
-                    seed: int = 0, mesh: Mesh | None = None) -> KMeansResult:
+def balanced_kmeans(
+    points: np.ndarray,
+    num_clusters: int,
+    *,
+    tolerance: float = 0.05,
+    iterations: int = 25,
+    seed: int = 0,
+    mesh: Mesh | None = None,
+) -> KMeansResult:
     """Fits balanced k-means to points [N, D]: sizes within `size_bounds(N, K, tolerance)`.
 
     Stops early when an iteration changes no assignment. `mesh` places the points sharded
@@ -166,7 +175,8 @@ def balanced_kmeans(points: np.ndarray, num_clusters: int, *, tolerance: float =
     centroids = kmeans_plus_plus(x, jax.random.key(seed), num_clusters=num_clusters)
     assign = balanced_assign(x, centroids, lower, upper)
     done = 0
-    for done in range(1, iterations + 1):
+    for _ in range(iterations):
+        done += 1
         centroids = update_centroids(x, assign, centroids, num_clusters=num_clusters)
         new = balanced_assign(x, centroids, lower, upper)
         changed = bool(jnp.any(new != assign))

@@ -93,17 +93,25 @@ def stage_embed(args: argparse.Namespace) -> None:
     from speechlm_jax.selection import embed
 
     folder = Path(args.workdir) / "embed"
-    settings = {"corpus": str(Path(args.corpus).absolute()), "embedder": args.embedder or f"llm:{args.stage1}",
-                "shard_size": args.shard_size, "max_tokens": args.max_tokens}
+    settings = {
+        "corpus": str(Path(args.corpus).absolute()),
+        "embedder": args.embedder or f"llm:{args.stage1}",
+        "shard_size": args.shard_size,
+        "max_tokens": args.max_tokens,
+    }
     if _done(folder, settings, args.force):
         return
     records = _corpus(args)
     mesh = _mesh(args)
     if args.embedder and not embed.is_decoder_folder(args.embedder):
-        embedder: embed.Embedder = embed.HFEncoderEmbedder(args.embedder, batch_size=args.batch_size, max_tokens=args.max_tokens)
+        embedder: embed.Embedder = embed.HFEncoderEmbedder(
+            args.embedder, batch_size=args.batch_size, max_tokens=args.max_tokens
+        )
     else:
         llm, tokenizer, rules = _embedding_llm(args, mesh)
-        embedder = embed.LLMEmbedder(llm, tokenizer, mesh=mesh, rules=rules, batch_size=args.batch_size, max_tokens=args.max_tokens)
+        embedder = embed.LLMEmbedder(
+            llm, tokenizer, mesh=mesh, rules=rules, batch_size=args.batch_size, max_tokens=args.max_tokens
+        )
     embed.embed_corpus(records, embedder, folder, shard_size=args.shard_size)
     _finish(folder, dict(settings, texts=len(records)))
 
@@ -112,14 +120,18 @@ def _embedding_llm(args: argparse.Namespace, mesh: Any) -> tuple[Any, Any, Any]:
     """(DecoderLLM, tokenizer, rules): --embedder's decoder folder, else the stage-1 run's base LLM."""
     import jax.numpy as jnp
 
-    from speechlm_jax.models import hf_import
     from speechlm_jax.data.tokenizer import load_tokenizer
+    from speechlm_jax.models import hf_import
     from speechlm_jax.sharding import DEFAULT_RULES
     from speechlm_jax.train import build
     from speechlm_jax.train import config as config_lib
 
     if args.embedder:
-        return hf_import.load_llm(args.embedder, dtype=jnp.float32, mesh=mesh), load_tokenizer(args.embedder), DEFAULT_RULES
+        return (
+            hf_import.load_llm(args.embedder, dtype=jnp.float32, mesh=mesh),
+            load_tokenizer(args.embedder),
+            DEFAULT_RULES,
+        )
     if not args.stage1:
         raise StageError("the built-in embedder is the stage-1 run's LLM: give --stage1 (or --embedder)")
     from speechlm_jax.train.restore import read_config as load_run_config
@@ -135,8 +147,13 @@ def stage_cluster(args: argparse.Namespace) -> None:
 
     workdir = Path(args.workdir)
     folder = workdir / "cluster"
-    settings = {"clusters": args.clusters, "tolerance": args.tolerance, "iterations": args.iterations,
-                "seed": args.seed, "normalize": not args.no_normalize}
+    settings = {
+        "clusters": args.clusters,
+        "tolerance": args.tolerance,
+        "iterations": args.iterations,
+        "seed": args.seed,
+        "normalize": not args.no_normalize,
+    }
     if _done(folder, settings, args.force):
         return
     done = json.loads(_need(workdir / "embed" / "done.json", "embed").read_text())
@@ -147,15 +164,26 @@ def stage_cluster(args: argparse.Namespace) -> None:
     # The points shard over the mesh's batch axes when they divide evenly, else stay on one device.
     if len(vectors) % (mesh.shape["data"] * mesh.shape["fsdp"]):
         mesh = None
-    result = kmeans.balanced_kmeans(vectors, args.clusters, tolerance=args.tolerance, iterations=args.iterations,
-                                    seed=args.seed, mesh=mesh)
+    result = kmeans.balanced_kmeans(
+        vectors, args.clusters, tolerance=args.tolerance, iterations=args.iterations, seed=args.seed, mesh=mesh
+    )
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "centroids.npy", result.centroids)
     np.save(folder / "assignments.npy", result.assignments)
     lower, upper = kmeans.size_bounds(len(vectors), args.clusters, args.tolerance)
-    (folder / "summary.json").write_text(json.dumps({
-        "sizes": result.sizes.tolist(), "bounds": [lower, upper], "iterations": result.iterations,
-        "inertia": result.inertia, "texts": len(vectors)}, indent=2) + "\n")
+    (folder / "summary.json").write_text(
+        json.dumps(
+            {
+                "sizes": result.sizes.tolist(),
+                "bounds": [lower, upper],
+                "iterations": result.iterations,
+                "inertia": result.inertia,
+                "texts": len(vectors),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     _finish(folder, settings)
 
 
@@ -165,17 +193,21 @@ def _assignments(workdir: Path) -> np.ndarray:
 
 def _probe(args: argparse.Namespace, tag: str, run: str) -> None:
     """M(c) of the run's model on the probe texts (chosen and spoken by the `probe` stage)."""
+    from speechlm_jax.data.tasks import import_task_modules
     from speechlm_jax.data.tokenizer import load_tokenizer
     from speechlm_jax.evaluation.main import load_run
     from speechlm_jax.evaluation.scoring import Scorer
-    from speechlm_jax.data.tasks import import_task_modules
     from speechlm_jax.train import config as config_lib
 
     workdir = Path(args.workdir)
     folder = workdir / tag
     before = workdir / "probe_before"
-    settings = {"run": str(Path(run).absolute()), "probe_size": args.probe_size, "prefix_fraction": args.prefix_fraction,
-                "seed": args.seed}
+    settings = {
+        "run": str(Path(run).absolute()),
+        "probe_size": args.probe_size,
+        "prefix_fraction": args.prefix_fraction,
+        "seed": args.seed,
+    }
     if _done(folder, settings, args.force):
         return
     texts = [r["text"] for r in _corpus(args)]
@@ -187,14 +219,24 @@ def _probe(args: argparse.Namespace, tag: str, run: str) -> None:
         chosen = probe.choose_probes(assignments, k, args.probe_size, seed=args.seed)
         probes_path.write_text(json.dumps({str(c): v for c, v in chosen.items()}) + "\n")
     probes = {int(c): v for c, v in json.loads(_need(probes_path, "probe").read_text()).items()}
-    manifest = probe.synthesize_probes({i: texts[i] for v in probes.values() for i in v}, before / "speech",
-                                       prefix_fraction=args.prefix_fraction, workers=args.tts_workers)
+    manifest = probe.synthesize_probes(
+        {i: texts[i] for v in probes.values() for i in v},
+        before / "speech",
+        prefix_fraction=args.prefix_fraction,
+        workers=args.tts_workers,
+    )
     mesh = _mesh(args)
     model, config, step = load_run(run, mesh)
     import_task_modules(config.data.task_modules)
-    scorer = Scorer(model, load_tokenizer(config.data.tokenizer), downsample=int(config.model.projector.downsample),
-                    mesh=mesh, rules=config_lib.sharding_rules(config), batch_size=args.batch_size,
-                    speech=probe.ManifestSpeech(manifest))
+    scorer = Scorer(
+        model,
+        load_tokenizer(config.data.tokenizer),
+        downsample=int(config.model.projector.downsample),
+        mesh=mesh,
+        rules=config_lib.sharding_rules(config),
+        batch_size=args.batch_size,
+        speech=probe.ManifestSpeech(manifest),
+    )
     scores = probe.score_clusters(scorer, probes, texts, folder, prefix_fraction=args.prefix_fraction)
     result = probe.cluster_misalignment(scores, k)
     result["step"] = step
@@ -244,8 +286,12 @@ def stage_sample(args: argparse.Namespace) -> None:
 
     workdir = Path(args.workdir)
     folder = workdir / "sample"
-    settings = {"gamma": args.gamma, "budget_hours": args.budget_hours, "budget_fraction": args.budget_fraction,
-                "seed": args.seed}
+    settings = {
+        "gamma": args.gamma,
+        "budget_hours": args.budget_hours,
+        "budget_fraction": args.budget_fraction,
+        "seed": args.seed,
+    }
     if _done(folder, settings, args.force):
         return
     records = _corpus(args)
@@ -256,22 +302,44 @@ def stage_sample(args: argparse.Namespace) -> None:
     m = np.where(np.isnan(m), np.nanmean(m), m)
     sizes = np.bincount(assignments, minlength=k)
     p = sample.target_distribution(sizes, m, args.gamma)
-    stage1_seconds = speech_seconds(load_run_config(args.stage1).data.speech_sources) if args.budget_fraction > 0 else 0.0
-    budget = sample.budget_seconds(hours=args.budget_hours, fraction=args.budget_fraction, stage1_seconds=stage1_seconds)
+    stage1_seconds = (
+        speech_seconds(load_run_config(args.stage1).data.speech_sources) if args.budget_fraction > 0 else 0.0
+    )
+    budget = sample.budget_seconds(
+        hours=args.budget_hours, fraction=args.budget_fraction, stage1_seconds=stage1_seconds
+    )
     rate = seconds_per_word(workdir / "probe_before" / "speech" / "manifest.jsonl")
     probes = json.loads((workdir / "probe_before" / "probes.json").read_text())
     exclude = [i for v in probes.values() for i in v]
-    selection = sample.draw(assignments, p, sample.estimated_seconds([r["text"] for r in records], rate), budget,
-                            seed=args.seed, exclude=exclude)
+    selection = sample.draw(
+        assignments,
+        p,
+        sample.estimated_seconds([r["text"] for r in records], rate),
+        budget,
+        seed=args.seed,
+        exclude=exclude,
+    )
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "selected.jsonl", "w", encoding="utf-8") as f:
         for i, c in zip(selection.indices, selection.clusters):
             f.write(json.dumps({"id": records[i]["id"], "text": records[i]["text"], "cluster": int(c)}) + "\n")
-    (folder / "summary.json").write_text(json.dumps({
-        "p_target": p.tolist(), "misalignment": m.tolist(), "sizes": sizes.tolist(),
-        "counts": np.bincount(selection.clusters, minlength=k).tolist(), "texts": len(selection.indices),
-        "estimated_seconds": selection.seconds, "budget_seconds": budget, "stage1_seconds": stage1_seconds,
-        "seconds_per_word": rate}, indent=2) + "\n")
+    (folder / "summary.json").write_text(
+        json.dumps(
+            {
+                "p_target": p.tolist(),
+                "misalignment": m.tolist(),
+                "sizes": sizes.tolist(),
+                "counts": np.bincount(selection.clusters, minlength=k).tolist(),
+                "texts": len(selection.indices),
+                "estimated_seconds": selection.seconds,
+                "budget_seconds": budget,
+                "stage1_seconds": stage1_seconds,
+                "seconds_per_word": rate,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     _finish(folder, settings)
 
 
@@ -308,12 +376,23 @@ def stage_targets(args: argparse.Namespace) -> None:
     tasks = target_tasks(config)
     if tasks:
         if not config.model.llm_weights:
-            raise StageError("the stage-1 mixture reads teacher targets but its LLM has no weights folder to generate them")
-        summary = generate_targets(llm=config.model.llm_weights, tokenizer=config.data.tokenizer,
-                                   source={"type": "manifest", "path": str(manifest)}, tasks=tuple(tasks),
-                                   out=str(folder / "shards"), num_shards=1, batch_size=args.batch_size,
-                                   max_new_tokens=args.max_new_tokens, dtype="float32", seed=args.seed, no_progress=True,
-                                   mesh=parse_mesh(args.mesh))
+            raise StageError(
+                "the stage-1 mixture reads teacher targets but its LLM has no weights folder to generate them"
+            )
+        summary = generate_targets(
+            llm=config.model.llm_weights,
+            tokenizer=config.data.tokenizer,
+            source={"type": "manifest", "path": str(manifest)},
+            tasks=tuple(tasks),
+            out=str(folder / "shards"),
+            num_shards=1,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            dtype="float32",
+            seed=args.seed,
+            no_progress=True,
+            mesh=parse_mesh(args.mesh),
+        )
         print(json.dumps({"speechlm_generate": summary}), flush=True)
     _finish(folder, dict(settings, tasks=list(tasks)))
 
@@ -335,8 +414,13 @@ def stage_train(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir)
     manifest = _need(workdir / "synth" / "done.json", "synthesize").parent / "manifest.jsonl"
     folder = workdir / "train"
-    settings = {"stage1": str(Path(args.stage1).absolute()), "stage1_step": args.stage1_step, "steps": args.steps,
-                "repeat": args.repeat, "set": sorted(args.set)}
+    settings = {
+        "stage1": str(Path(args.stage1).absolute()),
+        "stage1_step": args.stage1_step,
+        "steps": args.steps,
+        "repeat": args.repeat,
+        "set": sorted(args.set),
+    }
     marker = workdir / "train_done.json"
     if args.force:
         shutil.rmtree(folder, ignore_errors=True)
@@ -347,10 +431,19 @@ def stage_train(args: argparse.Namespace) -> None:
     if args.quiet:
         overrides["train.progress_bar"] = False
     targets_done = json.loads(_need(workdir / "targets" / "done.json", "targets").read_text())
-    targets = tuple(str(p) for p in sorted((workdir / "targets" / "shards").glob("*.jsonl"))) if targets_done["tasks"] else ()
-    result = stage2.continue_training(args.stage1, manifest, folder, steps=args.steps,
-                                      start_step=args.stage1_step or None, repeat=args.repeat, targets=targets,
-                                      overrides=overrides)
+    targets = (
+        tuple(str(p) for p in sorted((workdir / "targets" / "shards").glob("*.jsonl"))) if targets_done["tasks"] else ()
+    )
+    result = stage2.continue_training(
+        args.stage1,
+        manifest,
+        folder,
+        steps=args.steps,
+        start_step=args.stage1_step or None,
+        repeat=args.repeat,
+        targets=targets,
+        overrides=overrides,
+    )
     if result.reason == "done":
         marker.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
@@ -366,10 +459,17 @@ def selection_summary(workdir: str | Path) -> dict[str, Any]:
     seconds = json.loads(synth.read_text())["seconds"] if synth.is_file() else drawn["estimated_seconds"]
     gamma = json.loads((workdir / "sample" / "done.json").read_text())["gamma"]
     summary = {
-        "gamma": gamma, "budget_seconds": drawn["budget_seconds"], "selected_seconds": seconds,
+        "gamma": gamma,
+        "budget_seconds": drawn["budget_seconds"],
+        "selected_seconds": seconds,
         "selected_texts": drawn["texts"],
-        "clusters": report.cluster_rows(drawn["sizes"], before["misalignment"], drawn["p_target"], drawn["counts"],
-                                        after["misalignment"] if after else None),
+        "clusters": report.cluster_rows(
+            drawn["sizes"],
+            before["misalignment"],
+            drawn["p_target"],
+            drawn["counts"],
+            after["misalignment"] if after else None,
+        ),
         "overall": {"m_before": before["overall_misalignment"]},
     }
     if after:
@@ -385,23 +485,37 @@ def stage_report(args: argparse.Namespace) -> None:
     print(json.dumps({"speechlm_select": {k: summary["overall"][k] for k in summary["overall"]}}), flush=True)
 
 
-RUNNERS = {"embed": stage_embed, "cluster": stage_cluster, "probe": stage_probe, "sample": stage_sample,
-           "synthesize": stage_synthesize, "targets": stage_targets, "train": stage_train,
-           "probe_after": stage_probe_after, "report": stage_report}
+RUNNERS = {
+    "embed": stage_embed,
+    "cluster": stage_cluster,
+    "probe": stage_probe,
+    "sample": stage_sample,
+    "synthesize": stage_synthesize,
+    "targets": stage_targets,
+    "train": stage_train,
+    "probe_after": stage_probe_after,
+    "report": stage_report,
+}
 
 
 PROG = "speechlm-select"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    p = cli.ArgumentParser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
     p.add_argument("stages", nargs="+", choices=(*STAGES, "all"), help="stages to run, in pipeline order")
     p.add_argument("--workdir", required=True)
     p.add_argument("--corpus", default="", help="text corpus: JSONL ({'id', 'text'}) or plain lines")
     p.add_argument("--stage1", default="", help="the stage-1 SALAD run (workdir with config.json and checkpoints)")
     p.add_argument("--stage1_step", type=int, default=0, help="stage-1 checkpoint to continue from (0 = latest)")
-    p.add_argument("--embedder", default="", help="HF folder (decoder LLM: Flax; encoder: torch); default the stage-1 LLM")
+    p.add_argument(
+        "--embedder", default="", help="HF folder (decoder LLM: Flax; encoder: torch); default the stage-1 LLM"
+    )
     p.add_argument("--shard_size", type=int, default=4096)
     p.add_argument("--max_tokens", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=16)
@@ -419,8 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=128, help="teacher-target length (targets stage)")
     p.add_argument("--steps", type=int, default=1000, help="stage-2 optimiser steps")
     p.add_argument("--repeat", type=int, default=1, help="times the new manifest enters the mixture")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="stage-2 config override, e.g. train.batch_size=16 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="stage-2 config override, e.g. train.batch_size=16 (repeatable)",
+    )
     p.add_argument("--report_dir", default="", help="an evaluation report folder to merge the summary into")
     p.add_argument("--mesh", default="data=-1")
     p.add_argument("--seed", type=int, default=0)

@@ -33,7 +33,9 @@ from speechlm_jax.evaluation.scoring import SAMPLE_RATE, Scorer, TTSSpeech
 SCORES = "scores.jsonl"
 
 
-def choose_probes(assignments: np.ndarray, num_clusters: int, probe_size: int, *, seed: int = 0) -> dict[int, list[int]]:
+def choose_probes(
+    assignments: np.ndarray, num_clusters: int, probe_size: int, *, seed: int = 0
+) -> dict[int, list[int]]:
     """Per cluster, up to `probe_size` corpus indices drawn uniformly without replacement (sorted)."""
     rng = np.random.default_rng(seed)
     probes = {}
@@ -72,13 +74,21 @@ class ManifestSpeech:
         return load_audio(str(path), sample_rate=SAMPLE_RATE)
 
 
-def synthesize_probes(texts: Mapping[int, str], out_dir: str | Path, *, prefix_fraction: float,
-                      voices: Sequence[Voice] = (Voice(),), workers: int = 1,
-                      synthesizer: Synthesizer | None = None) -> Path:
+def synthesize_probes(
+    texts: Mapping[int, str],
+    out_dir: str | Path,
+    *,
+    prefix_fraction: float,
+    voices: Sequence[Voice] = (Voice(),),
+    workers: int = 1,
+    synthesizer: Synthesizer | None = None,
+) -> Path:
     """Speaks the spoken prefix of every probe text {corpus index: text}; returns the manifest path."""
     prefixes = {spoken_prefix(t, prefix_fraction) for t in texts.values()}
     items = [{"id": f"probe{i:06d}", "text": p} for i, p in enumerate(sorted(prefixes))]
-    return synthesize_corpus(items, Path(out_dir), voices=list(voices), workers=workers, synthesizer=synthesizer).manifest
+    return synthesize_corpus(
+        items, Path(out_dir), voices=list(voices), workers=workers, synthesizer=synthesizer
+    ).manifest
 
 
 def _done_clusters(path: Path) -> set[int]:
@@ -87,8 +97,15 @@ def _done_clusters(path: Path) -> set[int]:
     return {json.loads(line)["cluster"] for line in path.read_text().splitlines() if line.strip()}
 
 
-def score_clusters(scorer: Scorer, probes: Mapping[int, Sequence[int]], texts: Sequence[str], out_dir: str | Path, *,
-                   prefix_fraction: float = 0.5, clusters_per_chunk: int = 16) -> Path:
+def score_clusters(
+    scorer: Scorer,
+    probes: Mapping[int, Sequence[int]],
+    texts: Sequence[str],
+    out_dir: str | Path,
+    *,
+    prefix_fraction: float = 0.5,
+    clusters_per_chunk: int = 16,
+) -> Path:
     """Scores every probe text with the harness (see the module docstring) into <out_dir>/scores.jsonl.
 
     Rows: {"cluster", "index", "m_sum", "m_tokens", "f_sum", "f_tokens"} (M and F of one text).
@@ -98,12 +115,18 @@ def score_clusters(scorer: Scorer, probes: Mapping[int, Sequence[int]], texts: S
     path.parent.mkdir(parents=True, exist_ok=True)
     todo = [c for c in sorted(probes) if c not in _done_clusters(path) and probes[c]]
     for start in range(0, len(todo), clusters_per_chunk):
-        chunk = [(c, i) for c in todo[start:start + clusters_per_chunk] for i in probes[c]]
+        chunk = [(c, i) for c in todo[start : start + clusters_per_chunk] for i in probes[c]]
         prepared = [scorer.prepare(diagnostics.corpus_segments(scorer, texts[i], prefix_fraction)) for _, i in chunk]
         out = scorer.divergences(prepared)
         rows = [
-            {"cluster": c, "index": i, "m_sum": float(out["misalignment"][k]), "m_tokens": float(out["misalignment_tokens"][k]),
-             "f_sum": float(out["forgetting"][k]), "f_tokens": float(out["forgetting_tokens"][k])}
+            {
+                "cluster": c,
+                "index": i,
+                "m_sum": float(out["misalignment"][k]),
+                "m_tokens": float(out["misalignment_tokens"][k]),
+                "f_sum": float(out["forgetting"][k]),
+                "f_tokens": float(out["forgetting_tokens"][k]),
+            }
             for k, (c, i) in enumerate(chunk)
         ]
         with open(path, "a", encoding="utf-8") as f:

@@ -27,16 +27,26 @@ import numpy as np
 SECTION = "## Active selection (SALAD stage 2)"
 
 
-def cluster_rows(sizes: Sequence[int], m_before: Sequence[float], probabilities: Sequence[float],
-                 sampled: Sequence[int], m_after: Sequence[float] | None = None) -> list[dict[str, Any]]:
+def cluster_rows(
+    sizes: Sequence[int],
+    m_before: Sequence[float],
+    probabilities: Sequence[float],
+    sampled: Sequence[int],
+    m_after: Sequence[float] | None = None,
+) -> list[dict[str, Any]]:
     """The table's rows, one dict per cluster (see the module docstring)."""
     sizes_np = np.asarray(sizes, np.float64)
     total_sampled = max(int(np.sum(sampled)), 1)
     rows = []
     for c in range(len(sizes)):
-        row = {"cluster": c, "size": int(sizes[c]), "share_corpus": float(sizes_np[c] / sizes_np.sum()),
-               "m_before": float(m_before[c]), "p_target": float(probabilities[c]),
-               "share_sampled": float(sampled[c] / total_sampled)}
+        row = {
+            "cluster": c,
+            "size": int(sizes[c]),
+            "share_corpus": float(sizes_np[c] / sizes_np.sum()),
+            "m_before": float(m_before[c]),
+            "p_target": float(probabilities[c]),
+            "share_sampled": float(sampled[c] / total_sampled),
+        }
         if m_after is not None:
             row["m_after"] = float(m_after[c])
         rows.append(row)
@@ -52,10 +62,16 @@ def _fmt(value: Any) -> str:
 def markdown(summary: Mapping[str, Any], plot: str | None = None) -> str:
     """The report section: settings, overall M before/after, and the cluster table."""
     rows = summary["clusters"]
-    columns = ["size", "share_corpus", "m_before", "p_target", "share_sampled"] + (["m_after"] if "m_after" in rows[0] else [])
-    lines = [SECTION, "",
-             f"{len(rows)} clusters; gamma = {summary['gamma']}; {summary['selected_texts']} texts selected, "
-             f"{summary['selected_seconds'] / 3600:.3f} h of speech (budget {summary['budget_seconds'] / 3600:.3f} h).", ""]
+    columns = ["size", "share_corpus", "m_before", "p_target", "share_sampled"] + (
+        ["m_after"] if "m_after" in rows[0] else []
+    )
+    lines = [
+        SECTION,
+        "",
+        f"{len(rows)} clusters; gamma = {summary['gamma']}; {summary['selected_texts']} texts selected, "
+        f"{summary['selected_seconds'] / 3600:.3f} h of speech (budget {summary['budget_seconds'] / 3600:.3f} h).",
+        "",
+    ]
     for key in ("m_before", "m_after"):
         if key in summary.get("overall", {}):
             lines.append(f"- overall {key.replace('_', ' ')} (per token, probe texts): {_fmt(summary['overall'][key])}")
@@ -123,5 +139,5 @@ def merge_into_report(summary: Mapping[str, Any], report_dir: str | Path, plot: 
     if SECTION in text:
         head, _, rest = text.partition(SECTION)
         following = rest.find("\n## ")
-        text = head + (rest[following + 1:] if following >= 0 else "")
+        text = head + (rest[following + 1 :] if following >= 0 else "")
     md_path.write_text(text.rstrip("\n") + "\n\n" + markdown(summary, plot.name))

@@ -49,8 +49,15 @@ class Selection:
     seconds: float
 
 
-def draw(assignments: np.ndarray, probabilities: np.ndarray, seconds: np.ndarray, budget_seconds: float, *,
-         seed: int = 0, exclude: Sequence[int] = ()) -> Selection:
+def draw(
+    assignments: np.ndarray,
+    probabilities: np.ndarray,
+    seconds: np.ndarray,
+    budget_seconds: float,
+    *,
+    seed: int = 0,
+    exclude: Sequence[int] = (),
+) -> Selection:
     """Draws texts (see the module docstring) until the next one would exceed `budget_seconds`.
 
     assignments [N]: cluster of each text; probabilities [K]: P(c); seconds [N]: the

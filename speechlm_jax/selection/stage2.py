@@ -55,8 +55,15 @@ def target_tasks(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return tuple(dict.fromkeys(tasks + (["continuation"] if "continuation" in kinds else [])))
 
 
-def stage2_config(stage1: ml_collections.ConfigDict, manifest: str | Path, *, start_step: int, steps: int,
-                  repeat: int = 1, targets: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+def stage2_config(
+    stage1: ml_collections.ConfigDict,
+    manifest: str | Path,
+    *,
+    start_step: int,
+    steps: int,
+    repeat: int = 1,
+    targets: tuple[str, ...] = (),
+) -> ml_collections.ConfigDict:
     """The stage-2 config (see the module docstring) from the stage-1 run's resolved config.
 
     `targets`: teacher-target files of the new utterances, added to `data.targets`.
@@ -74,8 +81,9 @@ def stage2_config(stage1: ml_collections.ConfigDict, manifest: str | Path, *, st
     return c
 
 
-def seed_from_stage1(stage1_workdir: str | Path, start_step: int, workdir: str | Path,
-                     config: ml_collections.ConfigDict) -> bool:
+def seed_from_stage1(
+    stage1_workdir: str | Path, start_step: int, workdir: str | Path, config: ml_collections.ConfigDict
+) -> bool:
     """Copies the stage-1 checkpoint at `start_step` into `workdir` with a fresh data position.
 
     Does nothing (returns False) when `workdir` already has a checkpoint: stage 2 then resumes
@@ -86,8 +94,9 @@ def seed_from_stage1(stage1_workdir: str | Path, start_step: int, workdir: str |
         return False
     source = Path(stage1_workdir) / "checkpoints" / str(start_step)
     if not source.is_dir():
-        raise FileNotFoundError(f"stage-1 run {stage1_workdir} has no checkpoint at step {start_step} "
-                                f"(has {stage1_steps(stage1_workdir)})")
+        raise FileNotFoundError(
+            f"stage-1 run {stage1_workdir} has no checkpoint at step {start_step} (has {stage1_steps(stage1_workdir)})"
+        )
     target = workdir / "checkpoints" / str(start_step)
     partial = target.with_name(f".{start_step}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -100,9 +109,17 @@ def seed_from_stage1(stage1_workdir: str | Path, start_step: int, workdir: str |
     return True
 
 
-def continue_training(stage1_workdir: str | Path, manifest: str | Path, workdir: str | Path, *, steps: int,
-                      start_step: int | None = None, repeat: int = 1, targets: tuple[str, ...] = (),
-                      overrides: dict[str, object] | None = None) -> trainer.TrainResult:
+def continue_training(
+    stage1_workdir: str | Path,
+    manifest: str | Path,
+    workdir: str | Path,
+    *,
+    steps: int,
+    start_step: int | None = None,
+    repeat: int = 1,
+    targets: tuple[str, ...] = (),
+    overrides: dict[str, object] | None = None,
+) -> trainer.TrainResult:
     """Stage 2 through the real trainer: from the stage-1 checkpoint `start_step` (default: its latest).
 
     `targets` are the new utterances' teacher-target files (when the mixture reads targets);
@@ -123,4 +140,3 @@ def continue_training(stage1_workdir: str | Path, manifest: str | Path, workdir:
         node[leaf] = value
     seed_from_stage1(stage1_workdir, start, workdir, config)
     return trainer.train(config, workdir)
-

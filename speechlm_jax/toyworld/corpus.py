@@ -35,8 +35,15 @@ SPLITS = ("train", "heldout")
 TINY_TEXT_TASKS = ("first_word", "last_word", "count_words")
 
 
-def build_corpus(folder: str | Path, *, train_sentences: int, heldout_sentences: int, seed: int = 0,
-                 tasks: Sequence[TextTask] = TOY_TASKS, asks: Mapping[str, int] | None = None) -> Path:
+def build_corpus(
+    folder: str | Path,
+    *,
+    train_sentences: int,
+    heldout_sentences: int,
+    seed: int = 0,
+    tasks: Sequence[TextTask] = TOY_TASKS,
+    asks: Mapping[str, int] | None = None,
+) -> Path:
     """Writes the sentences, the tokenizer and the text SFT data into `folder`; returns it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -46,8 +53,11 @@ def build_corpus(folder: str | Path, *, train_sentences: int, heldout_sentences:
     (folder / "train.txt").write_text("\n".join(train) + "\n")
     (folder / "heldout.txt").write_text("\n".join(heldout) + "\n")
     # Every registered phrasing (the built-in asr / continuation / spoken_qa ones too) must tokenize.
-    prompts = [p.replace("{content}", " ").replace("{question}", " ")
-               for task in TASKS.values() for p in task.prompts_train + task.prompts_heldout]
+    prompts = [
+        p.replace("{content}", " ").replace("{question}", " ")
+        for task in TASKS.values()
+        for p in task.prompts_train + task.prompts_heldout
+    ]
     build_word_tokenizer([*all_words(), *prompts], folder / "tokenizer")
     rng = random.Random(seed)
     asks = dict(asks or {})
@@ -57,7 +67,10 @@ def build_corpus(folder: str | Path, *, train_sentences: int, heldout_sentences:
                 # Each ask of a task about a sentence in a different phrasing.
                 for k, phrasing in enumerate(rng.sample(task.prompts_train, asks.get(task.name, 1))):
                     prompt = phrasing.replace("{content}", sentence)
-                    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": task.answer(sentence)}]
+                    messages = [
+                        {"role": "user", "content": prompt},
+                        {"role": "assistant", "content": task.answer(sentence)},
+                    ]
                     f.write(json.dumps({"id": f"text{i:05d}-{task.name}-{k}", "messages": messages}) + "\n")
     return folder
 
@@ -67,8 +80,15 @@ def read_sentences(corpus: str | Path, split: str) -> list[str]:
     return [t for t in (Path(corpus) / f"{split}.txt").read_text().split("\n") if t]
 
 
-def speak(corpus: str | Path, out: str | Path, voices: Sequence[Voice], *, workers: int = 1, seed: int = 0,
-          progress: bool = False) -> Path:
+def speak(
+    corpus: str | Path,
+    out: str | Path,
+    voices: Sequence[Voice],
+    *,
+    workers: int = 1,
+    seed: int = 0,
+    progress: bool = False,
+) -> Path:
     """Both splits spoken into `out/<split>/manifest.jsonl`, one voice per utterance (hash of its id)."""
     out = Path(out)
     for split in SPLITS:
@@ -77,11 +97,18 @@ def speak(corpus: str | Path, out: str | Path, voices: Sequence[Voice], *, worke
     return out
 
 
-def build_tiny_corpus(out_dir: str | Path, *, train_sentences: int = 12, heldout_sentences: int = 4, seed: int = 0) -> Path:
+def build_tiny_corpus(
+    out_dir: str | Path, *, train_sentences: int = 12, heldout_sentences: int = 4, seed: int = 0
+) -> Path:
     """The `:tiny` variants' corpus in `out_dir`: a dozen sentences in one voice; returns `out_dir`."""
     register_toy_tasks()
-    build_corpus(out_dir, train_sentences=train_sentences, heldout_sentences=heldout_sentences, seed=seed,
-                 tasks=[TASKS[name] for name in TINY_TEXT_TASKS])
+    build_corpus(
+        out_dir,
+        train_sentences=train_sentences,
+        heldout_sentences=heldout_sentences,
+        seed=seed,
+        tasks=[TASKS[name] for name in TINY_TEXT_TASKS],
+    )
     return speak(out_dir, out_dir, [Voice(rate=200)], seed=seed)
 
 

@@ -79,7 +79,7 @@ def parse(sentence: str) -> Parse:
         elif role == "noun":
             kind, lemma = vocab.NOUN_FORMS[word]
             first = i if start is None else start
-            phrases.append(NounPhrase(words[first:i + 1], quantity, kind, lemma))
+            phrases.append(NounPhrase(words[first : i + 1], quantity, kind, lemma))
             start, quantity = None, 1
         elif role == "verb" and verb is None:
             verb = word
@@ -88,7 +88,7 @@ def parse(sentence: str) -> Parse:
 
 
 def split_of(sentence: str) -> str:
-    """"train" or "heldout": a stable hash of the sentence text decides."""
+    """ "train" or "heldout": a stable hash of the sentence text decides."""
     digest = hashlib.blake2b(sentence.encode("utf-8"), digest_size=8).digest()
     return "heldout" if int.from_bytes(digest, "big") % HELDOUT_EVERY == 0 else "train"
 

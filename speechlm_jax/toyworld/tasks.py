@@ -261,8 +261,20 @@ REVERSE = TextTask(
 )
 
 TOY_TASKS: tuple[TextTask, ...] = (
-    REPEAT, COUNT_WORDS, FIRST_WORD, SECOND_WORD, LAST_WORD, COLOUR, COUNT_COLOURS,
-    HAS_PLACE, HAS_PERSON, FIRST_ANIMAL, PLACE, ACTION, COUNT_ANIMALS, REVERSE,
+    REPEAT,
+    COUNT_WORDS,
+    FIRST_WORD,
+    SECOND_WORD,
+    LAST_WORD,
+    COLOUR,
+    COUNT_COLOURS,
+    HAS_PLACE,
+    HAS_PERSON,
+    FIRST_ANIMAL,
+    PLACE,
+    ACTION,
+    COUNT_ANIMALS,
+    REVERSE,
 )
 # Learned by the teacher from text only; no speech-alignment recipe ever trains on them.
 HELDOUT_TASKS: tuple[str, ...] = ("place", "action", "count_animals", "reverse")

@@ -116,8 +116,21 @@ COLOURS = ("red", "blue", "green", "yellow", "black", "white", "brown", "grey", 
 
 # Adjectives (colours excluded) by the noun kinds they describe.
 ANIMATE_ADJECTIVES = (
-    "happy", "sleepy", "lazy", "brave", "hungry", "clever", "quiet", "tired", "young", "wild",
-    "shy", "angry", "busy", "funny", "friendly",
+    "happy",
+    "sleepy",
+    "lazy",
+    "brave",
+    "hungry",
+    "clever",
+    "quiet",
+    "tired",
+    "young",
+    "wild",
+    "shy",
+    "angry",
+    "busy",
+    "funny",
+    "friendly",
 )
 THING_ADJECTIVES = ("heavy", "shiny", "soft", "empty", "broken", "round", "clean", "dirty", "new", "wooden")
 FOOD_ADJECTIVES = ("fresh", "sweet", "warm", "ripe", "tasty")
@@ -165,8 +178,22 @@ CONJUNCTIONS = ("and",)
 # as quantities; answers count words (up to ten) and animals (up to three noun
 # phrases of five).
 NUMBER_WORDS = (
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-    "eleven", "twelve", "thirteen", "fourteen", "fifteen",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
 )
 QUANTITIES = NUMBER_WORDS[2:6]
 
@@ -186,9 +213,7 @@ NOUN_FORMS: dict[str, tuple[str, str]] = {
     **{place: (PLACE, place) for place in PLACES},
 }
 VERB_FORMS: frozenset[str] = frozenset(form for v in VERBS for form in (v.singular, v.base))
-ADJECTIVES: frozenset[str] = frozenset(
-    a for kind in (ANIMAL, THING, FOOD, PLACE) for a in adjectives_for(kind)
-)
+ADJECTIVES: frozenset[str] = frozenset(a for kind in (ANIMAL, THING, FOOD, PLACE) for a in adjectives_for(kind))
 
 # Role of every word a sentence can contain.
 ROLES: dict[str, frozenset[str]] = {

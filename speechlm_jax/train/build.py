@@ -25,8 +25,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from speechlm_jax.models import hf_import
-from speechlm_jax.models import presets
+from speechlm_jax.models import hf_import, presets
 from speechlm_jax.models.llm import LLMConfig
 from speechlm_jax.models.lora import LoRAConfig
 from speechlm_jax.models.projector import ProjectorConfig
@@ -46,7 +45,9 @@ def _hf_fields(spec: Any, table: Mapping[str, dict[str, Any]], kind: str) -> dic
     folder = Path(spec) / "config.json"
     if folder.is_file():
         return json.loads(folder.read_text())
-    raise ValueError(f"model.{kind}={spec!r} is neither a preset ({', '.join(sorted(table))}) nor an HF folder with config.json")
+    raise ValueError(
+        f"model.{kind}={spec!r} is neither a preset ({', '.join(sorted(table))}) nor an HF folder with config.json"
+    )
 
 
 def llm_config(config: ml_collections.ConfigDict) -> LLMConfig:
@@ -62,7 +63,14 @@ def encoder_config(config: ml_collections.ConfigDict) -> WhisperConfig:
 def projector_config(config: ml_collections.ConfigDict) -> ProjectorConfig:
     """`model.projector` as the models' ProjectorConfig (0 = default for hidden and width)."""
     p = config.model.projector
-    return ProjectorConfig(kind=p.kind, downsample=p.downsample, hidden=p.hidden or None, activation=p.activation, use_bias=p.use_bias, width=p.width or None)
+    return ProjectorConfig(
+        kind=p.kind,
+        downsample=p.downsample,
+        hidden=p.hidden or None,
+        activation=p.activation,
+        use_bias=p.use_bias,
+        width=p.width or None,
+    )
 
 
 def lora_configs(config: ml_collections.ConfigDict) -> tuple[LoRAConfig | None, LoRAConfig | None]:
@@ -80,9 +88,15 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> SpeechLM:
     llm_lora, encoder_lora = lora_configs(config)
     adapter = config.model.length_adapter
     return build_speechlm(
-        encoder_config(config), projector_config(config), llm_config(config), llm_lora,
+        encoder_config(config),
+        projector_config(config),
+        llm_config(config),
+        llm_lora,
         encoder_lora_cfg=encoder_lora,
-        length_adapter=LengthAdapter(adapter.blank_id, config.loss.chunk_size) if adapter.enabled else None, dtype=jnp.dtype(config.model.dtype), param_dtype=jnp.dtype(config.model.param_dtype), rngs=rngs,
+        length_adapter=LengthAdapter(adapter.blank_id, config.loss.chunk_size) if adapter.enabled else None,
+        dtype=jnp.dtype(config.model.dtype),
+        param_dtype=jnp.dtype(config.model.param_dtype),
+        rngs=rngs,
     )
 
 
@@ -96,14 +110,29 @@ def _loaded_parts(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules) -
     dtype, param_dtype = jnp.dtype(config.model.dtype), jnp.dtype(config.model.param_dtype)
     parts: dict[str, nnx.State] = {}
     if config.model.llm_weights:
-        llm = hf_import.load_llm(config.model.llm_weights, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, remat=config.model.remat)
+        llm = hf_import.load_llm(
+            config.model.llm_weights,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            mesh=mesh,
+            rules=rules,
+            remat=config.model.remat,
+        )
         if llm.config != llm_config(config):
-            raise ValueError(f"model.llm_weights={config.model.llm_weights!r} has config {llm.config}, not model.llm's {llm_config(config)}")
+            raise ValueError(
+                f"model.llm_weights={config.model.llm_weights!r} has config {llm.config}, not model.llm's "
+                f"{llm_config(config)}"
+            )
         parts["llm"] = nnx.state(llm)
     if config.model.encoder_weights:
-        encoder = hf_import.load_whisper_encoder(config.model.encoder_weights, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
+        encoder = hf_import.load_whisper_encoder(
+            config.model.encoder_weights, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules
+        )
         if encoder.config != encoder_config(config):
-            raise ValueError(f"model.encoder_weights={config.model.encoder_weights!r} has config {encoder.config}, not model.encoder's {encoder_config(config)}")
+            raise ValueError(
+                f"model.encoder_weights={config.model.encoder_weights!r} has config {encoder.config}, "
+                f"not model.encoder's {encoder_config(config)}"
+            )
         parts["encoder"] = nnx.state(encoder)
     return parts
 
@@ -116,7 +145,9 @@ def _prefixed_paths(state: nnx.State, prefix: str) -> set[tuple[str, ...]]:
     return {(prefix, *_path_strings(path)) for path, _ in nnx.to_flat_state(state)}
 
 
-def build_model(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *, compiler_options: Mapping[str, Any] | None = None) -> SpeechLM:
+def build_model(
+    config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *, compiler_options: Mapping[str, Any] | None = None
+) -> SpeechLM:
     """The SpeechLM of `config`, every parameter in the sharding its logical axes ask for."""
     abstract = abstract_model(config)
     graphdef, abstract_state = nnx.split(abstract)
@@ -128,7 +159,11 @@ def build_model(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *, 
 
     fresh_abstract = nnx.split(abstract, is_fresh, ...)[1]
     shardings = partitions.shardings(fresh_abstract, mesh, rules)
-    fresh = jax.jit(lambda: nnx.split(create_model(config, nnx.Rngs(config.seed)), is_fresh, ...)[1], out_shardings=shardings, compiler_options=compiler_options)()
+    fresh = jax.jit(
+        lambda: nnx.split(create_model(config, nnx.Rngs(config.seed)), is_fresh, ...)[1],
+        out_shardings=shardings,
+        compiler_options=compiler_options,
+    )()
     return nnx.merge(graphdef, fresh, *(nnx.State({name: state}) for name, state in loaded.items()))
 
 

@@ -41,8 +41,16 @@ CHIPS: dict[str, Chip] = {
 # `device_kind` prefixes of attached devices, most specific first (kinds match by prefix:
 # v5p reports itself as plain "TPU v5", so it comes after the longer v5 names).
 DEVICE_KINDS = (
-    ("NVIDIA H200", "h200"), ("NVIDIA H100", "h100"), ("NVIDIA A100", "a100-80gb"), ("NVIDIA L4", "l4"),
-    ("TPU v6", "v6e"), ("TPU v5 lite", "v5e"), ("TPU v5e", "v5e"), ("TPU v5p", "v5p"), ("TPU v5", "v5p"), ("TPU v4", "v4"),
+    ("NVIDIA H200", "h200"),
+    ("NVIDIA H100", "h100"),
+    ("NVIDIA A100", "a100-80gb"),
+    ("NVIDIA L4", "l4"),
+    ("TPU v6", "v6e"),
+    ("TPU v5 lite", "v5e"),
+    ("TPU v5e", "v5e"),
+    ("TPU v5p", "v5p"),
+    ("TPU v5", "v5p"),
+    ("TPU v4", "v4"),
 )
 
 

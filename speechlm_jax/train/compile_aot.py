@@ -101,7 +101,9 @@ def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
     key = ALIASES.get(key, key)
     if key not in CHIPS or CHIPS[key].platform != "tpu":
         tpus = ", ".join(k for k, c in CHIPS.items() if c.platform == "tpu")
-        raise ValueError(f"no compile-only topology for {key!r}: TPU chips are {tpus}; GPU clusters use --topology local on one node")
+        raise ValueError(
+            f"no compile-only topology for {key!r}: TPU chips are {tpus}; GPU clusters use --topology local on one node"
+        )
     chip = CHIPS[key]
     if explicit:
         grid = tuple(int(g) for g in explicit.group(2).split("x"))
@@ -134,7 +136,9 @@ def tpu_topology(name: str, *, slices: int = 1) -> Topology:
 def local_topology() -> Topology:
     """The attached devices (one JAX device per chip on GPUs and v4/v5p/v5e/v6e)."""
     devices = tuple(jax.devices())
-    return Topology(f"local ({len(devices)} x {devices[0].device_kind})", chip_of(devices[0].device_kind), len(devices), devices)
+    return Topology(
+        f"local ({len(devices)} x {devices[0].device_kind})", chip_of(devices[0].device_kind), len(devices), devices
+    )
 
 
 def make_topology(name: str, *, slices: int = 1) -> Topology:
@@ -179,12 +183,18 @@ class CompileReport:
         gib = _size
         rows = [
             ("topology", f"{self.topology} ({self.devices} devices, mesh {self.mesh})"),
-            ("batch", ", ".join(f"{k} {v}" for k, v in self.batch.items() if k in ("audio", "tokens", "teacher_tokens"))),
+            (
+                "batch",
+                ", ".join(f"{k} {v}" for k, v in self.batch.items() if k in ("audio", "tokens", "teacher_tokens")),
+            ),
             ("arguments", gib(self.argument_bytes)),
             ("outputs", f"{gib(self.output_bytes)} ({gib(self.alias_bytes).strip()} of them in donated inputs)"),
             ("temporaries", gib(self.temp_bytes)),
             ("code", gib(self.code_bytes)),
-            ("peak / device", f"{gib(self.peak_bytes)} of {gib(self.hbm_bytes)} HBM ({100 * self.peak_bytes / self.hbm_bytes:.0f}%)"),
+            (
+                "peak / device",
+                f"{gib(self.peak_bytes)} of {gib(self.hbm_bytes)} HBM ({100 * self.peak_bytes / self.hbm_bytes:.0f}%)",
+            ),
             ("XLA FLOPs / device", f"{self.xla_flops_per_device:.3e}"),
             ("model FLOPs / step", f"{self.model_flops_per_step:.3e}"),
             (f"step time @ {self.mfu:.0%} MFU", f"{self.step_seconds_at_mfu:.3f} s"),
@@ -202,9 +212,9 @@ def check_fits(report: CompileReport) -> None:
     if report.fits:
         return
     raise DoesNotFitError(
-        f"the step needs {_size(report.peak_bytes)} per device, {_size(report.peak_bytes - report.hbm_bytes)} more than "
-        f"the {_size(report.hbm_bytes)} of {report.topology}; try model.remat=full, a larger fsdp axis, train.grad_accum "
-        "or a smaller train.batch_size"
+        f"the step needs {_size(report.peak_bytes)} per device, {_size(report.peak_bytes - report.hbm_bytes)} "
+        f"more than the {_size(report.hbm_bytes)} of {report.topology}; try model.remat=full, a larger fsdp axis, "
+        "train.grad_accum or a smaller train.batch_size"
     )
 
 
@@ -214,13 +224,20 @@ def abstract_batch(config: ml_collections.ConfigDict, bucket: int = -1) -> dict[
 
     data = config.data
     empty = batching.collate(
-        [], tuple(data.buckets[bucket]), batch_size=config.train.batch_size, max_slots=data.max_slots,
-        teacher_tokens=data.teacher_tokens, downsample=config.model.projector.downsample, pad_id=0,
+        [],
+        tuple(data.buckets[bucket]),
+        batch_size=config.train.batch_size,
+        max_slots=data.max_slots,
+        teacher_tokens=data.teacher_tokens,
+        downsample=config.model.projector.downsample,
+        pad_id=0,
     )
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in empty.items()}
 
 
-def train_step_and_inputs(config: ml_collections.ConfigDict, mesh: Mesh, batch: dict[str, jax.ShapeDtypeStruct]) -> tuple[Any, tuple[Any, ...]]:
+def train_step_and_inputs(
+    config: ml_collections.ConfigDict, mesh: Mesh, batch: dict[str, jax.ShapeDtypeStruct]
+) -> tuple[Any, tuple[Any, ...]]:
     """The trainer's jitted step for `mesh` and its abstract inputs, each carrying the trainer's sharding.
 
     Inputs are (trainable, frozen, opt_state, batch, rng) as ShapeDtypeStructs: the state is
@@ -234,15 +251,26 @@ def train_step_and_inputs(config: ml_collections.ConfigDict, mesh: Mesh, batch: 
     state = state_lib.build_state(config, mesh, abstract=True, for_training=True)
     batch_sh = {k: batch_sharding(mesh, v.ndim, config_lib.sharding_rules(config)) for k, v in batch.items()}
     train_step = step.make_train_step(
-        state.graphdef, objectives.make_objective(config.loss), state.tx, state.schedules,
-        trainable_shardings=state.trainable_shardings, frozen_shardings=state.frozen_shardings, opt_shardings=state.opt_shardings,
-        batch_shardings=batch_sh, grad_accum=config.train.grad_accum, skip_nonfinite=config.train.nonfinite == "skip",
+        state.graphdef,
+        objectives.make_objective(config.loss),
+        state.tx,
+        state.schedules,
+        trainable_shardings=state.trainable_shardings,
+        frozen_shardings=state.frozen_shardings,
+        opt_shardings=state.opt_shardings,
+        batch_shardings=batch_sh,
+        grad_accum=config.train.grad_accum,
+        skip_nonfinite=config.train.nonfinite == "skip",
     )
-    rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+    rng = jax.ShapeDtypeStruct(
+        (), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=NamedSharding(mesh, PartitionSpec())
+    )
     return train_step, (state.trainable, state.frozen, state.opt_state, state_lib.with_shardings(batch, batch_sh), rng)
 
 
-def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh, batch: dict[str, jax.ShapeDtypeStruct]) -> jax.stages.Lowered:
+def lower_train_step(
+    config: ml_collections.ConfigDict, mesh: Mesh, batch: dict[str, jax.ShapeDtypeStruct]
+) -> jax.stages.Lowered:
     """The trainer's jitted step lowered for `mesh` on abstract inputs with the trainer's shardings."""
     train_step, inputs = train_step_and_inputs(config, mesh, batch)
     return train_step.lower(*inputs)
@@ -253,17 +281,29 @@ def model_flops(config: ml_collections.ConfigDict, batch: dict[str, jax.ShapeDty
     from speechlm_jax.train import build, metrics, objectives
 
     flops = metrics.ModelFlops(
-        build.abstract_model(config), config_lib.trainable_groups(config),
-        uses_teacher=config.loss.name in objectives.USES_TEACHER, downsample=config.model.projector.downsample,
+        build.abstract_model(config),
+        config_lib.trainable_groups(config),
+        uses_teacher=config.loss.name in objectives.USES_TEACHER,
+        downsample=config.model.projector.downsample,
     )
     examples, slots, samples = batch["audio"].shape
-    shape = metrics.StepShape(batch=examples, audio_slots=slots, audio_samples=samples, tokens=batch["tokens"].shape[1],
-                              teacher_tokens=batch["teacher_tokens"].shape[1] if flops.uses_teacher else 0)
+    shape = metrics.StepShape(
+        batch=examples,
+        audio_slots=slots,
+        audio_samples=samples,
+        tokens=batch["tokens"].shape[1],
+        teacher_tokens=batch["teacher_tokens"].shape[1] if flops.uses_teacher else 0,
+    )
     return flops.breakdown(shape)["total"]
 
 
 def compile_train_step(
-    config: ml_collections.ConfigDict, topology: Topology, *, mfu: float = 0.4, bucket: int = -1, hbm_bytes: int | None = None
+    config: ml_collections.ConfigDict,
+    topology: Topology,
+    *,
+    mfu: float = 0.4,
+    bucket: int = -1,
+    hbm_bytes: int | None = None,
 ) -> CompileReport:
     """Compiles the train step of `config` for `topology` and reads off its memory and FLOPs.
 
@@ -282,7 +322,10 @@ def compile_train_step(
         compiled = lower_train_step(config, mesh, batch).compile()
     except jax.errors.JaxRuntimeError as error:
         if "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower():
-            raise DoesNotFitError(f"XLA cannot fit the step into {hbm / GiB:.2f} GiB per device of {topology.name}: {str(error).splitlines()[0]}") from error
+            raise DoesNotFitError(
+                f"XLA cannot fit the step into {hbm / GiB:.2f} GiB per device of {topology.name}: "
+                f"{str(error).splitlines()[0]}"
+            ) from error
         raise
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
@@ -290,12 +333,19 @@ def compile_train_step(
     cost = cost[0] if isinstance(cost, list) else cost
     total = model_flops(config, batch)
     return CompileReport(
-        topology=topology.name, devices=len(topology.devices), mesh=dict(mesh.shape),
+        topology=topology.name,
+        devices=len(topology.devices),
+        mesh=dict(mesh.shape),
         batch={k: list(v.shape) for k, v in batch.items()},
-        argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
-        alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
-        code_bytes=memory.generated_code_size_in_bytes, hbm_bytes=hbm,
-        xla_flops_per_device=float(cost.get("flops", 0.0)), model_flops_per_step=total, mfu=mfu,
+        argument_bytes=memory.argument_size_in_bytes,
+        output_bytes=memory.output_size_in_bytes,
+        alias_bytes=memory.alias_size_in_bytes,
+        temp_bytes=memory.temp_size_in_bytes,
+        code_bytes=memory.generated_code_size_in_bytes,
+        hbm_bytes=hbm,
+        xla_flops_per_device=float(cost.get("flops", 0.0)),
+        model_flops_per_step=total,
+        mfu=mfu,
         step_seconds_at_mfu=total / (mfu * topology.peak_flops_per_device * len(topology.devices)),
         compile_seconds=seconds,
     )
@@ -307,18 +357,40 @@ PROG = "speechlm-compile"
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     config_lib.add_config_argument(p)
-    p.add_argument("--topology", required=True, help="v5p-128, v6e-64, v5p:4x4x4, ... or `local` (the attached devices)")
-    p.add_argument("--slices", type=int, default=1, help="number of slices (multislice over DCN; put `data` across them in the mesh)")
+    p.add_argument(
+        "--topology", required=True, help="v5p-128, v6e-64, v5p:4x4x4, ... or `local` (the attached devices)"
+    )
+    p.add_argument(
+        "--slices",
+        type=int,
+        default=1,
+        help="number of slices (multislice over DCN; put `data` across them in the mesh)",
+    )
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the step-time estimate")
-    p.add_argument("--bucket", type=int, default=-1, help="index into data.buckets of the batch shape to compile (default: the largest)")
-    p.add_argument("--hbm_gib", type=float, default=0.0, help="memory per device to check against (default: the chip's HBM)")
+    p.add_argument(
+        "--bucket",
+        type=int,
+        default=-1,
+        help="index into data.buckets of the batch shape to compile (default: the largest)",
+    )
+    p.add_argument(
+        "--hbm_gib", type=float, default=0.0, help="memory per device to check against (default: the chip's HBM)"
+    )
     p.add_argument("--json", action="store_true", help="print the report as one JSON line instead of a table")
     cli.add_log_level(p)
     return p
 
 
-def check_config(config: ml_collections.ConfigDict, topology_name: str, *, slices: int = 1, mfu: float = 0.4,
-                 bucket: int = -1, hbm_gib: float = 0.0, as_json: bool = False) -> CompileReport:
+def check_config(
+    config: ml_collections.ConfigDict,
+    topology_name: str,
+    *,
+    slices: int = 1,
+    mfu: float = 0.4,
+    bucket: int = -1,
+    hbm_gib: float = 0.0,
+    as_json: bool = False,
+) -> CompileReport:
     """Compiles `config`'s step for the topology, prints the report; DoesNotFitError when it does not fit."""
     try:
         topology = make_topology(topology_name, slices=slices)
@@ -337,8 +409,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, config = config_lib.parse_command_line(build_parser(), argv)
         cli.setup_logging(args.log_level)
         try:
-            check_config(config, args.topology, slices=args.slices, mfu=args.mfu, bucket=args.bucket,
-                         hbm_gib=args.hbm_gib, as_json=args.json)
+            check_config(
+                config,
+                args.topology,
+                slices=args.slices,
+                mfu=args.mfu,
+                bucket=args.bucket,
+                hbm_gib=args.hbm_gib,
+                as_json=args.json,
+            )
         except DoesNotFitError as error:
             raise cli.CommandFailed(f"does not fit: {error}") from error
 

@@ -146,7 +146,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.loss.z_loss < 0.0:
         raise ConfigError(f"loss.z_loss={config.loss.z_loss} must not be negative")
     if config.train.batch_size % config.train.grad_accum:
-        raise ConfigError(f"train.batch_size={config.train.batch_size} does not divide into train.grad_accum={config.train.grad_accum} microbatches")
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} does not divide into "
+            f"train.grad_accum={config.train.grad_accum} microbatches"
+        )
 
 
 def mesh_axes_of(rule: str) -> tuple[str, ...]:
@@ -243,8 +246,9 @@ def _takes_bare_form(config: ml_collections.ConfigDict | None, key: str) -> bool
     return holder.get_type(leaf) in (bool, type(None)) or holder[leaf] is None
 
 
-def split_overrides(argv: Sequence[str], config: ml_collections.ConfigDict | None,
-                    flag: str = "config") -> tuple[list[str], list[Override]]:
+def split_overrides(
+    argv: Sequence[str], config: ml_collections.ConfigDict | None, flag: str = "config"
+) -> tuple[list[str], list[Override]]:
     """argv -> (the other arguments, the overrides in order); `--config.k v` takes the next argument
     as its value unless the field is a bool (or None) one."""
     pattern = _override_pattern(flag)
@@ -352,7 +356,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[Overr
     check_overrides(config, [o.key for o in overrides])
     keys = [o.key for o in overrides]
     for i, first in enumerate(keys):
-        for later in keys[i + 1:]:
+        for later in keys[i + 1 :]:
             if first.startswith(later + "."):
                 raise ConfigError(f"--config.{later} comes after --config.{first} and would undo it; put it first")
     seen_tuples: set[str] = set()
@@ -385,16 +389,19 @@ def load_config(spec: str, overrides: Sequence[Override] = ()) -> ml_collections
     return apply_overrides(config, overrides)
 
 
-CONFIG_HELP = ("recipe config file and variant: configs/<recipe>.py:<variant>[,key=value...]; "
-               "override any key with --config.<dotted.key>=VALUE (read against the field's type)")
+CONFIG_HELP = (
+    "recipe config file and variant: configs/<recipe>.py:<variant>[,key=value...]; "
+    "override any key with --config.<dotted.key>=VALUE (read against the field's type)"
+)
 
 
 def add_config_argument(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--config", required=required, metavar="FILE.py:VARIANT", help=CONFIG_HELP)
 
 
-def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
-                       flag: str = "config") -> tuple[argparse.Namespace, ml_collections.ConfigDict | None]:
+def parse_command_line(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, flag: str = "config"
+) -> tuple[argparse.Namespace, ml_collections.ConfigDict | None]:
     """argparse's namespace and the overridden, locked config (None without `--config`).
 
     The overrides are taken out of argv first (they need the config's field types), so argparse

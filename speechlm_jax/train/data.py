@@ -28,9 +28,13 @@ TRAINER_KEYS = ("tokenizer", "task_modules", "eval_speech_sources", "eval_prompt
 def pipeline_config(config: ml_collections.ConfigDict, *, heldout: bool = False) -> PipelineConfig:
     """The PipelineConfig of this run (training or held-out evaluation) for this host."""
     if config.train.batch_size % jax.process_count():
-        raise ValueError(f"train.batch_size={config.train.batch_size} does not divide over {jax.process_count()} processes")
+        raise ValueError(
+            f"train.batch_size={config.train.batch_size} does not divide over {jax.process_count()} processes"
+        )
     fields = {k: v for k, v in config.data.to_dict().items() if k not in TRAINER_KEYS}
-    fields.update(batch_size=config.train.batch_size // jax.process_count(), downsample=config.model.projector.downsample)
+    fields.update(
+        batch_size=config.train.batch_size // jax.process_count(), downsample=config.model.projector.downsample
+    )
     if heldout:
         fields["prompt_split"] = config.data.eval_prompt_split
         if config.data.eval_speech_sources:
@@ -59,12 +63,21 @@ class Data:
     def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
         """One pass over the held-out batches, from the start each time it is called."""
         if self._eval_dataset is None:
-            self._eval_dataset, _ = pipeline.build_dataset(self.eval_config, tokenizer=self.tokenizer, split="heldout", **self._host())
+            self._eval_dataset, _ = pipeline.build_dataset(
+                self.eval_config, tokenizer=self.tokenizer, split="heldout", **self._host()
+            )
         return iter(self._eval_dataset)
 
     def batch_ndims(self) -> dict[str, int]:
         """Rank of every batch array (from an empty batch of the first bucket)."""
         c = self.train_config
-        empty = batching.collate([], c.buckets[0], batch_size=1, max_slots=c.max_slots, teacher_tokens=c.teacher_tokens, downsample=c.downsample, pad_id=0)
+        empty = batching.collate(
+            [],
+            c.buckets[0],
+            batch_size=1,
+            max_slots=c.max_slots,
+            teacher_tokens=c.teacher_tokens,
+            downsample=c.downsample,
+            pad_id=0,
+        )
         return {k: v.ndim for k, v in empty.items()}
-

@@ -66,8 +66,10 @@ def source_trainable(config: ml_collections.ConfigDict, mesh: Mesh) -> nnx.State
         steps = sorted(ckpt.manager.all_steps())
         step = spec.step or (steps[-1] if steps else None)
         if step is None or step not in steps:
-            raise InitFromError(f"model.init_from: no checkpoint{'' if not spec.step else f' at step {spec.step}'} in "
-                                f"{ckpt.directory}; saved steps: {steps}")
+            raise InitFromError(
+                f"model.init_from: no checkpoint{'' if not spec.step else f' at step {spec.step}'} in "
+                f"{ckpt.directory}; saved steps: {steps}"
+            )
         args = ocp.args.Composite(trainable=ocp.args.StandardRestore(checkpoint.abstract_like(abstract)))
         return ckpt.manager.restore(step, args=args).trainable
     finally:
@@ -83,18 +85,24 @@ def apply(model: SpeechLM, config: ml_collections.ConfigDict, mesh: Mesh) -> Spe
     run = config.model.init_from.workdir
     for name in names:
         if name not in source:
-            raise InitFromError(f"model.init_from: the {name} did not train in {run} (its checkpoint holds only what "
-                                "trained); take it from that run's HF folder instead")
+            raise InitFromError(
+                f"model.init_from: the {name} did not train in {run} (its checkpoint holds only what "
+                "trained); take it from that run's HF folder instead"
+            )
         target = getattr(model, name)
         wanted, taken = nnx.state(target, nnx.Param), source[name]
         want, have = _shapes(wanted), _shapes(taken)
         missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
         if missing or extra:
-            raise InitFromError(f"model.init_from: {run}'s {name} has other tensors than this model's "
-                                f"(missing {missing[:3]}, not in this model {extra[:3]})")
+            raise InitFromError(
+                f"model.init_from: {run}'s {name} has other tensors than this model's "
+                f"(missing {missing[:3]}, not in this model {extra[:3]})"
+            )
         for key in sorted(want):
             if want[key] != have[key]:
-                raise InitFromError(f"model.init_from: {name}/{key} is {have[key]} in {run}, this model's is {want[key]}")
+                raise InitFromError(
+                    f"model.init_from: {name}/{key} is {have[key]} in {run}, this model's is {want[key]}"
+                )
         # Restored in this mesh's shardings already; only the dtype may differ (model.param_dtype).
         nnx.update(target, jax.tree.map(lambda t, w: t.astype(w.dtype), taken, wanted))
     return model

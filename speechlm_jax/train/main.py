@@ -29,8 +29,12 @@ def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     config_lib.add_config_argument(p)
     p.add_argument("--workdir", required=True, help="run directory: checkpoints, TensorBoard, resolved config")
-    p.add_argument("--distributed", action="store_true",
-                   help="always call jax.distributed.initialize() (multi-host TPU/GPU); without it, multi-host environments are detected")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="always call jax.distributed.initialize() (multi-host TPU/GPU); "
+        "without it, multi-host environments are detected",
+    )
     cli.add_log_level(p)
     return p
 

@@ -124,7 +124,9 @@ def step_flops(
     out["encoder_forward"] = enc_fwd
     # The encoder back-propagates only when something in it trains.
     enc_dx = clips * (enc["kernels"] + 2 * enc["attention"] + enc_lora) if encoder_trains else 0.0
-    enc_dw = clips * (enc["kernels"] if "encoder" in trainable else 0.0) + clips * (enc_lora if "lora" in trainable else 0.0)
+    enc_dw = clips * (enc["kernels"] if "encoder" in trainable else 0.0) + clips * (
+        enc_lora if "lora" in trainable else 0.0
+    )
     out["encoder_backward"] = enc_dx + enc_dw
 
     proj_fwd = clips * audio_tokens * projector_flops_per_frame
@@ -190,7 +192,13 @@ class ProgressBar:
     def __init__(self, total: int, initial: int, *, enabled: bool = True):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled or jax.process_index() != 0, unit="step", dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            disable=not enabled or jax.process_index() != 0,
+            unit="step",
+            dynamic_ncols=True,
+        )
 
     def update(self, steps: int, scalars: Mapping[str, float]) -> None:
         self.bar.update(steps)
@@ -214,8 +222,8 @@ class ModelFlops:
         self.downsample = downsample
         adapted = [(path, linear) for path, linear in linear_modules(model) if linear.has_lora]
         self.lora_rank = adapted[0][1].lora_a.shape[1] if adapted else 0
-        self.llm_lora = [(l.in_features, l.out_features) for p, l in adapted if p.startswith("llm/")]
-        self.encoder_lora = [(l.in_features, l.out_features) for p, l in adapted if p.startswith("encoder/")]
+        self.llm_lora = [(m.in_features, m.out_features) for p, m in adapted if p.startswith("llm/")]
+        self.encoder_lora = [(m.in_features, m.out_features) for p, m in adapted if p.startswith("encoder/")]
         kernels = [v for p, v in nnx.to_flat_state(nnx.state(model.projector, nnx.Param)) if p[-1] == "kernel"]
         self.projector_per_frame = 2.0 * sum(int(np.prod(v.get_value().shape)) for v in kernels)
         self._cache: dict[tuple[int, ...], dict[str, float]] = {}
@@ -235,9 +243,15 @@ class ModelFlops:
         )
 
     def shape_of(self, batch: Mapping[str, Any]) -> StepShape:
-        b, s, l = batch["audio"].shape
+        b, s, samples = batch["audio"].shape
         u = batch["teacher_tokens"].shape[1] if self.uses_teacher else 0
-        return StepShape(batch=b * jax.process_count(), audio_slots=s, audio_samples=l, tokens=batch["tokens"].shape[1], teacher_tokens=u)
+        return StepShape(
+            batch=b * jax.process_count(),
+            audio_slots=s,
+            audio_samples=samples,
+            tokens=batch["tokens"].shape[1],
+            teacher_tokens=u,
+        )
 
     def of_batch(self, batch: Mapping[str, Any]) -> float:
         """Total FLOPs of a step on this host batch (all hosts together)."""

@@ -48,7 +48,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
     opt = config.optimizer
     schedules = {g: make_schedule(opt, opt.lr[g], config.train.steps) for g in trainable_groups(config)}
     per_group = {
-        group: optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=partitions.decay_mask)
+        group: optax.adamw(
+            schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=partitions.decay_mask
+        )
         for group, schedule in schedules.items()
     }
     chain = [optax.clip_by_global_norm(opt.clip_norm)] if opt.clip_norm > 0 else []

@@ -77,7 +77,9 @@ def _variables(state: Any) -> list[tuple[Path, nnx.Variable]]:
 
 def map_variables(fn: Callable[[Path, nnx.Variable], Any], state: Any) -> Any:
     """A tree of `state`'s structure whose Variables hold fn(path, variable) (labels, masks)."""
-    return jax.tree_util.tree_map_with_path(lambda p, v: v.replace(fn(p, v)) if _is_variable(v) else fn(p, v), state, is_leaf=_is_variable)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, v: v.replace(fn(p, v)) if _is_variable(v) else fn(p, v), state, is_leaf=_is_variable
+    )
 
 
 def group_labels(state: Any) -> Any:

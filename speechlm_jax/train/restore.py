@@ -52,7 +52,11 @@ def check_trainable_fits(item_dir: Path, trainable: nnx.State) -> None:
     """Raises ValueError when the stored trainable tensors are not those the config builds."""
     stored = _leaf_shapes(ocp.StandardCheckpointer().metadata(item_dir).item_metadata)
     expected = _leaf_shapes(trainable)
-    mismatched = [f"{k}: stored {stored[k]}, config builds {expected[k]}" for k in sorted(stored.keys() & expected.keys()) if stored[k] != expected[k]]
+    mismatched = [
+        f"{k}: stored {stored[k]}, config builds {expected[k]}"
+        for k in sorted(stored.keys() & expected.keys())
+        if stored[k] != expected[k]
+    ]
     missing, unexpected = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
     if mismatched or missing or unexpected:
         problems = [f"first mismatched tensor {mismatched[0]} ({len(mismatched)} in all)"] if mismatched else []
@@ -61,7 +65,9 @@ def check_trainable_fits(item_dir: Path, trainable: nnx.State) -> None:
         raise ValueError(f"the checkpoint {item_dir} does not fit the workdir's config.json: " + "; ".join(problems))
 
 
-def load_model(workdir: str | Path, *, mesh: Mesh | None = None, step: int | None = None) -> tuple[SpeechLM, ml_collections.ConfigDict, int]:
+def load_model(
+    workdir: str | Path, *, mesh: Mesh | None = None, step: int | None = None
+) -> tuple[SpeechLM, ml_collections.ConfigDict, int]:
     """The SpeechLM of a run at `step` (default: the latest checkpoint), sharded on `mesh`.
 
     Returns (model, config, step). Raises FileNotFoundError without such a checkpoint,
@@ -77,9 +83,13 @@ def load_model(workdir: str | Path, *, mesh: Mesh | None = None, step: int | Non
         steps = sorted(ckpt.manager.all_steps())
         step = steps[-1] if step is None and steps else step
         if step is None or step not in steps:
-            raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}; saved steps: {steps}")
+            raise FileNotFoundError(
+                f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}; saved steps: {steps}"
+            )
         check_trainable_fits(ckpt.directory / str(step) / "trainable", state.trainable)
-        args = ocp.args.Composite(trainable=ocp.args.StandardRestore(checkpoint.abstract_like(state.trainable)), meta=ocp.args.JsonRestore())
+        args = ocp.args.Composite(
+            trainable=ocp.args.StandardRestore(checkpoint.abstract_like(state.trainable)), meta=ocp.args.JsonRestore()
+        )
         restored = ckpt.manager.restore(step, args=args)
     finally:
         ckpt.close()

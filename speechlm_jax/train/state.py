@@ -71,7 +71,10 @@ def check_batch_shards(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     """Raises ConfigError unless `train.batch_size` divides over the mesh's batch shards x `train.grad_accum`."""
     shards = batch_shards(mesh, config_lib.sharding_rules(config)) * config.train.grad_accum
     if config.train.batch_size % shards:
-        raise config_lib.ConfigError(f"train.batch_size={config.train.batch_size} must divide into {shards} (batch shards of mesh {dict(mesh.shape)} x train.grad_accum)")
+        raise config_lib.ConfigError(
+            f"train.batch_size={config.train.batch_size} must divide into {shards} (batch shards of mesh "
+            f"{dict(mesh.shape)} x train.grad_accum)"
+        )
 
 
 def with_shardings(tree: Any, shardings: Any) -> Any:
@@ -79,7 +82,9 @@ def with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def build_state(config: ml_collections.ConfigDict, mesh: Mesh, *, abstract: bool = False, for_training: bool = False) -> TrainState:
+def build_state(
+    config: ml_collections.ConfigDict, mesh: Mesh, *, abstract: bool = False, for_training: bool = False
+) -> TrainState:
     """The TrainState of `config` on `mesh` (see the module docstring).
 
     `abstract`: shapes, dtypes and shardings only, nothing read or allocated (the
@@ -93,7 +98,9 @@ def build_state(config: ml_collections.ConfigDict, mesh: Mesh, *, abstract: bool
     if abstract:
         model = build.abstract_model(config)
     else:
-        model = build.build_model(config, mesh, rules, compiler_options=step.compiler_options(config.train.fast_compile))
+        model = build.build_model(
+            config, mesh, rules, compiler_options=step.compiler_options(config.train.fast_compile)
+        )
         model = init_from.apply(model, config, mesh)
     graphdef, trainable, frozen = partitions.split_model(model, config_lib.trainable_groups(config))
     del model  # the states hold every array; the module object would pin a second reference

@@ -59,7 +59,9 @@ def loss_and_grads(
         (loss, metrics), grads = grad_fn(trainable, batch)
         return loss, metrics, grads
 
-    def accumulate(carry: tuple[jax.Array, Metrics, Any], microbatch: Batch) -> tuple[tuple[jax.Array, Metrics, Any], None]:
+    def accumulate(
+        carry: tuple[jax.Array, Metrics, Any], microbatch: Batch
+    ) -> tuple[tuple[jax.Array, Metrics, Any], None]:
         (loss, metrics), grads = grad_fn(trainable, microbatch)
         total = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
         return total, None
@@ -89,7 +91,9 @@ def train_step_fn(
 ) -> Callable[[Any, Any, Any, Batch, jax.Array], tuple[Any, Any, Metrics]]:
     """The pure (un-jitted) step; `make_train_step` jits it with shardings and donation."""
 
-    def train_step(trainable: Any, frozen: Any, opt_state: Any, batch: Batch, rng: jax.Array) -> tuple[Any, Any, Metrics]:
+    def train_step(
+        trainable: Any, frozen: Any, opt_state: Any, batch: Batch, rng: jax.Array
+    ) -> tuple[Any, Any, Metrics]:
         del rng  # the objectives are deterministic (no dropout); kept so augmentation can use it
         loss, metrics, grads = loss_and_grads(graphdef, objective, trainable, frozen, batch, grad_accum)
         grad_norm = optax.global_norm(grads)

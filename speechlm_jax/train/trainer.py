@@ -36,8 +36,8 @@ from jax.sharding import Mesh
 from speechlm_jax import distributed
 from speechlm_jax.sharding import batch_sharding, make_mesh
 from speechlm_jax.train import build, checkpoint, data, metrics, objectives, partitions, restore, step
-from speechlm_jax.train import state as state_lib
 from speechlm_jax.train import config as config_lib
+from speechlm_jax.train import state as state_lib
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -92,7 +92,9 @@ def _mean_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in fetched])) for k in fetched[0]}
 
 
-def evaluate(eval_step: Any, trainable: Any, frozen: Any, batches: Iterator[Mapping[str, np.ndarray]], shardings: Any, limit: int) -> dict[str, float]:
+def evaluate(
+    eval_step: Any, trainable: Any, frozen: Any, batches: Iterator[Mapping[str, np.ndarray]], shardings: Any, limit: int
+) -> dict[str, float]:
     """Mean of the objective's metrics over up to `limit` held-out batches."""
     records = []
     for i, batch in enumerate(batches):
@@ -102,7 +104,9 @@ def evaluate(eval_step: Any, trainable: Any, frozen: Any, batches: Iterator[Mapp
     return _mean_metrics(records) if records else {}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Sequence[jax.Device] | None = None) -> TrainResult:
+def train(
+    config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Sequence[jax.Device] | None = None
+) -> TrainResult:
     """Trains `config` in `workdir` (resuming from its latest checkpoint if there is one).
 
     `devices` (default: all) are the devices the mesh spreads over.
@@ -129,12 +133,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     batch_shardings = {name: batch_sharding(mesh, ndim, rules) for name, ndim in pipeline.batch_ndims().items()}
     vocab = build.llm_config(config).vocab_size
     if len(pipeline.tokenizer) > vocab:
-        raise config_lib.ConfigError(f"tokenizer {config.data.tokenizer!r} has {len(pipeline.tokenizer)} tokens, the LLM's vocabulary only {vocab}")
+        raise config_lib.ConfigError(
+            f"tokenizer {config.data.tokenizer!r} has {len(pipeline.tokenizer)} tokens, the LLM's vocabulary "
+            f"only {vocab}"
+        )
 
     # --- State: the batch checked against the mesh; the model in its shardings, split into what
     # trains and the frozen base; the optimiser state of the trainable groups only, sharded like them.
     state = state_lib.build_state(config, mesh, for_training=True)
-    graphdef, trainable, frozen, tx, schedules, opt_state = state.graphdef, state.trainable, state.frozen, state.tx, state.schedules, state.opt_state
+    graphdef, trainable, frozen, tx, schedules, opt_state = (
+        state.graphdef,
+        state.trainable,
+        state.frozen,
+        state.tx,
+        state.schedules,
+        state.opt_state,
+    )
     trainable_sh, frozen_sh, opt_sh = state.trainable_shardings, state.frozen_shardings, state.opt_shardings
     del state  # the loop rebinds trainable and opt_state; `state` would pin the first ones
     logging.info("trainable %s; frozen %s", partitions.count_params(trainable), partitions.count_params(frozen))
@@ -142,7 +156,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     rng = jax.random.key(config.seed)
 
     # --- Resume: this workdir's latest checkpoint, else the fresh state above.
-    ckpt = checkpoint.Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    ckpt = checkpoint.Checkpointer(
+        workdir, every=config.checkpoint.every, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+    )
     latest = ckpt.latest_step()
     start = latest or 0
     # Step 0 exists when the workdir was made by `speechlm-convert import`: resume it too.
@@ -156,18 +172,36 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     xla_options = step.compiler_options(config.train.fast_compile)
     objective = objectives.make_objective(config.loss)
     train_step = step.make_train_step(
-        graphdef, objective, tx, schedules,
-        trainable_shardings=trainable_sh, frozen_shardings=frozen_sh, opt_shardings=opt_sh, batch_shardings=batch_shardings,
-        grad_accum=config.train.grad_accum, skip_nonfinite=config.train.nonfinite == "skip", compiler_options=xla_options,
+        graphdef,
+        objective,
+        tx,
+        schedules,
+        trainable_shardings=trainable_sh,
+        frozen_shardings=frozen_sh,
+        opt_shardings=opt_sh,
+        batch_shardings=batch_shardings,
+        grad_accum=config.train.grad_accum,
+        skip_nonfinite=config.train.nonfinite == "skip",
+        compiler_options=xla_options,
     )
     eval_step = step.make_eval_step(
-        graphdef, objective, trainable_shardings=trainable_sh, frozen_shardings=frozen_sh, batch_shardings=batch_shardings, compiler_options=xla_options
+        graphdef,
+        objective,
+        trainable_shardings=trainable_sh,
+        frozen_shardings=frozen_sh,
+        batch_shardings=batch_shardings,
+        compiler_options=xla_options,
     )
 
     # --- Reporting: TensorBoard, metrics.jsonl, progress bar, MFU from the analytic FLOP count.
     writer = metrics.MetricWriter(workdir)
     bar = metrics.ProgressBar(config.train.steps, start, enabled=config.train.progress_bar)
-    flops = metrics.ModelFlops(build.abstract_model(config), groups, uses_teacher=config.loss.name in objectives.USES_TEACHER, downsample=config.model.projector.downsample)
+    flops = metrics.ModelFlops(
+        build.abstract_model(config),
+        groups,
+        uses_teacher=config.loss.name in objectives.USES_TEACHER,
+        downsample=config.model.projector.downsample,
+    )
     throughput = metrics.Throughput(list(mesh.devices.flat))
     throughput.reset(start)
     preemption = _Preemption()
@@ -185,7 +219,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         record = _mean_metrics([m for _, m in pending])
         pending.clear()
         if record["finite"] < 1.0 and config.train.nonfinite == "stop":
-            raise NonFiniteLossError(f"loss or gradient became non-finite between steps {first} and {latest} (loss={record['loss']})")
+            raise NonFiniteLossError(
+                f"loss or gradient became non-finite between steps {first} and {latest} (loss={record['loss']})"
+            )
         record["skipped_steps"] = (1.0 - record.pop("finite")) * (latest - first + 1)
         record.update(throughput.rates(latest))
         record.update({f"data/{k}": float(v) for k, v in data_stats.as_dict().items()})
@@ -199,14 +235,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         while step_index < config.train.steps:
             batch = next(train_iter)
             throughput.add(*metrics.batch_counts(batch), flops.of_batch(batch))
-            trainable, opt_state, step_metrics = train_step(trainable, frozen, opt_state, _global_batch(batch, batch_shardings), jax.random.fold_in(rng, step_index))
+            trainable, opt_state, step_metrics = train_step(
+                trainable, frozen, opt_state, _global_batch(batch, batch_shardings), jax.random.fold_in(rng, step_index)
+            )
             step_index += 1
             pending.append((step_index, step_metrics))
 
             if step_index % config.train.log_every == 0 or step_index == config.train.steps:
                 log()
             if config.train.eval_every and step_index % config.train.eval_every == 0:
-                scores = evaluate(eval_step, trainable, frozen, pipeline.eval_batches(), batch_shardings, config.train.eval_batches)
+                scores = evaluate(
+                    eval_step, trainable, frozen, pipeline.eval_batches(), batch_shardings, config.train.eval_batches
+                )
                 writer.write(step_index, scores, split="eval")
             if preemption.reached(step_index) or ckpt.should_save(step_index) or step_index == config.train.steps:
                 log()  # a non-finite state must never be saved

@@ -29,14 +29,33 @@ SAMPLES = 32000  # 2 s at 16 kHz: one full encoder window
 AUDIO_TOKENS = 25
 WORDS = "what did the speaker say about the red cat and the blue dog please answer briefly"
 
-ENCODER = WhisperConfig(num_mel_bins=80, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128, max_source_positions=100)
+ENCODER = WhisperConfig(
+    num_mel_bins=80,
+    d_model=32,
+    encoder_layers=2,
+    encoder_attention_heads=4,
+    encoder_ffn_dim=128,
+    max_source_positions=100,
+)
 
 
 def _llm_config(family: str = "llama", *, tied: bool = False) -> LLMConfig:
     fields = dict(
-        model_type=family, vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=tied,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, rope_theta=10000.0,
+        model_type=family,
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        rope_theta=10000.0,
     )
     return LLMConfig.from_hf(fields)
 
@@ -64,7 +83,14 @@ def tiny_speechlm():
     """`tiny_speechlm(family="llama", *, tied=False, lora=True, projector=None, seed=0)`: a new
     random SpeechLM each call (rank-4 LoRA on every linear unless `lora=False`)."""
 
-    def make(family: str = "llama", *, tied: bool = False, lora: bool = True, projector: ProjectorConfig | None = None, seed: int = 0) -> SpeechLM:
+    def make(
+        family: str = "llama",
+        *,
+        tied: bool = False,
+        lora: bool = True,
+        projector: ProjectorConfig | None = None,
+        seed: int = 0,
+    ) -> SpeechLM:
         model = build_speechlm(
             ENCODER,
             projector or ProjectorConfig(kind="frame_stack", downsample=4),
@@ -146,7 +172,9 @@ def load_voxtral():
     tensor loaded (none missing or unexpected), in eval mode."""
 
     def load(folder, **kwargs) -> transformers.VoxtralForConditionalGeneration:
-        model, info = transformers.VoxtralForConditionalGeneration.from_pretrained(folder, output_loading_info=True, **kwargs)
+        model, info = transformers.VoxtralForConditionalGeneration.from_pretrained(
+            folder, output_loading_info=True, **kwargs
+        )
         assert not any(info.values()), info
         return model.eval()
 

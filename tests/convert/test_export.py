@@ -11,9 +11,9 @@ import torch
 import transformers
 
 from speechlm_jax.convert import export, voxtral
-from speechlm_jax.models.hf_import import SafetensorsCheckpoint
 from speechlm_jax.data.tokenizer import load_tokenizer
 from speechlm_jax.generate import generate
+from speechlm_jax.models.hf_import import SafetensorsCheckpoint
 from speechlm_jax.models.projector import ProjectorConfig
 
 
@@ -24,15 +24,20 @@ def stored_keys(folder) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("family,tied", [("llama", False), ("qwen2", True)])
-def test_voxtral_export_gives_our_logits_and_tokens(family, tied, tiny_speechlm, tokenizer_dir, clip, prompt_batch,
-                                                    hf_inputs, load_voxtral, tmp_path):
+def test_voxtral_export_gives_our_logits_and_tokens(
+    family, tied, tiny_speechlm, tokenizer_dir, clip, prompt_batch, hf_inputs, load_voxtral, tmp_path
+):
     model = tiny_speechlm(family, tied=tied)
     tokenizer = tokenizer_dir(tmp_path)
     audio_token_id = load_tokenizer(str(tokenizer)).audio_token_id
-    out = export.export_speechlm(model, tmp_path / "hf", audio_token_id=audio_token_id, tokenizer_dir=tokenizer, merge_lora=True)
+    out = export.export_speechlm(
+        model, tmp_path / "hf", audio_token_id=audio_token_id, tokenizer_dir=tokenizer, merge_lora=True
+    )
 
     config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == ["VoxtralForConditionalGeneration"] and config["text_config"]["model_type"] == family
+    assert (
+        config["architectures"] == ["VoxtralForConditionalGeneration"] and config["text_config"]["model_type"] == family
+    )
     assert config["audio_token_id"] == audio_token_id
     assert transformers.AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<audio>") == audio_token_id
     hf = load_voxtral(out)
@@ -47,7 +52,15 @@ def test_voxtral_export_gives_our_logits_and_tokens(family, tied, tiny_speechlm,
 
     with torch.no_grad():
         hf_tokens = hf.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1] :].numpy()
-    ours_tokens = generate(model.llm, None, batch["input_mask"], inputs_embeds=model.embed_inputs(batch), max_new_tokens=8, eos_id=2, pad_id=0)
+    ours_tokens = generate(
+        model.llm,
+        None,
+        batch["input_mask"],
+        inputs_embeds=model.embed_inputs(batch),
+        max_new_tokens=8,
+        eos_id=2,
+        pad_id=0,
+    )
     length = int(ours_tokens.lengths[0])
     np.testing.assert_array_equal(np.asarray(ours_tokens.tokens[0, :length]), hf_tokens[:length])
     assert len(hf_tokens) == length
@@ -67,10 +80,14 @@ def test_keys_are_the_layout_transformers_writes_and_shards_load(tiny_speechlm, 
     assert set(index["weight_map"]) == set(stored_keys(out))
 
 
-def test_bf16_export_loads_and_runs(tiny_speechlm, tokenizer_dir, clip, prompt_batch, hf_inputs, load_voxtral, tmp_path):
+def test_bf16_export_loads_and_runs(
+    tiny_speechlm, tokenizer_dir, clip, prompt_batch, hf_inputs, load_voxtral, tmp_path
+):
     model = tiny_speechlm()
     tokenizer = tokenizer_dir(tmp_path)
-    out = export.export_speechlm(model, tmp_path / "hf", audio_token_id=4, tokenizer_dir=tokenizer, merge_lora=True, dtype="bf16")
+    out = export.export_speechlm(
+        model, tmp_path / "hf", audio_token_id=4, tokenizer_dir=tokenizer, merge_lora=True, dtype="bf16"
+    )
     dtypes = stored_keys(out)
     assert dtypes.pop("audio_tower.embed_positions.weight") == "F32"
     assert set(dtypes.values()) == {"BF16"}
@@ -121,7 +138,9 @@ def test_tensors_that_do_not_fit_the_config_fail_before_writing(tiny_speechlm, t
     model = tiny_speechlm(lora=False)
     up = model.llm.layers[1].mlp.up_proj.kernel
     up.set_value(up.get_value()[:, :-1])
-    with pytest.raises(ValueError, match=r"first mismatched tensor: language_model\.model\.layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(
+        ValueError, match=r"first mismatched tensor: language_model\.model\.layers\.1\.mlp\.up_proj\.weight"
+    ):
         export.export_speechlm(model, tmp_path / "hf", audio_token_id=4)
     assert _no_partial_output(tmp_path)
 
@@ -148,7 +167,11 @@ def test_audio_token_outside_the_vocabulary_is_refused(tiny_speechlm, tmp_path):
 
 
 def test_sizes_and_dtypes_are_checked():
-    assert export.parse_size("5GB") == 5 * 10**9 and export.parse_size("2MiB") == 2 * 2**20 and export.parse_size(100) == 100
+    assert (
+        export.parse_size("5GB") == 5 * 10**9
+        and export.parse_size("2MiB") == 2 * 2**20
+        and export.parse_size(100) == 100
+    )
     with pytest.raises(ValueError, match="cannot read the size"):
         export.parse_size("lots")
     assert export.DTYPES["bf16"] == np.dtype(ml_dtypes.bfloat16)

@@ -39,15 +39,20 @@ def test_adapter_on_the_base_llm_equals_the_merged_export(tiny_speechlm, tmp_pat
     np.testing.assert_allclose(with_adapter, reference, atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.asarray(llm(TOKENS)), with_adapter, atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.asarray(llm(TOKENS, lora=False)), plain, atol=1e-4, rtol=0)
-    assert np.abs(with_adapter - plain).max() > 1e-2, "the adapter changed nothing: the test would not see a wrong mapping"
+    assert np.abs(with_adapter - plain).max() > 1e-2, (
+        "the adapter changed nothing: the test would not see a wrong mapping"
+    )
 
 
-def test_adapter_on_the_voxtral_base_equals_the_merged_voxtral(tiny_speechlm, tokenizer_dir, clip, prompt_batch,
-                                                               hf_inputs, load_voxtral, tmp_path):
+def test_adapter_on_the_voxtral_base_equals_the_merged_voxtral(
+    tiny_speechlm, tokenizer_dir, clip, prompt_batch, hf_inputs, load_voxtral, tmp_path
+):
     model = tiny_speechlm("qwen2")
     tokenizer = tokenizer_dir(tmp_path)
     base_dir = export.export_speechlm(model, tmp_path / "base", audio_token_id=4, tokenizer_dir=tokenizer)
-    merged_dir = export.export_speechlm(model, tmp_path / "merged", audio_token_id=4, tokenizer_dir=tokenizer, merge_lora=True)
+    merged_dir = export.export_speechlm(
+        model, tmp_path / "merged", audio_token_id=4, tokenizer_dir=tokenizer, merge_lora=True
+    )
     inputs = hf_inputs(base_dir, prompt_batch(tokenizer, clip), clip)
     adapted = peft.PeftModel.from_pretrained(load_voxtral(base_dir), base_dir / "adapter").eval()
     with torch.no_grad():
@@ -60,7 +65,10 @@ def test_adapter_reads_back_into_our_lora(tiny_speechlm, tmp_path):
     llm = tiny_speechlm("llama").llm
     out = export.export_llm(llm, tmp_path / "base")
     fresh = load_llm(out)
-    assert peft_adapter.read_adapter(out / "adapter", fresh, module_name=peft_adapter.causal_lm_module, rngs=nnx.Rngs(0)) == 14
+    assert (
+        peft_adapter.read_adapter(out / "adapter", fresh, module_name=peft_adapter.causal_lm_module, rngs=nnx.Rngs(0))
+        == 14
+    )
     np.testing.assert_array_equal(np.asarray(fresh(TOKENS)), np.asarray(llm(TOKENS)))
 
 
@@ -79,4 +87,7 @@ def test_encoder_adapters_are_only_exported_merged(tiny_speechlm, tmp_path):
     apply_lora(model.encoder, LoRAConfig(rank=2, alpha=4.0, targets=r"q_proj$"), rngs=nnx.Rngs(1))
     with pytest.raises(ValueError, match="encoder has LoRA adapters"):
         export.export_speechlm(model, tmp_path / "hf", audio_token_id=4)
-    assert voxtral.in_memory_module("model.layers.0.self_attn.q_proj.weight") == "model.language_model.layers.0.self_attn.q_proj"
+    assert (
+        voxtral.in_memory_module("model.layers.0.self_attn.q_proj.weight")
+        == "model.language_model.layers.0.self_attn.q_proj"
+    )

@@ -17,9 +17,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from speechlm_jax.convert import export, main, workdir
+from speechlm_jax.data.tokenizer import build_word_tokenizer
 from speechlm_jax.models.hf_import import SafetensorsCheckpoint
 from speechlm_jax.models.lora import linear_modules
-from speechlm_jax.data.tokenizer import build_word_tokenizer
 from speechlm_jax.sharding import make_mesh
 from speechlm_jax.train import build, checkpoint, optimizer, partitions, restore
 from speechlm_jax.train import config as config_lib
@@ -50,9 +50,28 @@ def hf_voxtral(folder, words: str) -> None:
     tokenizer = build_word_tokenizer([words], folder)
     torch.manual_seed(0)
     config = transformers.VoxtralConfig(
-        audio_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_mel_bins=80, max_source_positions=100),
-        text_config=dict(model_type="llama", vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        audio_config=dict(
+            hidden_size=32,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_mel_bins=80,
+            max_source_positions=100,
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=48,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=256,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
         audio_token_id=transformers.AutoTokenizer.from_pretrained(tokenizer).convert_tokens_to_ids("<audio>"),
     )
     model = transformers.VoxtralForConditionalGeneration(config)
@@ -71,7 +90,10 @@ def test_transformers_voxtral_imports_and_exports_bitwise(tokenizer_words, tmp_p
     assert config["train"]["trainable"] == "projector" and config["model"]["llm_weights"] == str(run / "base" / "llm")
     assert main.main(["export", "--workdir", str(run), "--out", str(tmp_path / "out")]) == 0
     assert_bitwise(tensors(tmp_path / "hf"), tensors(tmp_path / "out"))
-    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab() == transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").get_vocab()
+    assert (
+        transformers.AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab()
+        == transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").get_vocab()
+    )
 
 
 def test_import_of_tensors_that_do_not_fit_the_config_fails_without_output(tokenizer_words, tmp_path, capsys):
@@ -87,12 +109,29 @@ def test_import_of_tensors_that_do_not_fit_the_config_fails_without_output(token
 def test_adapter_and_bf16_survive_import_and_export_bitwise(tiny_speechlm, tokenizer_dir, tmp_path):
     model = tiny_speechlm("qwen2", tied=True)
     tokenizer = tokenizer_dir(tmp_path)
-    first = export.export_speechlm(model, tmp_path / "first", audio_token_id=4, tokenizer_dir=tokenizer, dtype="bf16", max_shard_size="64KB")
+    first = export.export_speechlm(
+        model, tmp_path / "first", audio_token_id=4, tokenizer_dir=tokenizer, dtype="bf16", max_shard_size="64KB"
+    )
     run = workdir.import_hf(first, tmp_path / "run")
     assert json.loads((run / "config.json").read_text())["train"]["trainable"] == "projector,lora"
     loaded = workdir.load_workdir(run)
     assert loaded.step == workdir.IMPORTED_STEP and loaded.audio_token_id == 4
-    assert main.main(["export", "--workdir", str(run), "--out", str(tmp_path / "second"), "--dtype", "bf16", "--max-shard-size", "64KB"]) == 0
+    assert (
+        main.main(
+            [
+                "export",
+                "--workdir",
+                str(run),
+                "--out",
+                str(tmp_path / "second"),
+                "--dtype",
+                "bf16",
+                "--max-shard-size",
+                "64KB",
+            ]
+        )
+        == 0
+    )
     assert_bitwise(tensors(first), tensors(tmp_path / "second"))
     adapter = "adapter/adapter_model.safetensors"
     assert_bitwise(tensors(first / adapter), tensors(tmp_path / "second" / adapter))
@@ -118,7 +157,9 @@ def test_cli_reports_errors_without_output(tiny_speechlm, tmp_path, capsys):
 
     export.export_llm(tiny_speechlm(lora=False).llm, tmp_path / "llm")
     assert main.main(["import", "--hf", str(tmp_path / "llm"), "--workdir", str(tmp_path / "run")]) == 2
-    assert "not VoxtralForConditionalGeneration; an LLM folder (*ForCausalLM) needs no import" in capsys.readouterr().err
+    assert (
+        "not VoxtralForConditionalGeneration; an LLM folder (*ForCausalLM) needs no import" in capsys.readouterr().err
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -126,8 +167,8 @@ def test_cli_reports_errors_without_output(tiny_speechlm, tmp_path, capsys):
 def trained_run(tmp_path_factory):
     """A real trainer workdir: the ASR recipe's tiny variant trained for 2 steps on a small TTS corpus."""
     from speechlm_jax.configs import asr
-    from speechlm_jax.train import trainer
     from speechlm_jax.toyworld.corpus import build_tiny_corpus
+    from speechlm_jax.train import trainer
 
     corpus = build_tiny_corpus(tmp_path_factory.mktemp("corpus"), train_sentences=4, heldout_sentences=2)
     config = asr.get_config(f"tiny,data_dir={corpus}")
@@ -152,8 +193,11 @@ def test_trained_workdir_exports_to_voxtral_with_our_logits(trained_run, tmp_pat
     ids = np.array([[1] + [loaded.audio_token_id] * audio_tokens + [5, 6, 7]], np.int32)
     t = ids.shape[1]
     batch = dict(
-        audio=jnp.asarray(clip[None, None]), audio_lens=jnp.asarray([[samples]], jnp.int32), tokens=jnp.asarray(ids),
-        positions=jnp.arange(t, dtype=jnp.int32)[None], input_mask=jnp.ones((1, t), jnp.int32),
+        audio=jnp.asarray(clip[None, None]),
+        audio_lens=jnp.asarray([[samples]], jnp.int32),
+        tokens=jnp.asarray(ids),
+        positions=jnp.arange(t, dtype=jnp.int32)[None],
+        input_mask=jnp.ones((1, t), jnp.int32),
         audio_index=jnp.asarray([[-1] + list(range(audio_tokens)) + [-1] * 3], jnp.int32),
     )
     extractor = transformers.AutoFeatureExtractor.from_pretrained(tmp_path / "hf")
@@ -185,7 +229,22 @@ def test_workdir_no_class_represents_is_refused_and_nothing_written(conv_project
     assert "strided Conv1d" in capsys.readouterr().err
     assert not any(p.name.startswith((".hf", "hf")) for p in tmp_path.iterdir())
     # The LLM alone still has its class (step 3, the only checkpoint).
-    assert main.main(["export", "--workdir", str(run), "--step", "3", "--out", str(tmp_path / "llm"), "--llm-only", "--merge-lora"]) == 0
+    assert (
+        main.main(
+            [
+                "export",
+                "--workdir",
+                str(run),
+                "--step",
+                "3",
+                "--out",
+                str(tmp_path / "llm"),
+                "--llm-only",
+                "--merge-lora",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "llm" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
@@ -203,7 +262,10 @@ def test_import_with_a_recipe_restores_the_way_the_trainer_resumes(trained_run, 
     run, corpus = trained_run
     assert main.main(["export", "--workdir", str(run), "--out", str(tmp_path / "hf")]) == 0
     recipe = f"{REPO}/configs/asr.py:tiny,data_dir={corpus}"
-    assert main.main(["import", "--hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "imported"), "--config", recipe]) == 0
+    assert (
+        main.main(["import", "--hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "imported"), "--config", recipe])
+        == 0
+    )
 
     # What `trainer.train` does to resume: rebuild the model from the config, split it, make the
     # optimiser state and the data iterator, restore the step onto them, check the base.
@@ -216,12 +278,16 @@ def test_import_with_a_recipe_restores_the_way_the_trainer_resumes(trained_run, 
     ckpt = checkpoint.Checkpointer(tmp_path / "imported", every=config.checkpoint.every, keep=config.checkpoint.keep)
     restored, _, meta = ckpt.restore(0, trainable, tx.init(trainable), iterator)
     ckpt.close()
-    checkpoint.check_base(meta, checkpoint.base_hash(build.cast_floating(frozen, config.model.frozen_dtype)), meta["base_path"])
+    checkpoint.check_base(
+        meta, checkpoint.base_hash(build.cast_floating(frozen, config.model.frozen_dtype)), meta["base_path"]
+    )
 
     trained = workdir.load_workdir(run).model
     expected = dict(nnx.to_flat_state(nnx.state(trained, nnx.Param)))
     for path, variable in nnx.to_flat_state(restored):
-        np.testing.assert_array_equal(np.asarray(variable.get_value()), np.asarray(expected[path].get_value()), err_msg=str(path))
+        np.testing.assert_array_equal(
+            np.asarray(variable.get_value()), np.asarray(expected[path].get_value()), err_msg=str(path)
+        )
     assert next(iterator)["tokens"].shape[0] == config.train.batch_size
 
 
@@ -232,7 +298,10 @@ def test_trainer_resumes_an_imported_workdir_from_step_0(trained_run, tmp_path):
     run, corpus = trained_run
     assert main.main(["export", "--workdir", str(run), "--out", str(tmp_path / "hf")]) == 0
     recipe = f"{REPO}/configs/asr.py:tiny,data_dir={corpus}"
-    assert main.main(["import", "--hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "imported"), "--config", recipe]) == 0
+    assert (
+        main.main(["import", "--hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "imported"), "--config", recipe])
+        == 0
+    )
 
     config = restore.read_config(tmp_path / "imported")
     # A zero learning rate: one step leaves the trainable state exactly as it was restored.
@@ -242,4 +311,6 @@ def test_trainer_resumes_an_imported_workdir_from_step_0(trained_run, tmp_path):
 
     expected = dict(nnx.to_flat_state(nnx.state(workdir.load_workdir(run).model, nnx.Param)))
     for path, variable in nnx.to_flat_state(result.trainable):
-        np.testing.assert_array_equal(np.asarray(variable.get_value()), np.asarray(expected[path].get_value()), err_msg=str(path))
+        np.testing.assert_array_equal(
+            np.asarray(variable.get_value()), np.asarray(expected[path].get_value()), err_msg=str(path)
+        )

@@ -108,9 +108,7 @@ def word_tokenizer(tmp_path_factory):
     return load_tokenizer(folder)
 
 
-def write_utterance(
-    path, text: str, rng: np.random.Generator, word_s: float = 0.25, gap_s: float = 0.05
-) -> list[dict]:
+def write_utterance(path, text: str, rng: np.random.Generator, word_s: float = 0.25, gap_s: float = 0.05) -> list[dict]:
     """Writes a 16 kHz noise WAV with one burst per word; returns the word timings."""
     words = text.split()
     audio = np.zeros(int((gap_s + len(words) * (word_s + gap_s)) * SR), np.int16)

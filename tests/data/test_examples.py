@@ -20,9 +20,7 @@ from speechlm_jax.models.frontend import audio_token_count
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    folder = build_word_tokenizer(
-        ["Repeat the cat sat on a mat", "hello world"], tmp_path_factory.mktemp("tok")
-    )
+    folder = build_word_tokenizer(["Repeat the cat sat on a mat", "hello world"], tmp_path_factory.mktemp("tok"))
     return load_tokenizer(folder)
 
 
@@ -139,15 +137,29 @@ def test_teacher_twin_is_the_chat_templates_text_version(family, request):
     tok = request.getfixturevalue(f"{family}_tokenizer")
     sentence = "she sells sea shells by the sea shore"
     n = len(sentence.split())
-    record = {"text": sentence, "words": [{"w": w, "start": 0.4 * k + 0.05, "end": 0.4 * k + 0.35}
-                                          for k, w in enumerate(sentence.split())]}
+    record = {
+        "text": sentence,
+        "words": [{"w": w, "start": 0.4 * k + 0.05, "end": 0.4 * k + 0.35} for k, w in enumerate(sentence.split())],
+    }
     words = interleave.record_words(record)
     waveform = np.ones(int(0.4 * n * 16000), np.int16)
     prompt = "Transcribe the audio. {content}"
-    spans = [interleave.Span(0, 2, False), interleave.Span(2, 4, True), interleave.Span(4, 6, False),
-             interleave.Span(6, 8, True)]
-    content = interleave.content_segments(waveform, words, spans, lead_space=leading_space(prompt),
-                                          max_samples=16000 * 10, split_long=False, sample_rate=16000, margin_s=0.02)
+    spans = [
+        interleave.Span(0, 2, False),
+        interleave.Span(2, 4, True),
+        interleave.Span(4, 6, False),
+        interleave.Span(6, 8, True),
+    ]
+    content = interleave.content_segments(
+        waveform,
+        words,
+        spans,
+        lead_space=leading_space(prompt),
+        max_samples=16000 * 10,
+        split_long=False,
+        sample_rate=16000,
+        margin_s=0.02,
+    )
     ex = build_example(prompt_segments(tok, prompt, content, "yes"), tok, downsample=4)
     messages = [{"role": "user", "content": prompt.format(content=sentence)}, {"role": "assistant", "content": "yes"}]
     reference = tok.hf.apply_chat_template(messages, tokenize=False)

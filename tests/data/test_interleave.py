@@ -15,9 +15,7 @@ SR = 16000
 SENTENCE = "The quick brown fox jumps over the lazy dog today"
 
 
-def _words(
-    text: str = SENTENCE, word_s: float = 0.3, gap_s: float = 0.1
-) -> tuple[np.ndarray, interleave.Words]:
+def _words(text: str = SENTENCE, word_s: float = 0.3, gap_s: float = 0.1) -> tuple[np.ndarray, interleave.Words]:
     """A waveform whose sample values encode the word they belong to (word k -> k + 1, gaps 0)."""
     tokens = text.split()
     starts = np.asarray([gap_s + k * (word_s + gap_s) for k in range(len(tokens))])
@@ -27,9 +25,7 @@ def _words(
         waveform[int(round(s * SR)) : int(round(e * SR))] = k + 1
     record = {
         "text": text,
-        "words": [
-            {"w": w.lower().strip(".,"), "start": s, "end": e} for w, s, e in zip(tokens, starts, ends)
-        ],
+        "words": [{"w": w.lower().strip(".,"), "start": s, "end": e} for w, s, e in zip(tokens, starts, ends)],
     }
     words = interleave.record_words(record)
     assert words.text == tuple(tokens)
@@ -201,11 +197,25 @@ def test_interleaved_example_keeps_word_order_and_teacher_reads_the_transcript(t
 
 def test_spans_too_short_for_a_frame_stay_text():
     waveform, words = _words()
-    spans = [interleave.Span(0, 2, False), interleave.Span(2, 3, True), interleave.Span(3, 5, False),
-             interleave.Span(5, 7, True), interleave.Span(7, 10, False)]
+    spans = [
+        interleave.Span(0, 2, False),
+        interleave.Span(2, 3, True),
+        interleave.Span(3, 5, False),
+        interleave.Span(5, 7, True),
+        interleave.Span(7, 10, False),
+    ]
     # One word is 0.3 s; with a 0.4 s minimum only the two-word span stays spoken.
-    segments = interleave.content_segments(waveform, words, spans, lead_space=False, max_samples=10 * SR,
-                                           split_long=False, sample_rate=SR, margin_s=0.0, min_samples=int(0.4 * SR))
+    segments = interleave.content_segments(
+        waveform,
+        words,
+        spans,
+        lead_space=False,
+        max_samples=10 * SR,
+        split_long=False,
+        sample_rate=SR,
+        margin_s=0.0,
+        min_samples=int(0.4 * SR),
+    )
     assert [type(s) for s in segments] == [Text, Audio, Text]
     assert segments[0].text == "The quick brown fox jumps"
     assert segments[1].transcript == " over the" and segments[2].text == " lazy dog today"

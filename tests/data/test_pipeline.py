@@ -82,24 +82,19 @@ def _check_batch(batch, config: PipelineConfig, tok) -> None:
         for k in range(s):
             length = batch["audio_lens"][i, k]
             frames_k = index[(index >= k * frames) & (index < (k + 1) * frames)] - k * frames
-            np.testing.assert_array_equal(
-                frames_k, np.arange(audio_token_count(int(length), config.downsample))
-            )
+            np.testing.assert_array_equal(frames_k, np.arange(audio_token_count(int(length), config.downsample)))
             assert not batch["audio"][i, k, length:].any()
             # CTC's labels: the slot's transcript, which the teacher twin reads in its place.
             labels = batch["audio_labels"][i, k]
             labels = labels[labels >= 0].tolist()
             assert bool(labels) == (length > 0)
             teacher = batch["teacher_tokens"][i].tolist()
-            assert any(teacher[j:j + len(labels)] == labels for j in range(len(teacher))), (labels, teacher)
+            assert any(teacher[j : j + len(labels)] == labels for j in range(len(teacher))), (labels, teacher)
         on = batch["kl_mask"][i] > 0
         np.testing.assert_array_equal(
             batch["targets"][i][on], batch["teacher_targets"][i][batch["teacher_index"][i][on]]
         )
-        assert (
-            batch["loss_mask"][i].sum() > 0
-            and batch["teacher_loss_mask"][i].sum() == batch["loss_mask"][i].sum()
-        )
+        assert batch["loss_mask"][i].sum() > 0 and batch["teacher_loss_mask"][i].sum() == batch["loss_mask"][i].sum()
         np.testing.assert_array_equal(
             batch["targets"][i][batch["loss_mask"][i] > 0],
             batch["teacher_targets"][i][batch["teacher_loss_mask"][i] > 0],
@@ -153,9 +148,7 @@ def test_bad_files_are_skipped_and_counted(wav_manifest, word_tokenizer, tmp_pat
 def test_overlong_examples_are_dropped_or_split(wav_manifest, word_tokenizer, sentences):
     # Only 0.7 s (two words) fits a slot: longer utterances are dropped, or split at word boundaries.
     buckets = ((11200, 64),)
-    iterator, stats = build_pipeline(
-        _config(wav_manifest, buckets=buckets), tokenizer=word_tokenizer, split="eval"
-    )
+    iterator, stats = build_pipeline(_config(wav_manifest, buckets=buckets), tokenizer=word_tokenizer, split="eval")
     kept = sum(int(b["weight"].sum()) for b in _drain(iterator))
     assert 0 < kept < len(sentences) and stats.as_dict()["skipped/too_long"] == len(sentences) - kept
     config = _config(wav_manifest, buckets=buckets, overlong="split", max_slots=4)
@@ -199,9 +192,7 @@ def test_two_processes_read_disjoint_shards_covering_the_data(wav_manifest, word
         iterator, _ = build_pipeline(
             config, tokenizer=word_tokenizer, split="eval", process_index=process, process_count=2
         )
-        shards.append(
-            {_content(word_tokenizer, b, i) for b in iterator for i in range(2) if b["weight"][i] > 0}
-        )
+        shards.append({_content(word_tokenizer, b, i) for b in iterator for i in range(2) if b["weight"][i] > 0})
     assert len(shards[0]) == len(shards[1]) == len(sentences) // 2
     assert not shards[0] & shards[1]
     covered = {s for s in sentences for c in shards[0] | shards[1] if f" {s} " in f" {c} "}
@@ -210,9 +201,7 @@ def test_two_processes_read_disjoint_shards_covering_the_data(wav_manifest, word
 
 def test_text_mixture_is_weighted_and_deterministic(wav_manifest, word_tokenizer, sentences, tmp_path):
     text = tmp_path / "text.jsonl"
-    text.write_text(
-        "".join(json.dumps({"instruction": f"Repeat {s}", "response": s}) + "\n" for s in sentences)
-    )
+    text.write_text("".join(json.dumps({"instruction": f"Repeat {s}", "response": s}) + "\n" for s in sentences))
     config = _config(wav_manifest, text_sources=(str(text),), text_weight=0.25, batch_size=4)
     iterator, _ = build_pipeline(config, tokenizer=word_tokenizer, seed=3)
     batches = [next(iterator) for _ in range(12)]
@@ -257,9 +246,7 @@ def test_text_loss_all_supervises_the_whole_text_example(wav_manifest, word_toke
 def test_task_kinds_prompts_and_targets(wav_manifest, word_tokenizer, tmp_path):
     from speechlm_jax.data.tasks import TASKS, TextTask, register_task
 
-    register_task(
-        TextTask("pipeline_echo", ("Repeat {content}",), ("Repeat : {content}",), answer=lambda s: s)
-    )
+    register_task(TextTask("pipeline_echo", ("Repeat {content}",), ("Repeat : {content}",), answer=lambda s: s))
     targets = tmp_path / "targets.jsonl"
     targets.write_text(
         "".join(
@@ -438,6 +425,11 @@ def test_worker_processes_from_a_program_without_absl_app(wav_manifest, word_tok
     program.write_text(_WORKER_PROGRAM)
     repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, str(program), str(wav_manifest), word_tokenizer.hf.name_or_path],
-                            capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(program), str(wav_manifest), word_tokenizer.hf.name_or_path],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -34,9 +34,7 @@ def test_manifest_to_array_record_without_tensorflow(wav_manifest, tmp_path):
         assert (got["id"], got["text"], got["speaker"]) == (want["id"], want["text"], want["speaker"])
         np.testing.assert_array_equal(got["waveform"], load_audio(want["audio"]))
         assert [w["w"] for w in got["words"]] == [w["w"] for w in want["words"]]
-        np.testing.assert_allclose(
-            [w["start"] for w in got["words"]], [w["start"] for w in want["words"]], atol=1e-6
-        )
+        np.testing.assert_allclose([w["start"] for w in got["words"]], [w["start"] for w in want["words"]], atol=1e-6)
         assert abs(got["duration"] - len(got["waveform"]) / 16000) < 1e-5
     assert "tensorflow" not in sys.modules
 

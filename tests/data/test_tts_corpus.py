@@ -166,9 +166,10 @@ def test_cli_writes_corpus_and_summary(tmp_path, capsys):
     assert "0 synthesized, 2 already done" in capsys.readouterr().out
 
     plugged = tmp_path / "plugged"
-    assert synth_main(
-        args[:3] + [str(plugged), "--layout", "librispeech", "--synthesizer", f"{__name__}:ToneSynthesizer"]
-    ) == 0
+    assert (
+        synth_main(args[:3] + [str(plugged), "--layout", "librispeech", "--synthesizer", f"{__name__}:ToneSynthesizer"])
+        == 0
+    )
     records = _records(plugged / "manifest.jsonl")
     assert [len(r["words"]) for r in records] == [3, 2]
     assert all(r["duration"] == pytest.approx(0.2 * len(r["words"]), abs=1e-3) for r in records)

@@ -90,8 +90,15 @@ def test_checks_compare_against_the_targets():
 @pytest.fixture
 def miniature(monkeypatch: pytest.MonkeyPatch) -> build.Sizes:
     """Toy settings shrunk to seconds: few sentences, one voice, a few steps per stage."""
-    small = dict(TEACHER_STEPS=3, ENCODER_STEPS=3, RECIPE_STEPS=3, BATCH_SIZE=8, SPEECH_BATCH_SIZE=8,
-                 ASR_EVAL_UTTERANCES=2, TARGET_SHARDS=1)
+    small = dict(
+        TEACHER_STEPS=3,
+        ENCODER_STEPS=3,
+        RECIPE_STEPS=3,
+        BATCH_SIZE=8,
+        SPEECH_BATCH_SIZE=8,
+        ASR_EVAL_UTTERANCES=2,
+        TARGET_SHARDS=1,
+    )
     for name, value in small.items():
         monkeypatch.setattr(toy_config, name, value)
     return build.Sizes(train_sentences=8, heldout_sentences=4, voices=(Voice(rate=220),))
@@ -104,8 +111,14 @@ def test_miniature_demo_builds_every_stage_and_reports(tmp_path: Path, miniature
     assert set(report["recipes"]) == {"mtbi"}
     assert 0.0 <= report["teacher"]["text_acc"] <= 1.0
     for row in report["recipes"].values():
-        for key in ("speech_acc_seen", "speech_acc_heldout_prompts", "speech_acc_heldout_tasks",
-                    "gap_heldout_tasks", "text_retention", "wer"):
+        for key in (
+            "speech_acc_seen",
+            "speech_acc_heldout_prompts",
+            "speech_acc_heldout_tasks",
+            "gap_heldout_tasks",
+            "text_retention",
+            "wer",
+        ):
             assert 0.0 <= row[key] <= 1.0 or key in ("gap_heldout_tasks", "wer")
     written = json.loads((out / "report.json").read_text())
     assert written["recipes"]["mtbi"]["speech_acc_seen"] == report["recipes"]["mtbi"]["speech_acc_seen"]

@@ -22,13 +22,22 @@ def tok(tmp_path_factory, toy_tokenizer):
 @pytest.fixture
 def scorer(tok, toy_speechlm, toy_downsample):
     # Silent clips one audio frame per transcript token: a fixed, cheap speech source.
-    return Scorer(toy_speechlm(tok), tok, downsample=toy_downsample, speech=OracleSpeech(tok, toy_downsample),
-                  batch_size=4, length_multiple=64)
+    return Scorer(
+        toy_speechlm(tok),
+        tok,
+        downsample=toy_downsample,
+        speech=OracleSpeech(tok, toy_downsample),
+        batch_size=4,
+        length_multiple=64,
+    )
 
 
 def _items():
-    return [it for name in ("first_word", "has_place") for it in
-            task_items(get_task(name), sentences("heldout", 3, seed=1), prompt_split="train")]
+    return [
+        it
+        for name in ("first_word", "has_place")
+        for it in task_items(get_task(name), sentences("heldout", 3, seed=1), prompt_split="train")
+    ]
 
 
 def test_transcribe_is_the_greedy_ctc_decode_of_the_heads_logits(scorer, tok):
@@ -38,12 +47,14 @@ def test_transcribe_is_the_greedy_ctc_decode_of_the_heads_logits(scorer, tok):
     samples = -(-samples // scorer.sample_multiple) * scorer.sample_multiple
     audio = np.zeros((len(waveforms), samples), np.int16)
     for i, w in enumerate(waveforms):
-        audio[i, :len(w)] = w
+        audio[i, : len(w)] = w
     lens = jnp.asarray([len(w) for w in waveforms])
     model = scorer.model
     embeds, mask = model.project_audio(jnp.asarray(audio), lens)
     logits = model.llm.logits(model.llm.norm(embeds))
-    ids = np.asarray(ctc_greedy_decode(logits, mask, blank_id=0, max_labels=audio_token_count(samples, scorer.downsample)))
+    ids = np.asarray(
+        ctc_greedy_decode(logits, mask, blank_id=0, max_labels=audio_token_count(samples, scorer.downsample))
+    )
     assert got == [tok.decode([int(t) for t in row if t >= 0]).strip() for row in ids]
 
 

@@ -16,34 +16,60 @@ def write(path, lines):
 
 def test_valid_items(tmp_path):
     (tmp_path / "q2.wav").write_bytes(b"RIFF")
-    path = write(tmp_path / "obqa.jsonl", [
-        {"question": "which animal says moo", "choices": ["a cow", "a cat"], "answer": 0},
-        "",
-        {"question": "what is two and two", "answer": "four", "audio": "q2.wav", "id": "x", "task": "math",
-         "prompt": "answer briefly {content}", "metric": "contains"},
-        {"question": "pick one", "choices": ["left", "right", "up"], "answer": "up", "audio": None},
-    ])
+    path = write(
+        tmp_path / "obqa.jsonl",
+        [
+            {"question": "which animal says moo", "choices": ["a cow", "a cat"], "answer": 0},
+            "",
+            {
+                "question": "what is two and two",
+                "answer": "four",
+                "audio": "q2.wav",
+                "id": "x",
+                "task": "math",
+                "prompt": "answer briefly {content}",
+                "metric": "contains",
+            },
+            {"question": "pick one", "choices": ["left", "right", "up"], "answer": "up", "audio": None},
+        ],
+    )
     a, b, c = load_items(path)
-    assert (a.id, a.task, a.answer, a.answer_index, a.multiple_choice, a.audio) == ("obqa-1", "obqa", "a cow", 0, True, None)
-    assert (b.id, b.task, b.multiple_choice, b.prompt, b.metric) == ("x", "math", False, "answer briefly {content}", "contains")
+    assert (a.id, a.task, a.answer, a.answer_index, a.multiple_choice, a.audio) == (
+        "obqa-1",
+        "obqa",
+        "a cow",
+        0,
+        True,
+        None,
+    )
+    assert (b.id, b.task, b.multiple_choice, b.prompt, b.metric) == (
+        "x",
+        "math",
+        False,
+        "answer briefly {content}",
+        "contains",
+    )
     assert b.audio == str(tmp_path / "q2.wav")
     assert (c.id, c.answer_index) == ("obqa-4", 2)
 
 
-@pytest.mark.parametrize("line, message", [
-    ({"choices": ["a", "b"], "answer": 0}, "missing field 'question'"),
-    ({"question": "q", "choices": ["a", "b"]}, "missing field 'answer'"),
-    ({"question": "q", "answer": None}, "missing field 'answer'"),
-    ({"question": "", "answer": "a"}, "field 'question' must be a non-empty string"),
-    ({"question": "q", "choices": ["a"], "answer": 0}, "field 'choices' must be a list of at least two"),
-    ({"question": "q", "choices": ["a", "b"], "answer": 2}, "answer index 2 is out of range"),
-    ({"question": "q", "choices": ["a", "b"], "answer": "c"}, "answer 'c' is not one of the choices"),
-    ({"question": "q", "answer": "a", "audio": "missing.wav"}, "does not exist"),
-    ({"question": "q", "answer": "a", "prompt": "no placeholder"}, "field 'prompt' must contain {content}"),
-    ({"question": "q", "answer": "a", "metric": "bleu"}, "field 'metric' must be one of"),
-    ('{"question": "q", "answer": ', "invalid JSON"),
-    ("[1, 2]", "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ({"choices": ["a", "b"], "answer": 0}, "missing field 'question'"),
+        ({"question": "q", "choices": ["a", "b"]}, "missing field 'answer'"),
+        ({"question": "q", "answer": None}, "missing field 'answer'"),
+        ({"question": "", "answer": "a"}, "field 'question' must be a non-empty string"),
+        ({"question": "q", "choices": ["a"], "answer": 0}, "field 'choices' must be a list of at least two"),
+        ({"question": "q", "choices": ["a", "b"], "answer": 2}, "answer index 2 is out of range"),
+        ({"question": "q", "choices": ["a", "b"], "answer": "c"}, "answer 'c' is not one of the choices"),
+        ({"question": "q", "answer": "a", "audio": "missing.wav"}, "does not exist"),
+        ({"question": "q", "answer": "a", "prompt": "no placeholder"}, "field 'prompt' must contain {content}"),
+        ({"question": "q", "answer": "a", "metric": "bleu"}, "field 'metric' must be one of"),
+        ('{"question": "q", "answer": ', "invalid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
 def test_malformed_line_names_its_number_and_field(tmp_path, line, message):
     good = {"question": "fine", "answer": "yes"}
     path = write(tmp_path / "bad.jsonl", [good, good | {"id": "b"}, line])

@@ -14,22 +14,60 @@ def base(tmp_path_factory, toy_tokenizer, toy_llm_config):
     root = tmp_path_factory.mktemp("base")
     tok = toy_tokenizer(root / "llm")  # the tokenizer lives in the checkpoint folder, as on the hub
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=toy_llm_config(len(tok)).vocab_size, hidden_size=32,
-                                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = transformers.LlamaConfig(
+        vocab_size=toy_llm_config(len(tok)).vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "llm")
     return root
 
 
 def test_base_llm_text_upper_bound_report(base, tmp_path):
     items = tmp_path / "items.jsonl"
-    items.write_text("\n".join(json.dumps(row) for row in [
-        {"question": "the dog runs", "choices": ["yes", "no"], "answer": "yes", "prompt": "is there a place in {content}"},
-        {"question": "a cat sleeps in the barn", "choices": ["yes", "no"], "answer": 0, "task": "has_place"},
-        {"question": "the dog runs", "answer": "runs", "prompt": "what is the last word of {content}", "task": "last_word"},
-    ]) + "\n")
-    result = eval_main.run(eval_main.parse_request(["--base", str(base / "llm"), "--items", str(items), "--out", str(tmp_path / "out"),
-                                                    "--batch_size", "4", "--max_new_tokens", "3"]))
+    items.write_text(
+        "\n".join(
+            json.dumps(row)
+            for row in [
+                {
+                    "question": "the dog runs",
+                    "choices": ["yes", "no"],
+                    "answer": "yes",
+                    "prompt": "is there a place in {content}",
+                },
+                {"question": "a cat sleeps in the barn", "choices": ["yes", "no"], "answer": 0, "task": "has_place"},
+                {
+                    "question": "the dog runs",
+                    "answer": "runs",
+                    "prompt": "what is the last word of {content}",
+                    "task": "last_word",
+                },
+            ]
+        )
+        + "\n"
+    )
+    result = eval_main.run(
+        eval_main.parse_request(
+            [
+                "--base",
+                str(base / "llm"),
+                "--items",
+                str(items),
+                "--out",
+                str(tmp_path / "out"),
+                "--batch_size",
+                "4",
+                "--max_new_tokens",
+                "3",
+            ]
+        )
+    )
     assert result["gap"]["conditions"] == ["text"] and result["gap"]["overall"]["items"] == 3
     assert set(result["gap"]["tasks"]) == {"items", "has_place", "last_word"}
     assert "retention" not in result and "diagnostics" not in result

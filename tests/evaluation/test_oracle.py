@@ -24,15 +24,34 @@ def tok(tmp_path_factory, toy_tokenizer):
 
 
 def oracle_scorer(tok, model, downsample, **kwargs):
-    return Scorer(model, tok, downsample=downsample, speech=OracleSpeech(tok, downsample),
-                  embedder=oracle_audio, batch_size=4, length_multiple=64, **kwargs)
+    return Scorer(
+        model,
+        tok,
+        downsample=downsample,
+        speech=OracleSpeech(tok, downsample),
+        embedder=oracle_audio,
+        batch_size=4,
+        length_multiple=64,
+        **kwargs,
+    )
 
 
 def toy_items(n: int = 3) -> list[Item]:
     texts = sentences("heldout", n, seed=1)
-    generative = [it for name in ("first_word", "has_place") for it in task_items(get_task(name), texts, prompt_split="train")]
-    choice = [Item(id=f"mc-{i}", task="mc_colour", question=s, choices=("red", "blue", "no colour at all"),
-                   answer="red", prompt="which colour is in {content}") for i, s in enumerate(texts)]
+    generative = [
+        it for name in ("first_word", "has_place") for it in task_items(get_task(name), texts, prompt_split="train")
+    ]
+    choice = [
+        Item(
+            id=f"mc-{i}",
+            task="mc_colour",
+            question=s,
+            choices=("red", "blue", "no colour at all"),
+            answer="red",
+            prompt="which colour is in {content}",
+        )
+        for i, s in enumerate(texts)
+    ]
     return generative + choice
 
 
@@ -66,7 +85,9 @@ def test_oracle_option_logliks_match_and_equal_the_llm_reference(tok, toy_speech
     n = len(tok.encode(choice))
     mask = example.teacher_loss_mask > 0
     assert mask.sum() == n
-    expected = float(jnp.sum(jnp.take_along_axis(logp, jnp.asarray(example.teacher_targets)[:, None], axis=1)[:, 0][mask]))
+    expected = float(
+        jnp.sum(jnp.take_along_axis(logp, jnp.asarray(example.teacher_targets)[:, None], axis=1)[:, 0][mask])
+    )
     np.testing.assert_allclose(out["text"][0][2], [expected, n], rtol=1e-5)
 
 

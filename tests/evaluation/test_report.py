@@ -14,13 +14,20 @@ def scores(text, speech):
 
 REPORT = {
     "model": {"workdir": "/tmp/run", "step": 20, "oracle": False},
-    "gap": {"overall": scores(0.75, 0.5), "tasks": {"arc": scores(1.0, 0.5), "obqa": scores(0.5, 0.5)},
-            "conditions": ["text", "speech"], "items": [{"id": "q1", "task": "arc", "text": "a", "speech": "b"}]},
+    "gap": {
+        "overall": scores(0.75, 0.5),
+        "tasks": {"arc": scores(1.0, 0.5), "obqa": scores(0.5, 0.5)},
+        "conditions": ["text", "speech"],
+        "items": [{"id": "q1", "task": "arc", "text": "a", "speech": "b"}],
+    },
     "generalisation": {"heldout_tasks": {"overall": scores(0.6, 0.2), "tasks": {}}},
     "retention": {"overall": {"text": 0.75, "text_adapted": 0.5, "drop": 0.25, "items": 4}, "tasks": {}},
-    "diagnostics": {"misalignment": {"per_token": 0.5, "per_sequence": 2.0, "tokens": 12},
-                    "forgetting": {"per_token": 0.0, "per_sequence": 0.0, "tokens": 20},
-                    "sequences": 3, "prefix_fraction": 0.5},
+    "diagnostics": {
+        "misalignment": {"per_token": 0.5, "per_sequence": 2.0, "tokens": 12},
+        "forgetting": {"per_token": 0.0, "per_sequence": 0.0, "tokens": 20},
+        "sequences": 3,
+        "prefix_fraction": 0.5,
+    },
     "asr": {"wer": 0.25, "utterances": 2.0, "words": 8.0, "substitutions": 1.0, "deletions": 1.0, "insertions": 0.0},
 }
 
@@ -57,17 +64,23 @@ def test_write_report(tmp_path):
 
 
 def test_text_only_report_has_no_gap_plots(tmp_path):
-    text_only = {"model": {"base": "/ckpt"}, "gap": {"overall": {"text": 0.5, "items": 2}, "tasks": {"arc": {"text": 0.5, "items": 2}}}}
+    text_only = {
+        "model": {"base": "/ckpt"},
+        "gap": {"overall": {"text": 0.5, "items": 2}, "tasks": {"arc": {"text": 0.5, "items": 2}}},
+    }
     files = write_report(text_only, tmp_path)
     assert set(files) == {"report.json", "report.md"}
     assert "| arc | 0.5000 | 2 |" in files["report.md"].read_text()
 
 
 def test_toy_tasks_give_the_per_task_plot_without_item_files(tmp_path):
-    toy = {"generalisation": {
-        "seen_tasks/train_prompts": {"overall": scores(0.5, 0.25), "tasks": {"repeat": scores(0.5, 0.25)}},
-        "seen_tasks/heldout_prompts": {"overall": scores(0.5, 0.0), "tasks": {"repeat": scores(0.5, 0.0)}},
-        "heldout_tasks": {"overall": scores(1.0, 0.5), "tasks": {"reverse": scores(1.0, 0.5)}}}}
+    toy = {
+        "generalisation": {
+            "seen_tasks/train_prompts": {"overall": scores(0.5, 0.25), "tasks": {"repeat": scores(0.5, 0.25)}},
+            "seen_tasks/heldout_prompts": {"overall": scores(0.5, 0.0), "tasks": {"repeat": scores(0.5, 0.0)}},
+            "heldout_tasks": {"overall": scores(1.0, 0.5), "tasks": {"reverse": scores(1.0, 0.5)}},
+        }
+    }
     files = write_report(toy, tmp_path)
     assert {"gap per task", "text vs speech accuracy"} <= set(files)
     assert per_task_gaps(toy) == {"repeat": scores(0.5, 0.25), "reverse": scores(1.0, 0.5)}

@@ -6,9 +6,9 @@ import pytest
 import torch
 import transformers
 
-from speechlm_jax.evaluation import targets as generate_cli
 from speechlm_jax.data.sources import TargetTable
 from speechlm_jax.data.tasks import get_task
+from speechlm_jax.evaluation import targets as generate_cli
 from speechlm_jax.toyworld import register_toy_tasks
 from speechlm_jax.toyworld.sentences import sentences
 
@@ -20,10 +20,18 @@ def setup(tmp_path_factory, toy_tokenizer, toy_llm_config):
     root = tmp_path_factory.mktemp("gen")
     tok = toy_tokenizer(root / "tok")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=toy_llm_config(len(tok)).vocab_size, hidden_size=32,
-                                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                                      initializer_range=0.2)
+    config = transformers.LlamaConfig(
+        vocab_size=toy_llm_config(len(tok)).vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        initializer_range=0.2,
+    )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "llm")
     manifest = root / "manifest.jsonl"
     with open(manifest, "w") as f:
@@ -33,9 +41,32 @@ def setup(tmp_path_factory, toy_tokenizer, toy_llm_config):
 
 
 def args(root, out, *extra):
-    return ["--llm", str(root / "llm"), "--tokenizer", str(root / "tok"), "--source", f"manifest:{root / 'manifest.jsonl'}",
-            "--tasks", TASKS, "--out", str(out), "--num_shards", "3", "--batch_size", "4", "--max_new_tokens", "5",
-            "--dtype", "float32", "--no_progress", "--temperature", "1.0", "--seed", "7", *extra]
+    return [
+        "--llm",
+        str(root / "llm"),
+        "--tokenizer",
+        str(root / "tok"),
+        "--source",
+        f"manifest:{root / 'manifest.jsonl'}",
+        "--tasks",
+        TASKS,
+        "--out",
+        str(out),
+        "--num_shards",
+        "3",
+        "--batch_size",
+        "4",
+        "--max_new_tokens",
+        "5",
+        "--dtype",
+        "float32",
+        "--no_progress",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "7",
+        *extra,
+    ]
 
 
 def generate(argv):

@@ -8,10 +8,10 @@ import pytest
 
 from speechlm_jax.configs import asr as asr_config
 from speechlm_jax.evaluation import main as eval_main
-from speechlm_jax.train import trainer
 from speechlm_jax.toyworld.corpus import build_tiny_corpus
 from speechlm_jax.toyworld.sentences import sentences
 from speechlm_jax.toyworld.tasks import HELDOUT_TASKS, SEEN_TASKS
+from speechlm_jax.train import trainer
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +34,34 @@ def workdir(tmp_path_factory):
 def test_oracle_eval_of_a_trained_run(workdir, tmp_path):
     (tmp_path / "sentences.txt").write_text(sentences("heldout", 1, seed=0)[0] + "\n")
     (tmp_path / "corpus.txt").write_text(sentences("heldout", 1, seed=1)[0] + "\n")
-    result = eval_main.run(eval_main.parse_request([
-        "--workdir", str(workdir), "--oracle", "--task_modules", "speechlm_jax.toyworld.tasks",
-        "--generalisation", str(tmp_path / "sentences.txt"), "--seen_tasks", ",".join(SEEN_TASKS),
-        "--heldout_tasks", ",".join(HELDOUT_TASKS), "--corpus", str(tmp_path / "corpus.txt"),
-        "--asr", "--asr_limit", "2", "--ctc_asr", "--cascade", "--max_new_tokens", "3", "--batch_size", "8"]))
+    result = eval_main.run(
+        eval_main.parse_request(
+            [
+                "--workdir",
+                str(workdir),
+                "--oracle",
+                "--task_modules",
+                "speechlm_jax.toyworld.tasks",
+                "--generalisation",
+                str(tmp_path / "sentences.txt"),
+                "--seen_tasks",
+                ",".join(SEEN_TASKS),
+                "--heldout_tasks",
+                ",".join(HELDOUT_TASKS),
+                "--corpus",
+                str(tmp_path / "corpus.txt"),
+                "--asr",
+                "--asr_limit",
+                "2",
+                "--ctc_asr",
+                "--cascade",
+                "--max_new_tokens",
+                "3",
+                "--batch_size",
+                "8",
+            ]
+        )
+    )
     assert result["model"]["step"] == 2 and result["model"]["recipe"] == "asr"
     assert set(result["generalisation"]) == {"seen_tasks/train_prompts", "seen_tasks/heldout_prompts", "heldout_tasks"}
     assert all(split["overall"]["gap"] == 0.0 for split in result["generalisation"].values())

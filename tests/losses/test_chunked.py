@@ -24,7 +24,13 @@ from speechlm_jax.losses.chunked import (
     chunked_misalignment,
     chunked_salad_objective,
 )
-from speechlm_jax.losses.reference import forgetting, kl_distillation, masked_cross_entropy, misalignment, salad_objective
+from speechlm_jax.losses.reference import (
+    forgetting,
+    kl_distillation,
+    masked_cross_entropy,
+    misalignment,
+    salad_objective,
+)
 
 FAST = hypothesis.settings(max_examples=15, deadline=None, derandomize=True, print_blob=True)
 seeds = st.integers(0, 2**31 - 1)
@@ -50,7 +56,14 @@ def test_gradients_by_finite_differences_float64(name, numpy_ref):
             ),
             "chunked_salad": (
                 lambda h: chunked_salad_objective(
-                    h, a["teacher_hidden"], a["unembedding"], a["targets"], a["kl_mask"], a["mask"], alpha=0.4, **chunked
+                    h,
+                    a["teacher_hidden"],
+                    a["unembedding"],
+                    a["targets"],
+                    a["kl_mask"],
+                    a["mask"],
+                    alpha=0.4,
+                    **chunked,
                 )[0],
                 (a["student_hidden"],),
             ),
@@ -140,9 +153,7 @@ def chunked_and_plain(h, u, v, *, chunk_size, softcap, direction):
             lambda h, u: forgetting(logits(h, u), logits(teacher_hidden, u), kl_mask),
         ),
     ]
-    return [
-        tuple(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(h, u) for fn in pair) for pair in pairs
-    ]
+    return [tuple(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(h, u) for fn in pair) for pair in pairs]
 
 
 @pytest.mark.parametrize(
@@ -174,8 +185,15 @@ def test_jit_matches_eager_and_empty_mask_gives_zero(numpy_ref):
         )[0]
     )
     eager = chunked_salad_objective(
-        x["student_hidden"], x["teacher_hidden"], x["unembedding"], x["targets"], x["mask"], x["mask"], alpha=0.5,
-        chunk_size=2, direction="reverse",
+        x["student_hidden"],
+        x["teacher_hidden"],
+        x["unembedding"],
+        x["targets"],
+        x["mask"],
+        x["mask"],
+        alpha=0.5,
+        chunk_size=2,
+        direction="reverse",
     )[0]
     np.testing.assert_allclose(fn(x["student_hidden"], x["unembedding"], x["mask"]), eager, rtol=1e-6)
     empty = np.zeros_like(x["mask"])

@@ -88,14 +88,14 @@ def bf16_suite(logits: dict[str, jax.Array], hidden: dict[str, jax.Array], targe
     h, th, u = hidden["student"], hidden["teacher"], hidden["unembedding"]
     fns = {"cross_entropy": lambda s, t: masked_cross_entropy(s, targets, mask, z_loss=1e-3)[0]}
     chunked = {
-        "chunked_cross_entropy": lambda h, u: chunked_cross_entropy(
-            h, u, targets, mask, chunk_size=5, softcap=30.0
-        )[0]
+        "chunked_cross_entropy": lambda h, u: chunked_cross_entropy(h, u, targets, mask, chunk_size=5, softcap=30.0)[0]
     }
     for d in ("forward", "reverse", "jsd"):
         fns[d] = lambda s, t, d=d: kl_distillation(s, t, mask, direction=d, temperature=2.0)[0]
         fns[f"salad_{d}"] = lambda s, t, d=d: salad_objective(s, t, targets, mask, mask, alpha=0.5, direction=d)[0]
-        chunked[f"chunked_{d}"] = lambda h, u, d=d: chunked_kl_distillation(h, th, u, mask, chunk_size=5, direction=d)[0]
+        chunked[f"chunked_{d}"] = lambda h, u, d=d: chunked_kl_distillation(h, th, u, mask, chunk_size=5, direction=d)[
+            0
+        ]
     out = {name: jax.value_and_grad(fn)(s, t) for name, fn in fns.items()}
     out.update({name: jax.value_and_grad(fn, argnums=(0, 1))(h, u) for name, fn in chunked.items()})
     return out

@@ -7,7 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from speechlm_jax.losses.ctc import chunked_ctc_greedy, chunked_ctc_loss, collapse_best_path, ctc_greedy_decode, ctc_loss
+from speechlm_jax.losses.ctc import (
+    chunked_ctc_greedy,
+    chunked_ctc_loss,
+    collapse_best_path,
+    ctc_greedy_decode,
+    ctc_loss,
+)
 
 
 def _ctc_case(seed: int = 0):
@@ -20,7 +26,7 @@ def _ctc_case(seed: int = 0):
     rows = [[1, 2, 3], [4, 4, 5, 1], [2, 2, 2, 3, 3, 1], [1, 2, 3, 4, 5], [6]]
     labels = np.full((n, max_labels), -1, np.int32)
     for i, r in enumerate(rows):
-        labels[i, :len(r)] = r
+        labels[i, : len(r)] = r
     return logits, frame_mask, labels, n_frames, rows
 
 
@@ -28,13 +34,19 @@ def test_ctc_loss_matches_torch():
     torch = pytest.importorskip("torch")
     logits, frame_mask, labels, n_frames, rows = _ctc_case()
     weights = np.array([1.0, 2.0, 1.0, 1.0, 0.0], np.float32)
-    loss, metrics = ctc_loss(jnp.asarray(logits), jnp.asarray(frame_mask), jnp.asarray(labels), blank_id=0,
-                                    weights=jnp.asarray(weights))
+    loss, metrics = ctc_loss(
+        jnp.asarray(logits), jnp.asarray(frame_mask), jnp.asarray(labels), blank_id=0, weights=jnp.asarray(weights)
+    )
     log_probs = torch.log_softmax(torch.from_numpy(logits), dim=-1).transpose(0, 1)
     per = torch.nn.functional.ctc_loss(
-        log_probs, torch.from_numpy(np.concatenate([np.asarray(r) for r in rows])).long(),
-        torch.from_numpy(n_frames).long(), torch.tensor([len(r) for r in rows]).long(),
-        blank=0, reduction="none", zero_infinity=False).numpy()
+        log_probs,
+        torch.from_numpy(np.concatenate([np.asarray(r) for r in rows])).long(),
+        torch.from_numpy(n_frames).long(),
+        torch.tensor([len(r) for r in rows]).long(),
+        blank=0,
+        reduction="none",
+        zero_infinity=False,
+    ).numpy()
     # Row 3 (five labels, four frames) has no alignment; row 4 has weight 0.
     assert np.isinf(per[3])
     used = [0, 1, 2]
@@ -47,7 +59,9 @@ def test_ctc_loss_matches_torch():
 
 def test_ctc_loss_gradient_is_finite_with_infeasible_rows():
     logits, frame_mask, labels, _, _ = _ctc_case(1)
-    grad = jax.grad(lambda x: ctc_loss(x, jnp.asarray(frame_mask), jnp.asarray(labels), blank_id=0)[0])(jnp.asarray(logits))
+    grad = jax.grad(lambda x: ctc_loss(x, jnp.asarray(frame_mask), jnp.asarray(labels), blank_id=0)[0])(
+        jnp.asarray(logits)
+    )
     assert np.all(np.isfinite(np.asarray(grad)))
     np.testing.assert_array_equal(np.asarray(grad)[3], 0.0)
 
@@ -92,11 +106,14 @@ def test_chunked_ctc_loss_equals_the_whole_form_with_gradients(chunk_size, softc
         return ctc_loss(logits, frame_mask, labels, blank_id=0, weights=weights)
 
     def chunked(h, w):
-        return chunked_ctc_loss(h, w, frame_mask, labels, blank_id=0, chunk_size=chunk_size, weights=weights,
-                                softcap=softcap)
+        return chunked_ctc_loss(
+            h, w, frame_mask, labels, blank_id=0, chunk_size=chunk_size, weights=weights, softcap=softcap
+        )
 
     (loss, metrics), grads = jax.value_and_grad(whole, argnums=(0, 1), has_aux=True)(hidden, unembedding)
-    (loss_c, metrics_c), grads_c = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True))(hidden, unembedding)
+    (loss_c, metrics_c), grads_c = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True))(
+        hidden, unembedding
+    )
     np.testing.assert_allclose(loss_c, loss, rtol=1e-5)
     for name in metrics:
         np.testing.assert_allclose(metrics_c[name], metrics[name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -111,8 +128,9 @@ def test_chunked_ctc_greedy_is_the_argmax_of_every_frame():
     best = chunked_ctc_greedy(hidden, unembedding, chunk_size=5)
     np.testing.assert_array_equal(best, jnp.argmax(jnp.einsum("ufd,dv->ufv", hidden, unembedding), axis=-1))
     decoded = collapse_best_path(best, frame_mask, blank_id=0, max_labels=6)
-    np.testing.assert_array_equal(decoded, ctc_greedy_decode(jnp.einsum("ufd,dv->ufv", hidden, unembedding), frame_mask,
-                                                             blank_id=0, max_labels=6))
+    np.testing.assert_array_equal(
+        decoded, ctc_greedy_decode(jnp.einsum("ufd,dv->ufv", hidden, unembedding), frame_mask, blank_id=0, max_labels=6)
+    )
 
 
 def test_chunked_ctc_memory_does_not_grow_with_the_vocabulary():

@@ -125,7 +125,11 @@ def test_behavior_imitation_places_greedy_response(numpy_ref):
                 targets[b, start[b] + r] = response[b, r]
                 mask[b, start[b] + r] = 1.0
     value, metrics = behavior_imitation_loss(
-        jnp.asarray(x["student"]), response, np.ones((2, 5), np.float32), response_start=start, eos_id=eos,
+        jnp.asarray(x["student"]),
+        response,
+        np.ones((2, 5), np.float32),
+        response_start=start,
+        eos_id=eos,
         weights=x["weights"],
     )
     want = numpy_ref.cross_entropy(numpy_ref.f64(x["student"]), targets, mask, x["weights"])

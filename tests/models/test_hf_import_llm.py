@@ -110,7 +110,9 @@ def test_gemma3_multimodal_checkpoint_loads_its_text_model(hf_config, tmp_path):
     vision = transformers.SiglipVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
     )
-    config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4)
+    config = transformers.Gemma3Config(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4
+    )
     torch.manual_seed(0)
     hf = transformers.Gemma3ForConditionalGeneration(config).eval()
     hf.save_pretrained(tmp_path)

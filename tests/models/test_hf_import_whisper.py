@@ -17,9 +17,21 @@ from speechlm_jax.sharding import make_mesh
 
 # max_source_positions=50 gives HF a 100-frame window, so the reference runs fast.
 TINY = dict(
-    num_mel_bins=80, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
-    max_source_positions=50, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64, vocab_size=100,
-    max_target_positions=16, pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=1,
+    num_mel_bins=80,
+    d_model=32,
+    encoder_layers=2,
+    encoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    max_source_positions=50,
+    decoder_layers=1,
+    decoder_attention_heads=4,
+    decoder_ffn_dim=64,
+    vocab_size=100,
+    max_target_positions=16,
+    pad_token_id=0,
+    bos_token_id=0,
+    eos_token_id=0,
+    decoder_start_token_id=1,
     begin_suppress_tokens=None,
 )
 
@@ -74,7 +86,9 @@ def test_bfloat16_checkpoint_into_float32_params(tmp_path):
     assert kernel.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(kernel), model.encoder.layers[1].fc2.weight.detach().float().numpy().T)
     conv = encoder.conv1.kernel[...]
-    np.testing.assert_array_equal(np.asarray(conv), model.encoder.conv1.weight.detach().float().numpy().transpose(2, 1, 0))
+    np.testing.assert_array_equal(
+        np.asarray(conv), model.encoder.conv1.weight.detach().float().numpy().transpose(2, 1, 0)
+    )
 
 
 def test_mesh_placement_matches_unsharded(tmp_path):

@@ -120,7 +120,7 @@ def test_remat_keeps_values_and_gradients(checkpoints):
     for policy in ("full", "dots_saveable"):
         model = load_llm(directory, remat=policy)
         graphdef, state = nnx.split(model)
-        jaxpr = str(jax.make_jaxpr(lambda state: nnx.merge(graphdef, state)(tokens, input_mask=mask))(state))
+        jaxpr = str(jax.make_jaxpr(lambda state, g=graphdef: nnx.merge(g, state)(tokens, input_mask=mask))(state))
         assert "remat" in jaxpr or "checkpoint" in jaxpr
         remat_loss, remat_grads = loss_and_grads(model)
         np.testing.assert_allclose(float(remat_loss), float(plain_loss), rtol=1e-6)
@@ -153,8 +153,15 @@ def test_sharded_forward_equals_single_device(checkpoints):
 
 def test_attention_softcapping_caps_scores():
     """attn_logit_softcapping (set directly; HF's Gemma 3 ignores it) caps scores at tanh(s / c) * c."""
-    config = LLMConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    config = LLMConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
     capped = dataclasses.replace(config, attn_logit_softcapping=0.5)
     attn = DecoderLLM(config, rngs=nnx.Rngs(0)).layers[0].attn
     attn_capped = DecoderLLM(capped, rngs=nnx.Rngs(0)).layers[0].attn

@@ -15,10 +15,20 @@ from speechlm_jax.models.presets import LLM_PRESETS
 
 # Published totals (billions), a coarse guard on the shapes themselves.
 PUBLISHED_BILLIONS = {
-    "Llama-3.2-1B": 1.24, "Llama-3.2-3B": 3.21, "Llama-3.1-8B": 8.03,
-    "Qwen2.5-0.5B": 0.49, "Qwen2.5-1.5B": 1.54, "Qwen2.5-3B": 3.09, "Qwen2.5-7B": 7.62,
-    "Qwen3-0.6B": 0.6, "Qwen3-1.7B": 1.7, "Qwen3-4B": 4.0, "Qwen3-8B": 8.2,
-    "gemma-3-270m": 0.268, "gemma-3-1b": 1.0, "gemma-3-4b": 3.88,
+    "Llama-3.2-1B": 1.24,
+    "Llama-3.2-3B": 3.21,
+    "Llama-3.1-8B": 8.03,
+    "Qwen2.5-0.5B": 0.49,
+    "Qwen2.5-1.5B": 1.54,
+    "Qwen2.5-3B": 3.09,
+    "Qwen2.5-7B": 7.62,
+    "Qwen3-0.6B": 0.6,
+    "Qwen3-1.7B": 1.7,
+    "Qwen3-4B": 4.0,
+    "Qwen3-8B": 8.2,
+    "gemma-3-270m": 0.268,
+    "gemma-3-1b": 1.0,
+    "gemma-3-4b": 3.88,
 }
 
 

@@ -14,9 +14,21 @@ from speechlm_jax.models.projector import ConvProjector, FrameStackProjector, do
 def test_frame_stack_matches_voxtral_projector():
     d_audio, d_llm, k = 16, 24, 4
     config = VoxtralConfig(
-        audio_config={"hidden_size": d_audio, "intermediate_size": k * d_audio, "num_hidden_layers": 1, "num_attention_heads": 2},
-        text_config={"hidden_size": d_llm, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "num_key_value_heads": 1, "head_dim": 12, "vocab_size": 64},
+        audio_config={
+            "hidden_size": d_audio,
+            "intermediate_size": k * d_audio,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
+        text_config={
+            "hidden_size": d_llm,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 12,
+            "vocab_size": 64,
+        },
     )
     torch.manual_seed(0)
     reference = VoxtralMultiModalProjector(config).eval()
@@ -43,10 +55,13 @@ def test_downsample_mask_counts_complete_groups():
     np.testing.assert_array_equal(out.sum(axis=1), lengths // 2)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: FrameStackProjector(8, 12, stack=2, activation="silu", use_bias=True, rngs=nnx.Rngs(1)),
-    lambda: ConvProjector(8, 12, stride=2, width=5, rngs=nnx.Rngs(1)),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FrameStackProjector(8, 12, stack=2, activation="silu", use_bias=True, rngs=nnx.Rngs(1)),
+        lambda: ConvProjector(8, 12, stride=2, width=5, rngs=nnx.Rngs(1)),
+    ],
+)
 def test_valid_outputs_do_not_depend_on_padding(make):
     projector = make()
     rng = np.random.default_rng(1)

@@ -16,14 +16,29 @@ from speechlm_jax.sharding import batch_sharding, make_mesh, shard_state
 
 # Every sharded dimension divides its mesh axes (embed by fsdp=4; heads, mlp, vocab by tensor=2).
 ENCODER_KW = dict(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64)
-LLM = LLMConfig(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=8, qkv_bias=True)
+LLM = LLMConfig(
+    model_type="qwen2",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    qkv_bias=True,
+)
 SAMPLES = 160 * 32
 
 
 def test_sharded_speechlm_forward_matches_single_device():
-    model = build_speechlm(WhisperConfig(**ENCODER_KW), ProjectorConfig(downsample=2), LLM, LoRAConfig(rank=4),
-                           encoder_lora_cfg=LoRAConfig(rank=2, targets=r"attn/q_proj$"), rngs=nnx.Rngs(0))
+    model = build_speechlm(
+        WhisperConfig(**ENCODER_KW),
+        ProjectorConfig(downsample=2),
+        LLM,
+        LoRAConfig(rank=4),
+        encoder_lora_cfg=LoRAConfig(rank=2, targets=r"attn/q_proj$"),
+        rngs=nnx.Rngs(0),
+    )
     for _, node in nnx.iter_graph(model):
         if isinstance(node, nnx.LoRAParam):  # non-zero adapters, so the LoRA path is exercised
             node[...] = 0.1 * jnp.ones_like(node[...])

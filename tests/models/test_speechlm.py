@@ -16,10 +16,22 @@ from speechlm_jax.models.whisper import WhisperConfig
 ENCODER = WhisperConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64)
 # Gemma-style embedding scale on purpose: audio embeddings must bypass it.
 LLM = LLMConfig(
-    model_type="gemma3_text", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=8, hidden_act="gelu_pytorch_tanh", qk_norm=True,
-    sandwich_norm=True, zero_centered_norm=True, scale_embeddings=True, query_pre_attn_scalar=8.0,
-    tie_word_embeddings=True, final_logit_softcapping=30.0,
+    model_type="gemma3_text",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    hidden_act="gelu_pytorch_tanh",
+    qk_norm=True,
+    sandwich_norm=True,
+    zero_centered_norm=True,
+    scale_embeddings=True,
+    query_pre_attn_scalar=8.0,
+    tie_word_embeddings=True,
+    final_logit_softcapping=30.0,
 )
 DOWNSAMPLE = 2
 SAMPLES = 160 * 40  # 40 mel frames -> 20 encoder frames -> 10 audio tokens per slot
@@ -27,8 +39,9 @@ PLACEHOLDER = 3
 
 
 def make_model(seed: int = 0, **kwargs):
-    return build_speechlm(ENCODER, ProjectorConfig(downsample=DOWNSAMPLE), LLM, LoRAConfig(rank=4),
-                          rngs=nnx.Rngs(seed), **kwargs)
+    return build_speechlm(
+        ENCODER, ProjectorConfig(downsample=DOWNSAMPLE), LLM, LoRAConfig(rank=4), rngs=nnx.Rngs(seed), **kwargs
+    )
 
 
 def make_batch(seed: int = 0, slots: int = 2, batch: int = 2, length: int = 40) -> dict[str, np.ndarray]:
@@ -51,8 +64,14 @@ def make_batch(seed: int = 0, slots: int = 2, batch: int = 2, length: int = 40) 
         input_mask[b, start:] = 0
     tokens[audio_index >= 0] = PLACEHOLDER
     positions = np.maximum(np.cumsum(input_mask, axis=1) - 1, 0).astype(np.int32)
-    return dict(audio=audio, audio_lens=audio_lens, tokens=tokens, positions=positions, input_mask=input_mask,
-                audio_index=audio_index)
+    return dict(
+        audio=audio,
+        audio_lens=audio_lens,
+        tokens=tokens,
+        positions=positions,
+        input_mask=input_mask,
+        audio_index=audio_index,
+    )
 
 
 def test_encode_audio_shapes_and_valid_frames():
@@ -112,9 +131,18 @@ def test_oracle_audio_embeddings_reproduce_the_teacher():
     audio_index[:, 4:11] = np.arange(7)
     positions = np.broadcast_to(np.arange(student.shape[1], dtype=np.int32), student.shape)
     mask = np.ones(student.shape, np.int32)
-    batch = {k: jnp.asarray(v) for k, v in dict(
-        tokens=student, positions=positions, input_mask=mask, audio_index=audio_index,
-        teacher_tokens=teacher, teacher_positions=positions, teacher_input_mask=mask).items()}
+    batch = {
+        k: jnp.asarray(v)
+        for k, v in dict(
+            tokens=student,
+            positions=positions,
+            input_mask=mask,
+            audio_index=audio_index,
+            teacher_tokens=teacher,
+            teacher_positions=positions,
+            teacher_input_mask=mask,
+        ).items()
+    }
     oracle = model.llm.embed(jnp.asarray(transcript))
     teacher_logits = model.llm.logits(model.teacher_hidden(batch))
     student_logits = model.llm.logits(model.student_hidden(batch, audio_embeds=oracle))
@@ -124,7 +152,9 @@ def test_oracle_audio_embeddings_reproduce_the_teacher():
     lora_b[...] = jnp.full_like(lora_b[...], 0.5)
     moved = model.llm.logits(model.student_hidden(batch, audio_embeds=oracle))
     assert float(jnp.abs(moved - teacher_logits).max()) > 1e-3
-    np.testing.assert_allclose(np.asarray(model.llm.logits(model.teacher_hidden(batch))), np.asarray(teacher_logits), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(model.llm.logits(model.teacher_hidden(batch))), np.asarray(teacher_logits), atol=1e-6
+    )
 
 
 def _paths(state: nnx.State) -> set[str]:
@@ -207,7 +237,9 @@ def test_length_adapter_reads_the_pooled_frames_as_one_contiguous_sequence():
     real = np.asarray(mask[0]) > 0
     contiguous = inputs[:, real]
     n = contiguous.shape[1]
-    reference, _ = model.llm.hidden_states(contiguous, positions=jnp.arange(n)[None], input_mask=jnp.ones((1, n), jnp.int32))
+    reference, _ = model.llm.hidden_states(
+        contiguous, positions=jnp.arange(n)[None], input_mask=jnp.ones((1, n), jnp.int32)
+    )
     np.testing.assert_allclose(hidden[:, real], reference, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(positions[0])[real], np.arange(n))
 

@@ -16,9 +16,21 @@ from speechlm_jax.models.presets import WHISPER_PRESETS
 from speechlm_jax.models.whisper import WhisperConfig, WhisperEncoder, encoder_frames, sinusoids
 
 TINY = dict(
-    num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
-    decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=128, vocab_size=100, max_target_positions=16,
-    pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=1, begin_suppress_tokens=None,
+    num_mel_bins=80,
+    d_model=64,
+    encoder_layers=2,
+    encoder_attention_heads=4,
+    encoder_ffn_dim=128,
+    decoder_layers=1,
+    decoder_attention_heads=4,
+    decoder_ffn_dim=128,
+    vocab_size=100,
+    max_target_positions=16,
+    pad_token_id=0,
+    bos_token_id=0,
+    eos_token_id=0,
+    decoder_start_token_id=1,
+    begin_suppress_tokens=None,
 )
 
 
@@ -32,7 +44,9 @@ def checkpoint(tmp_path_factory):
     return path, model
 
 
-def hf_encoder(model: transformers.WhisperModel, frames: int) -> transformers.models.whisper.modeling_whisper.WhisperEncoder:
+def hf_encoder(
+    model: transformers.WhisperModel, frames: int
+) -> transformers.models.whisper.modeling_whisper.WhisperEncoder:
     """The same encoder weights in an HF encoder whose window is `frames` mel frames.
 
     HF's WhisperEncoder refuses inputs shorter than 2 * max_source_positions, so for a
@@ -117,7 +131,9 @@ def test_padding_mask_keeps_valid_frames_of_each_clip(checkpoint):
 
 
 def test_fully_padded_row_is_finite():
-    encoder = WhisperEncoder(WhisperConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64), rngs=nnx.Rngs(0))
+    encoder = WhisperEncoder(
+        WhisperConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64), rngs=nnx.Rngs(0)
+    )
     hidden, mask = encoder(jnp.asarray(random_mels(2, 20)), frame_mask=jnp.asarray([[1] * 20, [0] * 20]))
     assert bool(jnp.isfinite(hidden).all())
     assert mask.sum(axis=1).tolist() == [10, 0]
@@ -137,8 +153,12 @@ def test_lora_on_encoder_projections():
 
 
 def test_rejects_windows_longer_than_the_position_table():
-    encoder = WhisperEncoder(WhisperConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
-                                           max_source_positions=10), rngs=nnx.Rngs(0))
+    encoder = WhisperEncoder(
+        WhisperConfig(
+            d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, max_source_positions=10
+        ),
+        rngs=nnx.Rngs(0),
+    )
     with pytest.raises(ValueError, match="exceed"):
         encoder(jnp.zeros((1, 80, 22)))
 
@@ -156,5 +176,11 @@ def test_preset_parameter_count_matches_transformers(name):
 
 
 def test_presets_name_the_released_shapes():
-    assert set(WHISPER_PRESETS) == {"whisper-tiny", "whisper-base", "whisper-small", "whisper-medium", "whisper-large-v3"}
+    assert set(WHISPER_PRESETS) == {
+        "whisper-tiny",
+        "whisper-base",
+        "whisper-small",
+        "whisper-medium",
+        "whisper-large-v3",
+    }
     assert WhisperConfig.from_hf(WHISPER_PRESETS["whisper-large-v3"]).num_mel_bins == 128

@@ -35,7 +35,12 @@ def test_cluster_environments_leave_the_details_to_jax(env, source):
 
 @pytest.mark.parametrize(
     "env",
-    [{}, {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, {"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "1"}, {"TPU_WORKER_HOSTNAMES": "t1"}],
+    [
+        {},
+        {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"},
+        {"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "1"},
+        {"TPU_WORKER_HOSTNAMES": "t1"},
+    ],
 )
 def test_single_process_environments_stay_single(env):
     assert distributed.detect(env) is None
@@ -52,7 +57,13 @@ def test_describe_names_process_devices_and_mesh():
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     info = distributed.log_topology(mesh)
     assert info == {
-        "process_index": 0, "process_count": 1, "local_devices": 8, "global_devices": 8, "platform": "cpu",
-        "device_kind": jax.devices()[0].device_kind, "mesh": {"data": 2, "fsdp": 2, "tensor": 2}, "mesh_local_devices": 8,
+        "process_index": 0,
+        "process_count": 1,
+        "local_devices": 8,
+        "global_devices": 8,
+        "platform": "cpu",
+        "device_kind": jax.devices()[0].device_kind,
+        "mesh": {"data": 2, "fsdp": 2, "tensor": 2},
+        "mesh_local_devices": 8,
     }
     assert distributed.is_primary()

@@ -40,10 +40,14 @@ def _two_host_batches(self: data.Data):
     """`Data.train_iterator` of a single process that reads what two hosts would, joined."""
     host = dataclasses.replace(self.train_config, batch_size=self.train_config.batch_size // 2)
     shards = [
-        pipeline.build_dataset(host, tokenizer=self.tokenizer, split="train", process_index=i, process_count=2, seed=self.config.seed)[0]
+        pipeline.build_dataset(
+            host, tokenizer=self.tokenizer, split="train", process_index=i, process_count=2, seed=self.config.seed
+        )[0]
         for i in range(2)
     ]
-    joined = grain.experimental.ZipIterDataset(shards).map(lambda pair: {k: np.concatenate([pair[0][k], pair[1][k]]) for k in pair[0]})
+    joined = grain.experimental.ZipIterDataset(shards).map(
+        lambda pair: {k: np.concatenate([pair[0][k], pair[1][k]]) for k in pair[0]}
+    )
     iterator = iter(joined)
     return iterator, batching.PipelineStats(iterator, collections.Counter(), host.task_names)
 
@@ -61,13 +65,33 @@ def test_two_processes_give_the_losses_of_one(tiny_config, tiny_corpus, compilat
         trainer.train(config, tmp_path / "one")
 
     overrides = [
-        f"--config={REPO}/configs/asr.py:tiny,data_dir={tiny_corpus}", f"--workdir={tmp_path / 'two'}",
-        f"--config.train.steps={STEPS}", "--config.train.log_every=1", "--config.train.eval_every=0",
-        "--config.train.progress_bar=False", "--config.train.fast_compile=True", f"--config.train.compilation_cache={compilation_cache}",
+        f"--config={REPO}/configs/asr.py:tiny,data_dir={tiny_corpus}",
+        f"--workdir={tmp_path / 'two'}",
+        f"--config.train.steps={STEPS}",
+        "--config.train.log_every=1",
+        "--config.train.eval_every=0",
+        "--config.train.progress_bar=False",
+        "--config.train.fast_compile=True",
+        f"--config.train.compilation_cache={compilation_cache}",
     ]
-    env = dict(os.environ, PYTHONPATH=str(REPO), SPEECHLM_TRAIN=f"{sys.executable} {REPO}/tests/scale/distributed_train.py")
+    env = dict(
+        os.environ, PYTHONPATH=str(REPO), SPEECHLM_TRAIN=f"{sys.executable} {REPO}/tests/scale/distributed_train.py"
+    )
     logs = tmp_path / "logs"
-    launch = ["bash", str(REPO / "launch/local.sh"), "--processes", "2", "--cpu-devices", "4", "--port", str(_free_port()), "--log-dir", str(logs), "--", *overrides]
+    launch = [
+        "bash",
+        str(REPO / "launch/local.sh"),
+        "--processes",
+        "2",
+        "--cpu-devices",
+        "4",
+        "--port",
+        str(_free_port()),
+        "--log-dir",
+        str(logs),
+        "--",
+        *overrides,
+    ]
     result = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:] + (logs / "process_1.log").read_text()[-4000:]
 

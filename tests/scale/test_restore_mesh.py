@@ -60,7 +60,9 @@ def saved(tmp_path_factory):
     ckpt = checkpoint.Checkpointer(workdir, every=1, keep=1, async_save=False)
     ckpt.save(7, trainable, opt_state, {"base_hash": "h"}, _data_iterator())
     ckpt.close()
-    assert any(len(x.sharding.device_set) == 4 and not x.sharding.is_fully_replicated for x in jax.tree.leaves(trainable))
+    assert any(
+        len(x.sharding.device_set) == 4 and not x.sharding.is_fully_replicated for x in jax.tree.leaves(trainable)
+    )
     return config, workdir, jax.device_get(trainable), jax.device_get(opt_state)
 
 
@@ -70,12 +72,19 @@ def test_restore_onto_another_mesh_equals_the_saved_state(saved, mesh_shape, dev
     mesh = make_mesh(mesh_shape, jax.devices()[:devices])
     target_trainable, target_opt = _targets(config, mesh)
     ckpt = checkpoint.Checkpointer(workdir, every=1, keep=1, async_save=False)
-    restored_trainable, restored_opt, meta = ckpt.restore(ckpt.latest_step(), target_trainable, target_opt, _data_iterator())
+    restored_trainable, restored_opt, meta = ckpt.restore(
+        ckpt.latest_step(), target_trainable, target_opt, _data_iterator()
+    )
     ckpt.close()
     assert meta["step"] == 7
-    for restored, saved_tree, target in ((restored_trainable, trainable, target_trainable), (restored_opt, opt_state, target_opt)):
+    for restored, saved_tree, target in (
+        (restored_trainable, trainable, target_trainable),
+        (restored_opt, opt_state, target_opt),
+    ):
         assert jax.tree.structure(restored) == jax.tree.structure(saved_tree)
-        for got, want, where in zip(jax.tree.leaves(restored), jax.tree.leaves(saved_tree), jax.tree.leaves(target), strict=True):
+        for got, want, where in zip(
+            jax.tree.leaves(restored), jax.tree.leaves(saved_tree), jax.tree.leaves(target), strict=True
+        ):
             assert got.sharding == where.sharding
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     placed = [x for x in jax.tree.leaves(restored_trainable) if not x.sharding.is_fully_replicated]

@@ -8,8 +8,8 @@ import jax
 import pytest
 
 from speechlm_jax.configs import salad
-from speechlm_jax.train import trainer
 from speechlm_jax.toyworld.corpus import build_tiny_corpus
+from speechlm_jax.train import trainer
 
 
 @pytest.fixture(scope="session")

@@ -10,14 +10,20 @@ import numpy as np
 import torch
 import transformers
 
-from speechlm_jax.models import hf_import
-from speechlm_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
 from speechlm_jax.data.sources import read_text_corpus
+from speechlm_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
+from speechlm_jax.models import hf_import
 from speechlm_jax.selection import embed
 from speechlm_jax.sharding import make_mesh
 
-TEXTS = ["the small cat sleeps", "a dog runs near the river", "two brown dogs", "the cat",
-         "a small brown cat runs near the barn and sleeps", "the river"]
+TEXTS = [
+    "the small cat sleeps",
+    "a dog runs near the river",
+    "two brown dogs",
+    "the cat",
+    "a small brown cat runs near the barn and sleeps",
+    "the river",
+]
 
 
 def _reference_mean(model: torch.nn.Module, ids: list[int]) -> np.ndarray:
@@ -43,8 +49,14 @@ def test_hf_encoder_embedder_matches_unpadded_forward(tmp_path):
     folder = tmp_path / "bert"
     build_word_tokenizer(TEXTS, folder)
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=48, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
     transformers.BertModel(config).eval().save_pretrained(folder)
     assert not embed.is_decoder_folder(folder)
     embedder = embed.HFEncoderEmbedder(folder, batch_size=4)

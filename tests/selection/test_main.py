@@ -11,22 +11,51 @@ import pytest
 
 from speechlm_jax.selection import main as select
 from speechlm_jax.selection import stage2
-from speechlm_jax.train.config import ConfigError
 from speechlm_jax.toyworld.sentences import sentences
+from speechlm_jax.train.config import ConfigError
 
 
 def _args(workdir: Path, corpus: Path, stage1: Path, report_dir: Path) -> list[str]:
-    return ["--workdir", str(workdir), "--corpus", str(corpus), "--stage1", str(stage1), "--clusters", "3",
-            "--tolerance", "0.1", "--probe_size", "2", "--gamma", "5", "--budget_hours", "0.004", "--steps", "2",
-            "--stage1_step", "1", "--shard_size", "8", "--batch_size", "8", "--mesh", "data=-1", "--quiet",
-            "--set", "train.log_every=1",
-            "--report_dir", str(report_dir)]
+    return [
+        "--workdir",
+        str(workdir),
+        "--corpus",
+        str(corpus),
+        "--stage1",
+        str(stage1),
+        "--clusters",
+        "3",
+        "--tolerance",
+        "0.1",
+        "--probe_size",
+        "2",
+        "--gamma",
+        "5",
+        "--budget_hours",
+        "0.004",
+        "--steps",
+        "2",
+        "--stage1_step",
+        "1",
+        "--shard_size",
+        "8",
+        "--batch_size",
+        "8",
+        "--mesh",
+        "data=-1",
+        "--quiet",
+        "--set",
+        "train.log_every=1",
+        "--report_dir",
+        str(report_dir),
+    ]
 
 
 def test_all_stages_then_rerun_skips(stage1_run, tmp_path, capsys):
     corpus = tmp_path / "web.jsonl"
-    corpus.write_text("".join(json.dumps({"id": f"w{i}", "text": t}) + "\n"
-                              for i, t in enumerate(sentences("train", 24, seed=9))))
+    corpus.write_text(
+        "".join(json.dumps({"id": f"w{i}", "text": t}) + "\n" for i, t in enumerate(sentences("train", 24, seed=9)))
+    )
     workdir, report_dir = tmp_path / "sel", tmp_path / "eval"
     args = _args(workdir, corpus, stage1_run, report_dir)
     assert select.main(["all", *args]) == 0
@@ -46,7 +75,9 @@ def test_all_stages_then_rerun_skips(stage1_run, tmp_path, capsys):
     assert [r["text"] for r in synth] == [r["text"] for r in selected] and all(r["words"] for r in synth)
     # Stage 2 continued the stage-1 checkpoint at step 1 for 2 steps, its mixture with the new manifest.
     config = json.loads((workdir / "train" / "config.json").read_text())
-    assert config["train"]["steps"] == 3 and config["data"]["speech_sources"][-1]["path"].endswith("synth/manifest.jsonl")
+    assert config["train"]["steps"] == 3 and config["data"]["speech_sources"][-1]["path"].endswith(
+        "synth/manifest.jsonl"
+    )
     records = [json.loads(line) for line in (workdir / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [2, 3]  # log_every=1 from --set
     after = json.loads((workdir / "probe_after" / "clusters.json").read_text())
@@ -68,7 +99,9 @@ def test_all_stages_then_rerun_skips(stage1_run, tmp_path, capsys):
 
 def test_stage2_refuses_unknown_override_keys(stage1_run, tmp_path):
     with pytest.raises(ConfigError, match="train.steps"):
-        stage2.continue_training(stage1_run, tmp_path / "m.jsonl", tmp_path / "run", steps=1, overrides={"train.stepz": 3})
+        stage2.continue_training(
+            stage1_run, tmp_path / "m.jsonl", tmp_path / "run", steps=1, overrides={"train.stepz": 3}
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -77,6 +110,10 @@ def test_speech_seconds_reads_durations_or_headers(tmp_path):
 
     save_audio(tmp_path / "a.flac", np.zeros(8000, np.int16))
     save_audio(tmp_path / "b.flac", np.zeros(24000, np.int16))
-    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "a.flac", "text": "x"}) + "\n"
-                                      + json.dumps({"audio": "b.flac", "text": "y", "duration": 1.5}) + "\n")
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"audio": "a.flac", "text": "x"})
+        + "\n"
+        + json.dumps({"audio": "b.flac", "text": "y", "duration": 1.5})
+        + "\n"
+    )
     assert select.speech_seconds([{"type": "manifest", "path": str(tmp_path / "m.jsonl")}]) == pytest.approx(2.0)

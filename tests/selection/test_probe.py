@@ -40,19 +40,25 @@ def test_choose_probes_is_seeded_and_inside_clusters():
 
 def test_cluster_misalignment_equals_the_harness_per_cluster(model, tok, toy_downsample, tmp_path):
     probes = probe.choose_probes(ASSIGNMENTS, 3, 2, seed=1)
-    manifest = probe.synthesize_probes({i: TEXTS[i] for v in probes.values() for i in v}, tmp_path / "speech",
-                                       prefix_fraction=0.5)
+    manifest = probe.synthesize_probes(
+        {i: TEXTS[i] for v in probes.values() for i in v}, tmp_path / "speech", prefix_fraction=0.5
+    )
     speech = probe.ManifestSpeech(manifest)
-    scores = probe.score_clusters(_scorer(model, tok, speech, toy_downsample), probes, TEXTS, tmp_path, prefix_fraction=0.5,
-                                  clusters_per_chunk=2)
+    scores = probe.score_clusters(
+        _scorer(model, tok, speech, toy_downsample), probes, TEXTS, tmp_path, prefix_fraction=0.5, clusters_per_chunk=2
+    )
     assert speech.misses == 0  # every spoken prefix came from the synthesised probe set
     ours = probe.cluster_misalignment(scores, 3)
     live = _scorer(model, tok, TTSSpeech(), toy_downsample)  # the harness speaking the texts itself
     for c, indices in probes.items():
         # Batched with other texts (other padding), the float32 sums agree to 1e-4 (or 1e-6 absolute).
         reference = run_diagnostics(live, [TEXTS[i] for i in indices], prefix_fraction=0.5)
-        np.testing.assert_allclose(ours["misalignment"][c], reference["misalignment"]["per_token"], rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(ours["misalignment_per_sequence"][c], reference["misalignment"]["per_sequence"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            ours["misalignment"][c], reference["misalignment"]["per_token"], rtol=1e-4, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            ours["misalignment_per_sequence"][c], reference["misalignment"]["per_sequence"], rtol=1e-4, atol=1e-6
+        )
         assert ours["misalignment"][c] > 0
     assert ours["probes"] == [2, 2, 2]
 
@@ -67,7 +73,9 @@ def test_oracle_speech_gives_zero_misalignment(model, tok, toy_downsample, tmp_p
 def test_scoring_resumes_with_the_first_unscored_cluster(model, tok, toy_downsample, tmp_path):
     probes = probe.choose_probes(ASSIGNMENTS, 3, 2, seed=1)
     scorer = _scorer(model, tok, OracleSpeech(tok, toy_downsample), toy_downsample, embedder=oracle_audio)
-    path = probe.score_clusters(scorer, {0: probes[0]}, TEXTS, tmp_path, clusters_per_chunk=1)  # interrupted after cluster 0
+    path = probe.score_clusters(
+        scorer, {0: probes[0]}, TEXTS, tmp_path, clusters_per_chunk=1
+    )  # interrupted after cluster 0
     calls = []
     original = scorer.divergences
     scorer.divergences = lambda prepared: calls.append(len(prepared)) or original(prepared)

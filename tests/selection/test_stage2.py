@@ -16,7 +16,11 @@ def test_stage2_config_adds_the_manifest_and_decays_linearly_to_zero(tmp_path):
     config = stage2.stage2_config(stage1, tmp_path / "synth" / "manifest.jsonl", start_step=30, steps=10, repeat=2)
     sources = list(config.data.speech_sources)
     assert sources[:-2] == list(stage1.data.speech_sources)
-    assert sources[-1] == sources[-2] == {"type": "manifest", "path": str((tmp_path / "synth" / "manifest.jsonl").absolute())}
+    assert (
+        sources[-1]
+        == sources[-2]
+        == {"type": "manifest", "path": str((tmp_path / "synth" / "manifest.jsonl").absolute())}
+    )
     assert config.train.steps == 40
     peak = config.optimizer.lr.projector
     schedule = optimizer.make_schedule(config.optimizer, peak, config.train.steps)
@@ -34,5 +38,7 @@ def test_target_tasks_follow_the_mixture(tmp_path):
     assert stage2.target_tasks(config) == ("first_word", "count_words", "continuation")
     config.data.use_task_answer = True
     assert stage2.target_tasks(config) == ()
-    new = stage2.stage2_config(config, tmp_path / "m.jsonl", start_step=1, steps=1, targets=(str(tmp_path / "n.jsonl"),))
+    new = stage2.stage2_config(
+        config, tmp_path / "m.jsonl", start_step=1, steps=1, targets=(str(tmp_path / "n.jsonl"),)
+    )
     assert list(new.data.targets) == ["t.jsonl", str(tmp_path / "n.jsonl")]

@@ -17,18 +17,57 @@ from speechlm_jax.toyworld import vocab
 
 # Words espeak-ng reads identically (or nearly so): at most one of each group may exist.
 HOMOPHONES = (
-    ("two", "to", "too"), ("four", "for", "fore"), ("eight", "ate"), ("one", "won"),
-    ("red", "read"), ("blue", "blew"), ("sea", "see"), ("no", "know"), ("none", "nun"),
-    ("new", "knew"), ("there", "their"), ("here", "hear"), ("right", "write"),
-    ("by", "buy", "bye"), ("deer", "dear"), ("bear", "bare"), ("hare", "hair"),
-    ("whole", "hole"), ("which", "witch"), ("where", "wear"), ("road", "rode"),
-    ("meat", "meet"), ("tail", "tale"), ("son", "sun"), ("pear", "pair"), ("plain", "plane"),
-    ("horse", "hoarse"), ("main", "mane"), ("be", "bee"), ("in", "inn"), ("or", "oar"),
-    ("some", "sum"), ("not", "knot"), ("night", "knight"), ("wait", "weight"),
-    ("beach", "beech"), ("flower", "flour"), ("whale", "wail"), ("ant", "aunt"),
-    ("peace", "piece"), ("so", "sew"), ("wood", "would"), ("do", "dew", "due"),
-    ("grey", "gray"), ("colour", "color"), ("paws", "pause"), ("berry", "bury"),
-    ("key", "quay"), ("nose", "knows"), ("week", "weak"), ("hour", "our"),
+    ("two", "to", "too"),
+    ("four", "for", "fore"),
+    ("eight", "ate"),
+    ("one", "won"),
+    ("red", "read"),
+    ("blue", "blew"),
+    ("sea", "see"),
+    ("no", "know"),
+    ("none", "nun"),
+    ("new", "knew"),
+    ("there", "their"),
+    ("here", "hear"),
+    ("right", "write"),
+    ("by", "buy", "bye"),
+    ("deer", "dear"),
+    ("bear", "bare"),
+    ("hare", "hair"),
+    ("whole", "hole"),
+    ("which", "witch"),
+    ("where", "wear"),
+    ("road", "rode"),
+    ("meat", "meet"),
+    ("tail", "tale"),
+    ("son", "sun"),
+    ("pear", "pair"),
+    ("plain", "plane"),
+    ("horse", "hoarse"),
+    ("main", "mane"),
+    ("be", "bee"),
+    ("in", "inn"),
+    ("or", "oar"),
+    ("some", "sum"),
+    ("not", "knot"),
+    ("night", "knight"),
+    ("wait", "weight"),
+    ("beach", "beech"),
+    ("flower", "flour"),
+    ("whale", "wail"),
+    ("ant", "aunt"),
+    ("peace", "piece"),
+    ("so", "sew"),
+    ("wood", "would"),
+    ("do", "dew", "due"),
+    ("grey", "gray"),
+    ("colour", "color"),
+    ("paws", "pause"),
+    ("berry", "bury"),
+    ("key", "quay"),
+    ("nose", "knows"),
+    ("week", "weak"),
+    ("hour", "our"),
 )
 
 # espeak-ng's own phonemizer, run in a child process so its global state never meets the
@@ -108,9 +147,7 @@ def test_prompts_are_plain_words_and_identify_their_task():
 
 
 def test_heldout_phrasings_use_only_trained_words():
-    trained = set(vocab.sentence_words()) | {
-        w for t in toy_tasks.TOY_TASKS for p in t.prompts_train for w in p.split()
-    }
+    trained = set(vocab.sentence_words()) | {w for t in toy_tasks.TOY_TASKS for p in t.prompts_train for w in p.split()}
     for task in toy_tasks.TOY_TASKS:
         for prompt in task.prompts_heldout:
             assert set(prompt.split()) <= trained, (task.name, prompt)
@@ -174,8 +211,8 @@ def test_espeak_pronounces_every_word_distinctly():
     words = toy_tasks.all_words()
     # "to" is not in the world; it shows that the comparison does catch a homophone.
     result = subprocess.run(
-        [sys.executable, "-c", PHONEMIZE], input=json.dumps([*words, "to"]),
-        capture_output=True, text=True, check=True)
+        [sys.executable, "-c", PHONEMIZE], input=json.dumps([*words, "to"]), capture_output=True, text=True, check=True
+    )
     # Stress and length marks aside, no two words may sound the same.
     sounds = {w: re.sub("[ˈˌː]", "", p) for w, p in json.loads(result.stdout).items()}
     assert sounds.pop("to") == sounds["two"]

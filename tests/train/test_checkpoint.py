@@ -28,7 +28,9 @@ def _state(mesh):
     _, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
     tx = optax.adamw(1e-2)
     trainable = jax.device_put(trainable, partitions.shardings(trainable, mesh, DEFAULT_RULES))
-    opt_state = jax.jit(tx.init, out_shardings=partitions.shardings(jax.eval_shape(tx.init, trainable), mesh, DEFAULT_RULES))(trainable)
+    opt_state = jax.jit(
+        tx.init, out_shardings=partitions.shardings(jax.eval_shape(tx.init, trainable), mesh, DEFAULT_RULES)
+    )(trainable)
     grads = jax.tree.map(jnp.ones_like, trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, frozen
@@ -62,7 +64,11 @@ def test_round_trip_restores_state_rng_and_data_position_onto_another_mesh(tmp_p
     assert meta["step"] == 3
     restored_rng = checkpoint.rng_from_meta(meta["rng"], jax.random.key(0))
     np.testing.assert_array_equal(jax.random.key_data(restored_rng), jax.random.key_data(rng))
-    for saved, restored, target in zip(jax.tree.leaves((saved_trainable, saved_opt)), jax.tree.leaves((trainable, opt_state)), jax.tree.leaves((target_trainable, target_opt))):
+    for saved, restored, target in zip(
+        jax.tree.leaves((saved_trainable, saved_opt)),
+        jax.tree.leaves((trainable, opt_state)),
+        jax.tree.leaves((target_trainable, target_opt)),
+    ):
         np.testing.assert_array_equal(np.asarray(restored), np.asarray(saved))
         assert restored.sharding == target.sharding
     lora_a = trainable["proj"]["lora_a"][...]
@@ -73,7 +79,9 @@ def test_keep_and_interval(tmp_path):
     trainable, opt_state, _ = _state(make_mesh({"data": 1}, jax.devices()[:1]))
     iterator = iter(_dataset())
     ckpt = checkpoint.Checkpointer(tmp_path, every=2, keep=2, async_save=False)
-    saved = [step for step in range(1, 8) if ckpt.should_save(step) and ckpt.save(step, trainable, opt_state, {}, iterator)]
+    saved = [
+        step for step in range(1, 8) if ckpt.should_save(step) and ckpt.save(step, trainable, opt_state, {}, iterator)
+    ]
     ckpt.close()
     assert saved == [2, 4, 6]
     assert sorted(ckpt.manager.all_steps()) == [4, 6]

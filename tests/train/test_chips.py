@@ -11,8 +11,18 @@ from speechlm_jax.train import chips, compile_aot, metrics
 
 @pytest.mark.parametrize(
     "kind, peak",
-    [("NVIDIA H200", 989e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA L4", 121e12),
-     ("TPU v6 lite", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12), ("TPU v4", 275e12)],
+    [
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA A100-SXM4-40GB", 312e12),
+        ("NVIDIA L4", 121e12),
+        ("TPU v6 lite", 918e12),
+        ("TPU v5 lite", 197e12),
+        ("TPU v5e", 197e12),
+        ("TPU v5p", 459e12),
+        ("TPU v5", 459e12),
+        ("TPU v4", 275e12),
+    ],
 )
 def test_mfu_and_compile_read_one_table(kind, peak):
     device = types.SimpleNamespace(platform="gpu" if kind.startswith("NVIDIA") else "tpu", device_kind=kind)

@@ -16,9 +16,8 @@ import jax
 import pytest
 
 from speechlm_jax.configs import asr
-from speechlm_jax.train import compile_aot
 from speechlm_jax.sharding import make_mesh
-from speechlm_jax.train import build, metrics
+from speechlm_jax.train import build, compile_aot, metrics
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,7 +43,13 @@ def test_slice_names_give_cloud_tpu_chip_grids(name, chip, grid):
 
 @pytest.mark.parametrize(
     "name, message",
-    [("h100-8", "--topology local"), ("v5p-6", "power-of-two"), ("v5p-5", "TensorCores"), ("v6e:4x4x4", "2D"), ("tpu", "neither")],
+    [
+        ("h100-8", "--topology local"),
+        ("v5p-6", "power-of-two"),
+        ("v5p-5", "TensorCores"),
+        ("v6e:4x4x4", "2D"),
+        ("tpu", "neither"),
+    ],
 )
 def test_bad_topologies_fail_saying_why(name, message):
     with pytest.raises(ValueError, match=message):
@@ -53,8 +58,15 @@ def test_bad_topologies_fail_saying_why(name, message):
 
 @pytest.mark.parametrize(
     "kind, chip",
-    [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA A100-PCIE-40GB", "a100-40gb"), ("NVIDIA A100-SXM4-80GB", "a100-80gb"),
-     ("TPU v5 lite", "v5e"), ("TPU v5", "v5p"), ("TPU v6 lite", "v6e"), ("TPU v4", "v4")],
+    [
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA A100-PCIE-40GB", "a100-40gb"),
+        ("NVIDIA A100-SXM4-80GB", "a100-80gb"),
+        ("TPU v5 lite", "v5e"),
+        ("TPU v5", "v5p"),
+        ("TPU v6 lite", "v6e"),
+        ("TPU v4", "v4"),
+    ],
 )
 def test_attached_device_kinds_name_their_chip(kind, chip):
     assert compile_aot.chip_of(kind) == compile_aot.CHIPS[chip]
@@ -100,14 +112,24 @@ def test_memory_covers_every_input_shard(compiled):
     shards = [math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(inputs[:4])]
     assert report.argument_bytes >= sum(shards) > 0
     assert report.alias_bytes > 0  # trainable and opt_state are donated into the outputs
-    assert report.peak_bytes == report.argument_bytes + report.output_bytes - report.alias_bytes + report.temp_bytes + report.code_bytes
+    assert (
+        report.peak_bytes
+        == report.argument_bytes + report.output_bytes - report.alias_bytes + report.temp_bytes + report.code_bytes
+    )
 
 
 def test_flops_and_step_time(compiled):
     topology, report = compiled
     config = _tiny_config()
-    flops = metrics.ModelFlops(build.abstract_model(config), ("projector", "lora"), uses_teacher=False, downsample=config.model.projector.downsample)
-    expected = flops.breakdown(metrics.StepShape(batch=8, audio_slots=2, audio_samples=48000, tokens=96, teacher_tokens=0))["total"]
+    flops = metrics.ModelFlops(
+        build.abstract_model(config),
+        ("projector", "lora"),
+        uses_teacher=False,
+        downsample=config.model.projector.downsample,
+    )
+    expected = flops.breakdown(
+        metrics.StepShape(batch=8, audio_slots=2, audio_samples=48000, tokens=96, teacher_tokens=0)
+    )["total"]
     assert report.model_flops_per_step == expected
     # XLA counts every FLOP of the partitioned program (log-mel, softmax, ...), the model count only matmuls.
     assert report.xla_flops_per_device * report.devices > expected

@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from flax import nnx
 
 from speechlm_jax.configs import asr, mtbi, salad, vtb
 from speechlm_jax.configs.base import parse_arg
-from flax import nnx
-
 from speechlm_jax.train import build, partitions
 from speechlm_jax.train import config as config_lib
 from speechlm_jax.train.main import check_command_line
@@ -33,7 +32,11 @@ def test_paper_settings():
     assert (vtb_config.model.lora.rank, vtb_config.optimizer.lr.lora, vtb_config.data.text_weight) == (32, 1e-4, 0.15)
     assert "gate_proj" in vtb_config.model.lora.targets and "q_proj" in vtb_config.model.lora.targets
     salad_config = salad.get_config("paper")
-    assert (salad_config.loss.alpha, salad_config.optimizer.lr.projector, salad_config.optimizer.lr.lora) == (1.0, 1e-3, 5e-5)
+    assert (salad_config.loss.alpha, salad_config.optimizer.lr.projector, salad_config.optimizer.lr.lora) == (
+        1.0,
+        1e-3,
+        5e-5,
+    )
     assert salad.get_config("paper,llm=qwen2.5-7b").model.llm == "Qwen2.5-7B"
     assert salad.get_config("paper,llm=gemma-3-4b,weights_dir=/w").model.llm_weights == "/w/gemma-3-4b"
 
@@ -45,7 +48,9 @@ def test_paper_model_builds_abstractly_at_real_size():
     assert model.llm.config.hidden_size == 2560 and model.llm.config.model_type == "gemma3_text"
     for name in ("llama-3.2-3b", "qwen2.5-7b"):
         assert build.llm_config(vtb.get_config(f"paper,llm={name}")).num_hidden_layers == 28
-    counts = partitions.count_params(nnx.split(model, partitions.trainable_filter(config_lib.trainable_groups(config)), ...)[1])
+    counts = partitions.count_params(
+        nnx.split(model, partitions.trainable_filter(config_lib.trainable_groups(config)), ...)[1]
+    )
     assert set(counts) == {"total", "encoder", "projector", "lora"}
 
 
@@ -81,7 +86,11 @@ def test_validate_names_the_bad_value():
 
 @pytest.mark.parametrize(
     "key,value,message",
-    [("jsd_beta", 1.0, r"must lie in \(0, 1\)"), ("label_smoothing", 1.0, r"must lie in \[0, 1\)"), ("z_loss", -1e-3, "must not be negative")],
+    [
+        ("jsd_beta", 1.0, r"must lie in \(0, 1\)"),
+        ("label_smoothing", 1.0, r"must lie in \[0, 1\)"),
+        ("z_loss", -1e-3, "must not be negative"),
+    ],
 )
 def test_validate_checks_the_loss_options(key, value, message):
     config = asr.get_config("tiny")
@@ -100,9 +109,19 @@ def test_command_line_check_loads_the_config_file():
 def test_cli_fails_at_start_with_nearest_keys(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     result = subprocess.run(
-        [sys.executable, "-m", "speechlm_jax.train.main", f"--config={REPO}/configs/asr.py:tiny",
-         "--config.train.batch_sise=4", f"--workdir={tmp_path}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "speechlm_jax.train.main",
+            f"--config={REPO}/configs/asr.py:tiny",
+            "--config.train.batch_sise=4",
+            f"--workdir={tmp_path}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "nearest valid keys: train.batch_size" in result.stderr
@@ -118,15 +137,29 @@ def test_resolved_config_is_written(tmp_path):
 def _parse(*overrides):
     from speechlm_jax.train.main import build_parser
 
-    return config_lib.parse_command_line(build_parser(), ["--config", f"{REPO}/configs/asr.py:tiny", "--workdir", "w", *overrides])
+    return config_lib.parse_command_line(
+        build_parser(), ["--config", f"{REPO}/configs/asr.py:tiny", "--workdir", "w", *overrides]
+    )
 
 
 def test_overrides_are_parsed_against_the_field_types():
     args, config = _parse(
-        "--config.train.steps", "7", "--config.train.progress_bar=false", "--noconfig.train.fast_compile",
-        "--config.optimizer.lr.projector=3e-3", "--config.mesh.fsdp", "-1", "--config.data.tasks=first_word",
-        "--config.data.tasks", "count_words", "--config.data.buckets=((16000, 64),)", "--config.data.tokenizer=/tok",
-        "--config.data.kinds={'asr': 0.5, 'text': 0.5}", "--config.model.remat", "full")
+        "--config.train.steps",
+        "7",
+        "--config.train.progress_bar=false",
+        "--noconfig.train.fast_compile",
+        "--config.optimizer.lr.projector=3e-3",
+        "--config.mesh.fsdp",
+        "-1",
+        "--config.data.tasks=first_word",
+        "--config.data.tasks",
+        "count_words",
+        "--config.data.buckets=((16000, 64),)",
+        "--config.data.tokenizer=/tok",
+        "--config.data.kinds={'asr': 0.5, 'text': 0.5}",
+        "--config.model.remat",
+        "full",
+    )
     assert args.workdir == "w" and config.is_locked
     assert config.train.steps == 7 and config.train.progress_bar is False and config.train.fast_compile is False
     assert config.optimizer.lr.projector == 3e-3 and config.mesh.fsdp == -1
@@ -137,13 +170,16 @@ def test_overrides_are_parsed_against_the_field_types():
     assert config.train.fast_compile is True
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.train.steps=many", "'many' is not an int"),
-    ("--config.train.progress_bar=maybe", "'maybe' is not a bool"),
-    ("--config.train.steps", "needs a value"),
-    ("--config.mesh=3", "not a dict literal"),
-    ("--config.optimiser.lr.projector=1", "nearest valid keys: optimizer.lr.projector"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.train.steps=many", "'many' is not an int"),
+        ("--config.train.progress_bar=maybe", "'maybe' is not a bool"),
+        ("--config.train.steps", "needs a value"),
+        ("--config.mesh=3", "not a dict literal"),
+        ("--config.optimiser.lr.projector=1", "nearest valid keys: optimizer.lr.projector"),
+    ],
+)
 def test_bad_override_fails_naming_it(override, message):
     with pytest.raises(config_lib.ConfigError, match=message):
         _parse(override)
@@ -161,8 +197,9 @@ def test_none_fields_take_literals_and_none():
 
     config = config_dict.ConfigDict(dict(a=None, p=config_dict.placeholder(int), s="x"))
     config.lock()
-    config_lib.apply_overrides(config, [config_lib.Override("a", "[1, 2]"), config_lib.Override("p", "3"),
-                                        config_lib.Override("s", "None")])
+    config_lib.apply_overrides(
+        config, [config_lib.Override("a", "[1, 2]"), config_lib.Override("p", "3"), config_lib.Override("s", "None")]
+    )
     assert config.a == [1, 2] and config.p == 3 and config.s == "None"
     config_lib.apply_overrides(config, [config_lib.Override("p", "None")])
     assert config.p is None

@@ -17,8 +17,9 @@ def source_run(tmp_path_factory, tiny_corpus, compilation_cache):
     from speechlm_jax.configs import asr
 
     config = asr.get_config(f"tiny,data_dir={tiny_corpus}")
-    config.train.update(steps=2, progress_bar=False, eval_every=0, fast_compile=True,
-                        compilation_cache=str(compilation_cache))
+    config.train.update(
+        steps=2, progress_bar=False, eval_every=0, fast_compile=True, compilation_cache=str(compilation_cache)
+    )
     config.train.trainable = "projector,encoder"
     config.model.lora.rank = 0
     config.checkpoint.async_save = False
@@ -43,8 +44,9 @@ def _flat(module):
 def test_parts_come_from_the_earlier_run_and_the_rest_from_the_config(source_run):
     workdir, source_config = source_run
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    trained = nnx.merge(*(lambda s: (s.graphdef, s.trainable, s.frozen))(
-        state.build_state(source_config, mesh)))  # the source's initial values, for contrast
+    trained = nnx.merge(
+        *(lambda s: (s.graphdef, s.trainable, s.frozen))(state.build_state(source_config, mesh))
+    )  # the source's initial values, for contrast
     source_trainable = init_from.source_trainable(_target(source_config, workdir, "projector"), mesh)
     built = state.build_state(_target(source_config, workdir, "projector,encoder"), mesh)
     model = nnx.merge(built.graphdef, built.trainable, built.frozen)
@@ -62,7 +64,9 @@ def test_a_part_of_another_shape_is_named_with_both_shapes(source_run):
     workdir, source_config = source_run
     config = _target(source_config, workdir, "projector")
     config.model.projector.downsample = 2 * source_config.model.projector.downsample
-    with pytest.raises(init_from.InitFromError, match=r"projector/linear_1/kernel is \(\d+, \d+\) in .*, this model's is"):
+    with pytest.raises(
+        init_from.InitFromError, match=r"projector/linear_1/kernel is \(\d+, \d+\) in .*, this model's is"
+    ):
         state.build_state(config, make_mesh({"data": 1}, jax.devices()[:1]))
 
 

@@ -17,7 +17,15 @@ def _xla_flops(fn, *args) -> float:
 
 
 def test_llm_forward_flops_match_xla():
-    config = LLMConfig(vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    config = LLMConfig(
+        vocab_size=2048,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
     model = DecoderLLM(config, rngs=nnx.Rngs(0))
     batch, tokens = 2, 256
     ids = jnp.zeros((batch, tokens), jnp.int32)
@@ -31,7 +39,14 @@ def test_llm_forward_flops_match_xla():
 
 
 def test_encoder_forward_flops_match_xla():
-    config = WhisperConfig(num_mel_bins=80, d_model=256, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=1024, max_source_positions=1500)
+    config = WhisperConfig(
+        num_mel_bins=80,
+        d_model=256,
+        encoder_layers=2,
+        encoder_attention_heads=4,
+        encoder_ffn_dim=1024,
+        max_source_positions=1500,
+    )
     encoder = WhisperEncoder(config, rngs=nnx.Rngs(0))
     mel_frames = 1000
     mels = jnp.zeros((2, 80, mel_frames))
@@ -44,14 +59,26 @@ def test_encoder_forward_flops_match_xla():
 
 
 def test_backward_counts_frozen_activations_only_where_a_gradient_flows():
-    llm = LLMConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=16)
-    encoder = WhisperConfig(num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128)
+    llm = LLMConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+    )
+    encoder = WhisperConfig(
+        num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128
+    )
     shape = metrics.StepShape(batch=4, audio_slots=1, audio_samples=16000, tokens=64, teacher_tokens=0)
     common = dict(llm_config=llm, encoder_config=encoder, projector_flops_per_frame=1e4, downsample=4)
     projector_only = metrics.step_flops(shape, trainable=("projector",), **common)
     assert projector_only["encoder_backward"] == 0
     # A frozen LLM still back-propagates through its activations to reach the projector.
-    assert projector_only["llm_backward"] == pytest.approx(projector_only["llm_forward"] + shape.batch * 2 * 64 * 64 / 2 * 4 * 16 * 2 * 2)
+    assert projector_only["llm_backward"] == pytest.approx(
+        projector_only["llm_forward"] + shape.batch * 2 * 64 * 64 / 2 * 4 * 16 * 2 * 2
+    )
     full_llm = metrics.step_flops(shape, trainable=("projector", "llm"), **common)
     assert full_llm["llm_backward"] > projector_only["llm_backward"]
     with_encoder = metrics.step_flops(shape, trainable=("projector", "encoder"), **common)

@@ -10,7 +10,10 @@ from speechlm_jax.sharding import make_mesh
 from speechlm_jax.train import compile_aot, state, trainer
 from speechlm_jax.train import config as config_lib
 
-BATCH_ERROR = r"train\.batch_size=6 must divide into 8 \(batch shards of mesh \{'data': 4, 'fsdp': 2, 'tensor': 1\} x train\.grad_accum\)"
+BATCH_ERROR = (
+    r"train\.batch_size=6 must divide into 8 "
+    r"\(batch shards of mesh \{'data': 4, 'fsdp': 2, 'tensor': 1\} x train\.grad_accum\)"
+)
 
 
 def _config(**train):
@@ -31,7 +34,9 @@ def test_real_state_and_the_compile_inputs_have_the_same_partitions_and_sharding
     config = _config()
     mesh = make_mesh({"fsdp": 2, "tensor": 2}, jax.devices()[:4])
     real = state.build_state(config, mesh, for_training=True)
-    _, (trainable, frozen, opt_state, _, _) = compile_aot.train_step_and_inputs(config, mesh, compile_aot.abstract_batch(config))
+    _, (trainable, frozen, opt_state, _, _) = compile_aot.train_step_and_inputs(
+        config, mesh, compile_aot.abstract_batch(config)
+    )
     for built, compiled in ((real.trainable, trainable), (real.frozen, frozen), (real.opt_state, opt_state)):
         assert _described(built) == _described(compiled)
     assert {x.dtype for x in jax.tree.leaves(real.frozen)} == {jax.numpy.dtype("bfloat16")}

@@ -48,7 +48,9 @@ def synthetic_batch(seed: int = 0, vocab: int = 64) -> dict[str, np.ndarray]:
         "teacher_index": teacher_index,
         "weight": np.ones((B,), np.float32),
         "task_id": np.zeros((B,), np.int32),
-        "audio_labels": np.where(np.arange(frames + 1) < 5, rng.integers(5, vocab, (B, 1, frames + 1)), -1).astype(np.int32),
+        "audio_labels": np.where(np.arange(frames + 1) < 5, rng.integers(5, vocab, (B, 1, frames + 1)), -1).astype(
+            np.int32
+        ),
     }
 
 
@@ -58,7 +60,9 @@ def parts():
     config = salad.get_config("tiny")
     config.loss.alpha = 0.5
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    model = build.build_model(config, mesh, config_lib.sharding_rules(config), compiler_options=step.compiler_options(True))
+    model = build.build_model(
+        config, mesh, config_lib.sharding_rules(config), compiler_options=step.compiler_options(True)
+    )
     graphdef, trainable, frozen = partitions.split_model(model, config_lib.trainable_groups(config))
     return graphdef, trainable, frozen, config
 
@@ -66,7 +70,9 @@ def parts():
 def _step(parts, grad_accum: int = 1, skip: bool = False):
     graphdef, _, _, config = parts
     tx, schedules = optimizer.make_optimizer(config)
-    fn = step.train_step_fn(graphdef, objectives.make_objective(config.loss), tx, schedules, grad_accum=grad_accum, skip_nonfinite=skip)
+    fn = step.train_step_fn(
+        graphdef, objectives.make_objective(config.loss), tx, schedules, grad_accum=grad_accum, skip_nonfinite=skip
+    )
     return tx, jax.jit(fn, compiler_options=step.compiler_options(True))
 
 
@@ -95,8 +101,11 @@ def test_teacher_gets_no_gradient(parts):
     def teacher_loss(frozen_state):
         model = nnx.merge(graphdef, trainable, frozen_state)
         return chunked_kl_distillation(
-            jax.lax.stop_gradient(model.student_hidden(batch)), gather_teacher(model.teacher_hidden(batch), batch["teacher_index"]),
-            jax.lax.stop_gradient(model.llm.unembedding()), batch["kl_mask"], chunk_size=16,
+            jax.lax.stop_gradient(model.student_hidden(batch)),
+            gather_teacher(model.teacher_hidden(batch), batch["teacher_index"]),
+            jax.lax.stop_gradient(model.llm.unembedding()),
+            batch["kl_mask"],
+            chunk_size=16,
         )[0]
 
     grads = jax.jit(jax.grad(teacher_loss), compiler_options=step.compiler_options(True))(frozen)
@@ -112,7 +121,11 @@ def test_gradient_accumulation_equals_the_full_batch(parts):
     accumulated = accum_step(trainable, frozen, tx.init(trainable), batch, jax.random.key(0))
     np.testing.assert_allclose(float(accumulated[2]["loss"]), float(full[2]["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(accumulated[2]["grad_norm"]), float(full[2]["grad_norm"]), rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7), accumulated[0], full[0])
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7),
+        accumulated[0],
+        full[0],
+    )
 
 
 def test_nonfinite_step_is_skipped_when_asked(parts):
@@ -135,7 +148,9 @@ def test_remat_step_equals_the_plain_step(parts, remat):
     remat_config = config.copy_and_resolve_references()
     remat_config.model.remat = remat
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    model = build.build_model(remat_config, mesh, config_lib.sharding_rules(remat_config), compiler_options=step.compiler_options(True))
+    model = build.build_model(
+        remat_config, mesh, config_lib.sharding_rules(remat_config), compiler_options=step.compiler_options(True)
+    )
     remat_graphdef, _, _ = partitions.split_model(model, config_lib.trainable_groups(remat_config))
     batch, rng = synthetic_batch(), jax.random.key(0)
     results = []
@@ -180,8 +195,15 @@ def test_loss_options_reach_the_chunked_losses(parts):
     cfg.name, cfg.label_smoothing, cfg.z_loss = "cross_entropy", 0.1, 1e-3
     loss, metrics = objectives.make_objective(cfg)(model, batch)
     expected, _ = chunked_cross_entropy(
-        hidden, unembedding, batch["targets"], batch["loss_mask"], chunk_size=cfg.chunk_size, softcap=softcap,
-        weights=batch["weight"], label_smoothing=0.1, z_loss=1e-3,
+        hidden,
+        unembedding,
+        batch["targets"],
+        batch["loss_mask"],
+        chunk_size=cfg.chunk_size,
+        softcap=softcap,
+        weights=batch["weight"],
+        label_smoothing=0.1,
+        z_loss=1e-3,
     )
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
     assert float(metrics["cross_entropy/z_loss"]) > 0
@@ -193,8 +215,18 @@ def test_loss_options_reach_the_chunked_losses(parts):
     cfg.name, cfg.direction, cfg.jsd_beta = "salad", "jsd", 0.3
     loss, _ = objectives.make_objective(cfg)(model, batch)
     expected, _ = chunked_salad_objective(
-        hidden, gather_teacher(model.teacher_hidden(batch), batch["teacher_index"]), unembedding, batch["targets"],
-        batch["kl_mask"], batch["loss_mask"], alpha=cfg.alpha, chunk_size=cfg.chunk_size, temperature=cfg.temperature,
-        direction="jsd", jsd_beta=0.3, softcap=softcap, weights=batch["weight"],
+        hidden,
+        gather_teacher(model.teacher_hidden(batch), batch["teacher_index"]),
+        unembedding,
+        batch["targets"],
+        batch["kl_mask"],
+        batch["loss_mask"],
+        alpha=cfg.alpha,
+        chunk_size=cfg.chunk_size,
+        temperature=cfg.temperature,
+        direction="jsd",
+        jsd_beta=0.3,
+        softcap=softcap,
+        weights=batch["weight"],
     )
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)

@@ -39,7 +39,9 @@ def test_tiny_variant_lowers_its_loss(recipe, tiny_config, tmp_path):
     assert result.step == 12 and len(losses) == 12
     assert np.mean(losses[-3:]) < 0.97 * np.mean(losses[:3]), losses
     # The frozen base is bitwise what the model builder makes from the config.
-    fresh = build.build_model(config, result.mesh, config_lib.sharding_rules(config), compiler_options=step.compiler_options(True))
+    fresh = build.build_model(
+        config, result.mesh, config_lib.sharding_rules(config), compiler_options=step.compiler_options(True)
+    )
     _, _, frozen = partitions.split_model(fresh, config_lib.trainable_groups(config))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), result.frozen, frozen)
 
@@ -58,7 +60,11 @@ def test_eight_devices_give_the_losses_of_one(tiny_config, tmp_path):
     eight.mesh.data, eight.mesh.fsdp, eight.mesh.tensor = 1, 2, 4
     result = trainer.train(eight, tmp_path / "eight")
     assert dict(result.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 4}
-    sharded = [v for v in jax.tree.leaves(result.trainable) if len(v.sharding.device_set) == 8 and not v.sharding.is_fully_replicated]
+    sharded = [
+        v
+        for v in jax.tree.leaves(result.trainable)
+        if len(v.sharding.device_set) == 8 and not v.sharding.is_fully_replicated
+    ]
     assert sharded, "no trainable parameter is sharded over the 8 devices"
     a, b = _losses(_records(tmp_path / "one")), _losses(_records(tmp_path / "eight"))
     assert a.keys() == b.keys() == {1, 2, 3, 4, 5}
@@ -69,9 +75,17 @@ def _cli(config_arg: str, workdir: Path, cache: Path, *overrides: str) -> subpro
     """`speechlm-train` in a subprocess on one CPU device (the in-process runs use `jax.devices()[:1]`)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     args = [
-        sys.executable, "-m", "speechlm_jax.train.main", f"--config={REPO}/configs/{config_arg}", f"--workdir={workdir}",
-        "--config.train.progress_bar=False", "--config.train.eval_every=0", "--config.train.log_every=1",
-        "--config.train.fast_compile=True", f"--config.train.compilation_cache={cache}", *overrides,
+        sys.executable,
+        "-m",
+        "speechlm_jax.train.main",
+        f"--config={REPO}/configs/{config_arg}",
+        f"--workdir={workdir}",
+        "--config.train.progress_bar=False",
+        "--config.train.eval_every=0",
+        "--config.train.log_every=1",
+        "--config.train.fast_compile=True",
+        f"--config.train.compilation_cache={cache}",
+        *overrides,
     ]
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -95,14 +109,21 @@ def test_sigkill_and_restart_continue_exactly(tiny_config, tiny_corpus, compilat
     reference = _records(tmp_path / "reference")
 
     workdir = tmp_path / "killed"
-    process = _cli(f"asr.py:tiny,data_dir={tiny_corpus}", workdir, compilation_cache, "--config.train.steps=8", "--config.checkpoint.every=2", "--config.optimizer.schedule=constant")
+    process = _cli(
+        f"asr.py:tiny,data_dir={tiny_corpus}",
+        workdir,
+        compilation_cache,
+        "--config.train.steps=8",
+        "--config.checkpoint.every=2",
+        "--config.optimizer.schedule=constant",
+    )
     _wait_for_step(process, workdir, 5)
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed = _records(workdir)
 
     result = trainer.train(config, workdir, devices=jax.devices()[:1])
-    resumed = _records(workdir)[len(killed):]
+    resumed = _records(workdir)[len(killed) :]
     assert result.step == 8 and resumed, "the restart trained no step"
     first = resumed[0]["step"]
     assert first > 1 and (first - 1) % 2 == 0, f"resumed after step {first - 1}, not a checkpoint"
@@ -111,11 +132,20 @@ def test_sigkill_and_restart_continue_exactly(tiny_config, tiny_corpus, compilat
         ref = expected[record["step"]]
         assert abs(record["loss"] - ref["loss"]) <= 1e-6, (record["step"], record["loss"], ref["loss"])
         # The data continues exactly: the pipeline's counters (restored with the iterator) agree.
-        assert {k: v for k, v in record.items() if k.startswith("data/")} == {k: v for k, v in ref.items() if k.startswith("data/")}
+        assert {k: v for k, v in record.items() if k.startswith("data/")} == {
+            k: v for k, v in ref.items() if k.startswith("data/")
+        }
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_corpus, compilation_cache, tmp_path):
-    process = _cli(f"asr.py:tiny,data_dir={tiny_corpus}", tmp_path, compilation_cache, "--config.train.steps=1000", "--config.checkpoint.every=1000", "--config.optimizer.schedule=constant")
+    process = _cli(
+        f"asr.py:tiny,data_dir={tiny_corpus}",
+        tmp_path,
+        compilation_cache,
+        "--config.train.steps=1000",
+        "--config.checkpoint.every=1000",
+        "--config.optimizer.schedule=constant",
+    )
     _wait_for_step(process, tmp_path, 2)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
@@ -132,7 +162,9 @@ def test_nonfinite_loss_stops_naming_the_steps(tiny_config, tmp_path):
     config.optimizer.warmup_steps = 0
     with pytest.raises(trainer.NonFiniteLossError, match=r"between steps \d+ and \d+"):
         trainer.train(config, tmp_path, devices=jax.devices()[:1])
-    assert not (tmp_path / "checkpoints").exists() or not any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+    assert not (tmp_path / "checkpoints").exists() or not any(
+        p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir()
+    )
 
 
 def test_evaluation_and_tensorboard(tiny_config, tmp_path):
