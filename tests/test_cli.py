@@ -142,18 +142,16 @@ def test_user_error_is_one_line_with_exit_status_2(name, args, fragments, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory) -> Path:
+def tiny_llm(tmp_path_factory, toy_tokenizer, toy_llm_config) -> Path:
     """A random 2-layer Llama saved by transformers, its word tokenizer in the same folder."""
     import torch
     import transformers
 
-    from tests.evaluation import tiny
-
     folder = tmp_path_factory.mktemp("cli_llm") / "llm"
-    tok = tiny.tokenizer(folder)
+    tok = toy_tokenizer(folder)
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=tiny.llm_config(len(tok)).vocab_size,
+        vocab_size=toy_llm_config(len(tok)).vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -276,19 +274,3 @@ def test_synth_of_two_words_succeeds(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 synthesized" in result.stdout
     assert len((tmp_path / "corpus" / "manifest.jsonl").read_text().splitlines()) == 1
-
-
-def test_convert_import_of_a_voxtral_folder_succeeds(tmp_path):
-    from speechlm_jax.convert import export
-    from tests.convert import tiny_speechlm as tiny
-
-    folder = export.export_speechlm(
-        tiny.tiny_speechlm("qwen2", tied=True),
-        tmp_path / "hf",
-        audio_token_id=4,
-        tokenizer_dir=tiny.tokenizer_dir(tmp_path),
-    )
-    result = run("speechlm-convert", "import", "--hf", str(folder), "--workdir", str(tmp_path / "run"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "run")
-    assert (tmp_path / "run" / "config.json").is_file()

@@ -91,6 +91,8 @@ class EvalRequest:
     asr: bool = False
     asr_source: dict[str, str] | None = None
     asr_limit: int = 200
+    ctc_asr: bool = False
+    cascade: bool = False
     oracle: bool = False
     batch_size: int = 16
     max_new_tokens: int = 32

@@ -314,3 +314,26 @@ def test_trainer_resumes_an_imported_workdir_from_step_0(trained_run, tmp_path):
         np.testing.assert_array_equal(
             np.asarray(variable.get_value()), np.asarray(expected[path].get_value()), err_msg=str(path)
         )
+
+
+def test_the_installed_convert_command_imports_a_voxtral_folder(tiny_speechlm, tokenizer_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    folder = export.export_speechlm(
+        tiny_speechlm("qwen2", tied=True), tmp_path / "hf", audio_token_id=4, tokenizer_dir=tokenizer_dir(tmp_path)
+    )
+    script = Path(sys.executable).parent / "speechlm-convert"
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "speechlm_jax.convert.main"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    result = subprocess.run(
+        [*command, "import", "--hf", str(folder), "--workdir", str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "run")
+    assert (tmp_path / "run" / "config.json").is_file()
