@@ -40,9 +40,14 @@ def mel_frame_count(num_samples: int) -> int:
     return num_samples // HOP_LENGTH
 
 
+def encoder_frames_of_mel(mel_frames: int) -> int:
+    """Whisper encoder frames of `mel_frames` log-mel frames: its stride-2 conv halves them, rounding up."""
+    return (mel_frames + 1) // 2
+
+
 def encoder_frame_count(num_samples: int) -> int:
-    """Whisper encoder frames of a clip: its stride-2 conv halves the log-mel frames, rounding up."""
-    return (mel_frame_count(num_samples) + 1) // 2
+    """Whisper encoder frames of a clip of `num_samples` samples."""
+    return encoder_frames_of_mel(mel_frame_count(num_samples))
 
 
 def audio_token_count(num_samples: int, downsample: int) -> int:

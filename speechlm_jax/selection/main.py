@@ -227,7 +227,7 @@ def _probe(args: argparse.Namespace, tag: str, run: str) -> None:
     )
     mesh = _mesh(args)
     model, config, step = load_run(run, mesh)
-    import_task_modules(config.data.task_modules)
+    import_task_modules(tuple(config.data.task_modules) + tuple(args.task_modules))
     scorer = Scorer(
         model,
         load_tokenizer(config.data.tokenizer),
@@ -384,6 +384,7 @@ def stage_targets(args: argparse.Namespace) -> None:
             tokenizer=config.data.tokenizer,
             source={"type": "manifest", "path": str(manifest)},
             tasks=tuple(tasks),
+            task_modules=tuple(config.data.task_modules) + tuple(args.task_modules),
             out=str(folder / "shards"),
             num_shards=1,
             batch_size=args.batch_size,
@@ -510,6 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("stages", nargs="+", choices=(*STAGES, "all"), help="stages to run, in pipeline order")
     p.add_argument("--workdir", required=True)
+    p.add_argument(
+        "--task_modules",
+        type=cli.parse_list,
+        default=(),
+        help="comma-separated modules that register tasks (besides the stage-1 run's data.task_modules)",
+    )
     p.add_argument("--corpus", default="", help="text corpus: JSONL ({'id', 'text'}) or plain lines")
     p.add_argument("--stage1", default="", help="the stage-1 SALAD run (workdir with config.json and checkpoints)")
     p.add_argument("--stage1_step", type=int, default=0, help="stage-1 checkpoint to continue from (0 = latest)")

@@ -4,7 +4,7 @@
 
 lowers and compiles the real train step (`train.step.make_train_step`, the one the trainer
 runs) for a target topology on this machine, without its accelerators: with libtpu
-installed (`pip install -e '.[tpu-aot]'`), `jax.experimental.topologies` describes any TPU
+installed (`pip install -e '.[tpu]'`), `jax.experimental.topologies` describes any TPU
 slice as compile-only devices, and XLA's TPU compiler plans the program for them. Nothing
 is allocated: the model, optimiser state and batch are abstract (shapes, dtypes and the
 shardings the trainer would give them).

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from speechlm_jax.models.frontend import audio_token_count, encoder_frame_count, mel_frame_count
+from speechlm_jax.models.frontend import audio_token_count, encoder_frame_count, encoder_frames_of_mel, mel_frame_count
 from speechlm_jax.train.chips import chip_of
 
 # A CPU has no datasheet figure in `train.chips`: a nominal 32 fp32 FLOP/cycle (two AVX2 FMA units)
@@ -78,7 +78,7 @@ def _llm_forward(c: Any, tokens: int, lora_rank: int, lora_kernels: Sequence[tup
 
 
 def _encoder_forward(c: Any, mel_frames: int) -> dict[str, float]:
-    d, e = c.d_model, (mel_frames + 1) // 2
+    d, e = c.d_model, encoder_frames_of_mel(mel_frames)
     stem = 2 * 3 * c.num_mel_bins * d * mel_frames + 2 * 3 * d * d * e
     kernels = 2 * (4 * d * d + 2 * d * c.encoder_ffn_dim) * e
     return {
