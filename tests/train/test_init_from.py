@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from speechlm_jax.sharding import make_mesh
+from speechlm_jax.train import config as config_lib
 from speechlm_jax.train import init_from, state, trainer
 
 
@@ -79,3 +80,37 @@ def test_an_unknown_part_and_a_missing_step_are_refused(source_run):
     config.model.init_from.step = 7
     with pytest.raises(init_from.InitFromError, match=r"no checkpoint at step 7 .* saved steps: \[2\]"):
         init_from.source_trainable(config, make_mesh({"data": 1}, jax.devices()[:1]))
+
+
+def test_connector_alignment_then_a_recipe_from_it(tmp_path, tiny_corpus, compilation_cache):
+    """`align:tiny` (CTC through the frozen LLM's head) trains the connector and leaves the LLM as built;
+    a recipe run then starts its projector and encoder from it and trains on."""
+    from speechlm_jax.configs import align, asr
+
+    config = align.get_config(f"tiny,data_dir={tiny_corpus}")
+    config.train.update(
+        steps=4, progress_bar=False, eval_every=0, fast_compile=True, compilation_cache=str(compilation_cache)
+    )
+    config.checkpoint.async_save = False
+    config_lib.validate(config)
+    result = trainer.train(config, tmp_path / "align")
+    assert result.step == 4 and np.isfinite(result.metrics["ctc/loss"])
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    aligned = state.build_state(config, mesh)
+    assert set(aligned.trainable) == {"encoder", "projector"}  # the LLM is in the frozen base
+
+    recipe = asr.get_config(f"tiny,data_dir={tiny_corpus}")
+    recipe.train.update(
+        steps=2, progress_bar=False, eval_every=0, fast_compile=True, compilation_cache=str(compilation_cache)
+    )
+    recipe.checkpoint.async_save = False
+    recipe.model.init_from.workdir = str(tmp_path / "align")
+    recipe.model.init_from.parts = "projector,encoder"
+    started = state.build_state(recipe, mesh)
+    source = init_from.source_trainable(recipe, mesh)
+    model = nnx.merge(started.graphdef, started.trainable, started.frozen)
+    for part in ("projector", "encoder"):
+        assert all(
+            np.array_equal(a, np.asarray(b)) for a, b in zip(_flat(getattr(model, part)), jax.tree.leaves(source[part]))
+        ), part
+    assert trainer.train(recipe, tmp_path / "asr").step == 2
