@@ -59,17 +59,8 @@ def benchmark(config: ml_collections.ConfigDict, steps: int = 10) -> dict:
 
     state = state_lib.build_state(config, mesh, for_training=True)
     trainable, frozen, opt_state = state.trainable, state.frozen, state.opt_state
-    train_step = step.make_train_step(
-        state.graphdef,
-        objectives.make_objective(config.loss),
-        state.tx,
-        state.schedules,
-        trainable_shardings=state.trainable_shardings,
-        frozen_shardings=state.frozen_shardings,
-        opt_shardings=state.opt_shardings,
-        batch_shardings=shardings,
-        grad_accum=config.train.grad_accum,
-        compiler_options=step.compiler_options(config.train.fast_compile),
+    train_step = state_lib.make_train_step(
+        state, config, shardings, compiler_options=step.compiler_options(config.train.fast_compile)
     )
     del state  # the timed steps rebind trainable and opt_state; `state` would pin the first ones
     rng = jax.random.key(config.seed)

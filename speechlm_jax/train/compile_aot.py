@@ -245,23 +245,11 @@ def train_step_and_inputs(
     ConfigError when the batch does not divide over the mesh's batch shards.
     """
     from speechlm_jax.sharding import batch_sharding
-    from speechlm_jax.train import objectives, step
     from speechlm_jax.train import state as state_lib
 
     state = state_lib.build_state(config, mesh, abstract=True, for_training=True)
     batch_sh = {k: batch_sharding(mesh, v.ndim, config_lib.sharding_rules(config)) for k, v in batch.items()}
-    train_step = step.make_train_step(
-        state.graphdef,
-        objectives.make_objective(config.loss),
-        state.tx,
-        state.schedules,
-        trainable_shardings=state.trainable_shardings,
-        frozen_shardings=state.frozen_shardings,
-        opt_shardings=state.opt_shardings,
-        batch_shardings=batch_sh,
-        grad_accum=config.train.grad_accum,
-        skip_nonfinite=config.train.nonfinite == "skip",
-    )
+    train_step = state_lib.make_train_step(state, config, batch_sh)
     rng = jax.ShapeDtypeStruct(
         (), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=NamedSharding(mesh, PartitionSpec())
     )

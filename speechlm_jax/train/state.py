@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -36,7 +37,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from speechlm_jax.sharding import Rules, batch_sharding
-from speechlm_jax.train import build, init_from, optimizer, partitions, step
+from speechlm_jax.train import build, init_from, objectives, optimizer, partitions, step
 from speechlm_jax.train import config as config_lib
 
 
@@ -117,3 +118,27 @@ def build_state(
     if abstract:
         trainable, frozen = with_shardings(trainable, trainable_sh), with_shardings(frozen, frozen_sh)
     return TrainState(graphdef, trainable, frozen, trainable_sh, frozen_sh, tx, schedules, opt_state, opt_sh)
+
+
+def make_train_step(
+    state: TrainState,
+    config: ml_collections.ConfigDict,
+    batch_shardings: Any,
+    *,
+    compiler_options: Mapping[str, Any] | None = None,
+) -> Callable[..., Any]:
+    """The jitted train step of a `for_training` state: the config's objective, gradient
+    accumulation and non-finite policy, with the state's shardings and donation (`train.step`)."""
+    return step.make_train_step(
+        state.graphdef,
+        objectives.make_objective(config.loss),
+        state.tx,
+        state.schedules,
+        trainable_shardings=state.trainable_shardings,
+        frozen_shardings=state.frozen_shardings,
+        opt_shardings=state.opt_shardings,
+        batch_shardings=batch_shardings,
+        grad_accum=config.train.grad_accum,
+        skip_nonfinite=config.train.nonfinite == "skip",
+        compiler_options=compiler_options,
+    )

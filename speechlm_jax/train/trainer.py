@@ -141,15 +141,12 @@ def train(
     # --- State: the batch checked against the mesh; the model in its shardings, split into what
     # trains and the frozen base; the optimiser state of the trainable groups only, sharded like them.
     state = state_lib.build_state(config, mesh, for_training=True)
-    graphdef, trainable, frozen, tx, schedules, opt_state = (
-        state.graphdef,
-        state.trainable,
-        state.frozen,
-        state.tx,
-        state.schedules,
-        state.opt_state,
+    graphdef, trainable, frozen, opt_state = state.graphdef, state.trainable, state.frozen, state.opt_state
+    trainable_sh, frozen_sh = state.trainable_shardings, state.frozen_shardings
+    # Jitted with explicit shardings; trainable and opt_state are donated.
+    train_step = state_lib.make_train_step(
+        state, config, batch_shardings, compiler_options=step.compiler_options(config.train.fast_compile)
     )
-    trainable_sh, frozen_sh, opt_sh = state.trainable_shardings, state.frozen_shardings, state.opt_shardings
     del state  # the loop rebinds trainable and opt_state; `state` would pin the first ones
     logging.info("trainable %s; frozen %s", partitions.count_params(trainable), partitions.count_params(frozen))
     base = {"base_hash": checkpoint.base_hash(frozen), "base_path": restore.base_path(config)}
@@ -168,25 +165,11 @@ def train(
         rng = checkpoint.rng_from_meta(meta["rng"], rng)
         logging.info("resumed from step %d", start)
 
-    # --- Steps: jitted with explicit shardings; trainable and opt_state are donated.
+    # --- The held-out step (the train step was made with the state above).
     xla_options = step.compiler_options(config.train.fast_compile)
-    objective = objectives.make_objective(config.loss)
-    train_step = step.make_train_step(
-        graphdef,
-        objective,
-        tx,
-        schedules,
-        trainable_shardings=trainable_sh,
-        frozen_shardings=frozen_sh,
-        opt_shardings=opt_sh,
-        batch_shardings=batch_shardings,
-        grad_accum=config.train.grad_accum,
-        skip_nonfinite=config.train.nonfinite == "skip",
-        compiler_options=xla_options,
-    )
     eval_step = step.make_eval_step(
         graphdef,
-        objective,
+        objectives.make_objective(config.loss),
         trainable_shardings=trainable_sh,
         frozen_shardings=frozen_sh,
         batch_shardings=batch_shardings,
