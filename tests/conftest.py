@@ -264,3 +264,30 @@ def toy_base_llm(toy_llm_config):
         return DecoderLLM(toy_llm_config(len(tok)), rngs=nnx.Rngs(seed))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def save_toy_hf_llama(toy_llm_config):
+    """`save_toy_hf_llama(folder, tok, **config)`: a random 2-layer transformers Llama over the toy
+    tokenizer `tok`, saved into `folder` (seeded); `config` overrides LlamaConfig fields."""
+    import torch
+    import transformers
+
+    def make(folder: Path, tok, **config) -> Path:
+        torch.manual_seed(0)
+        fields = dict(
+            vocab_size=toy_llm_config(len(tok)).vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+        model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**{**fields, **config}))
+        model.save_pretrained(folder)
+        return Path(folder)
+
+    return make

@@ -142,27 +142,10 @@ def test_user_error_is_one_line_with_exit_status_2(name, args, fragments, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory, toy_tokenizer, toy_llm_config) -> Path:
+def tiny_llm(tmp_path_factory, toy_tokenizer, save_toy_hf_llama) -> Path:
     """A random 2-layer Llama saved by transformers, its word tokenizer in the same folder."""
-    import torch
-    import transformers
-
     folder = tmp_path_factory.mktemp("cli_llm") / "llm"
-    tok = toy_tokenizer(folder)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=toy_llm_config(len(tok)).vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    return folder
+    return save_toy_hf_llama(folder, toy_tokenizer(folder))
 
 
 def test_eval_of_a_base_llm_succeeds(tiny_llm, tmp_path):

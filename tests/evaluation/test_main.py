@@ -3,29 +3,15 @@
 import json
 
 import pytest
-import torch
-import transformers
 
 from speechlm_jax.evaluation import main as eval_main
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, toy_tokenizer, toy_llm_config):
+def base(tmp_path_factory, toy_tokenizer, save_toy_hf_llama):
     root = tmp_path_factory.mktemp("base")
     tok = toy_tokenizer(root / "llm")  # the tokenizer lives in the checkpoint folder, as on the hub
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=toy_llm_config(len(tok)).vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "llm")
+    save_toy_hf_llama(root / "llm", tok)
     return root
 
 

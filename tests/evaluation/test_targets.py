@@ -3,8 +3,6 @@
 import json
 
 import pytest
-import torch
-import transformers
 
 from speechlm_jax.data.sources import TargetTable
 from speechlm_jax.data.tasks import get_task
@@ -16,23 +14,10 @@ TASKS = "first_word,count_words"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, toy_tokenizer, toy_llm_config):
+def setup(tmp_path_factory, toy_tokenizer, save_toy_hf_llama):
     root = tmp_path_factory.mktemp("gen")
     tok = toy_tokenizer(root / "tok")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=toy_llm_config(len(tok)).vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        initializer_range=0.2,
-    )
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "llm")
+    save_toy_hf_llama(root / "llm", tok, initializer_range=0.2)
     manifest = root / "manifest.jsonl"
     with open(manifest, "w") as f:
         for i, text in enumerate(sentences("train", 7, seed=3)):
