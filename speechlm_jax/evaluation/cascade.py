@@ -29,7 +29,7 @@ from flax import nnx
 from speechlm_jax.evaluation.asr import character_error_rate, word_error_rate
 from speechlm_jax.evaluation.gap import answer_items, summarise
 from speechlm_jax.evaluation.items import Item
-from speechlm_jax.evaluation.scoring import Scorer
+from speechlm_jax.evaluation.scoring import Scorer, TTSSpeech
 from speechlm_jax.models.frontend import audio_token_count
 
 
@@ -82,12 +82,12 @@ def run_cascade(
 
 
 def run_ctc_asr(scorer: Scorer, records: Sequence[dict[str, Any]], *, blank_id: int) -> dict[str, Any]:
-    """WER and CER of the run's greedy CTC transcripts of utterances `{"audio", "text"}` (the connector's ASR)."""
-    from speechlm_jax.data.audio import load_audio
+    """WER and CER of the run's greedy CTC transcripts of recorded utterances `{"audio", "text"}`.
 
-    waveforms = [
-        scorer.speech.waveform(r["text"], r["audio"]) if "audio" in r else load_audio(r["audio"]) for r in records
-    ]
+    The recordings are read as they are, whatever speech source the scorer was given for its
+    items (an oracle's silent clips must not stand in for them)."""
+    recorded = TTSSpeech()  # reads the file when there is one, as for items with recorded audio
+    waveforms = [recorded.waveform(r["text"], r["audio"]) for r in records]
     transcripts = transcribe(scorer, waveforms, blank_id=blank_id)
     references = [r["text"] for r in records]
     wer = word_error_rate(references, transcripts)

@@ -43,15 +43,7 @@ def generalisation_items(
     }
 
 
-def run_generalisation(
-    scorer: Scorer,
-    seen_tasks: Sequence[str],
-    heldout_tasks: Sequence[str],
-    sentences: Sequence[str],
-    *,
-    max_new_tokens: int,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Per split: the gap benchmark's summary (text, speech, gap per task and overall) and items."""
-    sets = generalisation_items(seen_tasks, heldout_tasks, sentences, seed=seed)
+def run_generalisation(scorer: Scorer, sets: dict[str, list[Item]], *, max_new_tokens: int) -> dict[str, Any]:
+    """Per split of `generalisation_items`: the gap benchmark's summary (text, speech, gap per task
+    and overall) and items."""
     return {split: run_gap(scorer, items, max_new_tokens=max_new_tokens) for split, items in sets.items() if items}

@@ -225,13 +225,12 @@ def run(args: EvalRequest) -> dict[str, Any]:
             raise cli.UsageError("--generalisation needs --seen_tasks or --heldout_tasks (or a run with data.tasks)")
         generalisation_sets = generalisation.generalisation_items(seen, args.heldout_tasks, sentences, seed=args.seed)
         result["generalisation"] = generalisation.run_generalisation(
-            scorer, seen, args.heldout_tasks, sentences, max_new_tokens=args.max_new_tokens, seed=args.seed
+            scorer, generalisation_sets, max_new_tokens=args.max_new_tokens
         )
         if not asked:
-            # Without item files, text retention is measured on every task asked (train phrasings).
-            asked = generalisation.generalisation_items(
-                seen + tuple(args.heldout_tasks), (), sentences, seed=args.seed
-            )[generalisation.SPLITS[0]]
+            # Without item files, text retention is measured on every task asked, in train phrasings.
+            seen_split, _, heldout_split = generalisation.SPLITS
+            asked = generalisation_sets[seen_split] + generalisation_sets[heldout_split]
     if asked and scorer.has_speech:
         result["retention"] = retention.run_retention(
             scorer, asked, max_new_tokens=args.max_new_tokens, normalize=normalize

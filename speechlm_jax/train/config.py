@@ -280,14 +280,13 @@ def _parse_bool(text: str) -> bool:
 
 
 def _parse_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return int(text, 0)  # 0x.., 0o.., 0b.. as absl's integer flags read them
-    except ValueError:
-        raise ValueError(f"{text!r} is not an int") from None
+    # Decimal first ("010" is 10), then 0x.., 0o.., 0b.. as absl's integer flags read them.
+    for base in (10, 0):
+        try:
+            return int(text, base)
+        except ValueError:
+            continue
+    raise ValueError(f"{text!r} is not an int")
 
 
 def _parse_literal(text: str) -> Any:
