@@ -36,6 +36,40 @@ class BaseMismatchError(RuntimeError):
     """The frozen base of a resumed run differs from the one its checkpoint was trained on."""
 
 
+class CheckpointMismatchError(ValueError):
+    """A stored item's tensors are not those the config builds (a checkpoint of another shape)."""
+
+
+def leaf_shapes(tree: object) -> dict[str, tuple[int, ...]]:
+    """{"projector/linear_1/kernel": shape} of a state or of orbax's stored metadata tree."""
+    shapes = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        shapes["/".join(n for n in names if n != "value")] = tuple(leaf.shape)
+    return shapes
+
+
+def check_fits(item_dir: Path, tree: Any, *, context: str) -> None:
+    """Raises CheckpointMismatchError unless the item stored in `item_dir` has `tree`'s tensors and shapes.
+
+    Orbax would otherwise fail deep in tensorstore naming no tensor, or (with `strict=False`)
+    pad and truncate. `context` says what the config is ("the workdir's config.json").
+    """
+    stored = leaf_shapes(ocp.StandardCheckpointer().metadata(item_dir).item_metadata)
+    expected = leaf_shapes(tree)
+    mismatched = [
+        f"{k}: stored {stored[k]}, config builds {expected[k]}"
+        for k in sorted(stored.keys() & expected.keys())
+        if stored[k] != expected[k]
+    ]
+    missing, unexpected = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
+    if mismatched or missing or unexpected:
+        problems = [f"first mismatched tensor {mismatched[0]} ({len(mismatched)} in all)"] if mismatched else []
+        problems += [f"missing {missing[:5]}"] if missing else []
+        problems += [f"not in the config's model {unexpected[:5]}"] if unexpected else []
+        raise CheckpointMismatchError(f"the checkpoint {item_dir} does not fit {context}: " + "; ".join(problems))
+
+
 def base_hash(frozen: Any) -> str:
     """sha256 over paths, shapes, dtypes and a strided sample of every leaf of the frozen state."""
     leaves = jax.tree_util.tree_flatten_with_path(frozen)[0]
@@ -64,7 +98,8 @@ class Checkpointer:
     def __init__(self, workdir: str | Path, *, every: int, keep: int, async_save: bool = True):
         self.directory = Path(workdir).absolute() / "checkpoints"
         self.every = every
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        # `create=False`: opening a workdir writes nothing; the first save makes the folder.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=False)
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_names=("trainable", "opt_state", "meta", "data"),
@@ -76,8 +111,15 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def should_save(self, step: int) -> bool:
-        """Whether `step` is on the save interval (the trainer also saves at the end and on SIGTERM)."""
-        return step % self.every == 0
+        """Whether `step` is on the save interval (the trainer also saves at the end and on SIGTERM).
+
+        `every` 0 saves only there."""
+        return bool(self.every) and step % self.every == 0
+
+    def check_fits(self, step: int, trainable: Any, opt_state: Any, context: str) -> None:
+        """Raises CheckpointMismatchError unless step `step`'s trainable and optimiser items fit these trees."""
+        for name, tree in (("trainable", trainable), ("opt_state", opt_state)):
+            check_fits(self.directory / str(step) / name, tree, context=context)
 
     def save(self, step: int, trainable: Any, opt_state: Any, meta: dict[str, Any], data_iterator: Any) -> bool:
         """Starts saving step `step` (async); returns whether a save was started (not when it exists)."""

@@ -49,6 +49,12 @@ SCHEDULES = ("warmup_cosine", "warmup_stable_decay", "constant")
 TRAINABLE_GROUPS = ("projector", "lora", "encoder", "llm")
 REMAT_POLICIES = ("none", "full", "dots_saveable")  # the LLM's per-layer policies (models/llm.py)
 NONFINITE_ACTIONS = ("stop", "skip")
+DIRECTIONS = ("forward", "reverse", "jsd")
+PROJECTOR_KINDS = ("frame_stack", "conv")
+DTYPES = ("float32", "bfloat16", "float16")
+OVERLONG = ("drop", "split")
+TEXT_LOSSES = ("response", "all")
+PROMPT_SPLITS = ("train", "heldout")
 
 
 class ConfigError(ValueError):
@@ -137,19 +143,133 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name, mesh_axes in config.sharding_rules.items():
         for axis in mesh_axes_of(mesh_axes):
             _one_of(f"sharding_rules.{name}", axis, MESH_AXES)
-    if not 0.0 <= config.loss.alpha <= 1.0:
-        raise ConfigError(f"loss.alpha={config.loss.alpha} must lie in [0, 1]")
-    if not 0.0 < config.loss.jsd_beta < 1.0:
-        raise ConfigError(f"loss.jsd_beta={config.loss.jsd_beta} must lie in (0, 1)")
-    if not 0.0 <= config.loss.label_smoothing < 1.0:
-        raise ConfigError(f"loss.label_smoothing={config.loss.label_smoothing} must lie in [0, 1)")
-    if config.loss.z_loss < 0.0:
-        raise ConfigError(f"loss.z_loss={config.loss.z_loss} must not be negative")
+    _one_of("loss.direction", config.loss.direction, DIRECTIONS)
+    _one_of("model.projector.kind", config.model.projector.kind, PROJECTOR_KINDS)
+    for key in ("model.dtype", "model.param_dtype", "model.frozen_dtype"):
+        _one_of(key, _get(config, key), DTYPES)
+    _one_of("data.overlong", config.data.overlong, OVERLONG)
+    _one_of("data.text_loss", config.data.text_loss, TEXT_LOSSES)
+    _one_of("data.eval_prompt_split", config.data.eval_prompt_split, PROMPT_SPLITS)
+    check_ranges(config)
     if config.train.batch_size % config.train.grad_accum:
         raise ConfigError(
             f"train.batch_size={config.train.batch_size} does not divide into "
             f"train.grad_accum={config.train.grad_accum} microbatches"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric key may take: `low`..`high` (None = unbounded), each end in or out."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # `low` itself is excluded
+    high_open: bool = False
+    zero: str = ""  # what 0 means, when 0 is a setting ("off")
+
+    def holds(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or (value < self.high or (not self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        left = "(-inf" if self.low is None else f"{'(' if self.low_open else '['}{self.low:g}"
+        right = "inf)" if self.high is None else f"{self.high:g}{')' if self.high_open else ']'}"
+        return f"{left}, {right}"
+
+
+COUNT = Range(1)  # a positive count
+NONNEGATIVE = Range(0)
+POSITIVE = Range(0, low_open=True)
+FRACTION = Range(0, 1)
+# Every numeric value the trainer reads, with its range: checked before anything is built, so a
+# value that would hang the data pipeline (`train.batch_size=0`) or divide by zero mid-run
+# (`train.log_every=0`) fails at start naming the key.
+VALUE_RANGES: dict[str, Range] = {
+    "train.steps": COUNT,
+    "train.batch_size": COUNT,
+    "train.grad_accum": COUNT,
+    "train.log_every": COUNT,
+    "train.eval_every": Range(0, zero="no held-out evaluation"),
+    "train.eval_batches": NONNEGATIVE,
+    "checkpoint.every": Range(0, zero="save only at the last step and on SIGTERM"),
+    "checkpoint.keep": COUNT,
+    "optimizer.warmup_steps": NONNEGATIVE,
+    "optimizer.decay_fraction": FRACTION,
+    "optimizer.min_lr_ratio": FRACTION,
+    "optimizer.b1": Range(0, 1, high_open=True),
+    "optimizer.b2": Range(0, 1, high_open=True),
+    "optimizer.eps": POSITIVE,
+    "optimizer.weight_decay": NONNEGATIVE,
+    "optimizer.clip_norm": Range(0, zero="no clipping"),
+    "loss.alpha": FRACTION,
+    "loss.jsd_beta": Range(0, 1, low_open=True, high_open=True),
+    "loss.label_smoothing": Range(0, 1, high_open=True),
+    "loss.z_loss": NONNEGATIVE,
+    "loss.temperature": POSITIVE,
+    "loss.chunk_size": COUNT,
+    "loss.blank_id": NONNEGATIVE,
+    "model.projector.downsample": COUNT,
+    "model.projector.hidden": Range(0, zero="the projector's default width"),
+    "model.projector.width": Range(0, zero="the projector's default kernel width"),
+    "model.lora.rank": Range(0, zero="no LoRA"),
+    "model.lora.alpha": POSITIVE,
+    "model.length_adapter.blank_id": NONNEGATIVE,
+    "model.init_from.step": Range(0, zero="the latest checkpoint"),
+    "data.text_weight": FRACTION,
+    "data.interleave_prob": FRACTION,
+    "data.interleave_ratio": FRACTION,
+    "data.span_min": COUNT,
+    "data.span_max": COUNT,
+    "data.max_slots": COUNT,
+    "data.teacher_tokens": COUNT,
+    "data.num_threads": NONNEGATIVE,
+    "data.num_workers": NONNEGATIVE,
+}
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+    holder, leaf = _field(config, key)
+    return holder[leaf]
+
+
+def _check_range(key: str, value: Any, allowed: Range) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}={value!r} is not a number")
+    if not allowed.holds(value):
+        zero = f" (0 = {allowed.zero})" if allowed.zero else ""
+        raise ConfigError(f"{key}={value!r} must lie in {allowed}{zero}")
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for the first numeric value outside its range (`VALUE_RANGES`), a bad
+    bucket, example-kind weight, mesh size or learning rate."""
+    for key, allowed in VALUE_RANGES.items():
+        _check_range(key, _get(config, key), allowed)
+    if config.train.eval_every and not config.train.eval_batches:
+        raise ConfigError(f"train.eval_every={config.train.eval_every} evaluates, but train.eval_batches is 0")
+    if config.data.span_max < config.data.span_min:
+        raise ConfigError(f"data.span_max={config.data.span_max} is below data.span_min={config.data.span_min}")
+    for group, lr in config.optimizer.lr.items():
+        _check_range(f"optimizer.lr.{group}", lr, NONNEGATIVE)
+    kinds = dict(config.data.kinds)
+    for kind, weight in kinds.items():
+        _check_range(f"data.kinds.{kind}", weight, NONNEGATIVE)
+    if kinds and not sum(kinds.values()) > 0:
+        raise ConfigError(f"data.kinds={kinds} weighs every example kind 0")
+    buckets = tuple(config.data.buckets)
+    if not buckets:
+        raise ConfigError("data.buckets is empty; give at least one (audio samples per slot, student tokens)")
+    for bucket in buckets:
+        if len(bucket) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in bucket):
+            raise ConfigError(
+                f"data.buckets has {tuple(bucket)!r}; each bucket is (audio samples per slot, student tokens), "
+                "two positive ints"
+            )
+    for axis, size in config.mesh.items():
+        if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+            raise ConfigError(f"mesh.{axis}={size!r} must be a positive size or -1 (the rest of the devices)")
 
 
 def mesh_axes_of(rule: str) -> tuple[str, ...]:

@@ -45,15 +45,6 @@ def parts(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return names
 
 
-def _shapes(tree: object) -> dict[str, tuple[int, ...]]:
-    """{"linear_1/kernel": shape} of every array of a state."""
-    shapes = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-        shapes["/".join(n for n in names if n != "value")] = tuple(leaf.shape)
-    return shapes
-
-
 def source_trainable(config: ml_collections.ConfigDict, mesh: Mesh) -> nnx.State:
     """The trainable state of `model.init_from`'s run at its step (shardings as this mesh gives them)."""
     from speechlm_jax.train import state as state_lib  # the source's shapes come from its own config
@@ -91,7 +82,7 @@ def apply(model: SpeechLM, config: ml_collections.ConfigDict, mesh: Mesh) -> Spe
             )
         target = getattr(model, name)
         wanted, taken = nnx.state(target, nnx.Param), source[name]
-        want, have = _shapes(wanted), _shapes(taken)
+        want, have = checkpoint.leaf_shapes(wanted), checkpoint.leaf_shapes(taken)
         missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
         if missing or extra:
             raise InitFromError(

@@ -67,7 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.setup_logging(args.log_level)
         train(config, args.workdir, distributed_init=args.distributed)
 
-    return cli.run_command(PROG, body, (config_lib.ConfigError,))
+    from speechlm_jax.train import checkpoint, init_from
+
+    user_errors = (
+        config_lib.ConfigError,
+        checkpoint.CheckpointMismatchError,
+        checkpoint.BaseMismatchError,
+        init_from.InitFromError,
+    )
+    return cli.run_command(PROG, body, user_errors)
 
 
 if __name__ == "__main__":

@@ -39,40 +39,15 @@ def base_path(config: ml_collections.ConfigDict) -> str:
     return f"llm={config.model.llm_weights or 'random'};encoder={config.model.encoder_weights or 'random'}"
 
 
-def _leaf_shapes(tree: object) -> dict[str, tuple[int, ...]]:
-    """{"projector/linear_1/kernel": shape} of a state or of orbax's stored metadata tree."""
-    shapes = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-        shapes["/".join(names[:-1] if names[-1] == "value" else names)] = tuple(leaf.shape)
-    return shapes
-
-
-def check_trainable_fits(item_dir: Path, trainable: nnx.State) -> None:
-    """Raises ValueError when the stored trainable tensors are not those the config builds."""
-    stored = _leaf_shapes(ocp.StandardCheckpointer().metadata(item_dir).item_metadata)
-    expected = _leaf_shapes(trainable)
-    mismatched = [
-        f"{k}: stored {stored[k]}, config builds {expected[k]}"
-        for k in sorted(stored.keys() & expected.keys())
-        if stored[k] != expected[k]
-    ]
-    missing, unexpected = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
-    if mismatched or missing or unexpected:
-        problems = [f"first mismatched tensor {mismatched[0]} ({len(mismatched)} in all)"] if mismatched else []
-        problems += [f"missing {missing[:5]}"] if missing else []
-        problems += [f"not in the config's model {unexpected[:5]}"] if unexpected else []
-        raise ValueError(f"the checkpoint {item_dir} does not fit the workdir's config.json: " + "; ".join(problems))
-
-
 def load_model(
     workdir: str | Path, *, mesh: Mesh | None = None, step: int | None = None
 ) -> tuple[SpeechLM, ml_collections.ConfigDict, int]:
     """The SpeechLM of a run at `step` (default: the latest checkpoint), sharded on `mesh`.
 
     Returns (model, config, step). Raises FileNotFoundError without such a checkpoint,
-    ValueError when its tensors do not fit the config, and `checkpoint.BaseMismatchError`
-    when the base weights the config names are not those the checkpoint was trained on.
+    `checkpoint.CheckpointMismatchError` (a ValueError) when its tensors do not fit the config,
+    and `checkpoint.BaseMismatchError` when the base weights the config names are not those the
+    checkpoint was trained on.
     """
     workdir = Path(workdir)
     config = read_config(workdir)
@@ -86,7 +61,9 @@ def load_model(
             raise FileNotFoundError(
                 f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}; saved steps: {steps}"
             )
-        check_trainable_fits(ckpt.directory / str(step) / "trainable", state.trainable)
+        checkpoint.check_fits(
+            ckpt.directory / str(step) / "trainable", state.trainable, context="the workdir's config.json"
+        )
         args = ocp.args.Composite(
             trainable=ocp.args.StandardRestore(checkpoint.abstract_like(state.trainable)), meta=ocp.args.JsonRestore()
         )

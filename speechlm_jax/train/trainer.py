@@ -20,6 +20,7 @@ checkpoint is written, so a non-finite state is never saved), or, with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 from collections.abc import Iterator, Mapping, Sequence
@@ -111,11 +112,11 @@ def train(
 
     `devices` (default: all) are the devices the mesh spreads over.
     """
-    # --- Config: check the values, record exactly what runs.
+    # --- Config: every value checked before anything is built. Nothing in the workdir is written
+    # until the run is known to start (state built, checkpoint fits and restored), so a failed
+    # start leaves it exactly as it was.
     config_lib.validate(config)
     workdir = Path(workdir)
-    if jax.process_index() == 0:
-        config_lib.write_resolved(config, workdir)
     groups = config_lib.trainable_groups(config)
     if config.train.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", config.train.compilation_cache)
@@ -152,69 +153,85 @@ def train(
     base = {"base_hash": checkpoint.base_hash(frozen), "base_path": restore.base_path(config)}
     rng = jax.random.key(config.seed)
 
-    # --- Resume: this workdir's latest checkpoint, else the fresh state above.
-    ckpt = checkpoint.Checkpointer(
-        workdir, every=config.checkpoint.every, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
-    )
-    latest = ckpt.latest_step()
-    start = latest or 0
-    # Step 0 exists when the workdir was made by `speechlm-convert import`: resume it too.
-    if latest is not None:
-        trainable, opt_state, meta = ckpt.restore(start, trainable, opt_state, train_iter)
-        checkpoint.check_base(meta, base["base_hash"], base["base_path"])
-        rng = checkpoint.rng_from_meta(meta["rng"], rng)
-        logging.info("resumed from step %d", start)
-
-    # --- The held-out step (the train step was made with the state above).
-    xla_options = step.compiler_options(config.train.fast_compile)
-    eval_step = step.make_eval_step(
-        graphdef,
-        objectives.make_objective(config.loss),
-        trainable_shardings=trainable_sh,
-        frozen_shardings=frozen_sh,
-        batch_shardings=batch_shardings,
-        compiler_options=xla_options,
-    )
-
-    # --- Reporting: TensorBoard, metrics.jsonl, progress bar, MFU from the analytic FLOP count.
-    writer = metrics.MetricWriter(workdir)
-    bar = metrics.ProgressBar(config.train.steps, start, enabled=config.train.progress_bar)
-    flops = metrics.ModelFlops(
-        build.abstract_model(config),
-        groups,
-        uses_teacher=config.loss.name in objectives.USES_TEACHER,
-        downsample=config.model.projector.downsample,
-    )
-    throughput = metrics.Throughput(list(mesh.devices.flat))
-    throughput.reset(start)
-    preemption = _Preemption()
-
-    # --- The loop. `step_index` counts completed optimiser steps.
-    pending: list[tuple[int, dict[str, Any]]] = []
-    last: dict[str, float] = {}
-
-    def log() -> None:
-        """Fetches the pending step metrics, stops (or counts skips) on non-finite values, writes them."""
-        nonlocal last
-        if not pending:
-            return
-        first, latest = pending[0][0], pending[-1][0]
-        record = _mean_metrics([m for _, m in pending])
-        pending.clear()
-        if record["finite"] < 1.0 and config.train.nonfinite == "stop":
-            raise NonFiniteLossError(
-                f"loss or gradient became non-finite between steps {first} and {latest} (loss={record['loss']})"
+    with contextlib.ExitStack() as cleanup:
+        # --- Resume: this workdir's latest checkpoint, else the fresh state above. Its tensors are
+        # checked against the config first, naming the first one of another shape.
+        ckpt = checkpoint.Checkpointer(
+            workdir, every=config.checkpoint.every, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+        )
+        cleanup.callback(ckpt.close)
+        latest = ckpt.latest_step()
+        start = latest or 0
+        # Step 0 exists when the workdir was made by `speechlm-convert import`: resume it too.
+        if latest is not None:
+            ckpt.check_fits(
+                start,
+                trainable,
+                opt_state,
+                context=f"this run's config (the workdir was trained with another model or optimiser; its own "
+                f"config is {workdir / 'config.json'}): restart with that config or use a fresh --workdir",
             )
-        record["skipped_steps"] = (1.0 - record.pop("finite")) * (latest - first + 1)
-        record.update(throughput.rates(latest))
-        record.update({f"data/{k}": float(v) for k, v in data_stats.as_dict().items()})
-        throughput.reset(latest)
-        writer.write(latest, record)
-        bar.update(latest - bar.bar.n, record)
-        last = record
+            trainable, opt_state, meta = ckpt.restore(start, trainable, opt_state, train_iter)
+            checkpoint.check_base(meta, base["base_hash"], base["base_path"])
+            rng = checkpoint.rng_from_meta(meta["rng"], rng)
+            logging.info("resumed from step %d", start)
 
-    step_index, reason = start, "done"
-    try:
+        # --- The run starts: record exactly what runs.
+        if jax.process_index() == 0:
+            config_lib.write_resolved(config, workdir)
+
+        # --- The held-out step (the train step was made with the state above).
+        xla_options = step.compiler_options(config.train.fast_compile)
+        eval_step = step.make_eval_step(
+            graphdef,
+            objectives.make_objective(config.loss),
+            trainable_shardings=trainable_sh,
+            frozen_shardings=frozen_sh,
+            batch_shardings=batch_shardings,
+            compiler_options=xla_options,
+        )
+
+        # --- Reporting: TensorBoard, metrics.jsonl, progress bar, MFU from the analytic FLOP count.
+        writer = metrics.MetricWriter(workdir)
+        cleanup.callback(writer.close)
+        bar = metrics.ProgressBar(config.train.steps, start, enabled=config.train.progress_bar)
+        cleanup.callback(bar.close)
+        flops = metrics.ModelFlops(
+            build.abstract_model(config),
+            groups,
+            uses_teacher=config.loss.name in objectives.USES_TEACHER,
+            downsample=config.model.projector.downsample,
+        )
+        throughput = metrics.Throughput(list(mesh.devices.flat))
+        throughput.reset(start)
+        preemption = _Preemption()
+        cleanup.callback(preemption.restore)
+
+        # --- The loop. `step_index` counts completed optimiser steps.
+        pending: list[tuple[int, dict[str, Any]]] = []
+        last: dict[str, float] = {}
+
+        def log() -> None:
+            """Fetches the pending step metrics, stops (or counts skips) on non-finite values, writes them."""
+            nonlocal last
+            if not pending:
+                return
+            first, latest = pending[0][0], pending[-1][0]
+            record = _mean_metrics([m for _, m in pending])
+            pending.clear()
+            if record["finite"] < 1.0 and config.train.nonfinite == "stop":
+                raise NonFiniteLossError(
+                    f"loss or gradient became non-finite between steps {first} and {latest} (loss={record['loss']})"
+                )
+            record["skipped_steps"] = (1.0 - record.pop("finite")) * (latest - first + 1)
+            record.update(throughput.rates(latest))
+            record.update({f"data/{k}": float(v) for k, v in data_stats.as_dict().items()})
+            throughput.reset(latest)
+            writer.write(latest, record)
+            bar.update(latest - bar.bar.n, record)
+            last = record
+
+        step_index, reason = start, "done"
         while step_index < config.train.steps:
             batch = next(train_iter)
             throughput.add(*metrics.batch_counts(batch), flops.of_batch(batch))
@@ -238,9 +255,4 @@ def train(
             if preemption.requested:
                 reason = "preempted"
                 break
-    finally:
-        ckpt.close()
-        writer.close()
-        bar.close()
-        preemption.restore()
     return TrainResult(step=step_index, reason=reason, metrics=last, mesh=mesh, trainable=trainable, frozen=frozen)

@@ -89,7 +89,7 @@ def test_validate_names_the_bad_value():
     [
         ("jsd_beta", 1.0, r"must lie in \(0, 1\)"),
         ("label_smoothing", 1.0, r"must lie in \[0, 1\)"),
-        ("z_loss", -1e-3, "must not be negative"),
+        ("z_loss", -1e-3, r"must lie in \[0, inf\)"),
     ],
 )
 def test_validate_checks_the_loss_options(key, value, message):
@@ -97,6 +97,60 @@ def test_validate_checks_the_loss_options(key, value, message):
     config.loss[key] = value
     with pytest.raises(config_lib.ConfigError, match=f"loss.{key}={value} {message}"):
         config_lib.validate(config)
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        # Each of these once passed validation and then hung the data pipeline or divided by zero.
+        ("train.batch_size", 0, r"train.batch_size=0 must lie in \[1, inf\)"),
+        ("train.log_every", 0, r"train.log_every=0 must lie in \[1, inf\)"),
+        ("checkpoint.every", -5, r"checkpoint.every=-5 must lie in \[0, inf\) \(0 = save only at the last step"),
+        ("checkpoint.keep", 0, r"checkpoint.keep=0 must lie in \[1, inf\)"),
+        ("train.grad_accum", 0, r"train.grad_accum=0 must lie in \[1, inf\)"),
+        ("train.steps", 0, r"train.steps=0"),
+        ("optimizer.b2", 1.0, r"optimizer.b2=1.0 must lie in \[0, 1\)"),
+        ("optimizer.lr.projector", -1e-3, r"optimizer.lr.projector=-0.001"),
+        ("model.projector.downsample", 0, r"model.projector.downsample=0"),
+        ("data.max_slots", 0, r"data.max_slots=0"),
+        ("data.buckets", (), r"data.buckets is empty"),
+        ("data.buckets", ((48000, 0),), r"two positive ints"),
+        ("data.kinds", {"asr": 0.0}, r"weighs every example kind 0"),
+        ("data.span_max", 0, r"data.span_max=0"),
+        ("mesh.data", 0, r"mesh.data=0 must be a positive size or -1"),
+        ("train.eval_batches", 0, r"train.eval_batches is 0"),
+        ("loss.direction", "backward", r"loss.direction='backward' is not one of"),
+        ("model.dtype", "float8", r"model.dtype='float8' is not one of"),
+    ],
+)
+def test_validate_checks_every_range(key, value, message):
+    config = asr.get_config("tiny")
+    holder, leaf = key.rsplit(".", 1)
+    node = config
+    for part in holder.split("."):
+        node = node[part]
+    if leaf == "kinds" or leaf == "buckets":
+        del node[leaf]
+    node[leaf] = value
+    if key == "train.eval_batches":
+        config.train.eval_every = 10
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(config)
+
+
+def test_zero_means_off_where_the_range_says_so():
+    config = asr.get_config("tiny")
+    config.checkpoint.every = 0
+    config.train.eval_every = 0
+    config.optimizer.clip_norm = 0.0
+    config_lib.validate(config)
+
+
+def test_every_ranged_key_exists_in_the_base_config():
+    from speechlm_jax.configs.base import base_config
+
+    base = base_config()
+    assert all(config_lib.has_key(base, key) for key in config_lib.VALUE_RANGES)
 
 
 def test_command_line_check_loads_the_config_file():
