@@ -10,7 +10,8 @@ Each kill point is a seam of orbax's asynchronous save (the version installed), 
               started, its commit futures are still running)
     data      the Grain iterator's state file is half written
     between   every item is written, the step is not yet committed (orbax's commit callback)
-    cleanup   the step is committed and orbax is deleting the steps beyond `keep`
+    cleanup   the step is committed and orbax is deleting the steps beyond `keep` (the first
+              deletion at or after the `--save`-th save)
     random    at a random moment after a random step (`--random N` of them)
 
 The process SIGKILLs itself at the seam (a patch installed in the child, never in the
@@ -61,12 +62,15 @@ def _install(point: str, nth: int) -> None:
         return calls["n"] == nth
 
     if point == "arrays":
-        # Two StandardSave items per step (trainable, opt_state): count the trainable ones.
+        # Two StandardSave items per step (trainable, opt_state): kill once the first of the
+        # nth save has started writing (its commit futures run), before the second has.
         original = standard_checkpoint_handler.StandardCheckpointHandler.async_save
+        first_of_nth = 2 * nth - 1
 
-        def async_save(self, directory, *args, **kwargs):
-            futures = original(self, directory, *args, **kwargs)
-            if str(directory).rstrip("/").endswith("trainable") and hit():
+        async def async_save(self, *args, **kwargs):
+            futures = await original(self, *args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == first_of_nth:
                 _kill()
             return futures
 
@@ -95,7 +99,9 @@ def _install(point: str, nth: int) -> None:
         original_delete = deleter.StandardCheckpointDeleter.delete_steps
 
         def delete_steps(self, steps):
-            if steps and hit():
+            # Called after every commit; the first one from the nth save on that deletes a step.
+            calls["n"] += 1
+            if steps and calls["n"] >= nth:
                 _kill()
             return original_delete(self, steps)
 
