@@ -257,3 +257,33 @@ def test_synth_of_two_words_succeeds(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 synthesized" in result.stdout
     assert len((tmp_path / "corpus" / "manifest.jsonl").read_text().splitlines()) == 1
+
+
+def test_train_succeeds_with_exit_status_0(tiny_corpus, compilation_cache, tmp_path):
+    result = run(
+        "speechlm-train",
+        "--config",
+        f"configs/asr.py:tiny,data_dir={tiny_corpus}",
+        "--workdir",
+        str(tmp_path / "run"),
+        "--config.train.steps=1",
+        "--config.train.eval_every=0",
+        "--config.train.progress_bar=False",
+        "--config.train.fast_compile=True",
+        f"--config.train.compilation_cache={compilation_cache}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "finished at step 1 (done)" in result.stderr
+    assert (tmp_path / "run" / "checkpoints" / "1").is_dir()
+
+
+@pytest.mark.parametrize("name", ["speechlm-train", "speechlm-compile"])
+def test_an_internal_error_exits_1_with_its_traceback(name, tmp_path):
+    """A bug (here: a config file that raises something other than a bad value) is not a user error."""
+    config = tmp_path / "broken.py"
+    config.write_text("def get_config(arg=None):\n    raise RuntimeError('the config module is broken')\n")
+    extra = ["--workdir", str(tmp_path / "run")] if name == "speechlm-train" else ["--topology", "v5p-8"]
+    result = run(name, "--config", f"{config}:tiny", *extra)
+    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" in result.stderr and "RuntimeError: the config module is broken" in result.stderr
+    assert not (tmp_path / "run").exists()
