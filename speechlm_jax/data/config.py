@@ -75,6 +75,12 @@ class PipelineConfig:
             raise ValueError(f"text_loss must be 'response' or 'all', got {self.text_loss!r}")
         if not 0.0 <= self.text_weight <= 1.0:
             raise ValueError(f"text_weight must be in [0, 1], got {self.text_weight}")
+        # Sizes the batcher loops over: 0 would wait forever for a batch that never fills.
+        for name in ("batch_size", "max_slots", "teacher_tokens", "downsample", "sample_rate"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.buckets or any(a < 1 or t < 1 for a, t in self.buckets):
+            raise ValueError(f"buckets must be (audio samples, tokens) pairs of positive sizes, got {self.buckets}")
 
     @classmethod
     def from_config(cls, config: Any) -> PipelineConfig:

@@ -243,6 +243,15 @@ def test_text_loss_all_supervises_the_whole_text_example(wav_manifest, word_toke
         _config(wav_manifest, text_loss="prompt")
 
 
+@pytest.mark.parametrize(
+    "field,value,message",
+    [("batch_size", 0, "batch_size must be at least 1"), ("max_slots", 0, "max_slots"), ("buckets", (), "buckets")],
+)
+def test_sizes_that_would_hang_the_batcher_are_refused(wav_manifest, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        _config(wav_manifest, **{field: value})
+
+
 def test_task_kinds_prompts_and_targets(wav_manifest, word_tokenizer, tmp_path):
     from speechlm_jax.data.tasks import TASKS, TextTask, register_task
 
