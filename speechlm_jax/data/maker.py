@@ -85,6 +85,8 @@ class ExampleMaker:
             return Skipped(e.reason)
         except AudioError as e:
             return Skipped(e.cause)
+        except OSError:  # an I/O error while decoding (the opening is `load_audio`'s to report)
+            return Skipped("unreadable")
 
     def _bucketed(self, example: Example) -> Example:
         if len(example.audio) > self.config.max_slots:

@@ -91,6 +91,9 @@ class PairedSpeech(tfds.core.GeneratorBasedBuilder):
             except AudioError as e:
                 self.skipped[e.cause] += 1
                 continue
+            except OSError:
+                self.skipped["unreadable"] += 1
+                continue
             words = record["words"] or []
             yield (
                 record["id"],
