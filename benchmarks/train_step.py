@@ -24,6 +24,7 @@ import jax
 import ml_collections
 
 from speechlm_jax import cli
+from speechlm_jax.data.preflight import check_sources
 from speechlm_jax.sharding import batch_sharding, make_mesh
 from speechlm_jax.train import build, data, metrics, objectives, step
 from speechlm_jax.train import config as config_lib
@@ -48,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def benchmark(config: ml_collections.ConfigDict, steps: int = 10) -> dict:
     """Times `steps` train steps of `config` after a warm-up one; prints and returns the result."""
     config_lib.validate(config)
+    check_sources(config)  # a missing data folder says so, before any model is built
     mesh = make_mesh(dict(config.mesh))
     rules = config_lib.sharding_rules(config)
     groups = config_lib.trainable_groups(config)

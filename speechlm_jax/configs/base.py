@@ -140,6 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Held-out evaluation: other sources (empty = the training ones) and the held-out prompts.
     c.data.eval_speech_sources = ()
     c.data.eval_prompt_split = "heldout"
+    # The folder the data paths lie in and the command that writes it: a missing path there
+    # fails naming the command (`speechlm_jax.data.preflight.check_sources`).
+    c.data.made_by = ml_collections.ConfigDict({"folder": "", "command": ""})
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding_rules = ml_collections.ConfigDict({name: _rule_string(axes) for name, axes in DEFAULT_RULES})
@@ -192,6 +195,8 @@ def use_tiny_corpus(c: ml_collections.ConfigDict, data_dir: str) -> ml_collectio
     heldout/, text_sft.jsonl, a word-level tokenizer) with the espeak TTS.
     """
     c.data.tokenizer = f"{data_dir}/tokenizer"
+    c.data.made_by.folder = data_dir
+    c.data.made_by.command = f"python -m speechlm_jax.toyworld.corpus {data_dir}"
     c.data.task_modules = (TOY_TASK_MODULE,)
     c.data.speech_sources = ({"type": "manifest", "path": f"{data_dir}/train/manifest.jsonl"},)
     c.data.eval_speech_sources = ({"type": "manifest", "path": f"{data_dir}/heldout/manifest.jsonl"},)

@@ -138,6 +138,8 @@ def _common(c: ml_collections.ConfigDict, out: str | Path) -> ml_collections.Con
     c.optimizer.min_lr_ratio = 0.05
     c.loss.chunk_size = 128
     c.data.tokenizer = p["tokenizer"]
+    c.data.made_by.folder = str(Path(out).absolute())
+    c.data.made_by.command = f"python -m speechlm_jax.demo.main --out {c.data.made_by.folder}"
     c.data.task_modules = (TASK_MODULE,)
     c.data.teacher_tokens = TEACHER_TOKENS
     c.data.num_threads = 2

@@ -4,30 +4,95 @@ This is the first step of the data flow (manifest / TFDS / LibriSpeech dir -> wa
 the Grain pipeline calls `load_audio` (or `decode_audio` on stored bytes) per example and
 ships int16 waveforms to the device, where `models.frontend.log_mel_spectrogram` takes over.
 Unreadable inputs raise `AudioError` (a ValueError naming the source and the reason) so the
-pipeline can skip the example and count the reason; nothing here retries or guesses.
+pipeline can skip the example and count it under its `cause`; nothing here retries or guesses.
+
+The causes, each a skip counter of the pipeline (`skipped/<cause>`):
+
+    missing_file   no file at the path
+    unreadable     the file exists but cannot be opened (permissions, I/O error)
+    empty_file     zero bytes
+    undecodable    not audio libsndfile can open (random bytes, an unknown format, a cut-off header)
+    truncated      the header opens but the stream ends early: a WAV whose data chunk is shorter
+                   than its header says, a FLAC or OGG whose decoding fails after the header
+    empty_audio    a valid file of zero samples
+    too_short      shorter than `min_seconds` (the header's duration)
+    too_long       longer than `max_seconds`
 """
 
 import io
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import soxr
 
+AUDIO_CAUSES = (
+    "missing_file",
+    "unreadable",
+    "empty_file",
+    "undecodable",
+    "truncated",
+    "empty_audio",
+    "too_short",
+    "too_long",
+)
+
 
 class AudioError(ValueError):
-    """An audio source that cannot be used: missing, empty, corrupt, or outside the duration limits."""
+    """An audio source that cannot be used: missing, empty, corrupt, or outside the duration limits.
 
-    def __init__(self, source: str, reason: str):
+    `reason` is the message for a person; `cause` one of `AUDIO_CAUSES`, the skip counter.
+    """
+
+    def __init__(self, source: str, reason: str, cause: str):
+        if cause not in AUDIO_CAUSES:
+            raise ValueError(f"unknown audio error cause {cause!r}; known: {AUDIO_CAUSES}")
         super().__init__(f"{source}: {reason}")
         self.source = source
         self.reason = reason
+        self.cause = cause
 
 
 def to_int16(waveform: np.ndarray) -> np.ndarray:
     """Float waveform in [-1, 1] -> int16, rounding and clipping (the inverse of x / 32768)."""
     return np.clip(np.round(waveform * 32768.0), -32768, 32767).astype(np.int16)
+
+
+def _wav_shortfall(head: bytes, size: int) -> tuple[int, int] | None:
+    """(bytes the data chunk declares, bytes the file holds after its start) when a RIFF/WAVE
+    file's data chunk is cut short, else None.
+
+    libsndfile quietly shortens such a file to the frames present, so a WAV cut off by an
+    interrupted copy would otherwise read as a shorter clip. Streaming writers that leave
+    the size 0 or 0xFFFFFFFF (unknown) are not flagged.
+    """
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    offset = 12
+    while offset + 8 <= len(head):
+        chunk, length = head[offset : offset + 4], struct.unpack("<I", head[offset + 4 : offset + 8])[0]
+        if chunk == b"data":
+            present = size - (offset + 8)
+            return (length, present) if 0 < length < 0xFFFFFFFF and length > present else None
+        offset += 8 + length + (length & 1)
+    return None
+
+
+_HEAD_BYTES = 65536  # enough for the chunks a WAV has before its data
+
+
+def _check_container(source: str, head: bytes, size: int) -> None:
+    """The checks libsndfile does not make: an empty file, a WAV cut short."""
+    if size == 0:
+        raise AudioError(source, "empty file", "empty_file")
+    shortfall = _wav_shortfall(head, size)
+    if shortfall is not None:
+        declared, present = shortfall
+        raise AudioError(
+            source, f"truncated: the WAV data chunk declares {declared} bytes, the file holds {present}", "truncated"
+        )
 
 
 def _decode(
@@ -38,21 +103,25 @@ def _decode(
     max_seconds: float | None,
 ) -> np.ndarray:
     try:
-        with sf.SoundFile(handle) as f:
-            native_rate, num_frames = f.samplerate, f.frames
-            duration = num_frames / native_rate
-            if num_frames == 0:
-                raise AudioError(source, "no audio frames")
-            # Limits are checked from the header, before decoding anything.
-            if min_seconds is not None and duration < min_seconds:
-                raise AudioError(source, f"too short: {duration:.3f}s < {min_seconds}s")
-            if max_seconds is not None and duration > max_seconds:
-                raise AudioError(source, f"too long: {duration:.3f}s > {max_seconds}s")
-            data = f.read(dtype="float32", always_2d=True)
+        f = sf.SoundFile(handle)
     except sf.SoundFileError as e:
-        raise AudioError(source, f"cannot decode: {e}") from e
+        raise AudioError(source, f"cannot decode: {e}", "undecodable") from e
+    with f:
+        native_rate, num_frames = f.samplerate, f.frames
+        duration = num_frames / native_rate
+        if num_frames == 0:
+            raise AudioError(source, "no audio frames", "empty_audio")
+        # Limits are checked from the header, before decoding anything.
+        if min_seconds is not None and duration < min_seconds:
+            raise AudioError(source, f"too short: {duration:.3f}s < {min_seconds}s", "too_short")
+        if max_seconds is not None and duration > max_seconds:
+            raise AudioError(source, f"too long: {duration:.3f}s > {max_seconds}s", "too_long")
+        try:
+            data = f.read(dtype="float32", always_2d=True)
+        except sf.SoundFileError as e:
+            raise AudioError(source, f"truncated: decoding stopped after the header: {e}", "truncated") from e
     if data.shape[0] == 0:
-        raise AudioError(source, "no audio frames")
+        raise AudioError(source, "truncated: no audio frames after the header", "truncated")
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if native_rate != sample_rate:
         mono = soxr.resample(mono, native_rate, sample_rate)
@@ -73,10 +142,15 @@ def load_audio(
     empty, undecodable, or its duration is outside [min_seconds, max_seconds].
     """
     source = os.fspath(path)
-    if not os.path.isfile(source):
-        raise AudioError(source, "missing")
-    if os.path.getsize(source) == 0:
-        raise AudioError(source, "empty file")
+    try:
+        with open(source, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(_HEAD_BYTES)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        raise AudioError(source, "missing", "missing_file") from e
+    except OSError as e:
+        raise AudioError(source, f"cannot read: {e.strerror or e}", "unreadable") from e
+    _check_container(source, head, size)
     return _decode(source, source, sample_rate, min_seconds, max_seconds)
 
 
@@ -89,8 +163,7 @@ def decode_audio(
     source: str = "<bytes>",
 ) -> np.ndarray:
     """`load_audio` for an encoded file held in memory (TFDS / ArrayRecord features)."""
-    if not data:
-        raise AudioError(source, "empty file")
+    _check_container(source, data[:_HEAD_BYTES], len(data))
     return _decode(source, io.BytesIO(data), sample_rate, min_seconds, max_seconds)
 
 
@@ -98,11 +171,11 @@ def audio_duration(path: str | os.PathLike) -> float:
     """Duration in seconds from the file header (no decoding); AudioError if unreadable."""
     source = os.fspath(path)
     if not os.path.isfile(source):
-        raise AudioError(source, "missing")
+        raise AudioError(source, "missing", "missing_file")
     try:
         info = sf.info(source)
     except sf.SoundFileError as e:
-        raise AudioError(source, f"cannot decode: {e}") from e
+        raise AudioError(source, f"cannot decode: {e}", "undecodable") from e
     return info.frames / info.samplerate
 
 

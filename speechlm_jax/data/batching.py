@@ -185,8 +185,10 @@ class _BucketBatchIterator(grain.DatasetIterator):
 class PipelineStats:
     """Counts of examples, batches, splits and skips, read live from the iterator state.
 
-    The counters are part of the checkpointed state, so they survive a resume; lines the
-    sources could not parse are counted once, as `source_skipped/<reason>`.
+    `skipped/<cause>` counts the examples skipped for that cause (`maker`'s list), each time
+    one is read, so once per epoch; the counters are part of the checkpointed state, so they
+    survive a resume. What the sources could not turn into records is counted once, as
+    `source_skipped/<cause>` (`sources`' list); `skipped` is the total of both.
     """
 
     def __init__(self, iterator: grain.DatasetIterator, source_skipped: Counter, task_names: tuple[str, ...]) -> None:

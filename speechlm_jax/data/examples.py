@@ -127,7 +127,7 @@ def build_example(
 ) -> Example:
     """Tokenizes `segments` into the student sequence, the teacher twin and their alignment.
 
-    Raises ExampleError("empty_audio") when a clip is too short to give one audio frame.
+    Raises ExampleError("too_short") when a clip is too short to give one audio frame.
     """
     tokens: list[int] = []
     slot: list[int] = []
@@ -152,7 +152,7 @@ def build_example(
         else:
             frames = audio_token_count(len(segment.waveform), downsample)
             if frames < 1:
-                raise ExampleError("empty_audio", f"a clip of {len(segment.waveform)} samples gives no frame")
+                raise ExampleError("too_short", f"a clip of {len(segment.waveform)} samples gives no frame")
             tokens.extend([tokenizer.audio_token_id] * frames)
             slot.extend([len(audio)] * frames)
             frame.extend(range(frames))

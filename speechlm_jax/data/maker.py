@@ -9,7 +9,17 @@
 In the data flow (sources -> examples -> buckets -> batches) this is "examples". All the
 randomness comes from the per-index generator Grain passes in, so an example depends only
 on (seed, index). Bad data never raises out of here: unreadable audio, empty transcripts,
-over-long examples and missing teacher targets become `Skipped(reason)`.
+over-long examples and missing teacher targets become `Skipped(reason)`, the reason being
+the real cause, which `batching` counts as `skipped/<reason>`:
+
+    missing_file, unreadable, empty_file, undecodable, truncated, empty_audio
+                     the audio file (`audio.AUDIO_CAUSES`)
+    too_short        a clip too short for one audio token
+    too_long         audio longer than the largest bucket (or split into more than max_slots slots)
+    too_many_tokens  a clip that fits, with more student or teacher tokens than any bucket holds
+    empty_text       a transcript of whitespace only
+    no_target, no_question, no_word_timings
+                     what the drawn kind needs and the record lacks
 """
 
 from __future__ import annotations
@@ -73,17 +83,22 @@ class ExampleMaker:
             return self._bucketed(example)
         except ExampleError as e:
             return Skipped(e.reason)
-        except (AudioError, OSError):
-            return Skipped("bad_audio")
+        except AudioError as e:
+            return Skipped(e.cause)
+        except OSError:  # an I/O error while decoding (the opening is `load_audio`'s to report)
+            return Skipped("unreadable")
 
     def _bucketed(self, example: Example) -> Example:
-        if example.num_teacher_tokens > self.config.teacher_tokens or len(example.audio) > self.config.max_slots:
-            raise ExampleError("too_long")
+        if len(example.audio) > self.config.max_slots:
+            raise ExampleError("too_long", f"{len(example.audio)} audio slots > max_slots {self.config.max_slots}")
+        if example.num_teacher_tokens > self.config.teacher_tokens:
+            raise ExampleError("too_many_tokens")
         for b, (samples, tokens) in enumerate(self.config.buckets):
             if example.max_audio_samples <= samples and example.num_tokens <= tokens:
                 example.bucket = b
                 return example
-        raise ExampleError("too_long")
+        # Every clip fits the largest bucket (longer ones were dropped or split): the tokens do not.
+        raise ExampleError("too_many_tokens")
 
     def _waveform(self, record: Record) -> np.ndarray:
         if record.get("waveform") is not None:
@@ -92,6 +107,8 @@ class ExampleMaker:
             waveform = load_audio(record["audio"], sample_rate=self.config.sample_rate)
         if waveform.size == 0:
             raise ExampleError("empty_audio")
+        if waveform.size < self.min_samples:
+            raise ExampleError("too_short", f"{waveform.size} samples < {self.min_samples}, one audio token")
         return waveform
 
     def _prompt_and_response(

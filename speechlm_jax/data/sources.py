@@ -9,8 +9,11 @@ protocol: `__len__` and `__getitem__`), read by the pipeline's `grain.MapDataset
   turn, for VoiceTextBlender's text-only SFT mixture.
 
 Only metadata is read here; audio is decoded lazily by the pipeline, so a missing or
-corrupt audio file costs one skipped example later, not the run. Lines of a JSONL file
-that do not parse, or lack the needed fields, are skipped here and counted in `skipped`.
+corrupt audio file costs one skipped example later, not the run. What cannot become a
+record is skipped here and counted in `skipped`, by cause: `bad_json` (a line that does
+not parse, or is not an object), `bad_record` (a field of the wrong type), `no_transcript`
+(a manifest line without "text", an audio file of a LibriSpeech folder that no transcript
+line names), `bad_target` (a targets line without its four strings).
 
 Teacher responses for behavior imitation come from a targets JSONL
 (`{"id", "task", "prompt", "response"}`, written by `speechlm-generate`): `TargetTable`.
@@ -69,7 +72,13 @@ def manifest_source(path: str | Path) -> ListSource:
     skipped: Counter = Counter()
     records = []
     for row in _jsonl(path, skipped):
-        if not isinstance(row.get("audio"), str) or not isinstance(row.get("text", ""), str):
+        if not isinstance(row.get("audio"), str):
+            skipped["bad_record"] += 1
+            continue
+        if "text" not in row:
+            skipped["no_transcript"] += 1
+            continue
+        if not isinstance(row["text"], str):
             skipped["bad_record"] += 1
             continue
         audio = Path(row["audio"])
@@ -78,7 +87,7 @@ def manifest_source(path: str | Path) -> ListSource:
             {
                 "id": str(row.get("id", audio.stem)),
                 "audio": str(audio),
-                "text": row.get("text", ""),
+                "text": row["text"],
                 "words": row.get("words") or None,
                 "speaker": str(row.get("speaker", "")),
                 "duration": row.get("duration"),
@@ -93,7 +102,9 @@ def librispeech_source(root: str | Path, *, audio_ext: str = ".flac") -> ListSou
     """A LibriSpeech-layout folder: `speaker/chapter/speaker-chapter-utt.flac` and
     `speaker/chapter/speaker-chapter.trans.txt` (lines `UTTERANCE-ID TRANSCRIPT`).
 
-    Records are sorted by utterance id so the order does not depend on the file system.
+    Records are sorted by utterance id so the order does not depend on the file system. An
+    audio file that no transcript line names is counted as `no_transcript`; a line whose
+    audio file is missing stays a record (the pipeline skips it as `missing_file`).
     """
     root = Path(root)
     skipped: Counter = Counter()
@@ -114,8 +125,10 @@ def librispeech_source(root: str | Path, *, audio_ext: str = ".flac") -> ListSou
                     "duration": None,
                 }
             )
+    named = {Path(r["audio"]) for r in records}
+    skipped["no_transcript"] += sum(1 for audio in root.glob(f"*/*/*{audio_ext}") if audio not in named)
     records.sort(key=lambda r: r["id"])
-    return ListSource(records, skipped)
+    return ListSource(records, +skipped)
 
 
 def _text(value: Any) -> str:

@@ -88,8 +88,11 @@ class PairedSpeech(tfds.core.GeneratorBasedBuilder):
         for record in source.records:
             try:
                 waveform = load_audio(record["audio"], sample_rate=self.sample_rate)
-            except (AudioError, OSError):
-                self.skipped["bad_audio"] += 1
+            except AudioError as e:
+                self.skipped[e.cause] += 1
+                continue
+            except OSError:
+                self.skipped["unreadable"] += 1
                 continue
             words = record["words"] or []
             yield (

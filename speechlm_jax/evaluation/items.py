@@ -15,7 +15,9 @@ An item is one question asked twice by the gap benchmark, once as text and once 
 
 so users can bring spoken versions of ARC, OBQA, HellaSwag or MMLU. A malformed line
 fails loudly with the file, the line number and what is wrong (`ItemFileError`); an
-evaluation must not silently score a different set than the one asked for.
+evaluation must not silently score a different set than the one asked for. Recorded audio
+is decoded when the file is read (missing, empty, undecodable or truncated audio is such a
+line), so `speechlm-eval` reads its item files before it loads a model.
 
 `task_items` draws generative items from `speechlm_jax.data.tasks.TextTask`s with computable
 answers (the toy world), which the prompt and task generalisation benchmark uses.
@@ -30,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from speechlm_jax.data.audio import AudioError, load_audio
 from speechlm_jax.data.tasks import TextTask
 
 METRICS = ("exact_match", "contains", "word_f1")
@@ -112,6 +115,10 @@ def parse_item(row: Any, path: Path, line: int) -> Item:
         audio_path = audio_path if audio_path.is_absolute() else path.parent / audio_path
         if not audio_path.is_file():
             raise ItemFileError(path, line, f"audio file {str(audio_path)!r} does not exist")
+        try:
+            load_audio(audio_path)
+        except AudioError as e:
+            raise ItemFileError(path, line, f"audio file {str(audio_path)!r} cannot be used: {e.reason}") from None
         audio = str(audio_path)
     prompt = row.get("prompt", CONTENT)
     if not isinstance(prompt, str) or prompt.count(CONTENT) != 1:

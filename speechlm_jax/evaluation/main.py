@@ -185,9 +185,29 @@ def _check_inputs(args: EvalRequest) -> None:
             raise cli.UsageError(f"{flag} {path}: no such file")
 
 
-def run(args: EvalRequest) -> dict[str, Any]:
-    """Loads the model, runs the asked benchmarks, writes the report; returns the report dict."""
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """The files a request names, read and checked before any model is loaded."""
+
+    items: list[items.Item]
+    sentences: list[str]
+    corpus: list[str]
+
+
+def read_inputs(args: EvalRequest) -> Inputs:
+    """Reads every item file (`ItemFileError` naming file and line, its audio decoded) and the
+    generalisation and M/F corpora: a bad input fails here, in a second, not after the model loads."""
     _check_inputs(args)
+    return Inputs(
+        items=[it for path in args.items if path for it in items.load_items(path)],
+        sentences=read_corpus(args.generalisation) if args.generalisation else [],
+        corpus=read_corpus(args.corpus) if args.corpus else [],
+    )
+
+
+def run(args: EvalRequest) -> dict[str, Any]:
+    """Reads the inputs, loads the model, runs the asked benchmarks, writes the report; returns the report dict."""
+    inputs = read_inputs(args)
     import_task_modules(args.task_modules)
     mesh = make_mesh(args.mesh)
     config = None
@@ -214,12 +234,12 @@ def run(args: EvalRequest) -> dict[str, Any]:
     )
     normalize = not args.no_length_normalization
     result: dict[str, Any] = {"model": info}
-    asked = [it for path in args.items if path for it in items.load_items(path)]
+    asked = list(inputs.items)
     gap_items, generalisation_sets = list(asked), {}
     if asked:
         result["gap"] = gap.run_gap(scorer, asked, max_new_tokens=args.max_new_tokens, normalize=normalize)
     if args.generalisation:
-        sentences = read_corpus(args.generalisation)
+        sentences = inputs.sentences
         seen = tuple(args.seen_tasks if args.seen_tasks is not None else config.data.tasks if config else ())
         if not seen and not args.heldout_tasks:
             raise cli.UsageError("--generalisation needs --seen_tasks or --heldout_tasks (or a run with data.tasks)")
@@ -235,7 +255,7 @@ def run(args: EvalRequest) -> dict[str, Any]:
         result["retention"] = retention.run_retention(
             scorer, asked, max_new_tokens=args.max_new_tokens, normalize=normalize
         )
-    corpus = read_corpus(args.corpus) if args.corpus else []
+    corpus = inputs.corpus
     if corpus and scorer.has_speech:
         result["diagnostics"] = diagnostics.run_diagnostics(scorer, corpus, prefix_fraction=args.prefix_fraction)
     if (args.asr or args.asr_source) and scorer.has_speech:

@@ -18,11 +18,12 @@ import numpy as np
 
 from speechlm_jax.data import batching, pipeline
 from speechlm_jax.data.config import PipelineConfig
+from speechlm_jax.data.preflight import check_sources
 from speechlm_jax.data.tasks import import_task_modules
 from speechlm_jax.data.tokenizer import SpeechTokenizer, load_tokenizer
 
 # Keys of `config.data` that are the trainer's, not PipelineConfig fields.
-TRAINER_KEYS = ("tokenizer", "task_modules", "eval_speech_sources", "eval_prompt_split")
+TRAINER_KEYS = ("tokenizer", "task_modules", "eval_speech_sources", "eval_prompt_split", "made_by")
 
 
 def pipeline_config(config: ml_collections.ConfigDict, *, heldout: bool = False) -> PipelineConfig:
@@ -46,6 +47,7 @@ class Data:
     """The tokenizer, the checkpointable training iterator and fresh held-out passes."""
 
     def __init__(self, config: ml_collections.ConfigDict):
+        check_sources(config)
         import_task_modules(config.data.task_modules)
         self.config = config
         self.tokenizer: SpeechTokenizer = load_tokenizer(config.data.tokenizer)

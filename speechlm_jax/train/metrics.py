@@ -186,12 +186,29 @@ class MetricWriter:
             writer.close()
 
 
+def skip_summary(scalars: Mapping[str, float]) -> str:
+    """The data skips in a metrics record (`data/skipped/<cause>`, `data/source_skipped/<cause>`),
+    largest first: "5 (3 missing_file, 2 too_short)"; "" when nothing was skipped."""
+    causes: dict[str, int] = {}
+    for key, value in scalars.items():
+        for prefix in ("data/skipped/", "data/source_skipped/"):
+            if key.startswith(prefix) and value:
+                cause = key[len(prefix) :]
+                causes[cause] = causes.get(cause, 0) + int(value)
+    if not causes:
+        return ""
+    ranked = sorted(causes.items(), key=lambda item: (-item[1], item[0]))
+    return f"{sum(causes.values())} (" + ", ".join(f"{n} {cause}" for cause, n in ranked) + ")"
+
+
 class ProgressBar:
-    """A tqdm bar over optimiser steps (resumes at the restored step) showing loss and rates."""
+    """A tqdm bar over optimiser steps (resumes at the restored step) showing loss, rates and
+    the data skipped by cause; on close, one summary line of the skips."""
 
     def __init__(self, total: int, initial: int, *, enabled: bool = True):
         from tqdm import tqdm
 
+        self.skipped = ""
         self.bar = tqdm(
             total=total,
             initial=initial,
@@ -202,11 +219,17 @@ class ProgressBar:
 
     def update(self, steps: int, scalars: Mapping[str, float]) -> None:
         self.bar.update(steps)
-        shown = {k: scalars[k] for k in ("loss", "tokens_per_s", "mfu") if k in scalars}
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        shown = {k: f"{scalars[k]:.4g}" for k in ("loss", "tokens_per_s", "mfu") if k in scalars}
+        self.skipped = skip_summary(scalars) or self.skipped
+        if self.skipped:
+            shown["skipped"] = self.skipped
+        self.bar.set_postfix(shown, refresh=False)
 
     def close(self) -> None:
+        shown = not self.bar.disable  # closing disables the bar
         self.bar.close()
+        if self.skipped and shown:
+            self.bar.write(f"data skipped: {self.skipped}", file=self.bar.fp)
 
 
 class ModelFlops:

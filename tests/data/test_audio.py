@@ -64,10 +64,12 @@ def test_decode_audio_from_bytes_equals_load_audio(tmp_path):
 def test_duration_limits(tmp_path):
     path = save_audio(tmp_path / "clip.wav", to_int16(_tone(16000, 1.0)[:, 0]))
     assert load_audio(path, min_seconds=0.5, max_seconds=2.0).shape == (16000,)
-    with pytest.raises(AudioError, match="too short"):
+    with pytest.raises(AudioError, match="too short") as info:
         load_audio(path, min_seconds=1.5)
-    with pytest.raises(AudioError, match="too long"):
+    assert info.value.cause == "too_short"
+    with pytest.raises(AudioError, match="too long") as info:
         load_audio(path, max_seconds=0.5)
+    assert info.value.cause == "too_long"
 
 
 def _bad_files(tmp_path):
@@ -82,23 +84,47 @@ def _bad_files(tmp_path):
     cut = tmp_path / "cut.flac"  # the header is intact, the stream stops halfway
     save_audio(cut, to_int16(_tone(16000, 1.0)[:, 0]))
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    cut_wav = tmp_path / "cut.wav"  # libsndfile alone would read this as a shorter clip
+    save_audio(cut_wav, to_int16(_tone(16000, 1.0)[:, 0]))
+    cut_wav.write_bytes(cut_wav.read_bytes()[: cut_wav.stat().st_size // 2])
     no_frames = tmp_path / "no_frames.wav"
     sf.write(no_frames, np.zeros((0,), np.int16), 16000)
-    return [(missing, "missing"), (empty, "empty"), (garbage, "cannot decode"),
-            (truncated, "cannot decode"), (cut, "cannot decode"), (no_frames, "no audio frames")]  # fmt: skip
+    folder = tmp_path / "folder.wav"
+    folder.mkdir()
+    return [(missing, "missing", "missing_file"), (empty, "empty", "empty_file"),
+            (garbage, "cannot decode", "undecodable"), (truncated, "cannot decode", "undecodable"),
+            (cut, "truncated", "truncated"), (cut_wav, "truncated", "truncated"),
+            (no_frames, "no audio frames", "empty_audio"), (folder, "missing", "missing_file")]  # fmt: skip
 
 
-def test_unusable_files_raise_audio_error(tmp_path):
-    for path, reason in _bad_files(tmp_path):
+def test_unusable_files_raise_audio_error_with_their_cause(tmp_path):
+    for path, reason, cause in _bad_files(tmp_path):
         with pytest.raises(AudioError) as info:
             load_audio(path)
         assert isinstance(info.value, ValueError)
-        assert info.value.source == str(path) and reason in info.value.reason
+        assert info.value.source == str(path) and reason in info.value.reason, (path, info.value.reason)
+        assert info.value.cause == cause, path
         assert str(path) in str(info.value)
-    with pytest.raises(AudioError, match="empty"):
+        if path.is_file() and path.stat().st_size:
+            with pytest.raises(AudioError) as from_bytes:
+                decode_audio(path.read_bytes(), source=str(path))
+            assert from_bytes.value.cause == cause, path
+    with pytest.raises(AudioError, match="empty") as info:
         decode_audio(b"")
-    with pytest.raises(AudioError, match="cannot decode"):
+    assert info.value.cause == "empty_file"
+    with pytest.raises(AudioError, match="cannot decode") as info:
         decode_audio(b"RIFF1234WAVEjunk", source="shard-3/17")
+    assert info.value.cause == "undecodable"
+
+
+def test_a_wav_of_unknown_length_is_not_taken_as_truncated(tmp_path):
+    # Streaming writers leave the data size 0xFFFFFFFF; the frames present are the clip.
+    path = save_audio(tmp_path / "stream.wav", to_int16(_tone(16000, 0.5)[:, 0]))
+    data = bytearray(path.read_bytes())
+    at = data.index(b"data") + 4
+    data[at : at + 4] = b"\xff\xff\xff\xff"
+    path.write_bytes(bytes(data))
+    assert load_audio(path).shape == (8000,)
 
 
 def test_save_audio_rejects_float_and_unknown_suffix(tmp_path):

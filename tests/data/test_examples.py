@@ -125,7 +125,7 @@ def test_prompt_segments_match_the_chat_template(tok):
 def test_too_short_clip_is_an_example_error(tok):
     with pytest.raises(ExampleError) as info:
         build_example([Text("hello"), Audio(np.zeros(100, np.int16), " world")], tok, downsample=4)
-    assert info.value.reason == "empty_audio"
+    assert info.value.reason == "too_short"
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen"])

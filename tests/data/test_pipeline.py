@@ -122,27 +122,118 @@ def test_one_pass_yields_every_utterance_in_contract_batches(wav_manifest, word_
     assert counts["batches"] == len(batches)
 
 
-def test_bad_files_are_skipped_and_counted(wav_manifest, word_tokenizer, tmp_path):
+def _noise(seconds: float, rate: int = 16000) -> np.ndarray:
+    return np.random.default_rng(int(seconds * 1000)).integers(-8000, 8000, int(seconds * rate)).astype(np.int16)
+
+
+def _broken_corpus(wav_manifest, root: Path) -> tuple[Path, dict[str, int], dict[str, int], int]:
+    """A manifest of 5 good utterances (one at 22.05 kHz, resampled) and one of each kind of
+    broken file and line; the exact counts per epoch (`skipped/`) and per source (`source_skipped/`)."""
+    import soundfile as sf
+
     rows = [json.loads(line) for line in wav_manifest.read_text().splitlines()][:4]
     for row in rows:
         row["audio"] = str(wav_manifest.parent / row["audio"])
-    (tmp_path / "empty.wav").write_bytes(b"")
-    (tmp_path / "corrupt.flac").write_bytes(b"fLaC not really a flac file" * 10)
-    rows += [
-        {"id": "missing", "audio": str(tmp_path / "missing.wav"), "text": "hello world"},
-        {"id": "empty", "audio": str(tmp_path / "empty.wav"), "text": "hello world"},
-        {"id": "corrupt", "audio": str(tmp_path / "corrupt.flac"), "text": "hello world"},
-        {"id": "notext", "audio": rows[0]["audio"], "text": "  "},
-    ]
-    manifest = tmp_path / "bad.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken\n")
+    sf.write(root / "rate.wav", _noise(1.0, 22050), 22050, subtype="PCM_16")
+    rows.append({"id": "rate", "audio": str(root / "rate.wav"), "text": "hello world"})
+    (root / "empty.wav").write_bytes(b"")
+    (root / "random.flac").write_bytes(np.random.default_rng(0).bytes(4096))
+    for suffix in ("wav", "flac"):
+        sf.write(root / f"cut.{suffix}", _noise(1.0), 16000, subtype="PCM_16")
+        data = (root / f"cut.{suffix}").read_bytes()
+        (root / f"cut.{suffix}").write_bytes(data[: len(data) // 2])
+    sf.write(root / "no_frames.wav", np.zeros(0, np.int16), 16000)
+    sf.write(root / "short.wav", _noise(0.005), 16000)  # 80 samples: no audio token
+    sf.write(root / "long.wav", _noise(4.0), 16000)  # the largest bucket holds 3 s
+    broken = {
+        "missing_file": "missing.wav",
+        "empty_file": "empty.wav",
+        "undecodable": "random.flac",
+        "truncated": ("cut.wav", "cut.flac"),
+        "empty_audio": "no_frames.wav",
+        "too_short": "short.wav",
+        "too_long": "long.wav",
+    }
+    skipped = {}
+    for cause, names in broken.items():
+        names = (names,) if isinstance(names, str) else names
+        for name in names:
+            rows.append({"id": name, "audio": str(root / name), "text": "hello world"})
+        skipped[cause] = len(names)
+    rows.append({"id": "blank", "audio": rows[0]["audio"], "text": "  "})
+    skipped["empty_text"] = 1
+    rows.append({"id": "wordy", "audio": rows[0]["audio"], "text": " ".join(["hello"] * 80)})
+    skipped["too_many_tokens"] = 1  # the teacher twin holds 64 tokens
+    lines = [json.dumps(r) for r in rows]
+    lines += ["{broken", json.dumps({"id": "untranscribed", "audio": rows[0]["audio"]}), json.dumps({"audio": 3})]
+    manifest = root / "broken.jsonl"
+    manifest.write_text("".join(line + "\n" for line in lines))
+    return manifest, skipped, {"bad_json": 1, "no_transcript": 1, "bad_record": 1}, 5
+
+
+def test_bad_files_are_skipped_and_counted_by_cause(wav_manifest, word_tokenizer, tmp_path):
+    manifest, skipped, source_skipped, good = _broken_corpus(wav_manifest, tmp_path)
     iterator, stats = build_pipeline(_config(manifest), tokenizer=word_tokenizer, split="eval")
     batches = _drain(iterator)
-    assert sum(int(b["weight"].sum()) for b in batches) == 4
+    assert sum(int(b["weight"].sum()) for b in batches) == good
+    expected = {
+        "examples": good,
+        "batches": len(batches),
+        "split": 0,
+        **{f"skipped/{k}": v for k, v in skipped.items()},
+        **{f"source_skipped/{k}": v for k, v in source_skipped.items()},
+        "skipped": sum(skipped.values()) + sum(source_skipped.values()),
+    }
+    assert stats.as_dict() == expected
+
+
+def test_skip_counts_per_epoch_survive_a_restore(wav_manifest, word_tokenizer, tmp_path):
+    # Each bad file is counted once per epoch it is read in; the sources' lines once.
+    manifest, skipped, source_skipped, good = _broken_corpus(wav_manifest, tmp_path)
+    config = _config(manifest, num_epochs=3)
+    reference, reference_stats = build_pipeline(config, tokenizer=word_tokenizer, seed=5)
+    _drain(reference)
+    final = reference_stats.as_dict()
+    assert {k: final[f"skipped/{k}"] for k in skipped} == {k: 3 * v for k, v in skipped.items()}
+    assert {k: final[f"source_skipped/{k}"] for k in source_skipped} == source_skipped
+    assert final["skipped"] == 3 * sum(skipped.values()) + sum(source_skipped.values())
+    assert final["examples"] == 3 * good
+
+    first, stats = build_pipeline(config, tokenizer=word_tokenizer, seed=5)
+    for _ in range(3):
+        next(first)
+    saved = stats.as_dict()
+    assert 0 < saved["skipped"] - sum(source_skipped.values()) < 3 * sum(skipped.values())
+    save_iterator(first, tmp_path / "data_state")
+    resumed, resumed_stats = build_pipeline(config, tokenizer=word_tokenizer, seed=5)
+    resumed = restore_iterator(resumed, tmp_path / "data_state")
+    assert resumed_stats.as_dict() == saved
+    _drain(resumed)
+    assert resumed_stats.as_dict() == final
+
+
+def test_librispeech_folder_with_broken_audio_is_counted_by_cause(word_tokenizer, tmp_path):
+    import soundfile as sf
+
+    chapter = tmp_path / "19" / "198"
+    chapter.mkdir(parents=True)
+    lines = ["19-198-0000 HELLO WORLD", "19-198-0001 THE CAT", "19-198-0002", "19-198-0003 GOOD MORNING"]
+    (chapter / "19-198.trans.txt").write_text("\n".join(lines) + "\n")
+    sf.write(chapter / "19-198-0000.flac", _noise(1.0), 16000, subtype="PCM_16")
+    sf.write(chapter / "19-198-0002.flac", _noise(1.0), 16000, subtype="PCM_16")
+    (chapter / "19-198-0003.flac").write_bytes(b"")
+    sf.write(chapter / "19-198-0004.flac", _noise(1.0), 16000, subtype="PCM_16")  # no transcript line
+    config = _config(tmp_path, speech_sources=({"type": "librispeech", "path": str(tmp_path)},))
+    iterator, stats = build_pipeline(config, tokenizer=word_tokenizer, split="eval")
+    assert sum(int(b["weight"].sum()) for b in _drain(iterator)) == 1
     counts = stats.as_dict()
-    assert counts["examples"] == 4
-    assert counts["skipped/bad_audio"] == 3 and counts["skipped/empty_text"] == 1
-    assert counts["source_skipped/bad_json"] == 1 and counts["skipped"] == 5
+    assert {k: v for k, v in counts.items() if "skipped" in k} == {
+        "skipped/missing_file": 1,
+        "skipped/empty_text": 1,
+        "skipped/empty_file": 1,
+        "source_skipped/no_transcript": 1,
+        "skipped": 4,
+    }
 
 
 def test_overlong_examples_are_dropped_or_split(wav_manifest, word_tokenizer, sentences):

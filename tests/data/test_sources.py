@@ -31,6 +31,8 @@ def test_manifest_resolves_paths_and_counts_bad_lines(tmp_path):
             {"text": "no audio"},
             "[1, 2]",
             "",
+            {"audio": "wav/c.flac"},
+            {"audio": "wav/d.flac", "text": ["not", "a", "string"]},
         ],
     )
     source = manifest_source(manifest)
@@ -45,7 +47,7 @@ def test_manifest_resolves_paths_and_counts_bad_lines(tmp_path):
     }
     assert source[1]["id"] == "b" and source[1]["audio"] == "/abs/b.wav" and source[1]["words"] is None
     assert source[1]["question"] == "q?" and source[1]["answer"] == "x"
-    assert source.skipped == {"bad_json": 2, "bad_record": 1}
+    assert source.skipped == {"bad_json": 2, "bad_record": 2, "no_transcript": 1}
 
 
 def test_librispeech_layout(tmp_path):
@@ -66,6 +68,21 @@ def test_librispeech_layout(tmp_path):
         "duration": None,
     }
     assert source[3]["text"] == ""  # kept here, skipped and counted by the pipeline
+    assert source.skipped == {}
+
+
+def test_librispeech_audio_without_a_transcript_line_is_counted(tmp_path):
+    chapter = tmp_path / "19" / "198"
+    chapter.mkdir(parents=True)
+    (chapter / "19-198.trans.txt").write_text("19-198-0000 THE CAT\n19-198-0001 A DOG\n")
+    for name in ("19-198-0000", "19-198-0002", "19-198-0003"):  # 0001 has a line but no file
+        (chapter / f"{name}.flac").write_bytes(b"")
+    lone = tmp_path / "19" / "200"  # a chapter without its transcript file
+    lone.mkdir()
+    (lone / "19-200-0000.flac").write_bytes(b"")
+    source = librispeech_source(tmp_path)
+    assert [r["id"] for r in source.records] == ["19-198-0000", "19-198-0001"]
+    assert source.skipped == {"no_transcript": 3}
 
 
 def test_text_source_formats(tmp_path):
@@ -108,11 +125,13 @@ def test_targets_and_concat(tmp_path):
     assert len(table) == 2 and table.skipped == {"bad_target": 1}
     assert table.lookup("u1", "continuation") == {"Go on. {content}": "and so on", "More {content}": "more"}
     assert table.lookup("u2", "continuation") == {}
-    a = manifest_source(_write_jsonl(tmp_path / "a.jsonl", [{"audio": "1.wav"}, {"audio": "2.wav"}, "x"]))
-    b = manifest_source(_write_jsonl(tmp_path / "b.jsonl", [{"audio": "3.wav"}]))
+    a = manifest_source(
+        _write_jsonl(tmp_path / "a.jsonl", [{"audio": "1.wav", "text": "one"}, {"audio": "2.wav", "text": "two"}, "x"])
+    )
+    b = manifest_source(_write_jsonl(tmp_path / "b.jsonl", [{"audio": "3.wav", "text": "three"}, {"audio": "4.wav"}]))
     both = ConcatSource([a, b])
     assert len(both) == 3 and [both[i]["id"] for i in range(3)] == ["1", "2", "3"]
-    assert both.skipped == {"bad_json": 1}
+    assert both.skipped == {"bad_json": 1, "no_transcript": 1}
 
 
 def test_read_text_corpus_lines_and_jsonl(tmp_path):

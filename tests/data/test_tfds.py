@@ -24,7 +24,7 @@ def test_manifest_to_array_record_without_tensorflow(wav_manifest, tmp_path):
         + "\n"
     )
     data_dir, skipped = prepare_paired_speech({"train": manifest}, tmp_path / "tfds")
-    assert skipped == {"bad_audio": 1}
+    assert skipped == {"missing_file": 1}
     assert list(data_dir.glob("*.array_record*"))
     source = TFDSSource(data_dir, "train")
     expected = manifest_source(manifest)

@@ -2,7 +2,9 @@
 
 import json
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 from speechlm_jax.data.tasks import get_task
 from speechlm_jax.evaluation.items import ItemFileError, load_items, task_items
@@ -15,7 +17,7 @@ def write(path, lines):
 
 
 def test_valid_items(tmp_path):
-    (tmp_path / "q2.wav").write_bytes(b"RIFF")
+    sf.write(tmp_path / "q2.wav", np.zeros(1600, np.int16), 16000)
     path = write(
         tmp_path / "obqa.jsonl",
         [
@@ -76,6 +78,29 @@ def test_malformed_line_names_its_number_and_field(tmp_path, line, message):
     with pytest.raises(ItemFileError, match=rf"bad\.jsonl:3: .*{message}") as info:
         load_items(path)
     assert info.value.line == 3
+
+
+def _unusable_audio(folder, kind):
+    path = folder / f"{kind}.flac"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(2048))
+    else:  # the header intact, the stream cut halfway
+        sf.write(path, np.random.default_rng(1).integers(-8000, 8000, 16000).astype(np.int16), 16000)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+@pytest.mark.parametrize("kind, reason", [("empty", "empty file"), ("random", "cannot decode"), ("cut", "truncated")])
+def test_item_audio_that_exists_but_cannot_be_decoded_names_the_line(tmp_path, kind, reason):
+    audio = _unusable_audio(tmp_path, kind)
+    good = {"question": "fine", "answer": "yes"}
+    path = write(tmp_path / "spoken.jsonl", [good, "", {"question": "q", "answer": "a", "audio": audio.name}])
+    with pytest.raises(ItemFileError) as info:
+        load_items(path)
+    assert info.value.line == 3 and info.value.path == str(path)
+    assert str(info.value).startswith(f"{path}:3: audio file {str(audio)!r} cannot be used: {reason}")
 
 
 def test_duplicate_ids_and_empty_files_fail(tmp_path):

@@ -91,3 +91,28 @@ def test_mfu_arithmetic():
     cpu = jax.devices()[0]
     assert metrics.mfu(metrics.peak_flops(cpu), 1.0, [cpu]) == pytest.approx(1.0)
     assert metrics.mfu(1e12, 0.5, [cpu, cpu]) == pytest.approx(1e12 / 0.5 / (2 * metrics.peak_flops(cpu)))
+
+
+def test_progress_bar_shows_the_data_skipped_by_cause(capsys):
+    record = {
+        "loss": 1.5,
+        "data/examples": 40.0,
+        "data/skipped": 6.0,
+        "data/skipped/missing_file": 3.0,
+        "data/skipped/too_short": 2.0,
+        "data/skipped/truncated": 0.0,
+        "data/source_skipped/no_transcript": 1.0,
+    }
+    assert metrics.skip_summary(record) == "6 (3 missing_file, 2 too_short, 1 no_transcript)"
+    assert metrics.skip_summary({"loss": 1.0, "data/skipped": 0.0}) == ""
+    bar = metrics.ProgressBar(10, 0)
+    bar.update(2, record)
+    assert bar.bar.postfix.endswith("skipped=6 (3 missing_file, 2 too_short, 1 no_transcript)")
+    bar.update(1, {"loss": 1.2})  # a record without data counters keeps the last summary
+    assert "skipped=6 (3 missing_file" in bar.bar.postfix
+    bar.close()
+    assert "data skipped: 6 (3 missing_file, 2 too_short, 1 no_transcript)" in capsys.readouterr().err
+    quiet = metrics.ProgressBar(10, 0, enabled=False)
+    quiet.update(2, record)
+    quiet.close()
+    assert "data skipped" not in capsys.readouterr().err
