@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from speechlm_jax import distributed
+from speechlm_jax.data import preflight
 from speechlm_jax.sharding import batch_sharding, make_mesh
 from speechlm_jax.train import build, checkpoint, data, metrics, objectives, partitions, restore, step
 from speechlm_jax.train import config as config_lib
@@ -116,6 +117,7 @@ def train(
     # until the run is known to start (state built, checkpoint fits and restored), so a failed
     # start leaves it exactly as it was.
     config_lib.validate(config)
+    preflight.check_sources(config)
     workdir = Path(workdir)
     groups = config_lib.trainable_groups(config)
     if config.train.compilation_cache:
