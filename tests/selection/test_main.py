@@ -4,6 +4,9 @@ a rerun skips finished stages, other settings are refused, and the summary reach
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +91,15 @@ def test_all_stages_then_rerun_skips(stage1_run, tmp_path, capsys):
     assert "speechlm_select" in capsys.readouterr().out
 
     markers = {p: p.stat().st_mtime_ns for p in workdir.glob("*/done.json")}
-    assert select.main(["all", *args]) == 0  # everything is done: nothing recomputed
+    # Everything is done: the command (a subprocess, as a user runs it) succeeds recomputing nothing.
+    rerun = subprocess.run(
+        [sys.executable, "-m", "speechlm_jax.selection.main", "all", *args],
+        env=dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in workdir.glob("*/done.json")} == markers
 
     assert select.main(["sample", *[a if a != "5" else "2" for a in args]]) == 2
