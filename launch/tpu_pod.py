@@ -2,7 +2,7 @@
 """Runs `speechlm-train` on every worker of a Cloud TPU slice (or of several, multislice).
 
     python launch/tpu_pod.py --name asr-v5p --zone us-east5-a --type v5p-64 \\
-        -- --config configs/asr.py:paper --workdir gs://bucket/runs/asr
+        -- --config configs/asr.py:paper --workdir /mnt/shared/runs/asr
 
 Steps, each one `gcloud` command (`--dry-run` prints them all, exactly, and runs none):
 
@@ -24,6 +24,7 @@ real cloud: the tests check the dry-run commands.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import subprocess
 import sys
@@ -207,6 +208,16 @@ def launch(pod: Pod) -> int:
     return status
 
 
+def workdir_of(train_args: list[str]) -> str | None:
+    """The `--workdir` value of the training arguments (`--workdir DIR` or `--workdir=DIR`)."""
+    for i, arg in enumerate(train_args):
+        if arg.startswith("--workdir="):
+            return arg.split("=", 1)[1]
+        if arg == "--workdir" and i + 1 < len(train_args):
+            return train_args[i + 1]
+    return None
+
+
 def parse_args(argv: list[str]) -> tuple[Pod, bool]:
     if "--" in argv:
         split = argv.index("--")
@@ -238,7 +249,18 @@ def parse_args(argv: list[str]) -> tuple[Pod, bool]:
     if not runtime:
         parser.error(f"no default runtime for {args.accelerator!r}; pass --runtime")
     if not train_args:
-        parser.error("pass the training arguments after --, e.g. -- --config configs/asr.py:paper --workdir gs://...")
+        parser.error(
+            "pass the training arguments after --, e.g. -- --config configs/asr.py:paper --workdir /mnt/shared/runs/asr"
+        )
+    workdir = workdir_of(train_args)
+    if workdir is None:
+        parser.error("the training arguments name no --workdir")
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", workdir):
+        # Refused here, before any TPU is created: every worker's speechlm-train would refuse it.
+        parser.error(
+            f"--workdir {workdir}: object-store workdirs are not supported yet; use a folder every worker "
+            "mounts at the same path (NFS / Filestore)"
+        )
     pod = Pod(
         args.name, args.zone, args.accelerator, runtime, args.project, args.slices, args.queued, args.spot, train_args
     )

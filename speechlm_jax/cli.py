@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 SOURCE_TYPES = ("manifest", "librispeech", "tfds")
 
@@ -35,14 +36,54 @@ class CommandFailed(RuntimeError):
     failed to synthesise); reported in one line with exit status 1."""
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def url_problem(value: str) -> str | None:
+    """Why `value` cannot be used as a path here, when it is a URL (`gs://bucket/run`), else None.
+
+    Every reader and writer of the project opens local paths (a mounted shared filesystem
+    included); `pathlib` would quietly turn `gs://bucket/run` into a local folder `gs:/bucket/run`,
+    so a URL is refused before anything is read or written.
+    """
+    if not _URL.match(value):
+        return None
+    scheme = value.split("://", 1)[0]
+    return (
+        f"{value!r} is a {scheme}:// URL; object-store paths are not supported yet (they would become a "
+        f"local folder named '{scheme}:'): use a local or mounted shared path"
+    )
+
+
+def _strings(value: object) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """`argparse.ArgumentParser` whose usage errors are one line on standard error (exit status 2).
 
     The full usage stays in `--help`; subcommand parsers (`add_subparsers`) inherit the class.
+    An argument whose value is a URL (`--workdir gs://bucket/run`) is a usage error (`url_problem`).
     """
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, rest = super().parse_known_args(args, namespace)
+        for name, value in vars(parsed).items():
+            for text in _strings(value):
+                problem = url_problem(text)
+                if problem:
+                    self.error(f"argument --{name}: {problem}")
+        return parsed, rest
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

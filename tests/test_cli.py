@@ -305,3 +305,17 @@ def test_compile_of_a_tiny_step_succeeds_with_exit_status_0():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "peak / device" in result.stdout and "compile time" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "name, args",
+    [
+        ("speechlm-train", ["--config", f"{REPO}/configs/asr.py:tiny", "--workdir", "gs://my-bucket/runs/asr"]),
+        ("speechlm-eval", ["--base", "{tmp}", "--out", "gs://my-bucket/eval"]),
+        ("speechlm-convert", ["export", "--workdir", "{tmp}", "--out", "s3://my-bucket/hf"]),
+    ],
+)
+def test_an_object_store_url_is_refused_and_no_local_folder_is_made(name, args, tmp_path):
+    result = run(name, *(a.format(tmp=tmp_path) for a in args), cwd=tmp_path)
+    assert_user_error(result, name, "URL; object-store paths are not supported yet")
+    assert not any(p.name.endswith(":") for p in tmp_path.iterdir())

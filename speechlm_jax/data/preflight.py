@@ -92,7 +92,9 @@ def check_sources(config: Any) -> None:
     """
     problems = []
     for key, path, kind in data_paths(config):
-        problem = tokenizer_problem(path) if kind == "tokenizer" else _problem(Path(path), kind)
+        problem = cli.url_problem(path)
+        if problem is None:
+            problem = tokenizer_problem(path) if kind == "tokenizer" else _problem(Path(path), kind)
         if problem is not None:
             problems.append((key, path, problem))
     if not problems:

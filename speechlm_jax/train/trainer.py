@@ -34,7 +34,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from speechlm_jax import distributed
+from speechlm_jax import cli, distributed
 from speechlm_jax.data import preflight
 from speechlm_jax.sharding import batch_sharding, make_mesh
 from speechlm_jax.train import build, checkpoint, data, metrics, objectives, partitions, restore, step
@@ -118,6 +118,8 @@ def train(
     # start leaves it exactly as it was.
     config_lib.validate(config)
     preflight.check_sources(config)
+    if problem := cli.url_problem(str(workdir)):
+        raise cli.UsageError(f"workdir {problem}")
     workdir = Path(workdir)
     groups = config_lib.trainable_groups(config)
     if config.train.compilation_cache:

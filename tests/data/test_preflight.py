@@ -119,3 +119,11 @@ def test_load_tokenizer_refuses_a_folder_that_is_not_there(tmp_path):
     with pytest.raises(DataSourceError, match="holds no tokenizer"):
         load_tokenizer(tmp_path / "empty")
     assert len(load_tokenizer(build_word_tokenizer(["hello world"], tmp_path / "tok"))) > 0
+
+
+def test_an_object_store_url_is_refused_not_read_as_a_local_folder(tmp_path):
+    config = _config(_corpus(tmp_path), speech_sources=({"type": "manifest", "path": "gs://bucket/train.jsonl"},))
+    with pytest.raises(
+        DataSourceError, match=r"data.speech_sources\[0\] \(manifest\): 'gs://bucket/train.jsonl' is a gs"
+    ):
+        check_sources(config)

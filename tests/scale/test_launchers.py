@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_ARGS = ["--config", "configs/asr.py:paper", "--workdir", "/runs/a b"]
 
@@ -70,6 +72,18 @@ def test_local_processes_share_a_coordinator_and_differ_in_their_id():
 def test_local_rejects_options_meant_for_the_trainer():
     result = subprocess.run(["bash", "launch/local.sh", "--config", "x"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "after --" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "workdir, message",
+    [(["--workdir", "gs://bucket/runs/asr"], "object-store workdirs are not supported yet"), ([], "no --workdir")],
+)
+def test_tpu_pod_refuses_a_workdir_the_trainer_would_refuse_before_creating_anything(workdir, message):
+    command = [sys.executable, "launch/tpu_pod.py", "--name", "a", "--zone", "z", "--type", "v5p-8", "--dry-run"]
+    result = subprocess.run(
+        [*command, "--", "--config", "configs/asr.py:paper", *workdir], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and message in result.stderr and not result.stdout
 
 
 def test_tpu_pod_plan_creates_copies_installs_runs_streams_and_stops():
