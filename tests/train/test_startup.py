@@ -4,10 +4,8 @@ first, and a start that fails leaves the workdir byte-for-byte as it was."""
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -28,21 +26,9 @@ def _tree_hash(root: Path) -> dict[str, str]:
     }
 
 
-def _train_command(workdir: Path, corpus: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    args = [
-        sys.executable,
-        "-m",
-        "speechlm_jax.train.main",
-        f"--config={REPO}/configs/asr.py:tiny,data_dir={corpus}",
-        f"--workdir={workdir}",
-        "--config.train.progress_bar=False",
-        "--config.train.eval_every=0",
-        "--config.train.fast_compile=True",
-        f"--config.train.compilation_cache={cache}",
-        *overrides,
-    ]
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def _train(train_command, workdir: Path, corpus: Path, *overrides: str) -> subprocess.CompletedProcess:
+    argv, env = train_command(f"asr.py:tiny,data_dir={corpus}", workdir, *overrides)
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +47,7 @@ def trained_workdir(tmp_path_factory, tiny_corpus, compilation_cache):
 
 
 def test_restart_with_another_model_shape_names_the_tensor_and_damages_nothing(
-    trained_workdir, tiny_corpus, compilation_cache
+    trained_workdir, tiny_corpus, train_command
 ):
     workdir, config = trained_workdir
     before = _tree_hash(workdir)
@@ -77,7 +63,7 @@ def test_restart_with_another_model_shape_names_the_tensor_and_damages_nothing(
     assert _tree_hash(workdir) == before
 
     # The installed command: exit status 2 and one line naming the tensor, nothing else written.
-    result = _train_command(workdir, tiny_corpus, compilation_cache, "--config.model.projector.hidden=32")
+    result = _train(train_command, workdir, tiny_corpus, "--config.model.projector.hidden=32")
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("speechlm-train: the checkpoint ") and "first mismatched tensor projector/" in last
@@ -108,9 +94,9 @@ def test_restart_with_another_optimiser_is_refused_before_restoring(trained_work
         ("--config.checkpoint.every=-1", r"checkpoint.every=-1 must lie in \[0, inf\)"),
     ],
 )
-def test_a_bad_value_fails_at_start_and_writes_no_workdir(override, message, tiny_corpus, compilation_cache, tmp_path):
+def test_a_bad_value_fails_at_start_and_writes_no_workdir(override, message, tiny_corpus, train_command, tmp_path):
     workdir = tmp_path / "run"
-    result = _train_command(workdir, tiny_corpus, compilation_cache, override)
+    result = _train(train_command, workdir, tiny_corpus, override)
     assert result.returncode == 2, result.stderr[-3000:]
     assert re.search(message, result.stderr.strip().splitlines()[-1])
     assert not workdir.exists()

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -71,23 +69,9 @@ def test_eight_devices_give_the_losses_of_one(tiny_config, tmp_path):
     np.testing.assert_allclose([b[k] for k in a], [a[k] for k in a], atol=1e-5, rtol=0)
 
 
-def _cli(config_arg: str, workdir: Path, cache: Path, *overrides: str) -> subprocess.Popen:
-    """`speechlm-train` in a subprocess on one CPU device (the in-process runs use `jax.devices()[:1]`)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    args = [
-        sys.executable,
-        "-m",
-        "speechlm_jax.train.main",
-        f"--config={REPO}/configs/{config_arg}",
-        f"--workdir={workdir}",
-        "--config.train.progress_bar=False",
-        "--config.train.eval_every=0",
-        "--config.train.log_every=1",
-        "--config.train.fast_compile=True",
-        f"--config.train.compilation_cache={cache}",
-        *overrides,
-    ]
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _popen(train_command, config_arg: str, workdir: Path, *overrides: str) -> subprocess.Popen:
+    argv, env = train_command(config_arg, workdir, *overrides)
+    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for_step(process: subprocess.Popen, workdir: Path, step_index: int, timeout: float = 600) -> None:
@@ -102,17 +86,18 @@ def _wait_for_step(process: subprocess.Popen, workdir: Path, step_index: int, ti
     raise AssertionError(f"no step {step_index} within {timeout} s")
 
 
-def test_sigkill_and_restart_continue_exactly(tiny_config, tiny_corpus, compilation_cache, tmp_path):
+def test_sigkill_and_restart_continue_exactly(tiny_config, tiny_corpus, train_command, tmp_path):
     config = _constant(tiny_config("asr", steps=8, log_every=1))
     config.checkpoint.every = 2
     trainer.train(config, tmp_path / "reference", devices=jax.devices()[:1])
     reference = _records(tmp_path / "reference")
 
     workdir = tmp_path / "killed"
-    process = _cli(
+    process = _popen(
+        train_command,
         f"asr.py:tiny,data_dir={tiny_corpus}",
         workdir,
-        compilation_cache,
+        "--config.train.log_every=1",
         "--config.train.steps=8",
         "--config.checkpoint.every=2",
         "--config.optimizer.schedule=constant",
@@ -137,11 +122,12 @@ def test_sigkill_and_restart_continue_exactly(tiny_config, tiny_corpus, compilat
         }
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_corpus, compilation_cache, tmp_path):
-    process = _cli(
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_corpus, train_command, tmp_path):
+    process = _popen(
+        train_command,
         f"asr.py:tiny,data_dir={tiny_corpus}",
         tmp_path,
-        compilation_cache,
+        "--config.train.log_every=1",
         "--config.train.steps=1000",
         "--config.checkpoint.every=1000",
         "--config.optimizer.schedule=constant",
