@@ -4,11 +4,13 @@ Where this sits in the data flow: the same place as `chunked` (the objectives of
 `train/objectives.py` hand final hidden states and the unembedding to one of these), with
 the same signatures and the same numbers. `chunked` rematerialises each chunk's logits in
 the backward pass, so a distillation step does 6 unembedding matmuls per chunk where the
-naive form does 4. These forms do what the naive form does, 4 (3 for cross-entropy),
-without ever holding more than one chunk's logits:
+naive form does 4. These forms do the naive form's 4 (3 for cross-entropy) without ever
+holding more than one chunk's logits:
 
 - the forward pass scans over chunks of `chunk_size` sequence positions; per chunk it
-  computes the student's (and teacher's) `[batch, chunk, vocab]` logits, the per-token
+  computes the student's and the teacher's `[batch, chunk, vocab]` logits in one product
+  (one pass over the unembedding: on a CPU, and for short chunks anywhere, reading the
+  `[d_model, vocab]` matrix costs as much as the arithmetic), the per-token
   values the loss reduces, and the gradient of the loss with respect to those logits in
   closed form (below), scaled by each token's share of the weighted mean; it multiplies
   that gradient back through the unembedding into the chunk's `[batch, chunk, d_model]`
@@ -52,7 +54,6 @@ from speechlm_jax.losses.chunked import (
     chunked_salad_objective,
     join_chunks,
     split_chunks,
-    teacher_unembed,
 )
 from speechlm_jax.losses.common import (
     Direction,
@@ -191,7 +192,7 @@ def _fused_fwd(spec: _Spec, student_hidden, teacher_hidden, unembedding, targets
     targets = None if targets is None else targets.value
     kl_weights = None if kl_weights is None else kl_weights.value
     nll_weights = None if nll_weights is None else nll_weights.value
-    batch, seq, _ = hidden.shape
+    seq = hidden.shape[1]
     chunk = chunk_length(seq, spec.chunk_size)
     has_kl, has_ce = spec.kind in ("kl", "salad"), spec.kind in ("cross_entropy", "salad")
     kl_coef, nll_coef = _mean_coefficients(kl_weights), _mean_coefficients(nll_weights)
@@ -204,28 +205,32 @@ def _fused_fwd(spec: _Spec, student_hidden, teacher_hidden, unembedding, targets
 
     def step(grad_w: jax.Array | None, xs: dict[str, jax.Array]) -> tuple[jax.Array | None, tuple[jax.Array, ...]]:
         h = xs["h"]
-        raw = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=accumulate)
+        if has_kl:
+            # Student and teacher rows in one product: one pass over the unembedding, not two.
+            both = jnp.einsum("sbcd,dv->sbcv", jnp.stack([h, xs["ht"]]), w, preferred_element_type=accumulate)
+            raw, teacher = both[0], both[1]
+        else:
+            raw = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=accumulate)
         if spec.softcap is None:
             logits = raw
         else:
             capped = jnp.tanh(raw / spec.softcap)
             logits = spec.softcap * capped
+            if has_kl:
+                teacher = spec.softcap * jnp.tanh(teacher / spec.softcap)
         outputs: tuple[jax.Array, ...] = ()
-        grad = jnp.zeros(logits.shape, accumulate)
+        grad = None
         if has_kl:
             log_p, log_q, log_m, divergence = divergence_terms(
-                logits,
-                teacher_unembed(xs["ht"], w, spec.softcap),
-                temperature=spec.temperature,
-                direction=spec.direction,
-                jsd_beta=spec.jsd_beta,
+                logits, teacher, temperature=spec.temperature, direction=spec.direction, jsd_beta=spec.jsd_beta
             )
             outputs += (spec.temperature**2 * jnp.maximum(divergence, 0.0),)
-            grad = grad + _divergence_grad(log_p, log_q, log_m, divergence, xs["ckl"], spec)
+            grad = _divergence_grad(log_p, log_q, log_m, divergence, xs["ckl"], spec)
         if has_ce:
             parts = cross_entropy_parts(logits, xs["t"])
             outputs += parts
-            grad = grad + _cross_entropy_grad(logits, xs["t"], parts[2], xs["cnll"], spec.label_smoothing, spec.z_loss)
+            ce_grad = _cross_entropy_grad(logits, xs["t"], parts[2], xs["cnll"], spec.label_smoothing, spec.z_loss)
+            grad = ce_grad if grad is None else grad + ce_grad
         if spec.softcap is not None:
             grad = grad * (1.0 - jnp.square(capped))
         grad = grad.astype(compute)
