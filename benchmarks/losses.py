@@ -14,13 +14,13 @@ Three measurements:
 2. Agreement: all three run at `check_tokens` tokens (same vocab and width) and the largest
    absolute difference from the naive form over the loss and every gradient entry is
    reported for each (`max_abs_diff` the chunked form's, `fused_max_abs_diff` the fused one's).
-3. CPU step time of the three, one after another in the same process, at that same reduced
-   size (the full size is ~26 TFLOP per step, minutes on a 2-core machine), reported as
-   `timed_tokens`.
+3. CPU step time of the three in the same process at that same reduced size (the full size
+   is ~26 TFLOP per step, minutes on a 2-core machine), reported as `timed_tokens`: the
+   best of `--repeats` rounds in which the forms take turns.
 
 `fused_time_ratio` is fused / naive step time, `fused_memory_ratio` fused / naive
 temporary bytes (`memory_ratio` is chunked / naive). Run from the repository root:
-`.venv/bin/python -m benchmarks.losses` (about 4 minutes on 2 CPU cores). The last line
+`.venv/bin/python -m benchmarks.losses` (about 5 minutes on 2 CPU cores). The last line
 printed is one JSON object.
 """
 
@@ -93,14 +93,20 @@ def inputs(batch: int, seq: int, d_model: int, vocab: int) -> tuple[jax.Array, .
     return student, teacher, unembedding, mask
 
 
-def step_time(step: Callable, args: tuple[jax.Array, ...], repeats: int) -> tuple[float, tuple]:
-    out = jax.block_until_ready(step(*args))
-    best = float("inf")
+def step_times(steps: dict[str, Callable], args: tuple[jax.Array, ...], repeats: int) -> tuple[dict, dict]:
+    """Best wall time and result of each compiled step, the forms taking turns in every round.
+
+    On a shared machine the load changes from minute to minute; interleaving the forms
+    (rather than timing one form's repeats, then the next's) exposes each to the same load.
+    """
+    results = {name: jax.block_until_ready(step(*args)) for name, step in steps.items()}
+    best = dict.fromkeys(steps, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(step(*args))
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        for name, step in steps.items():
+            start = time.perf_counter()
+            results[name] = jax.block_until_ready(step(*args))
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best, results
 
 
 def main() -> None:
@@ -112,7 +118,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=128)
     parser.add_argument("--check-batch", type=int, default=1)
     parser.add_argument("--check-seq", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -126,9 +132,7 @@ def main() -> None:
     print("full size temp bytes: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in temp.items()), flush=True)
 
     small = inputs(args.check_batch, args.check_seq, args.d_model, args.vocab)
-    seconds, results = {}, {}
-    for name, fn in forms.items():
-        seconds[name], results[name] = step_time(loss_and_grad(fn), small, args.repeats)
+    seconds, results = step_times({name: loss_and_grad(fn) for name, fn in forms.items()}, small, args.repeats)
     loss_diff, grad_diff = differences(results["naive"], results["chunked"])
     fused_loss_diff, fused_grad_diff = differences(results["naive"], results["fused"])
     print(

@@ -1,12 +1,13 @@
-"""The trained forms: every logit loss from final hidden states, `[batch, chunk, vocab]` at a time.
+"""Every logit loss from final hidden states, `[batch, chunk, vocab]` at a time, differentiated by autodiff.
 
 Where this sits in the data flow: the jitted step's objective (`train/objectives.py`) runs
 the student (LoRA on, speech input) and the teacher (LoRA off, the text twin) up to their
 final-normed hidden states, moves the teacher's to the student's positions
-(`common.gather_teacher`) and calls one of these with the unembedding; evaluation
-(`evaluation/scoring.py`) scores options and SALAD's M and F the same way. Each function
-equals its from-logits definition in `reference` for every `chunk_size` (the tests check
-values, metrics and gradients).
+(`common.gather_teacher`) and calls the fused form (`fused`) of one of these with the
+unembedding; the fused forms run these functions when nothing is differentiated, and
+evaluation (`evaluation/scoring.py`) scores options and SALAD's M and F with them. Each
+function equals its from-logits definition in `reference` for every `chunk_size` (the
+tests check values, metrics and gradients).
 
 With a 128k-256k vocabulary the `[batch, seq, vocab]` float32 logits of student and
 teacher do not fit together for long sequences. These forms take the hidden states
