@@ -9,13 +9,16 @@ a global, so every function is safe under `jax.jit` and `jax.grad`.
 
 The modules (import each name from the module that defines it):
 
-    chunked        what the trainer and evaluation run: cross-entropy, KL distillation,
-                   SALAD's objective and its misalignment / forgetting diagnostics, from
-                   `[batch, seq, d_model]` hidden states, `[batch, chunk, vocab]` logits
-                   at a time
+    fused          what the trainer runs: cross-entropy, KL distillation and SALAD's
+                   objective from `[batch, seq, d_model]` hidden states, `[batch, chunk,
+                   vocab]` logits at a time, the gradients made in the forward pass
+                   (custom VJP) so that no chunk's logits are computed twice
+    chunked        the same losses with a rematerialised backward pass (the fused forms'
+                   no-gradient path), and SALAD's misalignment / forgetting diagnostics,
+                   which evaluation runs
     reference      the same objectives from whole `[batch, seq, vocab]` logits, plus
                    behaviour imitation on a placed teacher response: the definitions the
-                   tests and `benchmarks/losses.py` compare the chunked forms against
+                   tests and `benchmarks/losses.py` compare the fused and chunked forms against
     ctc            CTC of audio frames against their transcript, and its greedy decoding
     hidden_states  DiVA's mean-squared-error terms between hidden states or embeddings
     common         what they share: `gather_teacher`, the weighted mean, the per-token
@@ -33,7 +36,7 @@ Conventions shared by every function:
   values there get exactly zero gradient.
 - Log-softmax runs in float32 whatever the input dtype: bf16 logits are upcast first
   (float64 inputs, used by the gradient checks, stay float64).
-  With bf16 logits (or bf16 hidden states and unembedding in the chunked forms) the losses
+  With bf16 logits (or bf16 hidden states and unembedding in the fused and chunked forms) the losses
   stay finite and lie within `BF16_ATOL + BF16_RTOL * |loss|` (`common`) of the float32
   computation on the same unrounded values (the error is the bf16 rounding of the logits
   themselves).

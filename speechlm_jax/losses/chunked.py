@@ -1,12 +1,13 @@
-"""The trained forms: every logit loss from final hidden states, `[batch, chunk, vocab]` at a time.
+"""Every logit loss from final hidden states, `[batch, chunk, vocab]` at a time, differentiated by autodiff.
 
 Where this sits in the data flow: the jitted step's objective (`train/objectives.py`) runs
 the student (LoRA on, speech input) and the teacher (LoRA off, the text twin) up to their
 final-normed hidden states, moves the teacher's to the student's positions
-(`common.gather_teacher`) and calls one of these with the unembedding; evaluation
-(`evaluation/scoring.py`) scores options and SALAD's M and F the same way. Each function
-equals its from-logits definition in `reference` for every `chunk_size` (the tests check
-values, metrics and gradients).
+(`common.gather_teacher`) and calls the fused form (`fused`) of one of these with the
+unembedding; the fused forms run these functions when nothing is differentiated, and
+evaluation (`evaluation/scoring.py`) scores options and SALAD's M and F with them. Each
+function equals its from-logits definition in `reference` for every `chunk_size` (the
+tests check values, metrics and gradients).
 
 With a 128k-256k vocabulary the `[batch, seq, vocab]` float32 logits of student and
 teacher do not fit together for long sequences. These forms take the hidden states
@@ -56,9 +57,30 @@ def unembed(hidden: jax.Array, unembedding: jax.Array, softcap: float | None) ->
     return logits
 
 
-def _teacher_unembed(hidden: jax.Array, unembedding: jax.Array, softcap: float | None) -> jax.Array:
+def teacher_unembed(hidden: jax.Array, unembedding: jax.Array, softcap: float | None) -> jax.Array:
     """`unembed` with no gradient to the teacher's hidden states or its use of the unembedding."""
     return unembed(jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(unembedding), softcap)
+
+
+def split_chunks(x: jax.Array, chunk: int) -> jax.Array:
+    """`[batch, seq, ...]` -> `[n_chunks, batch, chunk, ...]`, the sequence zero-padded to a multiple of `chunk`."""
+    batch, seq = x.shape[:2]
+    n_chunks = -(-seq // chunk)
+    x = jnp.pad(x, [(0, 0), (0, n_chunks * chunk - seq)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((batch, n_chunks, chunk) + x.shape[2:]), 1, 0)
+
+
+def join_chunks(x: jax.Array, seq: int) -> jax.Array:
+    """`[n_chunks, batch, chunk, ...]` -> `[batch, seq, ...]`: `split_chunks` undone, the padding cut off."""
+    n_chunks, batch, chunk = x.shape[:3]
+    return jnp.moveaxis(x, 0, 1).reshape((batch, n_chunks * chunk) + x.shape[3:])[:, :seq]
+
+
+def chunk_length(seq: int, chunk_size: int) -> int:
+    """The chunk length `scan_chunks` uses: `chunk_size`, or the whole sequence when that is shorter."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    return min(chunk_size, seq)
 
 
 def scan_chunks(
@@ -72,24 +94,15 @@ def scan_chunks(
     Returns the outputs stitched back to `[batch, seq]`. The chunk function is
     rematerialised in the backward pass, so only one chunk's logits exist at a time.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    batch, seq = seq_inputs[0].shape[:2]
-    chunk = min(chunk_size, seq)
-    n_chunks = -(-seq // chunk)
-    pad = n_chunks * chunk - seq
-
-    def split(x: jax.Array) -> jax.Array:
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape((batch, n_chunks, chunk) + x.shape[2:]), 1, 0)
-
+    seq = seq_inputs[0].shape[1]
+    chunk = chunk_length(seq, chunk_size)
     body = jax.checkpoint(per_chunk)
 
     def step(carry: None, xs: tuple[jax.Array, ...]) -> tuple[None, tuple[jax.Array, ...]]:
         return carry, body(unembedding, *xs)
 
-    _, outputs = jax.lax.scan(step, None, tuple(split(x) for x in seq_inputs))
-    return tuple(jnp.moveaxis(o, 0, 1).reshape(batch, n_chunks * chunk)[:, :seq] for o in outputs)
+    _, outputs = jax.lax.scan(step, None, tuple(split_chunks(x, chunk) for x in seq_inputs))
+    return tuple(join_chunks(o, seq) for o in outputs)
 
 
 def chunked_cross_entropy(
@@ -144,7 +157,7 @@ def chunked_kl_distillation(
     def per_chunk(w: jax.Array, hs: jax.Array, ht: jax.Array) -> tuple[jax.Array]:
         divergence = token_divergence(
             unembed(hs, w, softcap),
-            _teacher_unembed(ht, w, softcap),
+            teacher_unembed(ht, w, softcap),
             temperature=temperature,
             direction=direction,
             jsd_beta=jsd_beta,
@@ -183,7 +196,7 @@ def chunked_salad_objective(
     def per_chunk(w: jax.Array, hs: jax.Array, ht: jax.Array, t: jax.Array) -> tuple[jax.Array, ...]:
         student = unembed(hs, w, softcap)
         divergence = token_divergence(
-            student, _teacher_unembed(ht, w, softcap), temperature=temperature, direction=direction, jsd_beta=jsd_beta
+            student, teacher_unembed(ht, w, softcap), temperature=temperature, direction=direction, jsd_beta=jsd_beta
         )
         return (divergence,) + cross_entropy_parts(student, t)
 
@@ -207,7 +220,7 @@ def _chunked_sequence_kl(
         return (
             token_divergence(
                 unembed(h, w, softcap),
-                _teacher_unembed(r, w, softcap),
+                teacher_unembed(r, w, softcap),
                 temperature=1.0,
                 direction="forward",
                 jsd_beta=0.5,

@@ -111,6 +111,34 @@ def _kl_divergence(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
 
 
+def divergence_terms(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    *,
+    temperature: float,
+    direction: Direction,
+    jsd_beta: float,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
+    """(log p, log q, log m, D) of `[..., vocab]` logits: what `token_divergence` reduces.
+
+    p = softmax(teacher / T) (under `stop_gradient`), q = softmax(student / T), both
+    `[..., vocab]`; m = b p + (1 - b) q for `jsd` (None otherwise); D `[...]` the raw
+    divergence, before the T^2 factor and the clamp at 0. The fused forms (`fused`) build
+    their gradients from these same values.
+    """
+    log_p = _log_softmax(jax.lax.stop_gradient(teacher_logits), temperature)
+    log_q = _log_softmax(student_logits, temperature)
+    log_m = None
+    if direction == "forward":
+        divergence = _kl_divergence(log_p, log_q)
+    elif direction == "reverse":
+        divergence = _kl_divergence(log_q, log_p)
+    else:
+        log_m = jnp.logaddexp(math.log(jsd_beta) + log_p, math.log1p(-jsd_beta) + log_q)
+        divergence = jsd_beta * _kl_divergence(log_p, log_m) + (1.0 - jsd_beta) * _kl_divergence(log_q, log_m)
+    return log_p, log_q, log_m, divergence
+
+
 def token_divergence(
     student_logits: jax.Array,
     teacher_logits: jax.Array,
@@ -124,15 +152,9 @@ def token_divergence(
     The teacher is under `stop_gradient`; `kl_distillation` (`reference`) defines D for
     each direction.
     """
-    log_p = _log_softmax(jax.lax.stop_gradient(teacher_logits), temperature)
-    log_q = _log_softmax(student_logits, temperature)
-    if direction == "forward":
-        divergence = _kl_divergence(log_p, log_q)
-    elif direction == "reverse":
-        divergence = _kl_divergence(log_q, log_p)
-    else:
-        log_m = jnp.logaddexp(math.log(jsd_beta) + log_p, math.log1p(-jsd_beta) + log_q)
-        divergence = jsd_beta * _kl_divergence(log_p, log_m) + (1.0 - jsd_beta) * _kl_divergence(log_q, log_m)
+    *_, divergence = divergence_terms(
+        student_logits, teacher_logits, temperature=temperature, direction=direction, jsd_beta=jsd_beta
+    )
     # Rounding can leave a divergence of equal distributions a hair below zero.
     return temperature**2 * jnp.maximum(divergence, 0.0)
 

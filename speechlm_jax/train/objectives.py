@@ -2,8 +2,9 @@
 
 Each recipe's objective is `objective(model, batch) -> (loss, metrics)`: it runs the
 parts of the model the recipe needs and hands hidden states and the unembedding to a
-chunked loss, so the `[batch, seq, vocab]` logits never exist. Which objective runs is
-data (`config.loss.name`), not a code path per recipe:
+fused loss (`losses.fused`: chunked, with the gradients made in the forward pass), so the
+`[batch, seq, vocab]` logits never exist and no chunk's logits are computed twice. Which
+objective runs is data (`config.loss.name`), not a code path per recipe:
 
     cross_entropy       asr, vtb: CE on `targets` where `loss_mask` is 1
     behavior_imitation  mtbi: CE on the teacher's own response, which the data pipeline
@@ -28,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from speechlm_jax.losses.chunked import chunked_cross_entropy, chunked_salad_objective
 from speechlm_jax.losses.common import gather_teacher
 from speechlm_jax.losses.ctc import chunked_ctc_loss
+from speechlm_jax.losses.fused import fused_cross_entropy, fused_salad_objective
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -43,7 +44,7 @@ def cross_entropy(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> t
     `cfg.label_smoothing` and `cfg.z_loss` add uniform label smoothing and PaLM's z-loss.
     """
     hidden = model.student_hidden(batch)
-    return chunked_cross_entropy(
+    return fused_cross_entropy(
         hidden,
         model.llm.unembedding(),
         batch["targets"],
@@ -73,7 +74,7 @@ def salad(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> tuple[jax
     # The teacher is the frozen base on text: no gradient may reach it, whatever trains.
     teacher = jax.lax.stop_gradient(model.teacher_hidden(batch))
     teacher_at_student = gather_teacher(teacher, batch["teacher_index"])
-    return chunked_salad_objective(
+    return fused_salad_objective(
         student,
         teacher_at_student,
         model.llm.unembedding(),

@@ -230,3 +230,54 @@ def test_loss_options_reach_the_chunked_losses(parts):
         weights=batch["weight"],
     )
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["salad", "cross_entropy"])
+def test_objectives_give_the_chunked_losses_values_and_gradients_under_jit(parts, name):
+    """The fused objective's loss and gradients, of the trainable partition and of the frozen base
+    (the head included, as when the LLM trains), equal the chunked forms' computed by autodiff."""
+    graphdef, trainable, frozen, config = parts
+    batch = synthetic_batch()
+    cfg = config.loss.copy_and_resolve_references()
+    cfg.name, cfg.chunk_size, cfg.temperature, cfg.label_smoothing, cfg.z_loss = name, 5, 1.5, 0.1, 1e-3
+    objective = objectives.make_objective(cfg)
+
+    def fused_loss(trainable_state, frozen_state):
+        return objective(nnx.merge(graphdef, trainable_state, frozen_state), batch)[0]
+
+    def chunked_loss(trainable_state, frozen_state):
+        model = nnx.merge(graphdef, trainable_state, frozen_state)
+        hidden, unembedding = model.student_hidden(batch), model.llm.unembedding()
+        common = dict(chunk_size=5, softcap=model.llm.config.final_logit_softcapping, weights=batch["weight"])
+        if name == "cross_entropy":
+            return chunked_cross_entropy(
+                hidden, unembedding, batch["targets"], batch["loss_mask"], label_smoothing=0.1, z_loss=1e-3, **common
+            )[0]
+        teacher = jax.lax.stop_gradient(model.teacher_hidden(batch))
+        return chunked_salad_objective(
+            hidden,
+            gather_teacher(teacher, batch["teacher_index"]),
+            unembedding,
+            batch["targets"],
+            batch["kl_mask"],
+            batch["loss_mask"],
+            alpha=cfg.alpha,
+            temperature=1.5,
+            direction=cfg.direction,
+            jsd_beta=cfg.jsd_beta,
+            **common,
+        )[0]
+
+    options = step.compiler_options(True)
+    got, got_grads = jax.jit(jax.value_and_grad(fused_loss, argnums=(0, 1)), compiler_options=options)(
+        trainable, frozen
+    )
+    want, want_grads = jax.jit(jax.value_and_grad(chunked_loss, argnums=(0, 1)), compiler_options=options)(
+        trainable, frozen
+    )
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    got_leaves, want_leaves = jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)
+    assert len(got_leaves) == len(want_leaves) and any(np.asarray(g).any() for g in got_leaves)
+    for g, w in zip(got_leaves, want_leaves):
+        scale = float(np.max(np.abs(np.asarray(w)), initial=0.0))
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5 * max(scale, 1.0))
