@@ -36,10 +36,16 @@ setup(
         "tensorboardX>=2.6.2",
         "tensorboard>=2.16",
         "tqdm>=4.66",
+        # Object stores: gs:// through fsspec (storage.py); orbax writes arrays through tensorstore.
+        "etils[epath]>=1.7",
+        "fsspec>=2024.6",
+        "gcsfs>=2024.6",
     ],
     extras_require={
         # libtpu: runs on TPU VMs, and lets `speechlm-compile` compile for a TPU topology on any machine.
         "tpu": ["jax[tpu]>=0.10.2"],
+        # s3:// paths (S3 and S3-compatible stores).
+        "s3": ["s3fs>=2024.6"],
         # The references the tests compare against. torch is the CPU build that
         # ships with the development image for Python 3.11; on newer Pythons the
         # test suite needs a CPU torch installed by hand (see README).
@@ -51,6 +57,9 @@ setup(
             "scipy>=1.11",
             "scikit-learn>=1.4",
             "peft>=0.17",
+            # A local Cloud Storage server the object-store tests run against.
+            "gcp-storage-emulator>=2024.8",
+            "google-cloud-storage>=2.18",
             "torch==2.13.0; python_version < '3.12'",
         ],
     },

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -36,23 +35,12 @@ class CommandFailed(RuntimeError):
     failed to synthesise); reported in one line with exit status 1."""
 
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
 def url_problem(value: str) -> str | None:
-    """Why `value` cannot be used as a path here, when it is a URL (`gs://bucket/run`), else None.
+    """Why `value` cannot be used as a path, when it is a URL this project cannot open (an
+    unknown scheme such as `ftp://`, or `s3://` without s3fs), else None (`storage.path_problem`)."""
+    from speechlm_jax import storage
 
-    Every reader and writer of the project opens local paths (a mounted shared filesystem
-    included); `pathlib` would quietly turn `gs://bucket/run` into a local folder `gs:/bucket/run`,
-    so a URL is refused before anything is read or written.
-    """
-    if not _URL.match(value):
-        return None
-    scheme = value.split("://", 1)[0]
-    return (
-        f"{value!r} is a {scheme}:// URL; object-store paths are not supported yet (they would become a "
-        f"local folder named '{scheme}:'): use a local or mounted shared path"
-    )
+    return storage.path_problem(value)
 
 
 def _strings(value: object) -> Iterator[str]:
@@ -70,7 +58,8 @@ class ArgumentParser(argparse.ArgumentParser):
     """`argparse.ArgumentParser` whose usage errors are one line on standard error (exit status 2).
 
     The full usage stays in `--help`; subcommand parsers (`add_subparsers`) inherit the class.
-    An argument whose value is a URL (`--workdir gs://bucket/run`) is a usage error (`url_problem`).
+    An argument whose value is a URL of a scheme that cannot be opened (`--workdir ftp://host/run`)
+    is a usage error (`url_problem`); gs:// and s3:// paths pass.
     """
 
     def error(self, message: str) -> None:  # type: ignore[override]

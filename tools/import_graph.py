@@ -5,7 +5,7 @@
 
 The layers, lowest first (a module may import its own layer and any below it, never above):
 
-    ground      sharding, distributed, losses, cli, stages (the resumable-stage cache)
+    ground      sharding, distributed, losses, cli, storage, stages (the resumable-stage cache)
     models      encoders, front end, projectors, decoder LLMs, LoRA, SpeechLM, HF import
     data        sources, tasks, examples, interleaving, batching, TTS
     generate    batched KV-cache decoding
@@ -30,7 +30,7 @@ from pathlib import Path
 
 PACKAGE = "speechlm_jax"
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("sharding", "distributed", "losses", "cli", "stages"),
+    ("sharding", "distributed", "losses", "cli", "storage", "stages"),
     ("models",),
     ("data",),
     ("generate",),

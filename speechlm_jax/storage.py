@@ -1,0 +1,227 @@
+"""One path type for local files and object stores: every reader and writer opens paths here.
+
+`path(p)` returns an `etils.epath.Path`, the path type orbax already uses for checkpoints: a
+local path is a `pathlib`-like path on the local filesystem, as before; `gs://bucket/key` and
+`s3://bucket/key` are paths in Cloud Storage and S3 (through fsspec's `gcsfs` and `s3fs`). Any
+other URL scheme, or a supported one whose backend package is not installed, is refused with
+one line (`UnsupportedPath`, a usage error) before anything is read or written: never a local
+folder named `gs:`, as `pathlib.Path("gs://b/r")` would make.
+
+Object stores have no rename and no append, so the writers here do not assume either:
+- `write_text`/`write_bytes` publish a whole file at once: a local file is written beside its
+  name and renamed over it; an object is uploaded in one request, which the store makes visible
+  whole or not at all (write-then-publish, never a half-written file under the final name);
+- `Appender` keeps an append-only file (metrics.jsonl): locally it appends; on a store it
+  re-uploads the whole object after each append (the file is small: one line per logged step);
+- `SyncedDir` gives a library that writes with plain `open` (tensorboardX's event files) a local
+  folder that is uploaded to the store on `sync()`;
+- `local_copy(p)` is a local file or folder for a library that reads only local paths
+  (safetensors' memory map, a tokenizer folder), downloaded once per process.
+
+Checkpoints are orbax's: on a store it uses its own commit protocol (a `commit_success` file
+per step) instead of renames; `train.checkpoint` only passes the path through.
+
+Local emulators (the tests run one): `STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT` points
+`gcsfs` and `google-cloud-storage` at a Cloud Storage emulator and `TENSORSTORE_GCS_HTTP_URL`
+(same address) points tensorstore (orbax's array writer) at it; see docs/storage.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path as LocalPath
+
+from etils import epath
+
+from speechlm_jax import cli
+
+# URL scheme -> the fsspec package that implements it.
+SCHEMES: dict[str, str] = {"gs": "gcsfs", "s3": "s3fs"}
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+PathLike = str | os.PathLike | epath.Path
+
+
+class UnsupportedPath(cli.UsageError):
+    """A path whose URL scheme cannot be read or written here."""
+
+
+def scheme(p: PathLike) -> str | None:
+    """'gs' for gs://bucket/key, None for a local path."""
+    match = _URL.match(os.fspath(p))
+    return match.group(1).lower() if match else None
+
+
+def is_remote(p: PathLike) -> bool:
+    """True for an object-store path (gs://, s3://)."""
+    return scheme(p) is not None
+
+
+def path_problem(p: PathLike) -> str | None:
+    """Why `p` cannot be opened here (an unsupported URL scheme, a missing backend), else None."""
+    text = os.fspath(p)
+    kind = scheme(text)
+    if kind is None:
+        return None
+    if kind not in SCHEMES:
+        supported = ", ".join(f"{s}://" for s in SCHEMES)
+        return f"{text!r}: the {kind}:// scheme is not supported (object stores: {supported}; or a local path)"
+    package = SCHEMES[kind]
+    if importlib.util.find_spec(package) is None:
+        return f"{text!r}: {kind}:// paths need the {package} package (pip install {package})"
+    if not text[len(kind) + 3 :].strip("/"):
+        return f"{text!r} names no bucket"
+    return None
+
+
+def path(p: PathLike) -> epath.Path:
+    """The path `p` names, local or in an object store; `UnsupportedPath` if it cannot be opened."""
+    if isinstance(p, epath.Path):
+        return p
+    if problem := path_problem(p):
+        raise UnsupportedPath(problem)
+    return epath.Path(os.fspath(p))
+
+
+def join(base: PathLike, *parts: str) -> str:
+    """`base/part/...` as a string, for APIs that take strings (orbax, tensorboardX)."""
+    return os.fspath(path(base).joinpath(*parts))
+
+
+def write_bytes(p: PathLike, data: bytes) -> None:
+    """Publish `data` as the whole of file `p`: readers see the old file or the new one, never half."""
+    target = path(p)
+    if is_remote(target):
+        target.write_bytes(data)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.fspath(target.parent), prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.fspath(target))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(p: PathLike, text: str) -> None:
+    write_bytes(p, text.encode("utf-8"))
+
+
+class Appender:
+    """An append-only text file (one line per record) that works on object stores too.
+
+    Locally each `append` is an `open(..., "a")`. On a store, which has no append, the file's
+    existing content is read once and the whole object is uploaded again after each append.
+    """
+
+    def __init__(self, p: PathLike):
+        self.path = path(p)
+        self.remote = is_remote(self.path)
+        self._content: str | None = None
+
+    def append(self, text: str) -> None:
+        if not self.remote:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(text)
+            return
+        if self._content is None:
+            self._content = self.path.read_text() if self.path.exists() else ""
+        self._content += text
+        self.path.write_text(self._content)
+
+
+class SyncedDir:
+    """A local folder for a writer that only knows local files, mirrored to `target` on `sync()`.
+
+    For a local `target` it is `target` itself and `sync` does nothing. For a store path the
+    folder is a temporary one; `sync` uploads every file that changed since the last sync (whole
+    files: an object store replaces an object at once) and `close` syncs and removes it.
+    """
+
+    def __init__(self, target: PathLike):
+        self.target = path(target)
+        self.remote = is_remote(self.target)
+        if self.remote:
+            self.local = LocalPath(tempfile.mkdtemp(prefix="speechlm-sync-"))
+        else:
+            self.local = LocalPath(os.fspath(self.target))
+        self._uploaded: dict[str, tuple[int, int]] = {}
+
+    def sync(self) -> None:
+        if not self.remote:
+            return
+        for file in sorted(self.local.rglob("*")):
+            if not file.is_file():
+                continue
+            relative = file.relative_to(self.local).as_posix()
+            stat = file.stat()
+            version = (stat.st_size, stat.st_mtime_ns)
+            if self._uploaded.get(relative) == version:
+                continue
+            self.target.joinpath(relative).write_bytes(file.read_bytes())
+            self._uploaded[relative] = version
+
+    def close(self) -> None:
+        self.sync()
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
+def _cache_root() -> LocalPath:
+    root = os.environ.get("SPEECHLM_STORAGE_CACHE") or os.path.join(tempfile.gettempdir(), "speechlm-storage-cache")
+    return LocalPath(root)
+
+
+@functools.cache
+def _download(text: str) -> str:
+    source = path(text)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    destination = _cache_root() / f"{digest}-{source.name or 'root'}"
+    partial = destination.with_name(destination.name + f".partial-{os.getpid()}")
+    if destination.exists():
+        shutil.rmtree(destination) if destination.is_dir() else destination.unlink()
+    if partial.exists():
+        shutil.rmtree(partial, ignore_errors=True)
+    if source.is_dir():
+        partial.mkdir(parents=True)
+        for root, _, files in source.walk():
+            for name in files:
+                remote_file = epath.Path(root) / name
+                relative = os.path.relpath(os.fspath(remote_file), os.fspath(source))
+                local_file = partial / relative
+                local_file.parent.mkdir(parents=True, exist_ok=True)
+                local_file.write_bytes(remote_file.read_bytes())
+    elif source.exists():
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(source.read_bytes())
+    else:
+        raise FileNotFoundError(f"{text} does not exist")
+    os.replace(partial, destination)
+    return os.fspath(destination)
+
+
+def local_copy(p: PathLike) -> LocalPath:
+    """A local path holding what `p` holds: `p` itself when it is local, else a download of the
+    file or folder (once per process) for libraries that read only local files."""
+    if not is_remote(p):
+        return LocalPath(os.fspath(p))
+    return LocalPath(_download(os.fspath(path(p))))
+
+
+@contextlib.contextmanager
+def opened(p: PathLike, mode: str = "rb") -> Iterator:
+    """`open` for local and store paths alike."""
+    with path(p).open(mode) as f:
+        yield f
