@@ -2,7 +2,7 @@
 """Runs `speechlm-train` on every worker of a Cloud TPU slice (or of several, multislice).
 
     python launch/tpu_pod.py --name asr-v5p --zone us-east5-a --type v5p-64 \\
-        -- --config configs/asr.py:paper --workdir /mnt/shared/runs/asr
+        -- --config configs/asr.py:paper --workdir gs://my-bucket/runs/asr
 
 Steps, each one `gcloud` command (`--dry-run` prints them all, exactly, and runs none):
 
@@ -16,6 +16,11 @@ Steps, each one `gcloud` command (`--dry-run` prints them all, exactly, and runs
      metadata, multislice through the MEGASCALE variables the queued resource sets
   4. stream worker 0's log here; when any node's run fails, stop the run on every worker
      and exit with its status
+
+The workdir of a multi-host slice (or of several slices) must be a bucket path (gs://...): the
+workers share no local disk, orbax writes each worker's checkpoint shards to one shared place,
+and a TPU VM's disk goes with it at preemption. A local path is refused there before anything is
+created, unless `--shared-workdir` says it is a filesystem every worker mounts (NFS, Filestore).
 
 Runs only this script's own `gcloud` processes locally; nothing here is tested against a
 real cloud: the tests check the dry-run commands.
@@ -218,6 +223,45 @@ def workdir_of(train_args: list[str]) -> str | None:
     return None
 
 
+# Chips per TPU VM host, and whether the type's number counts TensorCores (two per chip) or chips.
+_HOST_CHIPS = {"v4": 4, "v5p": 4, "v5litepod": 4, "v5e": 4, "v6e": 4}
+_COUNTS_CORES = {"v4", "v5p"}
+_SINGLE_HOST_CHIPS = {"v5litepod": 8, "v5e": 8, "v6e": 8}  # v5e-8 and v6e-8 are one host of 8 chips
+
+
+def hosts_per_slice(accelerator: str) -> int:
+    """TPU VM hosts of one slice of `accelerator` (v5p-64 -> 8, v5litepod-8 -> 1), per Cloud TPU's
+    documented topologies; 1 for a type this table does not know."""
+    generation, _, size = accelerator.partition("-")
+    if generation not in _HOST_CHIPS or not size.isdigit():
+        return 1
+    chips = int(size) // (2 if generation in _COUNTS_CORES else 1)
+    if chips <= _SINGLE_HOST_CHIPS.get(generation, _HOST_CHIPS[generation]):
+        return 1
+    return chips // _HOST_CHIPS[generation]
+
+
+# URL schemes the trainer opens (speechlm_jax.storage.SCHEMES).
+_STORE_SCHEMES = ("gs", "s3")
+
+
+def workdir_problem(workdir: str, hosts: int, shared: bool) -> str | None:
+    """Why `workdir` cannot hold the run of `hosts` hosts, or None."""
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", workdir)
+    if match:
+        if match.group(1) not in _STORE_SCHEMES:
+            return f"--workdir {workdir}: the {match.group(1)}:// scheme is not supported (use gs://bucket/...)"
+        return None
+    if hosts > 1 and not shared:
+        return (
+            f"--workdir {workdir} is a local path, but the run has {hosts} hosts: each would write its own copy "
+            "on its own disk (lost at preemption) and orbax's multi-host checkpoints need one place every host "
+            "shares; use a bucket (--workdir gs://my-bucket/runs/NAME), or pass --shared-workdir if the path is "
+            "a filesystem every worker mounts (NFS, Filestore)"
+        )
+    return None
+
+
 def parse_args(argv: list[str]) -> tuple[Pod, bool]:
     if "--" in argv:
         split = argv.index("--")
@@ -242,6 +286,11 @@ def parse_args(argv: list[str]) -> tuple[Pod, bool]:
     parser.add_argument("--slices", type=int, default=1, help="multislice: number of slices (a queued resource)")
     parser.add_argument("--queued", action="store_true", help="use a queued resource even for one slice")
     parser.add_argument("--spot", action="store_true", help="spot (preemptible) capacity")
+    parser.add_argument(
+        "--shared-workdir",
+        action="store_true",
+        help="the local --workdir is a filesystem every worker mounts (NFS, Filestore); default: a bucket is required",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the exact commands and exit")
     args = parser.parse_args(argv)
     generation = args.accelerator.split("-")[0]
@@ -250,17 +299,14 @@ def parse_args(argv: list[str]) -> tuple[Pod, bool]:
         parser.error(f"no default runtime for {args.accelerator!r}; pass --runtime")
     if not train_args:
         parser.error(
-            "pass the training arguments after --, e.g. -- --config configs/asr.py:paper --workdir /mnt/shared/runs/asr"
+            "pass the training arguments after --, e.g. -- --config configs/asr.py:paper --workdir gs://my-bucket/runs/asr"
         )
     workdir = workdir_of(train_args)
     if workdir is None:
         parser.error("the training arguments name no --workdir")
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", workdir):
-        # Refused here, before any TPU is created: every worker's speechlm-train would refuse it.
-        parser.error(
-            f"--workdir {workdir}: object-store workdirs are not supported yet; use a folder every worker "
-            "mounts at the same path (NFS / Filestore)"
-        )
+    # Refused here, before any TPU is created.
+    if problem := workdir_problem(workdir, hosts_per_slice(args.accelerator) * args.slices, args.shared_workdir):
+        parser.error(problem)
     pod = Pod(
         args.name, args.zone, args.accelerator, runtime, args.project, args.slices, args.queued, args.spot, train_args
     )

@@ -15,9 +15,9 @@ When a finished stage's settings differ from the ones asked for, a stage either
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 from typing import Any, Literal
+
+from speechlm_jax import storage
 
 MARKER = "done.json"
 OnChange = Literal["rebuild", "refuse"]
@@ -31,15 +31,15 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def record(folder: str | Path) -> dict[str, Any] | None:
+def record(folder: storage.PathLike) -> dict[str, Any] | None:
     """The done-marker of a finished stage (settings and results), or None if unfinished."""
-    marker = Path(folder) / MARKER
+    marker = storage.path(folder) / MARKER
     return json.loads(marker.read_text()) if marker.is_file() else None
 
 
-def finished(folder: str | Path, settings: dict[str, Any], *, on_change: OnChange) -> bool:
+def finished(folder: storage.PathLike, settings: dict[str, Any], *, on_change: OnChange) -> bool:
     """Whether the stage in `folder` is finished with these settings (see the module docstring)."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     previous = record(folder)
     if previous is None:
         return False
@@ -49,12 +49,15 @@ def finished(folder: str | Path, settings: dict[str, Any], *, on_change: OnChang
         return True
     if on_change == "refuse":
         raise StageChanged(f"{folder.name} finished with other settings ({', '.join(changed)}); rerun with --force")
-    shutil.rmtree(folder)
+    folder.rmtree()
     return False
 
 
-def finish(folder: str | Path, settings: dict[str, Any], **results: Any) -> None:
-    """Marks the stage in `folder` finished with `settings`, recording `results` beside them."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MARKER).write_text(json.dumps({**_plain(settings), **_plain(results)}, indent=2, sort_keys=True) + "\n")
+def finish(folder: storage.PathLike, settings: dict[str, Any], **results: Any) -> None:
+    """Marks the stage in `folder` finished with `settings`, recording `results` beside them.
+
+    The marker is published whole (`storage.write_text`), last: a stage killed before it is unfinished."""
+    storage.write_text(
+        storage.path(folder) / MARKER,
+        json.dumps({**_plain(settings), **_plain(results)}, indent=2, sort_keys=True) + "\n",
+    )

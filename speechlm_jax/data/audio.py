@@ -28,6 +28,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from speechlm_jax import storage
+
 AUDIO_CAUSES = (
     "missing_file",
     "unreadable",
@@ -142,6 +144,14 @@ def load_audio(
     empty, undecodable, or its duration is outside [min_seconds, max_seconds].
     """
     source = os.fspath(path)
+    if storage.is_remote(source):
+        return decode_audio(
+            _read_remote(source),
+            sample_rate=sample_rate,
+            min_seconds=min_seconds,
+            max_seconds=max_seconds,
+            source=source,
+        )
     try:
         with open(source, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -152,6 +162,16 @@ def load_audio(
         raise AudioError(source, f"cannot read: {e.strerror or e}", "unreadable") from e
     _check_container(source, head, size)
     return _decode(source, source, sample_rate, min_seconds, max_seconds)
+
+
+def _read_remote(source: str) -> bytes:
+    """The bytes of an audio file in an object store (one request: audio files are small)."""
+    try:
+        return storage.path(source).read_bytes()
+    except FileNotFoundError as e:
+        raise AudioError(source, "missing", "missing_file") from e
+    except OSError as e:
+        raise AudioError(source, f"cannot read: {e}", "unreadable") from e
 
 
 def decode_audio(
@@ -170,10 +190,14 @@ def decode_audio(
 def audio_duration(path: str | os.PathLike) -> float:
     """Duration in seconds from the file header (no decoding); AudioError if unreadable."""
     source = os.fspath(path)
-    if not os.path.isfile(source):
+    if storage.is_remote(source):
+        handle: str | io.BytesIO = io.BytesIO(_read_remote(source))
+    elif not os.path.isfile(source):
         raise AudioError(source, "missing", "missing_file")
+    else:
+        handle = source
     try:
-        info = sf.info(source)
+        info = sf.info(handle)
     except sf.SoundFileError as e:
         raise AudioError(source, f"cannot decode: {e}", "undecodable") from e
     return info.frames / info.samplerate

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from speechlm_jax import cli
+from speechlm_jax import cli, storage
 
 # What a Hugging Face tokenizer folder holds (any one of them).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -28,23 +28,27 @@ class DataSourceError(cli.UsageError):
     """A data path of the config that does not exist or cannot be read (a ValueError; exit status 2)."""
 
 
-def _problem(path: Path, kind: str) -> str | None:
-    """Why `path` cannot serve as a `kind` ("file" or "folder"), or None when it can."""
+def _problem(path: storage.PathLike, kind: str) -> str | None:
+    """Why `path` (local or in an object store) cannot serve as a `kind` ("file" or "folder"), or
+    None when it can."""
+    if problem := storage.path_problem(path):
+        return problem
+    path = storage.path(path)
     if not path.exists():
         return f"{path} does not exist"
     if kind == "folder" and not path.is_dir():
         return f"{path} is not a folder"
     if kind == "file" and not path.is_file():
         return f"{path} is not a file"
-    if not os.access(path, os.R_OK | (os.X_OK if kind == "folder" else 0)):
+    if not storage.is_remote(path) and not os.access(path, os.R_OK | (os.X_OK if kind == "folder" else 0)):
         return f"{path} is not readable"
     return None
 
 
 def tokenizer_problem(path: str | os.PathLike) -> str | None:
-    """Why `path` is not a local tokenizer folder, or None when it is one."""
-    folder = Path(path)
-    problem = _problem(folder, "folder")
+    """Why `path` is not a tokenizer folder, or None when it is one."""
+    problem = _problem(path, "folder")
+    folder = storage.path(path) if problem is None else None
     if problem is None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         problem = f"{folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)})"
     return problem
@@ -77,6 +81,8 @@ def _made_by(config: Any, path: str) -> str:
     made_by = config.data.get("made_by")
     if not made_by or not made_by.get("folder") or not made_by.get("command"):
         return ""
+    if storage.is_remote(path) or storage.is_remote(made_by.folder):
+        return ""
     folder = Path(made_by.folder).absolute()
     target = Path(path).absolute()
     if target != folder and folder not in target.parents:
@@ -92,9 +98,7 @@ def check_sources(config: Any) -> None:
     """
     problems = []
     for key, path, kind in data_paths(config):
-        problem = cli.url_problem(path)
-        if problem is None:
-            problem = tokenizer_problem(path) if kind == "tokenizer" else _problem(Path(path), kind)
+        problem = tokenizer_problem(path) if kind == "tokenizer" else _problem(path, kind)
         if problem is not None:
             problems.append((key, path, problem))
     if not problems:

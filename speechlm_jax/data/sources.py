@@ -22,12 +22,15 @@ Teacher responses for behavior imitation come from a targets JSONL
 from __future__ import annotations
 
 import json
+import os
+import posixpath
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from speechlm_jax import storage
 
 Record = dict[str, Any]
 
@@ -46,8 +49,8 @@ class ListSource:
         return self.records[index]
 
 
-def _jsonl(path: Path, skipped: Counter) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
+def _jsonl(path: storage.PathLike, skipped: Counter) -> Iterator[dict]:
+    with storage.path(path).open("r", encoding="utf-8") as f:
         for line in f:
             if not line.strip():
                 continue
@@ -62,13 +65,20 @@ def _jsonl(path: Path, skipped: Counter) -> Iterator[dict]:
             yield row
 
 
-def manifest_source(path: str | Path) -> ListSource:
+def _beside(base: storage.PathLike, name: str) -> str:
+    """`name` as written in a file in folder `base`: itself when absolute or a URL, else under `base`."""
+    if storage.is_remote(name) or os.path.isabs(name):
+        return name
+    return os.fspath(storage.path(base) / name)
+
+
+def manifest_source(path: storage.PathLike) -> ListSource:
     """A JSONL manifest `{"audio", "text", "words"?, "speaker"?, "duration"?, "id"?}`.
 
     Relative `audio` paths are relative to the manifest's folder (as `tts_corpus.synthesize_corpus`
-    writes them).
+    writes them); the manifest and its audio may be in an object store (gs://, s3://).
     """
-    path = Path(path)
+    path = storage.path(path)
     skipped: Counter = Counter()
     records = []
     for row in _jsonl(path, skipped):
@@ -81,12 +91,11 @@ def manifest_source(path: str | Path) -> ListSource:
         if not isinstance(row["text"], str):
             skipped["bad_record"] += 1
             continue
-        audio = Path(row["audio"])
-        audio = audio if audio.is_absolute() else path.parent / audio
+        audio = _beside(path.parent, row["audio"])
         records.append(
             {
-                "id": str(row.get("id", audio.stem)),
-                "audio": str(audio),
+                "id": str(row.get("id", posixpath.splitext(posixpath.basename(audio))[0])),
+                "audio": audio,
                 "text": row["text"],
                 "words": row.get("words") or None,
                 "speaker": str(row.get("speaker", "")),
@@ -98,7 +107,7 @@ def manifest_source(path: str | Path) -> ListSource:
     return ListSource(records, skipped)
 
 
-def librispeech_source(root: str | Path, *, audio_ext: str = ".flac") -> ListSource:
+def librispeech_source(root: storage.PathLike, *, audio_ext: str = ".flac") -> ListSource:
     """A LibriSpeech-layout folder: `speaker/chapter/speaker-chapter-utt.flac` and
     `speaker/chapter/speaker-chapter.trans.txt` (lines `UTTERANCE-ID TRANSCRIPT`).
 
@@ -106,7 +115,7 @@ def librispeech_source(root: str | Path, *, audio_ext: str = ".flac") -> ListSou
     audio file that no transcript line names is counted as `no_transcript`; a line whose
     audio file is missing stays a record (the pipeline skips it as `missing_file`).
     """
-    root = Path(root)
+    root = storage.path(root)
     skipped: Counter = Counter()
     records = []
     for trans in sorted(root.glob("*/*/*.trans.txt")):
@@ -125,8 +134,8 @@ def librispeech_source(root: str | Path, *, audio_ext: str = ".flac") -> ListSou
                     "duration": None,
                 }
             )
-    named = {Path(r["audio"]) for r in records}
-    skipped["no_transcript"] += sum(1 for audio in root.glob(f"*/*/*{audio_ext}") if audio not in named)
+    named = {r["audio"] for r in records}
+    skipped["no_transcript"] += sum(1 for audio in root.glob(f"*/*/*{audio_ext}") if str(audio) not in named)
     records.sort(key=lambda r: r["id"])
     return ListSource(records, +skipped)
 
@@ -141,7 +150,7 @@ class TFDSSource:
     Records carry the decoded int16 waveform instead of a path.
     """
 
-    def __init__(self, data_dir: str | Path, split: str = "train"):
+    def __init__(self, data_dir: storage.PathLike, split: str = "train"):
         import tensorflow_datasets as tfds
 
         self.builder = tfds.builder_from_directory(str(data_dir))
@@ -168,9 +177,9 @@ class TFDSSource:
         }
 
 
-def text_source(path: str | Path) -> ListSource:
+def text_source(path: storage.PathLike) -> ListSource:
     """Text-only SFT data: JSONL of `{"instruction", "input"?, "response"}` or `{"messages"}`."""
-    path = Path(path)
+    path = storage.path(path)
     skipped: Counter = Counter()
     records = []
     for i, row in enumerate(_jsonl(path, skipped)):
@@ -204,11 +213,11 @@ def text_source(path: str | Path) -> ListSource:
 class TargetTable:
     """Teacher responses keyed by (utterance id, task, prompt), from a targets JSONL."""
 
-    def __init__(self, paths: tuple[str | Path, ...] = ()):
+    def __init__(self, paths: tuple[storage.PathLike, ...] = ()):
         self.responses: dict[tuple[str, str], dict[str, str]] = {}
         self.skipped: Counter = Counter()
         for path in paths:
-            for row in _jsonl(Path(path), self.skipped):
+            for row in _jsonl(path, self.skipped):
                 if not all(isinstance(row.get(k), str) for k in ("id", "task", "prompt", "response")):
                     self.skipped["bad_target"] += 1
                     continue
@@ -222,10 +231,10 @@ class TargetTable:
         return self.responses.get((utterance_id, task), {})
 
 
-def read_text_corpus(path: str | Path) -> list[dict[str, str]]:
+def read_text_corpus(path: storage.PathLike) -> list[dict[str, str]]:
     """`{"id", "text"}` records of a text corpus: JSONL with "text" (and "id", default the line
     number) or plain lines; whitespace normalised, empty lines left out, ids unique."""
-    path = Path(path)
+    path = storage.path(path)
     records = []
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
         if not line.strip():

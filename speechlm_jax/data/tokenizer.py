@@ -33,6 +33,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from speechlm_jax import storage
 from speechlm_jax.data.preflight import DataSourceError, tokenizer_problem
 
 AUDIO_TOKEN = "<audio>"
@@ -128,7 +129,8 @@ class SpeechTokenizer:
 def load_tokenizer(
     path: str | Path, *, audio_token: str = AUDIO_TOKEN, use_chat_template: bool = True
 ) -> SpeechTokenizer:
-    """Loads a local HF tokenizer folder (never the hub) as a `SpeechTokenizer`.
+    """Loads an HF tokenizer folder (never the hub; local or in an object store, which is copied
+    to local disk once per process) as a `SpeechTokenizer`.
 
     A path that is not such a folder raises `preflight.DataSourceError` naming it (the hub
     client would take it for a repo id and say that instead).
@@ -136,7 +138,7 @@ def load_tokenizer(
     problem = tokenizer_problem(path)
     if problem is not None:
         raise DataSourceError(f"tokenizer: {problem}")
-    hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    hf = AutoTokenizer.from_pretrained(str(storage.local_copy(path)), local_files_only=True)
     return SpeechTokenizer(hf, audio_token=audio_token, use_chat_template=use_chat_template)
 
 

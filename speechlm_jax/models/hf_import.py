@@ -38,6 +38,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from safetensors import safe_open
 
+from speechlm_jax import storage
 from speechlm_jax.models.llm import DecoderLLM, LLMConfig
 from speechlm_jax.models.whisper import WhisperConfig, WhisperEncoder
 from speechlm_jax.sharding import DEFAULT_RULES, Rules, logical_to_spec, variable_axes
@@ -136,10 +137,14 @@ GEMMA3_MULTIMODAL_IGNORED = (r"^(model\.)?(vision_tower|multi_modal_projector)\.
 
 
 class SafetensorsCheckpoint:
-    """Lazy reader of one safetensors file or a sharded set (with its index)."""
+    """Lazy reader of one safetensors file or a sharded set (with its index).
 
-    def __init__(self, path: str | Path, *, renames: Sequence[tuple[str, str]] = ()):
-        path = Path(path)
+    A file or folder in an object store is copied to local disk first (once per process), since
+    tensors are read by offset from a memory-mapped or local file.
+    """
+
+    def __init__(self, path: storage.PathLike, *, renames: Sequence[tuple[str, str]] = ()):
+        path = storage.local_copy(path)
         if path.is_dir():
             index = path / SAFETENSORS_INDEX
             if index.exists():
@@ -282,9 +287,9 @@ def load_state(
     return nnx.from_flat_state(loaded)
 
 
-def read_hf_config(path: str | Path) -> dict[str, Any]:
-    """config.json of a checkpoint directory as a dict."""
-    return json.loads((Path(path) / "config.json").read_text())
+def read_hf_config(path: storage.PathLike) -> dict[str, Any]:
+    """config.json of a checkpoint directory (local or in an object store) as a dict."""
+    return json.loads((storage.path(path) / "config.json").read_text())
 
 
 def load_llm(

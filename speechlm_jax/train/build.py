@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -25,6 +24,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
+from speechlm_jax import storage
 from speechlm_jax.models import hf_import, presets
 from speechlm_jax.models.llm import LLMConfig
 from speechlm_jax.models.lora import LoRAConfig
@@ -42,7 +42,7 @@ def _hf_fields(spec: Any, table: Mapping[str, dict[str, Any]], kind: str) -> dic
         return dict(spec)
     if spec in table:
         return dict(table[spec])
-    folder = Path(spec) / "config.json"
+    folder = storage.path(spec) / "config.json"
     if folder.is_file():
         return json.loads(folder.read_text())
     raise ValueError(

@@ -20,7 +20,6 @@ change of weights changes it.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -28,6 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from speechlm_jax import storage
 
 HASH_SAMPLES = 4096
 
@@ -49,7 +51,7 @@ def leaf_shapes(tree: object) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_fits(item_dir: Path, tree: Any, *, context: str) -> None:
+def check_fits(item_dir: storage.PathLike, tree: Any, *, context: str) -> None:
     """Raises CheckpointMismatchError unless the item stored in `item_dir` has `tree`'s tensors and shapes.
 
     Orbax would otherwise fail deep in tensorstore naming no tensor, or (with `strict=False`)
@@ -92,11 +94,16 @@ def abstract_like(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _absolute(folder: epath.Path) -> epath.Path:
+    return folder if storage.is_remote(folder) else epath.Path(folder.absolute())
+
+
 class Checkpointer:
     """Saves and restores (trainable, opt_state, meta, data iterator) under `<workdir>/checkpoints`."""
 
-    def __init__(self, workdir: str | Path, *, every: int, keep: int, async_save: bool = True):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+    def __init__(self, workdir: storage.PathLike, *, every: int, keep: int, async_save: bool = True):
+        # Local or in an object store (orbax's own commit protocol there: no renames assumed).
+        self.directory = _absolute(storage.path(workdir)) / "checkpoints"
         self.every = every
         # `create=False`: opening a workdir writes nothing; the first save makes the folder.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=False)

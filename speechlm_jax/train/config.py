@@ -38,7 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from etils import epath
 
+from speechlm_jax import storage
 from speechlm_jax.sharding import MESH_AXES
 
 RECIPES = ("asr", "mtbi", "salad", "vtb")
@@ -286,19 +288,19 @@ def sharding_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], 
     return tuple(rules)
 
 
-def write_resolved(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
-    """Writes the resolved config as `config.json` (and the ml_collections text) into the workdir."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+def write_resolved(config: ml_collections.ConfigDict, workdir: storage.PathLike) -> epath.Path:
+    """Writes the resolved config as `config.json` (and the ml_collections text) into the workdir
+    (local or in an object store), each file published whole."""
+    workdir = storage.path(workdir)
     path = workdir / "config.json"
-    path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
-    (workdir / "config.txt").write_text(str(config))
+    storage.write_text(path, json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
+    storage.write_text(workdir / "config.txt", str(config))
     return path
 
 
 def read_resolved(workdir: str | Path) -> ml_collections.ConfigDict:
     """The resolved config a run wrote into its workdir (`write_resolved`)."""
-    path = Path(workdir) / "config.json"
+    path = storage.path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a trainer workdir")
     return ml_collections.ConfigDict(json.loads(path.read_text()))

@@ -30,13 +30,13 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
+from speechlm_jax import storage
 from speechlm_jax.models.frontend import audio_token_count, encoder_frame_count, encoder_frames_of_mel, mel_frame_count
 from speechlm_jax.train.chips import chip_of
 
@@ -155,35 +155,45 @@ def mfu(flops_per_step: float, step_seconds: float, devices: Sequence[jax.Device
 
 
 class MetricWriter:
-    """TensorBoard event files (tensorboardX) under `<workdir>/tensorboard/<split>` and a JSONL log, host 0 only."""
+    """TensorBoard event files (tensorboardX) under `<workdir>/tensorboard/<split>` and a JSONL log, host 0 only.
 
-    def __init__(self, workdir: str | Path, *, enabled: bool = True):
+    The workdir may be in an object store: the event files are written to a local folder and
+    uploaded after each write (`storage.SyncedDir`), and metrics.jsonl is an `storage.Appender`.
+    """
+
+    def __init__(self, workdir: storage.PathLike, *, enabled: bool = True):
         self.enabled = enabled and jax.process_index() == 0
         self._writers: dict[str, Any] = {}
-        self.directory = Path(workdir) / "tensorboard"
-        self.jsonl = Path(workdir) / "metrics.jsonl"
+        self.directory = storage.path(workdir) / "tensorboard"
+        self.jsonl = storage.path(workdir) / "metrics.jsonl"
+        self._events = storage.SyncedDir(self.directory) if self.enabled else None
+        self._lines = storage.Appender(self.jsonl)
 
     def _writer(self, split: str) -> Any:
         from tensorboardX import SummaryWriter
 
         if split not in self._writers:
-            self._writers[split] = SummaryWriter(str(self.directory / split))
+            self._writers[split] = SummaryWriter(str(self._events.local / split))
         return self._writers[split]
 
     def write(self, step: int, scalars: Mapping[str, float], split: str = "train") -> None:
         """Writes scalars as TensorBoard events and one line of `<workdir>/metrics.jsonl`."""
         if not self.enabled:
             return
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps({"step": step, "split": split, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        self._lines.append(
+            json.dumps({"step": step, "split": split, **{k: float(v) for k, v in scalars.items()}}) + "\n"
+        )
         writer = self._writer(split)
         for name, value in scalars.items():
             writer.add_scalar(name, float(value), step)
         writer.flush()
+        self._events.sync()
 
     def close(self) -> None:
         for writer in self._writers.values():
             writer.close()
+        if self._events is not None:
+            self._events.close()
 
 
 def skip_summary(scalars: Mapping[str, float]) -> str:

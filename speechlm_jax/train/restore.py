@@ -14,14 +14,13 @@ selection all read a workdir the same way, so they share this one reader:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from speechlm_jax import storage
 from speechlm_jax.models.speechlm import SpeechLM
 from speechlm_jax.sharding import make_mesh
 from speechlm_jax.train import checkpoint
@@ -29,7 +28,7 @@ from speechlm_jax.train import config as config_lib
 from speechlm_jax.train import state as state_lib
 
 
-def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
+def read_config(workdir: storage.PathLike) -> ml_collections.ConfigDict:
     """The resolved config a run wrote into its workdir."""
     return config_lib.read_resolved(workdir)
 
@@ -40,7 +39,7 @@ def base_path(config: ml_collections.ConfigDict) -> str:
 
 
 def load_model(
-    workdir: str | Path, *, mesh: Mesh | None = None, step: int | None = None
+    workdir: storage.PathLike, *, mesh: Mesh | None = None, step: int | None = None
 ) -> tuple[SpeechLM, ml_collections.ConfigDict, int]:
     """The SpeechLM of a run at `step` (default: the latest checkpoint), sharded on `mesh`.
 
@@ -49,7 +48,7 @@ def load_model(
     and `checkpoint.BaseMismatchError` when the base weights the config names are not those the
     checkpoint was trained on.
     """
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     config = read_config(workdir)
     mesh = mesh if mesh is not None else make_mesh({"data": 1}, jax.devices()[:1])
     state = state_lib.build_state(config, mesh)

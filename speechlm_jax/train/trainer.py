@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import signal
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -34,7 +33,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from speechlm_jax import cli, distributed
+from speechlm_jax import distributed, storage
 from speechlm_jax.data import preflight
 from speechlm_jax.sharding import batch_sharding, make_mesh
 from speechlm_jax.train import build, checkpoint, data, metrics, objectives, partitions, restore, step
@@ -107,7 +106,7 @@ def evaluate(
 
 
 def train(
-    config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Sequence[jax.Device] | None = None
+    config: ml_collections.ConfigDict, workdir: storage.PathLike, *, devices: Sequence[jax.Device] | None = None
 ) -> TrainResult:
     """Trains `config` in `workdir` (resuming from its latest checkpoint if there is one).
 
@@ -118,9 +117,9 @@ def train(
     # start leaves it exactly as it was.
     config_lib.validate(config)
     preflight.check_sources(config)
-    if problem := cli.url_problem(str(workdir)):
-        raise cli.UsageError(f"workdir {problem}")
-    workdir = Path(workdir)
+    if problem := storage.path_problem(workdir):
+        raise storage.UnsupportedPath(f"workdir {problem}")
+    workdir = storage.path(workdir)  # local, or in an object store (gs://, s3://)
     groups = config_lib.trainable_groups(config)
     if config.train.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", config.train.compilation_cache)

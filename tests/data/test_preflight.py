@@ -121,9 +121,10 @@ def test_load_tokenizer_refuses_a_folder_that_is_not_there(tmp_path):
     assert len(load_tokenizer(build_word_tokenizer(["hello world"], tmp_path / "tok"))) > 0
 
 
-def test_an_object_store_url_is_refused_not_read_as_a_local_folder(tmp_path):
-    config = _config(_corpus(tmp_path), speech_sources=({"type": "manifest", "path": "gs://bucket/train.jsonl"},))
+def test_an_unsupported_url_scheme_is_refused_not_read_as_a_local_folder(tmp_path):
+    config = _config(_corpus(tmp_path), speech_sources=({"type": "manifest", "path": "ftp://host/train.jsonl"},))
     with pytest.raises(
-        DataSourceError, match=r"data.speech_sources\[0\] \(manifest\): 'gs://bucket/train.jsonl' is a gs"
+        DataSourceError,
+        match=r"data.speech_sources\[0\] \(manifest\): 'ftp://host/train.jsonl': the ftp:// scheme is not supported",
     ):
         check_sources(config)

@@ -12,6 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_ARGS = ["--config", "configs/asr.py:paper", "--workdir", "/runs/a b"]
+# A multi-host slice needs a bucket workdir.
+POD_ARGS = ["--config", "configs/asr.py:paper", "--workdir", "gs://my-bucket/runs/a b"]
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> list[str]:
@@ -74,16 +76,60 @@ def test_local_rejects_options_meant_for_the_trainer():
     assert result.returncode == 2 and "after --" in result.stderr
 
 
-@pytest.mark.parametrize(
-    "workdir, message",
-    [(["--workdir", "gs://bucket/runs/asr"], "object-store workdirs are not supported yet"), ([], "no --workdir")],
-)
-def test_tpu_pod_refuses_a_workdir_the_trainer_would_refuse_before_creating_anything(workdir, message):
-    command = [sys.executable, "launch/tpu_pod.py", "--name", "a", "--zone", "z", "--type", "v5p-8", "--dry-run"]
-    result = subprocess.run(
-        [*command, "--", "--config", "configs/asr.py:paper", *workdir], cwd=REPO, capture_output=True, text=True
+def _tpu_dry_run(tpu_type: str, *args: str, train: tuple[str, ...]) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "launch/tpu_pod.py",
+        "--name",
+        "a",
+        "--zone",
+        "z",
+        "--type",
+        tpu_type,
+        *args,
+        "--dry-run",
+    ]
+    return subprocess.run(
+        [*command, "--", "--config", "configs/asr.py:paper", *train], cwd=REPO, capture_output=True, text=True
     )
+
+
+@pytest.mark.parametrize(
+    "tpu_type, workdir, message",
+    [
+        ("v5p-64", ["--workdir", "/mnt/runs/asr"], "is a local path, but the run has 8 hosts"),
+        ("v5litepod-16", ["--workdir=runs/asr"], "is a local path, but the run has 4 hosts"),
+        ("v5p-8", ["--workdir", "ftp://host/runs/asr"], "the ftp:// scheme is not supported"),
+        ("v5p-8", [], "no --workdir"),
+    ],
+)
+def test_tpu_pod_refuses_a_workdir_the_run_cannot_share_before_creating_anything(tpu_type, workdir, message):
+    result = _tpu_dry_run(tpu_type, train=tuple(workdir))
     assert result.returncode == 2 and message in result.stderr and not result.stdout
+
+
+@pytest.mark.parametrize(
+    "tpu_type, args, workdir",
+    [
+        ("v5p-64", (), "gs://my-bucket/runs/asr"),
+        ("v5p-8", (), "/tmp/runs/asr"),  # one host: its own disk is the only one
+        ("v5p-64", ("--shared-workdir",), "/mnt/filestore/runs/asr"),
+    ],
+)
+def test_tpu_pod_accepts_a_bucket_or_a_single_host_or_a_declared_shared_path(tpu_type, args, workdir):
+    result = _tpu_dry_run(tpu_type, *args, train=("--workdir", workdir))
+    assert result.returncode == 0, result.stderr
+    assert f"--workdir {workdir}" in result.stdout
+
+
+def test_hosts_per_slice_follows_the_documented_topologies():
+    sys.path.insert(0, str(REPO / "launch"))
+    try:
+        import tpu_pod
+    finally:
+        sys.path.pop(0)
+    cases = {"v4-8": 1, "v4-32": 4, "v5p-8": 1, "v5p-64": 8, "v5litepod-8": 1, "v5litepod-64": 16, "v6e-8": 1}
+    assert {t: tpu_pod.hosts_per_slice(t) for t in cases} == cases
 
 
 def test_tpu_pod_plan_creates_copies_installs_runs_streams_and_stops():
@@ -98,7 +144,7 @@ def test_tpu_pod_plan_creates_copies_installs_runs_streams_and_stops():
         "v5p-64",
         "--dry-run",
         "--",
-        *TRAIN_ARGS,
+        *POD_ARGS,
     )
     commands = [shlex.split(line.removesuffix(" &")) for line in lines if not line.startswith("#")]
     zone = "--zone=us-east5-a"
@@ -129,7 +175,7 @@ def test_tpu_pod_plan_creates_copies_installs_runs_streams_and_stops():
     assert commands[4][4:7] == ["ssh", "asr", "--worker=all"] and "pip install -q -e '.[tpu]'" in commands[4][7]
     run = commands[5]
     assert run[4:7] == ["ssh", "asr", "--worker=all"]
-    assert ".venv/bin/speechlm-train --distributed --config configs/asr.py:paper --workdir '/runs/a b'" in run[7]
+    assert ".venv/bin/speechlm-train --distributed --config configs/asr.py:paper --workdir 'gs://my-bucket/runs/a b'" in run[7]
     assert lines[lines.index(shlex.join(run) + " &") + 1] == shlex.join(
         [
             "gcloud",
@@ -163,7 +209,7 @@ def test_tpu_pod_multislice_uses_a_queued_resource_and_runs_every_node():
         "p",
         "--dry-run",
         "--",
-        *TRAIN_ARGS,
+        *POD_ARGS,
     )
     commands = [shlex.split(line.removesuffix(" &")) for line in lines if not line.startswith("#")]
     assert commands[1] == [
