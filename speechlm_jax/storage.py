@@ -96,6 +96,14 @@ def join(base: PathLike, *parts: str) -> str:
     return os.fspath(path(base).joinpath(*parts))
 
 
+def beside(folder: PathLike, name: str) -> str:
+    """A path `name` written in a file of `folder` (a manifest's audio): itself when absolute or a
+    URL, else relative to `folder` (which may be in an object store)."""
+    if is_remote(name) or os.path.isabs(name):
+        return name
+    return os.fspath(path(folder) / name)
+
+
 def write_bytes(p: PathLike, data: bytes) -> None:
     """Publish `data` as the whole of file `p`: readers see the old file or the new one, never half."""
     target = path(p)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -52,6 +53,7 @@ import transformers
 from flax import nnx
 from safetensors.numpy import save_file
 
+from speechlm_jax import storage
 from speechlm_jax.convert import peft_adapter, voxtral
 from speechlm_jax.models.frontend import HOP_LENGTH
 from speechlm_jax.models.hf_import import (
@@ -176,9 +178,36 @@ def write_safetensors(folder: Path, tensors: Mapping[str, np.ndarray], max_shard
     return names
 
 
+def where(out: storage.PathLike) -> str:
+    """The name of an export folder as the files in it record it (absolute when local)."""
+    return os.fspath(out) if storage.is_remote(out) else str(Path(out).absolute())
+
+
+def exported(out: storage.PathLike) -> Any:
+    """The path of the written folder: absolute `pathlib.Path` when local, the store's path otherwise."""
+    return storage.path(out) if storage.is_remote(out) else Path(out).absolute()
+
+
 @contextlib.contextmanager
-def staged_folder(out: str | Path) -> Iterator[Path]:
-    """A temporary folder next to `out` that becomes `out` when the block succeeds, and vanishes when it fails."""
+def staged_folder(out: storage.PathLike) -> Iterator[Path]:
+    """A temporary folder next to `out` that becomes `out` when the block succeeds, and vanishes when it fails.
+
+    For `out` in an object store the folder is a local temporary one, uploaded when the block
+    succeeds with its config.json last: a folder transformers would load appears only complete.
+    """
+    if storage.is_remote(out):
+        target = storage.path(out)
+        if target.exists():
+            raise FileExistsError(f"{out} already exists; export writes a new folder")
+        staging = Path(tempfile.mkdtemp(prefix="speechlm-export-"))
+        try:
+            yield staging
+            files = sorted(p for p in staging.rglob("*") if p.is_file())
+            for file in sorted(files, key=lambda p: p.name == "config.json"):
+                (target / file.relative_to(staging).as_posix()).write_bytes(file.read_bytes())
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return
     out = Path(out).absolute()
     if out.exists():
         raise FileExistsError(f"{out} already exists; export writes a new folder")
@@ -192,11 +221,11 @@ def staged_folder(out: str | Path) -> Iterator[Path]:
         raise
 
 
-def _save_tokenizer(tokenizer_dir: str | Path | None, folder: Path) -> None:
+def _save_tokenizer(tokenizer_dir: storage.PathLike | None, folder: Path) -> None:
     if tokenizer_dir:
-        transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True).save_pretrained(
-            str(folder)
-        )
+        transformers.AutoTokenizer.from_pretrained(
+            str(storage.local_copy(tokenizer_dir)), local_files_only=True
+        ).save_pretrained(str(folder))
 
 
 def _generation_config(llm: LLMConfig) -> transformers.GenerationConfig:
@@ -292,11 +321,11 @@ def export_speechlm(
                 folder / ADAPTER_DIR,
                 model.llm,
                 module_name=voxtral.in_memory_module,
-                base_model=str(Path(out).absolute()),
+                base_model=where(out),
                 dtype=np_dtype,
                 task_type=None,
             )
-    return Path(out).absolute()
+    return exported(out)
 
 
 def export_llm(
@@ -338,11 +367,11 @@ def export_llm(
                 folder / ADAPTER_DIR,
                 llm,
                 module_name=peft_adapter.causal_lm_module,
-                base_model=str(Path(out).absolute()),
+                base_model=where(out),
                 dtype=np_dtype,
                 task_type="CAUSAL_LM",
             )
-    return Path(out).absolute()
+    return exported(out)
 
 
 def write_whisper_encoder(encoder: WhisperEncoder, folder: Path) -> None:

@@ -38,6 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from speechlm_jax import storage
 from speechlm_jax.configs.base import base_config
 from speechlm_jax.convert import export, peft_adapter, voxtral
 from speechlm_jax.data.tokenizer import load_tokenizer
@@ -76,8 +77,9 @@ def load_workdir(workdir: str | Path, step: int | None = None) -> Run:
 
 def load_voxtral(folder: str | Path) -> tuple[SpeechLM, int]:
     """(SpeechLM with float32 weights, audio_token_id) of a VoxtralForConditionalGeneration folder;
-    a PEFT adapter in `folder/adapter` becomes the LLM's LoRA."""
-    folder = Path(folder)
+    a PEFT adapter in `folder/adapter` becomes the LLM's LoRA. A folder in an object store is
+    copied to local disk first."""
+    folder = storage.local_copy(folder)
     hf = read_hf_config(folder)
     if hf.get("model_type") != "voxtral":
         raise ValueError(
@@ -213,7 +215,14 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, *, recipe: ml_collections
     With a `recipe` that names speech data, the step also holds the data iterator at its
     start, so it has every item a trainer checkpoint has.
     """
-    hf_dir, workdir = Path(hf_dir), Path(workdir).absolute()
+    if storage.is_remote(workdir):
+        # The workdir is staged and renamed into place, and its orbax step is finalised by a local
+        # rename; on a store orbax finalises with its own commit files, so it must write there itself.
+        raise storage.UnsupportedPath(
+            f"--workdir {workdir}: import writes a new local workdir (staged, then renamed into place); "
+            "import into a local or mounted folder"
+        )
+    hf_dir, workdir = storage.local_copy(hf_dir), Path(workdir).absolute()
     model, _ = load_voxtral(hf_dir)
     voxtral.check_representable(model)
     config = run_config(model, workdir, recipe)

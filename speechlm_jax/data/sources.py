@@ -22,7 +22,6 @@ Teacher responses for behavior imitation come from a targets JSONL
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 from collections import Counter
 from collections.abc import Iterator
@@ -65,13 +64,6 @@ def _jsonl(path: storage.PathLike, skipped: Counter) -> Iterator[dict]:
             yield row
 
 
-def _beside(base: storage.PathLike, name: str) -> str:
-    """`name` as written in a file in folder `base`: itself when absolute or a URL, else under `base`."""
-    if storage.is_remote(name) or os.path.isabs(name):
-        return name
-    return os.fspath(storage.path(base) / name)
-
-
 def manifest_source(path: storage.PathLike) -> ListSource:
     """A JSONL manifest `{"audio", "text", "words"?, "speaker"?, "duration"?, "id"?}`.
 
@@ -91,7 +83,7 @@ def manifest_source(path: storage.PathLike) -> ListSource:
         if not isinstance(row["text"], str):
             skipped["bad_record"] += 1
             continue
-        audio = _beside(path.parent, row["audio"])
+        audio = storage.beside(path.parent, row["audio"])
         records.append(
             {
                 "id": str(row.get("id", posixpath.splitext(posixpath.basename(audio))[0])),

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from speechlm_jax import storage
 from speechlm_jax.data.audio import AudioError, load_audio
 from speechlm_jax.data.tasks import TextTask
 
@@ -111,8 +112,7 @@ def parse_item(row: Any, path: Path, line: int) -> Item:
         answer = _text(answer, "answer", path, line)
     audio = row.get("audio")
     if audio is not None:
-        audio_path = Path(_text(audio, "audio", path, line))
-        audio_path = audio_path if audio_path.is_absolute() else path.parent / audio_path
+        audio_path = storage.path(storage.beside(path.parent, _text(audio, "audio", path, line)))
         if not audio_path.is_file():
             raise ItemFileError(path, line, f"audio file {str(audio_path)!r} does not exist")
         try:
@@ -138,11 +138,12 @@ def parse_item(row: Any, path: Path, line: int) -> Item:
     )
 
 
-def load_items(path: str | Path) -> list[Item]:
-    """Every item of a JSONL file (blank lines skipped); ItemFileError on the first bad line."""
-    path = Path(path)
+def load_items(path: storage.PathLike) -> list[Item]:
+    """Every item of a JSONL file, local or in an object store (blank lines skipped); ItemFileError
+    on the first bad line."""
+    path = storage.path(path)
     items, seen = [], {}
-    with open(path, encoding="utf-8") as f:
+    with path.open("r", encoding="utf-8") as f:
         for line, text in enumerate(f, start=1):
             if not text.strip():
                 continue

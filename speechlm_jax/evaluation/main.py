@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from speechlm_jax import cli
+from speechlm_jax import cli, storage
 from speechlm_jax.cli import parse_list, parse_mesh, parse_source
 from speechlm_jax.data.mixture import open_speech_source
 from speechlm_jax.data.sources import read_text_corpus
@@ -171,9 +171,9 @@ def evaluate(**options: Any) -> dict[str, Any]:
 def _check_inputs(args: EvalRequest) -> None:
     if not args.workdir and not args.base:
         raise cli.UsageError("one of --workdir and --base is needed")
-    if args.workdir and not (Path(args.workdir) / "config.json").is_file():
+    if args.workdir and not (storage.path(args.workdir) / "config.json").is_file():
         raise cli.UsageError(f"--workdir {args.workdir}: no config.json (not a training run)")
-    if args.base and not Path(args.base).is_dir():
+    if args.base and not storage.path(args.base).is_dir():
         raise cli.UsageError(f"--base {args.base}: no such folder")
     if not args.out and not args.workdir:
         raise cli.UsageError("--out is required with --base")
@@ -181,7 +181,7 @@ def _check_inputs(args: EvalRequest) -> None:
         ("--generalisation", args.generalisation),
         ("--corpus", args.corpus),
     ]:
-        if path and not Path(path).is_file():
+        if path and not storage.path(path).is_file():
             raise cli.UsageError(f"{flag} {path}: no such file")
 
 

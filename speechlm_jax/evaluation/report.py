@@ -22,17 +22,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from speechlm_jax import storage
+
 Curves = dict[str, dict[str, list[tuple[int, float]]]]
 
 
-def read_training_curves(workdir: str | Path) -> Curves:
-    """{split: {tag: [(step, value), ...]}} from the event files under `<workdir>/tensorboard/`."""
+def read_training_curves(workdir: storage.PathLike) -> Curves:
+    """{split: {tag: [(step, value), ...]}} from the event files under `<workdir>/tensorboard/`
+    (a workdir in an object store: its event files are copied to local disk first)."""
     from tensorboard.backend.event_processing import event_accumulator
 
-    root = Path(workdir) / "tensorboard"
+    remote_root = storage.path(workdir) / "tensorboard"
     curves: Curves = {}
-    if not root.is_dir():
+    if not remote_root.is_dir():
         return curves
+    root = storage.local_copy(remote_root)
     for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         acc = event_accumulator.EventAccumulator(str(split_dir), size_guidance={event_accumulator.SCALARS: 0})
         acc.Reload()
@@ -213,13 +217,23 @@ def per_task_gaps(report: Mapping[str, Any]) -> dict[str, Mapping[str, float]]:
 
 
 def write_report(
-    report: Mapping[str, Any], out_dir: str | Path, *, workdir: str | Path | None = None
-) -> dict[str, Path]:
-    """Writes report.json, report.md and the plots into `out_dir`; returns their paths by name.
+    report: Mapping[str, Any], out_dir: storage.PathLike, *, workdir: storage.PathLike | None = None
+) -> dict[str, Any]:
+    """Writes report.json, report.md and the plots into `out_dir` (local or in an object store);
+    returns their paths by name.
 
     `workdir` (a training run) adds the training curves from its event files.
     """
-    out = Path(out_dir)
+    folder = storage.SyncedDir(out_dir)
+    try:
+        written = _write_report(report, folder.local, workdir)
+    finally:
+        folder.close()
+    target = storage.path(out_dir)
+    return {name: target / path.name for name, path in written.items()}
+
+
+def _write_report(report: Mapping[str, Any], out: Path, workdir: storage.PathLike | None) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     plots: dict[str, Path] = {}
     tasks = per_task_gaps(report)

@@ -31,11 +31,9 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -43,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from speechlm_jax import cli
+from speechlm_jax import cli, storage
 from speechlm_jax.cli import parse_list, parse_mesh, parse_source
 from speechlm_jax.data.mixture import open_speech_source
 from speechlm_jax.data.tasks import get_task, import_task_modules
@@ -95,13 +93,9 @@ def shard_requests(
     return requests
 
 
-def write_shard(path: Path, rows: Sequence[dict[str, str]]) -> None:
-    """Writes the shard atomically: a complete file or none (tmp + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+def write_shard(path: storage.PathLike, rows: Sequence[dict[str, str]]) -> None:
+    """Publishes the shard whole: a complete file or none, locally or in an object store."""
+    storage.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -192,8 +186,9 @@ def run(args: GenerateRequest) -> dict[str, Any]:
             get_task(name)
         except KeyError as error:
             raise cli.UsageError(error.args[0]) from None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.path(args.out)
+    if not storage.is_remote(out):
+        out.mkdir(parents=True, exist_ok=True)
     records = open_speech_source(args.source, args.split)
     count = min(len(records), args.limit) if args.limit else len(records)
     mine = host_shards(args.num_shards, jax.process_index(), jax.process_count())
@@ -207,7 +202,7 @@ def run(args: GenerateRequest) -> dict[str, Any]:
         "tokens_per_second": 0.0,
     }
     if todo:
-        if not Path(args.llm).is_dir():
+        if not storage.path(args.llm).is_dir():
             raise cli.UsageError(f"--llm {args.llm}: no such folder")
         tokenizer = load_tokenizer(args.tokenizer or args.llm)
         mesh = make_mesh(args.mesh, jax.local_devices())
