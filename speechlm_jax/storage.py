@@ -151,35 +151,58 @@ class Appender:
 
 
 class SyncedDir:
-    """A local folder for a writer that only knows local files, mirrored to `target` on `sync()`.
+    """A local folder for code that only knows local files, mirrored to `target` on `sync()`.
 
     For a local `target` it is `target` itself and `sync` does nothing. For a store path the
-    folder is a temporary one; `sync` uploads every file that changed since the last sync (whole
-    files: an object store replaces an object at once) and `close` syncs and removes it.
+    folder is a temporary one (with `pull=True`, first filled with what `target` holds); `sync`
+    uploads every file that changed since the last sync (whole files: an object store replaces an
+    object at once) and deletes from the store the files that were removed locally; `close` syncs
+    and removes the local folder.
     """
 
-    def __init__(self, target: PathLike):
+    def __init__(self, target: PathLike, *, pull: bool = False):
         self.target = path(target)
         self.remote = is_remote(self.target)
-        if self.remote:
-            self.local = LocalPath(tempfile.mkdtemp(prefix="speechlm-sync-"))
-        else:
+        self._synced: dict[str, tuple[int, int]] = {}
+        if not self.remote:
             self.local = LocalPath(os.fspath(self.target))
-        self._uploaded: dict[str, tuple[int, int]] = {}
+            return
+        if pull:
+            # One local copy per target: what the copy's files record of their own paths stays the same
+            # across runs on this machine (a resumed stage finds its inputs where it left them).
+            self.local = _cache_root() / "synced" / _slug(os.fspath(self.target))
+            shutil.rmtree(self.local, ignore_errors=True)
+            self.local.mkdir(parents=True)
+        else:
+            self.local = LocalPath(tempfile.mkdtemp(prefix="speechlm-sync-"))
+        if pull and self.target.is_dir():
+            for root, _, files in self.target.walk():
+                for name in files:
+                    remote_file = epath.Path(root) / name
+                    relative = os.path.relpath(os.fspath(remote_file), os.fspath(self.target))
+                    local_file = self.local / relative
+                    local_file.parent.mkdir(parents=True, exist_ok=True)
+                    local_file.write_bytes(remote_file.read_bytes())
+                    self._synced[LocalPath(relative).as_posix()] = _version(local_file)
 
     def sync(self) -> None:
         if not self.remote:
             return
+        present = set()
         for file in sorted(self.local.rglob("*")):
             if not file.is_file():
                 continue
             relative = file.relative_to(self.local).as_posix()
-            stat = file.stat()
-            version = (stat.st_size, stat.st_mtime_ns)
-            if self._uploaded.get(relative) == version:
+            present.add(relative)
+            version = _version(file)
+            if self._synced.get(relative) == version:
                 continue
             self.target.joinpath(relative).write_bytes(file.read_bytes())
-            self._uploaded[relative] = version
+            self._synced[relative] = version
+        for relative in sorted(set(self._synced) - present):
+            with contextlib.suppress(FileNotFoundError):
+                self.target.joinpath(relative).unlink()
+            del self._synced[relative]
 
     def close(self) -> None:
         self.sync()
@@ -187,16 +210,31 @@ class SyncedDir:
             shutil.rmtree(self.local, ignore_errors=True)
 
 
+def _version(file: LocalPath) -> tuple[int, int]:
+    stat = file.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def absolute(p: PathLike) -> str:
+    """`p` as a string that names the same place from any working directory (settings, records)."""
+    return os.fspath(p) if is_remote(p) else os.path.abspath(os.fspath(p))
+
+
 def _cache_root() -> LocalPath:
     root = os.environ.get("SPEECHLM_STORAGE_CACHE") or os.path.join(tempfile.gettempdir(), "speechlm-storage-cache")
     return LocalPath(root)
 
 
+def _slug(text: str) -> str:
+    """A folder name unique to `text` (a URL), readable by its last part."""
+    name = text.rstrip("/").rsplit("/", 1)[-1] or "root"
+    return f"{hashlib.sha256(text.encode()).hexdigest()[:16]}-{name}"
+
+
 @functools.cache
 def _download(text: str) -> str:
     source = path(text)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    destination = _cache_root() / f"{digest}-{source.name or 'root'}"
+    destination = _cache_root() / _slug(text)
     partial = destination.with_name(destination.name + f".partial-{os.getpid()}")
     if destination.exists():
         shutil.rmtree(destination) if destination.is_dir() else destination.unlink()

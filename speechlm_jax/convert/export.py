@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -176,11 +175,6 @@ def write_safetensors(folder: Path, tensors: Mapping[str, np.ndarray], max_shard
     }
     (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return names
-
-
-def where(out: storage.PathLike) -> str:
-    """The name of an export folder as the files in it record it (absolute when local)."""
-    return os.fspath(out) if storage.is_remote(out) else str(Path(out).absolute())
 
 
 def exported(out: storage.PathLike) -> Any:
@@ -321,7 +315,7 @@ def export_speechlm(
                 folder / ADAPTER_DIR,
                 model.llm,
                 module_name=voxtral.in_memory_module,
-                base_model=where(out),
+                base_model=storage.absolute(out),
                 dtype=np_dtype,
                 task_type=None,
             )
@@ -367,7 +361,7 @@ def export_llm(
                 folder / ADAPTER_DIR,
                 llm,
                 module_name=peft_adapter.causal_lm_module,
-                base_model=where(out),
+                base_model=storage.absolute(out),
                 dtype=np_dtype,
                 task_type="CAUSAL_LM",
             )

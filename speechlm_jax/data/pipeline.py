@@ -40,6 +40,7 @@ import grain
 import jax
 from absl import flags
 
+from speechlm_jax import storage
 from speechlm_jax.data.batching import BucketBatchDataset, PipelineStats
 from speechlm_jax.data.config import PipelineConfig
 from speechlm_jax.data.examples import Example, Skipped
@@ -116,7 +117,7 @@ def save_iterator(iterator: grain.DatasetIterator, directory: str | Path) -> Non
     import orbax.checkpoint as ocp
 
     with ocp.Checkpointer(grain.checkpoint.CheckpointHandler()) as checkpointer:
-        checkpointer.save(Path(directory), args=grain.checkpoint.CheckpointSave(iterator))
+        checkpointer.save(storage.path(directory), args=grain.checkpoint.CheckpointSave(iterator))
 
 
 def restore_iterator(iterator: grain.DatasetIterator, directory: str | Path) -> grain.DatasetIterator:
@@ -124,4 +125,4 @@ def restore_iterator(iterator: grain.DatasetIterator, directory: str | Path) -> 
     import orbax.checkpoint as ocp
 
     with ocp.Checkpointer(grain.checkpoint.CheckpointHandler()) as checkpointer:
-        return checkpointer.restore(Path(directory), args=grain.checkpoint.CheckpointRestore(iterator))
+        return checkpointer.restore(storage.path(directory), args=grain.checkpoint.CheckpointRestore(iterator))

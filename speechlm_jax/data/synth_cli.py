@@ -17,14 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from speechlm_jax import cli
+from speechlm_jax import cli, storage
 from speechlm_jax.data.tts import DEFAULT_VOICE_NAMES, Synthesizer, voice_grid
 from speechlm_jax.data.tts_corpus import synthesize_corpus
 
 
 def read_items(path: str | Path) -> list[dict[str, Any]]:
     """Items `{"id", "text"}` from a JSONL file or a plain text file (one text per line)."""
-    path = Path(path)
+    path = storage.path(path)
     lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix == ".jsonl":
         items = []
@@ -76,19 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def synthesize(args: argparse.Namespace) -> Any:
     """Speaks the input into the corpus folder; prints the first failures and the summary, returns the report."""
-    if not Path(args.input).is_file():
+    if not storage.path(args.input).is_file():
         raise cli.UsageError(f"--input {args.input}: no such file")
     voices = voice_grid([v for v in args.voices.split(",") if v], args.rates, args.pitches)
-    report = synthesize_corpus(
-        read_items(args.input),
-        args.out,
-        voices=voices,
-        workers=args.workers,
-        synthesizer=load_synthesizer(args.synthesizer) if args.synthesizer else None,
-        layout=args.layout,
-        seed=args.seed,
-        progress=True,
-    )
+    # An --out in an object store: spoken into a local copy (pulled first, so a rerun resumes),
+    # then uploaded.
+    out = storage.SyncedDir(args.out, pull=True)
+    try:
+        report = synthesize_corpus(
+            read_items(args.input),
+            out.local,
+            voices=voices,
+            workers=args.workers,
+            synthesizer=load_synthesizer(args.synthesizer) if args.synthesizer else None,
+            layout=args.layout,
+            seed=args.seed,
+            progress=True,
+        )
+    finally:
+        out.close()
     for item_id, error in report.failed[:5]:
         print(f"failed {item_id}: {error}")
     print(report.summary())

@@ -25,13 +25,14 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from speechlm_jax import storage
 from speechlm_jax.data.audio import AudioError, load_audio
 from speechlm_jax.data.sources import librispeech_source, manifest_source
 
 
 def _open(path: str | Path) -> Any:
     """A manifest file or a LibriSpeech-layout folder."""
-    path = Path(path)
+    path = storage.path(path)
     return librispeech_source(path) if path.is_dir() else manifest_source(path)
 
 

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from speechlm_jax import cli
+from speechlm_jax import cli, storage
 from speechlm_jax import stages as stage_cache
 from speechlm_jax.cli import parse_mesh
 from speechlm_jax.selection import kmeans, probe, report, sample
@@ -94,7 +94,7 @@ def stage_embed(args: argparse.Namespace) -> None:
 
     folder = Path(args.workdir) / "embed"
     settings = {
-        "corpus": str(Path(args.corpus).absolute()),
+        "corpus": storage.absolute(args.corpus),
         "embedder": args.embedder or f"llm:{args.stage1}",
         "shard_size": args.shard_size,
         "max_tokens": args.max_tokens,
@@ -203,7 +203,7 @@ def _probe(args: argparse.Namespace, tag: str, run: str) -> None:
     folder = workdir / tag
     before = workdir / "probe_before"
     settings = {
-        "run": str(Path(run).absolute()),
+        "run": storage.absolute(run),
         "probe_size": args.probe_size,
         "prefix_fraction": args.prefix_fraction,
         "seed": args.seed,
@@ -271,7 +271,7 @@ def speech_seconds(sources: Sequence[Any]) -> float:
 def seconds_per_word(manifest: str | Path) -> float:
     """Audio seconds per word of a synthesised manifest (the estimate behind the budget)."""
     words = seconds = 0.0
-    for line in Path(manifest).read_text(encoding="utf-8").splitlines():
+    for line in storage.path(manifest).read_text(encoding="utf-8").splitlines():
         if line.strip():
             row = json.loads(line)
             words += len(row["text"].split())
@@ -369,7 +369,7 @@ def stage_targets(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir)
     folder = workdir / "targets"
     manifest = _need(workdir / "synth" / "done.json", "synthesize").parent / "manifest.jsonl"
-    settings = {"stage1": str(Path(args.stage1).absolute()), "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    settings = {"stage1": storage.absolute(args.stage1), "max_new_tokens": args.max_new_tokens, "seed": args.seed}
     if _done(folder, settings, args.force):
         return
     config = load_run_config(args.stage1)
@@ -416,7 +416,7 @@ def stage_train(args: argparse.Namespace) -> None:
     manifest = _need(workdir / "synth" / "done.json", "synthesize").parent / "manifest.jsonl"
     folder = workdir / "train"
     settings = {
-        "stage1": str(Path(args.stage1).absolute()),
+        "stage1": storage.absolute(args.stage1),
         "stage1_step": args.stage1_step,
         "steps": args.steps,
         "repeat": args.repeat,
@@ -566,8 +566,18 @@ def run_stages(stages: Sequence[str], **options: Any) -> None:
     if extra:
         raise TypeError(f"run_stages() got unknown options {extra}")
     args = argparse.Namespace(**{**defaults, **options, "stages": list(stages)})
-    for stage in STAGES if "all" in stages else [s for s in STAGES if s in stages]:
-        RUNNERS[stage](args)
+    if problem := storage.path_problem(args.workdir):
+        raise StageError(f"--workdir {problem}")
+    # A workdir in an object store is worked on in a local copy (the stages' TTS, embedding shards
+    # and the trainer's stage-2 run write local files), pulled first and pushed after each stage.
+    working = storage.SyncedDir(args.workdir, pull=True)
+    args.workdir = str(working.local)
+    try:
+        for stage in STAGES if "all" in stages else [s for s in STAGES if s in stages]:
+            RUNNERS[stage](args)
+            working.sync()
+    finally:
+        working.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from speechlm_jax import storage
+
 SECTION = "## Active selection (SALAD stage 2)"
 
 
@@ -124,10 +126,17 @@ def write_selection_report(summary: Mapping[str, Any], out_dir: str | Path) -> d
 
 
 def merge_into_report(summary: Mapping[str, Any], report_dir: str | Path, plot: str | Path) -> None:
-    """Adds the selection summary to an evaluation report folder (report.json, report.md)."""
-    report_dir = Path(report_dir)
+    """Adds the selection summary to an evaluation report folder (report.json, report.md), local or
+    in an object store."""
+    folder = storage.SyncedDir(report_dir, pull=True)
+    try:
+        _merge(summary, folder.local, Path(plot))
+    finally:
+        folder.close()
+
+
+def _merge(summary: Mapping[str, Any], report_dir: Path, plot: Path) -> None:
     report_dir.mkdir(parents=True, exist_ok=True)
-    plot = Path(plot)
     if plot.parent.resolve() != report_dir.resolve():
         shutil.copyfile(plot, report_dir / plot.name)
     json_path = report_dir / "report.json"

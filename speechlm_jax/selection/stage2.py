@@ -28,6 +28,7 @@ from pathlib import Path
 
 import ml_collections
 
+from speechlm_jax import storage
 from speechlm_jax.data.pipeline import save_iterator
 from speechlm_jax.train import config as config_lib
 from speechlm_jax.train import trainer
@@ -37,7 +38,7 @@ from speechlm_jax.train.restore import read_config as load_run_config
 
 def stage1_steps(workdir: str | Path) -> list[int]:
     """The checkpointed steps of a run, ascending."""
-    root = Path(workdir) / "checkpoints"
+    root = storage.path(workdir) / "checkpoints"
     return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
 
 
@@ -71,9 +72,9 @@ def stage2_config(
     if steps < 1 or start_step < 0 or repeat < 1:
         raise ValueError(f"need steps >= 1, start_step >= 0, repeat >= 1; got {steps}, {start_step}, {repeat}")
     c = ml_collections.ConfigDict(stage1.to_dict())
-    new = {"type": "manifest", "path": str(Path(manifest).absolute())}
+    new = {"type": "manifest", "path": storage.absolute(manifest)}
     c.data.speech_sources = tuple(list(stage1.data.speech_sources) + [new] * repeat)
-    c.data.targets = tuple(list(stage1.data.targets) + [str(Path(t).absolute()) for t in targets])
+    c.data.targets = tuple(list(stage1.data.targets) + [storage.absolute(t) for t in targets])
     c.train.steps = start_step + steps
     c.optimizer.schedule = "warmup_stable_decay"
     c.optimizer.decay_fraction = steps / (start_step + steps)
