@@ -175,7 +175,10 @@ def test_tpu_pod_plan_creates_copies_installs_runs_streams_and_stops():
     assert commands[4][4:7] == ["ssh", "asr", "--worker=all"] and "pip install -q -e '.[tpu]'" in commands[4][7]
     run = commands[5]
     assert run[4:7] == ["ssh", "asr", "--worker=all"]
-    assert ".venv/bin/speechlm-train --distributed --config configs/asr.py:paper --workdir 'gs://my-bucket/runs/a b'" in run[7]
+    assert (
+        ".venv/bin/speechlm-train --distributed --config configs/asr.py:paper --workdir 'gs://my-bucket/runs/a b'"
+        in run[7]
+    )
     assert lines[lines.index(shlex.join(run) + " &") + 1] == shlex.join(
         [
             "gcloud",

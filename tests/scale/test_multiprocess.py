@@ -22,6 +22,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from speechlm_jax import storage
 from speechlm_jax.data import batching, pipeline
 from speechlm_jax.train import data, trainer
 
@@ -29,8 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
 
 
-def _losses(workdir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+def _losses(workdir: storage.PathLike) -> dict[int, float]:
+    records = [json.loads(line) for line in (storage.path(workdir) / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     assert len(train) == len({r["step"] for r in train}), "metrics written by more than one process"
     return {r["step"]: r["loss"] for r in train}
@@ -58,26 +59,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_give_the_losses_of_one(tiny_config, tiny_corpus, compilation_cache, tmp_path, monkeypatch):
-    config = tiny_config("asr", steps=STEPS, log_every=1)
-    with monkeypatch.context() as patch:
-        patch.setattr(data.Data, "train_iterator", _two_host_batches)
-        trainer.train(config, tmp_path / "one")
-
+def _launch(corpus: Path, workdir: str | Path, cache: Path, logs: Path, *, steps: int, every: int = 0):
+    """`launch/local.sh --processes 2 --cpu-devices 4` training the tiny asr recipe into `workdir`."""
     overrides = [
-        f"--config={REPO}/configs/asr.py:tiny,data_dir={tiny_corpus}",
-        f"--workdir={tmp_path / 'two'}",
-        f"--config.train.steps={STEPS}",
+        f"--config={REPO}/configs/asr.py:tiny,data_dir={corpus}",
+        f"--workdir={workdir}",
+        f"--config.train.steps={steps}",
+        f"--config.checkpoint.every={every}",
         "--config.train.log_every=1",
         "--config.train.eval_every=0",
         "--config.train.progress_bar=False",
         "--config.train.fast_compile=True",
-        f"--config.train.compilation_cache={compilation_cache}",
+        f"--config.train.compilation_cache={cache}",
     ]
     env = dict(
         os.environ, PYTHONPATH=str(REPO), SPEECHLM_TRAIN=f"{sys.executable} {REPO}/tests/scale/distributed_train.py"
     )
-    logs = tmp_path / "logs"
     launch = [
         "bash",
         str(REPO / "launch/local.sh"),
@@ -92,7 +89,16 @@ def test_two_processes_give_the_losses_of_one(tiny_config, tiny_corpus, compilat
         "--",
         *overrides,
     ]
-    result = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    return subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200), logs
+
+
+def test_two_processes_give_the_losses_of_one(tiny_config, tiny_corpus, compilation_cache, tmp_path, monkeypatch):
+    config = tiny_config("asr", steps=STEPS, log_every=1)
+    with monkeypatch.context() as patch:
+        patch.setattr(data.Data, "train_iterator", _two_host_batches)
+        trainer.train(config, tmp_path / "one")
+
+    result, logs = _launch(tiny_corpus, tmp_path / "two", compilation_cache, tmp_path / "logs", steps=STEPS)
     assert result.returncode == 0, result.stderr[-4000:] + (logs / "process_1.log").read_text()[-4000:]
 
     for i in range(2):
@@ -103,3 +109,18 @@ def test_two_processes_give_the_losses_of_one(tiny_config, tiny_corpus, compilat
     assert one.keys() == two.keys() == set(range(1, STEPS + 1))
     np.testing.assert_allclose([two[k] for k in sorted(one)], [one[k] for k in sorted(one)], rtol=1e-5, atol=1e-5)
     assert (tmp_path / "two" / "checkpoints" / str(STEPS) / "trainable").is_dir()
+
+
+def test_two_processes_checkpoint_to_a_bucket_and_resume_from_it(gcs_bucket, tiny_corpus, compilation_cache, tmp_path):
+    workdir = f"{gcs_bucket}/runs/two"
+    first, logs = _launch(tiny_corpus, workdir, compilation_cache, tmp_path / "first", steps=2, every=2)
+    assert first.returncode == 0, first.stderr[-4000:] + (logs / "process_1.log").read_text()[-4000:]
+    # Both hosts wrote their shards of step 2 and orbax committed it in the bucket (no local copy).
+    assert (storage.path(workdir) / "checkpoints" / "2" / "trainable").is_dir()
+    assert not (tmp_path / "gs:").exists() and not (REPO / "gs:").exists()
+
+    second, logs = _launch(tiny_corpus, workdir, compilation_cache, tmp_path / "second", steps=3)
+    assert second.returncode == 0, second.stderr[-4000:] + (logs / "process_1.log").read_text()[-4000:]
+    for i in range(2):
+        assert "resumed from step 2" in (logs / f"process_{i}.log").read_text()
+    assert set(_losses(workdir)) == {1, 2, 3}  # one line per step: only process 0 writes metrics
