@@ -1,6 +1,6 @@
 """A Cloud Storage emulator on loopback, for the tests and benchmarks of gs:// paths (no mocks).
 
-    python tools/gcs_emulator.py [--port PORT] [--host 127.0.0.1] [--verbose]
+    python tools/gcs_emulator.py [--port PORT] [--host 127.0.0.1] [--verbose] [--without FIX ...]
 
 Runs `gcp-storage-emulator` (PyPI) in memory, in the foreground, until SIGTERM or Ctrl-C, and
 prints one line `gcs-emulator listening on http://HOST:PORT` once it accepts requests (with
@@ -14,8 +14,9 @@ variables `client_env(url)` returns (docs/storage.md says why each is needed):
     FSSPEC_GCS_USE_LISTINGS_CACHE=false     gcsfs: list the server each time (other writers: tensorstore, subprocesses)
     GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false gcsfs: no Storage Control (gRPC) bucket-type lookup the emulator lacks
 
-The emulator needs a few fixes to serve these clients; `apply_fixes()` patches its handlers at
-start-up, each with a comment saying which client request fails without it and why.
+The emulator needs a few fixes to serve these clients (`FIXES`); `serve` applies them at start-up
+by patching the emulator's server and handlers, each with a comment saying which client request
+fails or stalls without it and why; `--without NAME` leaves one out, to see what it is for.
 """
 
 from __future__ import annotations
@@ -212,16 +213,18 @@ def _skip_meta_in_memory() -> None:
     emulator_storage.Storage._write_config_to_file = write_config
 
 
-def apply_fixes() -> None:
-    _add_move_route()
-    _add_preconditions()
-    _skip_meta_in_memory()
+FIXES = {"threads": None, "move": _add_move_route, "preconditions": _add_preconditions, "meta": _skip_meta_in_memory}
 
 
-def serve(host: str, port: int) -> ThreadingServer:
-    """A started-up (not yet serving) emulator in memory; `serve_forever()` runs it."""
-    apply_fixes()
+def serve(host: str, port: int, without: tuple[str, ...] = ()) -> server.HTTPServer:
+    """A bound (not yet serving) emulator in memory, with every fix but those in `without`;
+    `serve_forever()` runs it."""
+    for name, apply in FIXES.items():
+        if apply is not None and name not in without:
+            apply()
     storage = emulator_storage.Storage(use_memory_fs=True)
+    if "threads" in without:
+        return server.HTTPServer((host, port), partial(emulator_server.RequestHandler, storage))
     return ThreadingServer((host, port), partial(RequestHandler, storage))
 
 
@@ -230,9 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 (default): a free port")
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    parser.add_argument(
+        "--without", action="append", default=[], choices=sorted(FIXES), help="leave a fix out (to see what it is for)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL, stream=sys.stderr)
-    httpd = serve(args.host, args.port)
+    httpd = serve(args.host, args.port, tuple(args.without))
     host, port = httpd.server_address[:2]
     url = urllib.parse.urlunsplit(("http", f"{host}:{port}", "", "", ""))
 
