@@ -242,9 +242,15 @@ def _download(text: str) -> str:
         shutil.rmtree(partial, ignore_errors=True)
     if source.is_dir():
         partial.mkdir(parents=True)
+        # epath's fsspec backend walks a bucket with roots that lack the scheme ("bucket/key"),
+        # which `epath.Path` would take for a local path: put it back.
+        url_prefix = f"{scheme(text)}://" if is_remote(text) else ""
         for root, _, files in source.walk():
+            root_text = os.fspath(root)
+            if url_prefix and not root_text.startswith(url_prefix):
+                root_text = url_prefix + root_text
             for name in files:
-                remote_file = epath.Path(root) / name
+                remote_file = epath.Path(root_text) / name
                 relative = os.path.relpath(os.fspath(remote_file), os.fspath(source))
                 local_file = partial / relative
                 local_file.parent.mkdir(parents=True, exist_ok=True)

@@ -291,3 +291,119 @@ def save_toy_hf_llama(toy_llm_config):
         return Path(folder)
 
     return make
+
+
+# -- A Cloud Storage emulator for gs:// paths (test_storage.py; trainer runs on gs://) -------
+# tools/gcs_emulator.py runs gcp-storage-emulator (with its fixes) as a subprocess on a free
+# loopback port for the session; each test that asks for `gcs_bucket` gets a new empty bucket
+# and the environment that points gcsfs, google-cloud-storage and tensorstore at the server
+# (inherited by the subprocesses it starts). docs/storage.md says why each variable is needed.
+
+GCS_EMULATOR_SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "gcs_emulator.py"
+
+
+def _load_gcs_emulator_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gcs_emulator_tool", GCS_EMULATOR_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The URL (http://127.0.0.1:PORT) of a Cloud Storage emulator running for the session."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    log = tmp_path_factory.mktemp("gcs_emulator") / "stderr.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, str(GCS_EMULATOR_SCRIPT), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    try:
+        line = process.stdout.readline()  # printed once the socket listens (or EOF if it died)
+        if not line.startswith("gcs-emulator listening on "):
+            process.wait(10)
+            raise RuntimeError(f"the Cloud Storage emulator did not start: {line!r} {log.read_text()[-2000:]}")
+        url = line.split()[-1]
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/", timeout=5) as response:
+                    if response.read() == b"OK":
+                        break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def gcs_env(gcs_emulator: str) -> dict[str, str]:
+    """The environment variables that point every Cloud Storage client at the session's emulator,
+    for `subprocess.run(..., env=dict(os.environ, **gcs_env))` (`gcs_bucket` sets them already)."""
+    return _load_gcs_emulator_tool().client_env(gcs_emulator)
+
+
+def _fresh_gcs_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes this process's next gs:// access build new clients from the environment.
+
+    gcsfs reads its `FSSPEC_GCS_*` defaults when fsspec is imported and picks its filesystem
+    class when gcsfs is imported, and etils.epath and fsspec keep the filesystems they built:
+    any of these may predate the test, so they are set and cleared here too.
+    """
+    import fsspec.config
+    import gcsfs
+    import gcsfs.core
+    from etils.epath import backend
+    from fsspec.registry import _registry  # (`fsspec.registry` is the read-only view of it)
+
+    options = {"token": "anon", "use_listings_cache": False}
+    monkeypatch.setitem(fsspec.config.conf, "gcs", {**fsspec.config.conf.get("gcs", {}), **options})
+    for protocol in gcsfs.core.GCSFileSystem.protocol:  # not the ZB/HNS filesystem (see gcs_emulator.py)
+        monkeypatch.setitem(_registry, protocol, gcsfs.core.GCSFileSystem)
+    monkeypatch.setattr(gcsfs, "GCSFileSystem", gcsfs.core.GCSFileSystem)
+    for cls in {gcsfs.core.GCSFileSystem, *gcsfs.core.GCSFileSystem.__subclasses__()}:
+        cls.clear_instance_cache()
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
+    """ "gs://<new bucket>" on the session's emulator, with the clients' environment set for this
+    test and the subprocesses it starts."""
+    import json
+    import urllib.request
+    import uuid
+
+    for key, value in gcs_env.items():
+        monkeypatch.setenv(key, value)
+    _fresh_gcs_clients(monkeypatch)
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    request = urllib.request.Request(
+        f"{gcs_env['STORAGE_EMULATOR_HOST']}/storage/v1/b?project=test",
+        data=json.dumps({"name": name}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert json.load(response)["name"] == name
+    yield f"gs://{name}"
+    # The clients built during the test point at the emulator: none outlives it.
+    _fresh_gcs_clients(monkeypatch)
