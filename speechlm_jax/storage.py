@@ -33,6 +33,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -176,14 +177,11 @@ class SyncedDir:
         else:
             self.local = LocalPath(tempfile.mkdtemp(prefix="speechlm-sync-"))
         if pull and self.target.is_dir():
-            for root, _, files in self.target.walk():
-                for name in files:
-                    remote_file = epath.Path(root) / name
-                    relative = os.path.relpath(os.fspath(remote_file), os.fspath(self.target))
-                    local_file = self.local / relative
-                    local_file.parent.mkdir(parents=True, exist_ok=True)
-                    local_file.write_bytes(remote_file.read_bytes())
-                    self._synced[LocalPath(relative).as_posix()] = _version(local_file)
+            for relative, remote_file in files_under(self.target):
+                local_file = self.local / relative
+                local_file.parent.mkdir(parents=True, exist_ok=True)
+                local_file.write_bytes(remote_file.read_bytes())
+                self._synced[relative] = _version(local_file)
 
     def sync(self) -> None:
         if not self.remote:
@@ -208,6 +206,22 @@ class SyncedDir:
         self.sync()
         if self.remote:
             shutil.rmtree(self.local, ignore_errors=True)
+
+
+def files_under(folder: PathLike) -> Iterator[tuple[str, epath.Path]]:
+    """(relative posix path, path) of every file under `folder`, local or in an object store."""
+    root = path(folder)
+    # epath's fsspec backend walks a bucket with roots that lack the scheme ("bucket/key"), which
+    # `epath.Path` would take for a local path: put it back.
+    prefix = f"{scheme(root)}://" if is_remote(root) else ""
+    base = os.fspath(root).rstrip("/")
+    for current, _, files in root.walk():
+        text = os.fspath(current)
+        if prefix and not text.startswith(prefix):
+            text = prefix + text
+        for name in sorted(files):
+            file = epath.Path(text) / name
+            yield posixpath.relpath(os.fspath(file), base), file
 
 
 def _version(file: LocalPath) -> tuple[int, int]:
@@ -242,19 +256,10 @@ def _download(text: str) -> str:
         shutil.rmtree(partial, ignore_errors=True)
     if source.is_dir():
         partial.mkdir(parents=True)
-        # epath's fsspec backend walks a bucket with roots that lack the scheme ("bucket/key"),
-        # which `epath.Path` would take for a local path: put it back.
-        url_prefix = f"{scheme(text)}://" if is_remote(text) else ""
-        for root, _, files in source.walk():
-            root_text = os.fspath(root)
-            if url_prefix and not root_text.startswith(url_prefix):
-                root_text = url_prefix + root_text
-            for name in files:
-                remote_file = epath.Path(root_text) / name
-                relative = os.path.relpath(os.fspath(remote_file), os.fspath(source))
-                local_file = partial / relative
-                local_file.parent.mkdir(parents=True, exist_ok=True)
-                local_file.write_bytes(remote_file.read_bytes())
+        for relative, remote_file in files_under(source):
+            local_file = partial / relative
+            local_file.parent.mkdir(parents=True, exist_ok=True)
+            local_file.write_bytes(remote_file.read_bytes())
     elif source.exists():
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_bytes(source.read_bytes())
