@@ -250,10 +250,7 @@ def _download(text: str) -> str:
     source = path(text)
     destination = _cache_root() / _slug(text)
     partial = destination.with_name(destination.name + f".partial-{os.getpid()}")
-    if destination.exists():
-        shutil.rmtree(destination) if destination.is_dir() else destination.unlink()
-    if partial.exists():
-        shutil.rmtree(partial, ignore_errors=True)
+    _remove(partial)
     if source.is_dir():
         partial.mkdir(parents=True)
         for relative, remote_file in files_under(source):
@@ -265,8 +262,36 @@ def _download(text: str) -> str:
         partial.write_bytes(source.read_bytes())
     else:
         raise FileNotFoundError(f"{text} does not exist")
-    os.replace(partial, destination)
+    _publish(partial, destination)
     return os.fspath(destination)
+
+
+def _remove(p: LocalPath) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def _publish(partial: LocalPath, destination: LocalPath) -> None:
+    """Puts the finished download `partial` in place of `destination`, which other processes on
+    this host (one per GPU) may be reading or publishing too: the old copy stays whole until the
+    new one is complete, and is then swapped out in two renames, never deleted while in place."""
+    if partial.is_file() and not destination.is_dir():
+        os.replace(partial, destination)  # atomic over a file
+        return
+    old = destination.with_name(destination.name + f".old-{os.getpid()}")
+    _remove(old)
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(destination, old)
+    try:
+        os.replace(partial, destination)
+    except OSError:
+        # Another process published its copy between the two renames: it holds the same files.
+        if not destination.exists():
+            raise
+        _remove(partial)
+    _remove(old)
 
 
 def local_copy(p: PathLike) -> LocalPath:
