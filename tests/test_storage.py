@@ -125,6 +125,22 @@ def test_gcs_write_text_publishes_one_object(gcs_bucket: str):
     assert _blobs(gcs_bucket, "big")["big.bin"] == large
 
 
+def test_gcs_subprocesses_share_the_bucket(gcs_bucket: str, gcs_env: dict[str, str]):
+    """A subprocess inherits the emulator's environment, and a folder listed before another
+    process wrote into it is listed anew (gcsfs's listings cache is off)."""
+    import subprocess
+    import sys
+
+    run = storage.path(f"{gcs_bucket}/run")
+    storage.write_text(f"{gcs_bucket}/run/a.txt", "a")
+    assert [p.name for p in run.iterdir()] == ["a.txt"]
+    assert all(os.environ[key] == value for key, value in gcs_env.items())
+    code = "import sys; from speechlm_jax import storage; storage.write_text(sys.argv[1], 'b')"
+    subprocess.run([sys.executable, "-c", code, f"{gcs_bucket}/run/b.txt"], check=True, timeout=120)
+    assert sorted(p.name for p in run.iterdir()) == ["a.txt", "b.txt"]
+    assert (run / "b.txt").read_text() == "b"
+
+
 def test_gcs_rename_is_quick(gcs_bucket: str):
     """gcsfs's objects.move (emulator fix 2): without it each move waits ~30 s of retries."""
     source = storage.path(f"{gcs_bucket}/a.txt")
@@ -197,6 +213,24 @@ def test_gcs_local_copy(gcs_bucket: str, tmp_path: Path, monkeypatch: pytest.Mon
     assert storage.local_copy(f"{gcs_bucket}/tok") == folder  # once per process
     with pytest.raises(FileNotFoundError):
         storage.local_copy(f"{gcs_bucket}/missing")
+
+
+def test_gcs_local_copy_by_processes_at_once(gcs_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Processes on one host (one per GPU) copying the same folder at once all get it."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("SPEECHLM_STORAGE_CACHE", str(tmp_path / "cache"))
+    for i in range(40):
+        storage.write_text(f"{gcs_bucket}/tok/f{i}.txt", str(i))
+    code = "import sys; from speechlm_jax import storage; print(len(list(storage.local_copy(sys.argv[1]).iterdir())))"
+    processes = [
+        subprocess.Popen([sys.executable, "-c", code, f"{gcs_bucket}/tok"], stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outputs = [process.communicate(timeout=120)[0].strip() for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0] and outputs == ["40", "40", "40"]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(storage.local_copy(f"{gcs_bucket}/tok")).name]
 
 
 def test_gcs_orbax_checkpoints(gcs_bucket: str, in_tmp_cwd: Path):
