@@ -314,6 +314,7 @@ def _load_gcs_emulator_tool():
 @pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The URL (http://127.0.0.1:PORT) of a Cloud Storage emulator running for the session."""
+    import select
     import subprocess
     import sys
     import time
@@ -328,7 +329,8 @@ def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> str:
             text=True,
         )
     try:
-        line = process.stdout.readline()  # printed once the socket listens (or EOF if it died)
+        # The script prints its URL once the socket listens (EOF if it died).
+        line = process.stdout.readline() if select.select([process.stdout], [], [], 60)[0] else ""
         if not line.startswith("gcs-emulator listening on "):
             process.wait(10)
             raise RuntimeError(f"the Cloud Storage emulator did not start: {line!r} {log.read_text()[-2000:]}")
