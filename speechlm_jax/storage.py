@@ -83,12 +83,24 @@ def path_problem(p: PathLike) -> str | None:
     return None
 
 
+@functools.cache
+def _configure_fsspec() -> None:
+    """gcsfs caches folder listings with no expiry: a process that listed a folder (an evaluator
+    polling a workdir, a restart looking for its latest step) would never see what other hosts
+    or tensorstore wrote into it since. Listings are read from the store each time instead."""
+    import fsspec.config
+
+    fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+
+
 def path(p: PathLike) -> epath.Path:
     """The path `p` names, local or in an object store; `UnsupportedPath` if it cannot be opened."""
     if isinstance(p, epath.Path):
         return p
     if problem := path_problem(p):
         raise UnsupportedPath(problem)
+    if is_remote(p):
+        _configure_fsspec()
     return epath.Path(os.fspath(p))
 
 
