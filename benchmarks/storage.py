@@ -1,5 +1,6 @@
-"""Orbax checkpoint save and restore time of a recipe's training state, on local disk and on a
-Cloud Storage emulator; prints one JSON line last.
+"""Orbax checkpoint save and restore time of a recipe's training state, and the data pipeline's
+examples/s reading its manifest and audio, on local disk and on a Cloud Storage emulator; prints
+one JSON line last.
 
     python -m benchmarks.storage                                  # configs/asr.py:tiny
     python -m benchmarks.storage --config configs/asr.py:tiny --repeats 5
@@ -12,6 +13,11 @@ data (a Grain iterator). `save_s` runs from `save` until the step is committed, 
 it onto the abstract state; each is the best of `--repeats` steps. The emulator is
 tools/gcs_emulator.py, started here on a free loopback port: its figures measure the clients'
 request pattern over loopback HTTP, not Cloud Storage's latency or bandwidth.
+
+The pipeline part builds the toy world's tiny corpus (eSpeak NG speech, --utterances sentences,
+cached under the system's temporary folder), uploads it to the bucket, and times `--batches`
+batches of the asr pipeline (decode, tokenize, bucket, batch; two threads) reading the local
+manifest and then the bucket's: `pipeline.*.examples_per_s`, after two warm-up batches.
 """
 
 from __future__ import annotations
@@ -136,6 +142,48 @@ def time_checkpoints(directory, trainable, opt_state, abstract_trainable, abstra
     return {"save_s": min(saves), "restore_s": min(restores)}
 
 
+def tiny_corpus(utterances: int) -> Path:
+    from speechlm_jax.toyworld.corpus import build_tiny_corpus
+
+    folder = Path(tempfile.gettempdir()) / f"speechlm_storage_bench_corpus_{utterances}"
+    if not (folder / "train" / "manifest.jsonl").exists():
+        build_tiny_corpus(folder, train_sentences=utterances, heldout_sentences=2)
+    return folder
+
+
+def upload(folder: Path, url: str) -> str:
+    from speechlm_jax import storage
+
+    for file in sorted(folder.rglob("*")):
+        if file.is_file():
+            storage.path(f"{url}/{file.relative_to(folder).as_posix()}").write_bytes(file.read_bytes())
+    return url
+
+
+def time_pipeline(data_dir: str, batches: int, batch_size: int) -> dict:
+    """examples/s of the asr pipeline over `data_dir`'s train manifest (local or in a bucket)."""
+    from speechlm_jax.data.config import PipelineConfig
+    from speechlm_jax.data.pipeline import build_pipeline
+    from speechlm_jax.data.tokenizer import load_tokenizer
+
+    config = PipelineConfig(
+        speech_sources=({"type": "manifest", "path": f"{data_dir}/train/manifest.jsonl"},),
+        kinds={"asr": 1.0},
+        buckets=((16000 * 8, 96),),
+        teacher_tokens=96,
+        batch_size=batch_size,
+        downsample=4,
+        num_threads=2,
+        prefetch_buffer_size=2 * batch_size,
+    )
+    iterator, _ = build_pipeline(config, tokenizer=load_tokenizer(f"{data_dir}/tokenizer"), split="train", seed=0)
+    for _ in range(2):
+        next(iterator)
+    start = time.perf_counter()
+    examples = sum(int(next(iterator)["weight"].sum()) for _ in range(batches))
+    return {"examples_per_s": round(examples / (time.perf_counter() - start), 2), "examples": examples}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(arg.startswith("--config") for arg in argv):
@@ -153,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = argparse.ArgumentParser(prog="benchmarks.storage", description=__doc__.split("\n\n")[0])
         config_lib.add_config_argument(parser)
         parser.add_argument("--repeats", type=int, default=3, help="steps saved and restored (best time each)")
+        parser.add_argument("--utterances", type=int, default=48, help="sentences of the pipeline's corpus")
+        parser.add_argument("--batches", type=int, default=12, help="pipeline batches timed")
+        parser.add_argument("--batch_size", type=int, default=8)
         args, config = config_lib.parse_command_line(parser, argv)
 
         trainable, opt_state, abstract_trainable, abstract_opt = training_state(config)
@@ -171,6 +222,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["gcs_over_local"] = {
             key: result["gcs_emulator"][key] / result["local"][key] for key in ("save_s", "restore_s")
         }
+        corpus = tiny_corpus(args.utterances)
+        bucket_corpus = upload(corpus, f"{create_bucket(url)}/corpus")
+        result["pipeline"] = {
+            "local": time_pipeline(str(corpus), args.batches, args.batch_size),
+            "gcs_emulator": time_pipeline(bucket_corpus, args.batches, args.batch_size),
+        }
+        result["pipeline"]["gcs_over_local"] = (
+            result["pipeline"]["gcs_emulator"]["examples_per_s"] / result["pipeline"]["local"]["examples_per_s"]
+        )
     finally:
         process.terminate()
         process.wait(10)
