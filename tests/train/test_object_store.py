@@ -135,3 +135,32 @@ def test_an_hf_llm_folder_and_a_manifest_are_read_from_the_bucket(gcs_bucket, sa
     for a, b in zip(local.records, bucket.records):
         assert b["audio"].startswith(f"{gcs_bucket}/heldout/") and {**b, "audio": a["audio"]} == a
     np.testing.assert_array_equal(load_audio(bucket[0]["audio"]), load_audio(local[0]["audio"]))
+
+
+def test_a_tfds_dataset_and_a_librispeech_folder_are_read_from_the_bucket(gcs_bucket, tiny_corpus, tmp_path):
+    from speechlm_jax.data.tfds_paired import prepare_paired_speech
+
+    manifest = tiny_corpus / "heldout" / "manifest.jsonl"
+    data_dir, _ = prepare_paired_speech({"train": manifest}, tmp_path / "tfds")
+    local = sources.TFDSSource(data_dir, "train")
+    bucket = sources.TFDSSource(upload(data_dir, f"{gcs_bucket}/tfds"), "train")
+    assert len(bucket) == len(local) > 0
+    for i in range(len(local)):
+        a, b = local[i], bucket[i]
+        assert (a["id"], a["text"]) == (b["id"], b["text"])
+        np.testing.assert_array_equal(a["waveform"], b["waveform"])
+
+    # A LibriSpeech layout: speaker/chapter/speaker-chapter-utt.flac + speaker-chapter.trans.txt.
+    chapter = tmp_path / "libri" / "19" / "198"
+    chapter.mkdir(parents=True)
+    records = sources.manifest_source(manifest).records[:2]
+    lines = []
+    for i, record in enumerate(records):
+        (chapter / f"19-198-{i:04d}.flac").write_bytes(Path(record["audio"]).read_bytes())
+        lines.append(f"19-198-{i:04d} {record['text'].upper()}")
+    (chapter / "19-198.trans.txt").write_text("\n".join(lines) + "\n")
+    (chapter / "19-198-0009.flac").write_bytes(Path(records[0]["audio"]).read_bytes())  # named by no line
+    folder = sources.librispeech_source(upload(tmp_path / "libri", f"{gcs_bucket}/libri"))
+    assert [r["id"] for r in folder.records] == ["19-198-0000", "19-198-0001"]
+    assert folder.skipped == {"no_transcript": 1}
+    np.testing.assert_array_equal(load_audio(folder[1]["audio"]), load_audio(records[1]["audio"]))
