@@ -21,7 +21,7 @@ from speechlm_jax.data.pipeline import build_pipeline
 
 SILENCE = np.zeros(8000, np.int16)  # half a second: several audio frames at downsample 4
 
-# Turn 1 mixes a spoken part and a text part (VoiceTextBlender's mixed-modal input); turn 2 is text.
+# Both user turns mix spoken and text parts (VoiceTextBlender's mixed-modal input).
 RECORD = {
     "id": "c1",
     "messages": [
@@ -34,7 +34,13 @@ RECORD = {
             ],
         },
         {"role": "assistant", "content": "the cat sat on the mat"},
-        {"role": "user", "content": "Repeat the words , please : hello world"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Repeat the words , please :"},
+                {"type": "audio", "audio": "/abs/b.wav", "transcript": "hello world"},
+            ],
+        },
         {"role": "assistant", "content": "hello world"},
     ],
 }
@@ -75,7 +81,7 @@ def test_every_assistant_turn_is_supervised_through_the_template(tokenizer):
     messages = parse_conversation(RECORD, folder="/data")
     assert messages[1]["content"][0]["audio"] == "/data/wav/a.wav"
     example = build_example(conversation_segments(tokenizer, messages, spoken=_spoken), tokenizer, downsample=4)
-    assert len(example.audio) == 1
+    assert len(example.audio) == 2
 
     twin = _twin_messages(messages)
     rendered = tokenizer.hf.apply_chat_template(twin, tokenize=False)
@@ -101,6 +107,11 @@ def test_every_assistant_turn_is_supervised_through_the_template(tokenizer):
     at = example.loss_mask > 0
     assert np.all(example.kl_mask[at] == 1)
     np.testing.assert_array_equal(example.teacher_targets[example.teacher_index[at]], student)
+    # Every student position whose next token is text has the teacher position predicting it,
+    # across both turns' audio slots.
+    kl = example.kl_mask > 0
+    assert kl.sum() == example.num_teacher_tokens - sum(len(labels) for labels in example.audio_labels) - 1
+    np.testing.assert_array_equal(example.teacher_targets[example.teacher_index[kl]], example.targets[kl])
     assert np.all(example.teacher_loss_mask[example.teacher_index[at]] == 1)
 
 
