@@ -297,3 +297,23 @@ def test_conversations_mix_with_speech_by_weight(wav_manifest, word_tokenizer, t
     assert 0.25 < share < 0.75
     with pytest.raises(ValueError, match="conversation_weight"):
         _config(path, text_weight=0.5, conversation_weight=0.6)
+
+
+def test_a_missing_conversation_file_is_named_before_anything_is_built(tmp_path):
+    import ml_collections
+
+    from speechlm_jax.configs.base import base_config
+    from speechlm_jax.data.preflight import DataSourceError, check_sources
+
+    config = base_config()
+    config.data.tokenizer = ""
+    config.data.conversation_sources = (str(tmp_path / "chats.jsonl"),)
+    config.data.eval_conversation_sources = (str(tmp_path / "heldout_chats.jsonl"),)
+    config.train = ml_collections.ConfigDict({"eval_every": 0})
+    with pytest.raises(DataSourceError, match=r"data.conversation_sources\[0\]: .*chats.jsonl does not exist"):
+        check_sources(config)
+    (tmp_path / "chats.jsonl").write_text("")
+    check_sources(config)  # the held-out file counts only when the run evaluates
+    config.train.eval_every = 10
+    with pytest.raises(DataSourceError, match=r"data.eval_conversation_sources\[0\]"):
+        check_sources(config)

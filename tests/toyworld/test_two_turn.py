@@ -82,14 +82,16 @@ def test_two_turn_task_trains_on_record_and_teacher_answers(tiny_corpus, tiny_co
     rows = [json.loads(line) for line in shard.read_text().splitlines()]
     assert {(r["id"], r["prompt"]) for r in rows} == {(r["id"], turn_key(t)) for r in records for t in (1, 3)}
 
-    # SALAD on the teacher's answers: KL on the text positions of both turns, NLL on both answers.
-    salad = _on_conversations(tiny_config("salad", steps=3), conversations, teacher)
-    salad.data.conversation_responses = "teacher"
-    salad.data.targets = (str(shard),)
-    result = trainer.train(salad, tmp_path / "salad", devices=jax.devices()[:1])
-    train = [r for r in _metrics(tmp_path / "salad") if r["split"] == "train"]
-    assert result.step == 3 and all(np.isfinite(r["loss"]) for r in train)
-    assert train[-1]["data/skipped"] == 0 and train[-1]["data/examples"] >= 3 * salad.train.batch_size, train[-1]
+    # MTBI and SALAD on the teacher's answers: imitation of both answers; SALAD's KL on the text
+    # positions of both turns, mixed with the NLL.
+    for recipe in ("mtbi", "salad"):
+        config = _on_conversations(tiny_config(recipe, steps=3), conversations, teacher)
+        config.data.conversation_responses = "teacher"
+        config.data.targets = (str(shard),)
+        result = trainer.train(config, tmp_path / recipe, devices=jax.devices()[:1])
+        train = [r for r in _metrics(tmp_path / recipe) if r["split"] == "train"]
+        assert result.step == 3 and all(np.isfinite(r["loss"]) for r in train)
+        assert train[-1]["data/skipped"] == 0 and train[-1]["data/examples"] >= 3 * config.train.batch_size
 
     # VoiceTextBlender SFT on the records' answers: the loss falls.
     vtb = _on_conversations(tiny_config("vtb", steps=10), conversations, teacher)
