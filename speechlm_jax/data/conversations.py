@@ -233,7 +233,10 @@ def conversation_segments(
     `spoken(part, lead_space)` gives an audio part's segments (`Audio` slots for the student;
     the transcript by default). `responses[i]` replaces assistant message i's text (the
     teacher's answers). `until = i` stops at the start of assistant message i's answer: the
-    prompt the teacher continues to answer it (its earlier answers still supervised).
+    prompt the teacher continues to answer it (its earlier answers still supervised). That
+    prompt is the start of the whole conversation's rendering, so the teacher answers exactly
+    the tokens a training example holds before the turn, even under a template that renders a
+    turn differently once later turns follow it.
     """
     pieces = turn_pieces(tokenizer, tuple(m["role"] for m in messages))
     end_of_turn = tokenizer.chat_frame.end_of_turn

@@ -96,7 +96,9 @@ def test_every_assistant_turn_is_answered_by_the_teacher_given_its_own_earlier_a
 
 
 def test_source_or_conversations_is_required(setup, tmp_path):
-    root, _, _ = setup
+    root, _, path = setup
+    request = generate_cli.parse_request(["--llm", str(root / "llm"), "--conversations", str(path), "--out", "o"])
+    assert request.conversations == (str(path),) and request.source is None and request.tasks == ()
     with pytest.raises(generate_cli.cli.UsageError, match="--conversations"):
         generate_cli.generate_targets(llm=str(root / "llm"), out=str(tmp_path))
     with pytest.raises(generate_cli.cli.UsageError, match="--source"):
