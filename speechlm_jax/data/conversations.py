@@ -48,7 +48,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -82,7 +81,7 @@ def turn_key(index: int) -> str:
     return f"messages[{index}]"
 
 
-def _part(part: Any, where: str, folder: storage.epath.Path) -> dict[str, str]:
+def _part(part: Any, where: str, folder: storage.PathLike) -> dict[str, str]:
     if isinstance(part, str):
         return {"type": "text", "text": part}
     if not isinstance(part, dict):
@@ -100,12 +99,11 @@ def _part(part: Any, where: str, folder: storage.epath.Path) -> dict[str, str]:
             raise ConversationError(
                 "bad_message", f"{where}: an audio part needs its 'transcript' (the teacher reads it)"
             )
-        resolved = audio if os.path.isabs(audio) or storage.scheme(audio) else os.fspath(folder / audio)
-        return {"type": "audio", "audio": resolved, "transcript": " ".join(transcript.split())}
+        return {"type": "audio", "audio": storage.beside(folder, audio), "transcript": " ".join(transcript.split())}
     raise ConversationError("bad_message", f"{where}: unknown part type {kind!r} (text or audio)")
 
 
-def parse_conversation(row: Any, *, folder: str | os.PathLike = ".") -> list[dict[str, Any]]:
+def parse_conversation(row: Any, *, folder: storage.PathLike = ".") -> list[dict[str, Any]]:
     """A JSON line's messages, normalised: `{"role", "content": [parts]}` ending with an assistant turn.
 
     Text contents become one text part; audio paths are resolved against `folder`.
@@ -116,7 +114,6 @@ def parse_conversation(row: Any, *, folder: str | os.PathLike = ".") -> list[dic
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ConversationError("bad_record", "no 'messages' list")
-    base = storage.path(folder)
     out = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
@@ -128,7 +125,7 @@ def parse_conversation(row: Any, *, folder: str | os.PathLike = ".") -> list[dic
         if isinstance(content, str):
             parts = [{"type": "text", "text": content}]
         elif isinstance(content, list) and content:
-            parts = [_part(p, f"{where}.content[{k}]", base) for k, p in enumerate(content)]
+            parts = [_part(p, f"{where}.content[{k}]", folder) for k, p in enumerate(content)]
         else:
             raise ConversationError("bad_message", f"{where}: content must be a string or a list of parts")
         if role != "user" and any(p["type"] == "audio" for p in parts):
@@ -142,7 +139,7 @@ def parse_conversation(row: Any, *, folder: str | os.PathLike = ".") -> list[dic
     return out[: last + 1]
 
 
-def conversation_source(path: str | os.PathLike) -> ListSource:
+def conversation_source(path: storage.PathLike) -> ListSource:
     """The conversations of a JSONL file as records `{"id", "conversation": [messages]}`.
 
     A line that is not a conversation is warned about (`file:line: ...`) and counted in

@@ -26,7 +26,6 @@ import json
 import random
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from speechlm_jax import storage
 from speechlm_jax.data.sources import manifest_source
@@ -85,7 +84,9 @@ def conversation(task: TwoTurnTask, record_id: str, audio: str, sentence: str, r
     }
 
 
-def write_two_turn(manifest: str | Path, out: str | Path, *, task: TwoTurnTask = TWO_TURN, seed: int = 0) -> Path:
+def write_two_turn(
+    manifest: storage.PathLike, out: storage.PathLike, *, task: TwoTurnTask = TWO_TURN, seed: int = 0
+) -> storage.epath.Path:
     """One conversation per utterance of a spoken manifest, written as conversation JSONL to `out`."""
     toy_tasks.register_toy_tasks()
     rng = random.Random(seed)
@@ -94,7 +95,7 @@ def write_two_turn(manifest: str | Path, out: str | Path, *, task: TwoTurnTask =
         for r in manifest_source(manifest).records
     ]
     storage.write_text(out, "".join(json.dumps(row) + "\n" for row in rows))
-    return Path(out)
+    return storage.path(out)
 
 
 if __name__ == "__main__":
