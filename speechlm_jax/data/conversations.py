@@ -15,10 +15,12 @@ write them (plus the transcript the teacher's text twin needs):
        {"role": "assistant", "content": "sat"}]}
 
 `content` is a string (text) or a list of parts; a part is `{"type": "text", "text"}` or
-`{"type": "audio", "audio": path, "transcript"}` (a path relative to the file's folder, like
-a manifest's). Only user turns may hold audio; system and assistant turns are text. A user
-turn of text and audio parts is VoiceTextBlender's mixed-modal input. Messages after the
-last assistant turn carry nothing to learn and are left out.
+`{"type": "audio", "audio": path, "transcript", "words"?}` (a path relative to the file's
+folder, like a manifest's; `words` the optional word timings `[{"w", "start", "end"}]`, with
+which the pipeline interleaves the part as it does an utterance, `data.interleave_prob`).
+Only user turns may hold audio; system and assistant turns are text. A user turn of text and
+audio parts is VoiceTextBlender's mixed-modal input. Messages after the last assistant turn
+carry nothing to learn and are left out.
 
 Every assistant turn is supervised: the positions predicting its tokens and the template's
 end-of-turn token have `loss_mask` 1. The text between the messages is the tokenizer's own
@@ -99,7 +101,19 @@ def _part(part: Any, where: str, folder: storage.PathLike) -> dict[str, str]:
             raise ConversationError(
                 "bad_message", f"{where}: an audio part needs its 'transcript' (the teacher reads it)"
             )
-        return {"type": "audio", "audio": storage.beside(folder, audio), "transcript": " ".join(transcript.split())}
+        out = {"type": "audio", "audio": storage.beside(folder, audio), "transcript": " ".join(transcript.split())}
+        words = part.get("words")
+        if words is not None:
+            timed = isinstance(words, list) and all(
+                isinstance(w, dict)
+                and isinstance(w.get("w"), str)
+                and all(isinstance(w.get(k), (int, float)) and not isinstance(w.get(k), bool) for k in ("start", "end"))
+                for w in words
+            )
+            if not timed:
+                raise ConversationError("bad_message", f"{where}: 'words' must be a list of {{w, start, end}}")
+            out["words"] = [{"w": w["w"], "start": float(w["start"]), "end": float(w["end"])} for w in words]
+        return out
     raise ConversationError("bad_message", f"{where}: unknown part type {kind!r} (text or audio)")
 
 

@@ -28,6 +28,8 @@ supervised, each audio part an audio slot (a long one split when `overlong` says
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from speechlm_jax.data import interleave
@@ -79,7 +81,7 @@ class ExampleMaker:
                 )
                 split = False
             elif "conversation" in record:
-                segments = self._conversation_segments(record)
+                segments = self._conversation_segments(record, rng)
                 example = build_example(
                     segments,
                     self.tokenizer,
@@ -125,21 +127,46 @@ class ExampleMaker:
             raise ExampleError("too_short", f"{waveform.size} samples < {self.min_samples}, one audio token")
         return waveform
 
-    def _conversation_segments(self, record: Record) -> list[Segment]:
-        """A conversation's segments: audio parts as slots, the record's or the teacher's answers."""
+    def _conversation_segments(self, record: Record, rng: np.random.Generator) -> list[Segment]:
+        """A conversation's segments: audio parts as slots (interleaved when timed and drawn so),
+        the record's or the teacher's answers."""
+        config = self.config
         responses = None
-        if self.config.conversation_responses == "teacher":
+        if config.conversation_responses == "teacher":
             responses = teacher_responses(record, self.targets)
+        parts = sum(p["type"] == "audio" for m in record["conversation"] for p in m["content"])
 
-        def spoken(part: dict[str, str], lead_space: bool) -> list[Segment]:
+        def spoken(part: dict[str, Any], lead_space: bool) -> list[Segment]:
+            waveform = self._waveform({"audio": part["audio"]})
+            words = interleave.record_words({"words": part.get("words"), "text": part["transcript"]})
+            if words is not None and rng.random() < config.interleave_prob:
+                spans = interleave.sample_spans(
+                    len(words),
+                    rng,
+                    ratio=config.interleave_ratio,
+                    min_span=config.span_min,
+                    max_span=config.span_max,
+                    max_audio_spans=max(1, config.max_slots // parts),
+                )
+                return interleave.content_segments(
+                    waveform,
+                    words,
+                    spans,
+                    lead_space=lead_space,
+                    max_samples=self.max_samples,
+                    split_long=config.overlong == "split",
+                    sample_rate=config.sample_rate,
+                    margin_s=config.margin_s,
+                    min_samples=self.min_samples,
+                )
             return interleave.whole_utterance(
-                self._waveform({"audio": part["audio"]}),
+                waveform,
                 part["transcript"],
                 None,
                 lead_space=lead_space,
                 max_samples=self.max_samples,
-                split_long=self.config.overlong == "split",
-                sample_rate=self.config.sample_rate,
+                split_long=config.overlong == "split",
+                sample_rate=config.sample_rate,
             )
 
         return conversation_segments(self.tokenizer, record["conversation"], spoken=spoken, responses=responses)

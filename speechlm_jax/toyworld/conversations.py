@@ -64,12 +64,20 @@ TWO_TURN = TwoTurnTask(
 )
 
 
-def conversation(task: TwoTurnTask, record_id: str, audio: str, sentence: str, rng: random.Random) -> dict:
-    """One two-turn conversation about `sentence` (spoken in `audio`), phrasings drawn from `rng`."""
+def conversation(
+    task: TwoTurnTask,
+    record_id: str,
+    audio: str,
+    sentence: str,
+    rng: random.Random,
+    words: list[dict] | None = None,
+) -> dict:
+    """One two-turn conversation about `sentence` (spoken in `audio`, with its word timings
+    `words` when known, for interleaving), phrasings drawn from `rng`."""
     first = toy_tasks.TASKS[rng.choice(task.first)]
     before, after = rng.choice(first.prompts_train).split("{content}")
     parts = [{"type": "text", "text": before.strip()}] if before.strip() else []
-    parts.append({"type": "audio", "audio": audio, "transcript": sentence})
+    parts.append({"type": "audio", "audio": audio, "transcript": sentence, **({"words": words} if words else {})})
     if after.strip():
         parts.append({"type": "text", "text": after.strip()})
     follow_up = rng.choice(task.follow_ups)
@@ -91,7 +99,7 @@ def write_two_turn(
     toy_tasks.register_toy_tasks()
     rng = random.Random(seed)
     rows = [
-        conversation(task, r["id"], r["audio"], " ".join(r["text"].split()), rng)
+        conversation(task, r["id"], r["audio"], " ".join(r["text"].split()), rng, r.get("words"))
         for r in manifest_source(manifest).records
     ]
     storage.write_text(out, "".join(json.dumps(row) + "\n" for row in rows))

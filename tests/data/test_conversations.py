@@ -174,6 +174,17 @@ BAD_LINES = [
     ("bad_message", json.dumps({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]})),
     (
         "bad_message",
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "audio", "audio": "a.wav", "transcript": "t", "words": [1]}]},
+                    {"role": "assistant", "content": "a"},
+                ]
+            }
+        ),
+    ),
+    (
+        "bad_message",
         json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}),
     ),
 ]
@@ -206,7 +217,7 @@ def test_bad_lines_are_named_counted_and_the_rest_kept(tmp_path, caplog):
     assert "messages[1]: only user turns may hold audio" in warned[6]
 
 
-def _conversations(wav_manifest, path, count=4):
+def _conversations(wav_manifest, path, count=4, timed=False):
     """Two-turn conversations over the manifest's WAVs: a spoken sentence, then a text follow-up."""
     rows = [json.loads(line) for line in wav_manifest.read_text().splitlines()][:count]
     with open(path, "w") as f:
@@ -217,7 +228,12 @@ def _conversations(wav_manifest, path, count=4):
                     "role": "user",
                     "content": [
                         {"type": "text", "text": "Repeat"},
-                        {"type": "audio", "audio": str(wav_manifest.parent / row["audio"]), "transcript": row["text"]},
+                        {
+                            "type": "audio",
+                            "audio": str(wav_manifest.parent / row["audio"]),
+                            "transcript": row["text"],
+                            **({"words": row["words"]} if timed else {}),
+                        },
                     ],
                 },
                 {"role": "assistant", "content": row["text"]},
@@ -317,3 +333,22 @@ def test_a_missing_conversation_file_is_named_before_anything_is_built(tmp_path)
     config.train.eval_every = 10
     with pytest.raises(DataSourceError, match=r"data.eval_conversation_sources\[0\]"):
         check_sources(config)
+
+
+def test_timed_audio_parts_are_interleaved_and_the_teacher_reads_them_whole(wav_manifest, word_tokenizer, tmp_path):
+    path = tmp_path / "conversations.jsonl"
+    rows = _conversations(wav_manifest, path, count=10, timed=True)
+    config = _config(path, interleave_prob=1.0, interleave_ratio=0.5, span_max=2)
+    iterator, stats = build_pipeline(config, tokenizer=word_tokenizer, split="eval")
+    written = []
+    for batch in _drain(iterator):
+        for i in np.flatnonzero(batch["weight"] > 0):
+            teacher = word_tokenizer.decode(batch["teacher_tokens"][i][batch["teacher_input_mask"][i] > 0])
+            row = next(r for r in rows if f"Repeat {r['text']} " in teacher)  # the whole transcript
+            words = len(row["text"].split())
+            text_positions = int(((batch["input_mask"][i] > 0) & (batch["audio_index"][i] < 0)).sum())
+            # Transcript words the student reads as text: none when the whole part is spoken.
+            written.append(text_positions - (int(batch["teacher_input_mask"][i].sum()) - words))
+            assert 0 <= written[-1] < words and (batch["audio_lens"][i] > 0).sum() >= 1
+    assert stats.as_dict()["examples"] == len(rows) and stats.as_dict()["skipped"] == 0
+    assert max(written) > 0, written

@@ -57,6 +57,8 @@ def test_two_turn_task_trains_on_record_and_teacher_answers(tiny_corpus, tiny_co
     conversations = write_two_turn(tiny_corpus / "train" / "manifest.jsonl", tmp_path / "two_turn.jsonl")
     records = conversation_source(conversations).records
     assert len(records) == 12 and not conversation_source(conversations).skipped
+    spoken = [next(p for p in r["conversation"][0]["content"] if p["type"] == "audio") for r in records]
+    assert all(len(p["words"]) == len(p["transcript"].split()) for p in spoken)  # timed: MTBI interleaves them
     tok = load_tokenizer(tiny_corpus / "tokenizer")
     for record in records:
         for m in record["conversation"]:
