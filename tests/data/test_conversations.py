@@ -352,3 +352,30 @@ def test_timed_audio_parts_are_interleaved_and_the_teacher_reads_them_whole(wav_
             assert 0 <= written[-1] < words and (batch["audio_lens"][i] > 0).sum() >= 1
     assert stats.as_dict()["examples"] == len(rows) and stats.as_dict()["skipped"] == 0
     assert max(written) > 0, written
+
+
+def test_unreadable_audio_and_refused_templates_are_skipped_by_cause(wav_manifest, word_tokenizer, tmp_path):
+    import copy
+
+    from speechlm_jax.data.tokenizer import SpeechTokenizer
+
+    path = tmp_path / "conversations.jsonl"
+    rows = _conversations(wav_manifest, path)
+    lines = path.read_text().splitlines()
+    broken = json.loads(lines[0])
+    broken["id"] = "missing"
+    broken["messages"][0]["content"][1]["audio"] = str(tmp_path / "nowhere.wav")
+    with_system = json.loads(lines[1])
+    with_system["id"] = "system"
+    with_system["messages"].insert(0, {"role": "system", "content": "Answer the question ."})
+    path.write_text("\n".join(lines + [json.dumps(broken), json.dumps(with_system)]) + "\n")
+
+    # A template that refuses system turns, as some chat templates do.
+    hf = copy.deepcopy(word_tokenizer.hf)
+    hf.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}" + hf.chat_template
+    )
+    iterator, stats = build_pipeline(_config(path), tokenizer=SpeechTokenizer(hf), split="eval")
+    kept = sum(int(b["weight"].sum()) for b in _drain(iterator))
+    counts = stats.as_dict()
+    assert kept == len(rows) and counts["skipped/missing_file"] == 1 and counts["skipped/template_refused"] == 1
