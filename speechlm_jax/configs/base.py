@@ -123,6 +123,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.targets = ()  # teacher-response JSONL paths (behavior imitation)
     c.data.text_weight = 0.0
     c.data.text_loss = "response"  # "all": every token of text-only examples (from-scratch LLMs)
+    c.data.conversation_sources = ()  # multi-turn conversation JSONL paths (`data.conversations`)
+    c.data.conversation_weight = 0.0  # their fraction of the mixture
+    c.data.conversation_responses = "record"  # "teacher": the teacher's answers from data.targets (MTBI, SALAD)
+    c.data.eval_conversation_sources = ()  # held-out conversations (the training ones are never evaluated)
     c.data.kinds = ml_collections.ConfigDict({"asr": 1.0})
     c.data.tasks = ()
     c.data.task_modules = ()  # modules that register tasks when imported, e.g. speechlm_jax.toyworld.tasks

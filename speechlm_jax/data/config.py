@@ -13,6 +13,7 @@ from typing import Any
 
 SPEECH_KINDS = ("asr", "continuation", "imitation", "spoken_qa", "mixed_modal")
 TEXT_KIND = "text_sft"
+CONVERSATION_KIND = "conversation"  # multi-turn records (`conversations`), their task_id name
 
 
 @dataclasses.dataclass
@@ -25,6 +26,11 @@ class PipelineConfig:
     text_weight: fraction of text-only examples in the mixture (VoiceTextBlender: 0.15).
     text_loss: "response" (the assistant turn only, SFT) or "all" (every token of a
       text-only example: language modelling, for an LLM trained from scratch).
+    conversation_sources / conversation_weight: multi-turn conversation JSONL paths
+      (`conversations`) and their fraction of the mixture (the speech sources get
+      `1 - text_weight - conversation_weight`).
+    conversation_responses: "record" (train on the record's assistant turns) or "teacher"
+      (the teacher's own answers from `targets`: MTBI, SALAD).
     kinds: weights of the speech example kinds (`SPEECH_KINDS`).
     tasks: text tasks for `imitation` and `mixed_modal` (registered names).
     use_task_answer: take those responses from `TextTask.answer` instead of the targets.
@@ -41,6 +47,9 @@ class PipelineConfig:
     targets: tuple[str, ...] = ()
     text_weight: float = 0.0
     text_loss: str = "response"
+    conversation_sources: tuple[str, ...] = ()
+    conversation_weight: float = 0.0
+    conversation_responses: str = "record"
     kinds: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"asr": 1.0})
     tasks: tuple[str, ...] = ()
     use_task_answer: bool = False
@@ -75,6 +84,15 @@ class PipelineConfig:
             raise ValueError(f"text_loss must be 'response' or 'all', got {self.text_loss!r}")
         if not 0.0 <= self.text_weight <= 1.0:
             raise ValueError(f"text_weight must be in [0, 1], got {self.text_weight}")
+        if not 0.0 <= self.conversation_weight <= 1.0 - self.text_weight:
+            raise ValueError(
+                f"conversation_weight must be in [0, 1 - text_weight], got {self.conversation_weight}"
+                f" with text_weight {self.text_weight}"
+            )
+        if self.conversation_responses not in ("record", "teacher"):
+            raise ValueError(
+                f"conversation_responses must be 'record' or 'teacher', got {self.conversation_responses!r}"
+            )
         # Sizes the batcher loops over: 0 would wait forever for a batch that never fills.
         for name in ("batch_size", "max_slots", "teacher_tokens", "downsample", "sample_rate"):
             if getattr(self, name) < 1:
@@ -97,4 +115,8 @@ class PipelineConfig:
     @property
     def task_names(self) -> tuple[str, ...]:
         """Names that `task_id` indexes: the built-in speech tasks, the config's tasks, text_sft."""
-        return tuple(dict.fromkeys(("asr", "continuation", "spoken_qa", *self.tasks, TEXT_KIND)))
+        names = ("asr", "continuation", "spoken_qa", *self.tasks, TEXT_KIND)
+        # Only runs that read conversations count them, so other runs' metrics keep their names.
+        if self.conversation_sources:
+            names += (CONVERSATION_KIND,)
+        return tuple(dict.fromkeys(names))

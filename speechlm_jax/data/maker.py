@@ -20,15 +20,22 @@ the real cause, which `batching` counts as `skipped/<reason>`:
     empty_text       a transcript of whitespace only
     no_target, no_question, no_word_timings
                      what the drawn kind needs and the record lacks
+    template_refused a conversation whose roles the chat template will not render
+
+Conversation records (`conversations`) are their own kind: every assistant turn
+supervised, each audio part an audio slot (a long one split when `overlong` says so).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
 from speechlm_jax.data import interleave
 from speechlm_jax.data.audio import AudioError, load_audio
-from speechlm_jax.data.config import TEXT_KIND, PipelineConfig
+from speechlm_jax.data.config import CONVERSATION_KIND, TEXT_KIND, PipelineConfig
+from speechlm_jax.data.conversations import conversation_segments, teacher_responses
 from speechlm_jax.data.examples import (
     Audio,
     Example,
@@ -73,6 +80,15 @@ class ExampleMaker:
                     segments, self.tokenizer, downsample=self.config.downsample, task_id=self.task_ids[TEXT_KIND]
                 )
                 split = False
+            elif "conversation" in record:
+                segments = self._conversation_segments(record, rng)
+                example = build_example(
+                    segments,
+                    self.tokenizer,
+                    downsample=self.config.downsample,
+                    task_id=self.task_ids[CONVERSATION_KIND],
+                )
+                split = any(isinstance(a, Audio) and isinstance(b, Audio) for a, b in zip(segments, segments[1:]))
             else:
                 kind = self.kinds[int(rng.choice(len(self.kinds), p=self.kind_p))]
                 segments, task, split = self._speech_segments(kind, record, rng)
@@ -110,6 +126,50 @@ class ExampleMaker:
         if waveform.size < self.min_samples:
             raise ExampleError("too_short", f"{waveform.size} samples < {self.min_samples}, one audio token")
         return waveform
+
+    def _conversation_segments(self, record: Record, rng: np.random.Generator) -> list[Segment]:
+        """A conversation's segments: audio parts as slots (interleaved when timed and drawn so),
+        the record's or the teacher's answers."""
+        config = self.config
+        responses = None
+        if config.conversation_responses == "teacher":
+            responses = teacher_responses(record, self.targets)
+        parts = sum(p["type"] == "audio" for m in record["conversation"] for p in m["content"])
+
+        def spoken(part: dict[str, Any], lead_space: bool) -> list[Segment]:
+            waveform = self._waveform({"audio": part["audio"]})
+            words = interleave.record_words({"words": part.get("words"), "text": part["transcript"]})
+            if words is not None and rng.random() < config.interleave_prob:
+                spans = interleave.sample_spans(
+                    len(words),
+                    rng,
+                    ratio=config.interleave_ratio,
+                    min_span=config.span_min,
+                    max_span=config.span_max,
+                    max_audio_spans=max(1, config.max_slots // parts),
+                )
+                return interleave.content_segments(
+                    waveform,
+                    words,
+                    spans,
+                    lead_space=lead_space,
+                    max_samples=self.max_samples,
+                    split_long=config.overlong == "split",
+                    sample_rate=config.sample_rate,
+                    margin_s=config.margin_s,
+                    min_samples=self.min_samples,
+                )
+            return interleave.whole_utterance(
+                waveform,
+                part["transcript"],
+                None,
+                lead_space=lead_space,
+                max_samples=self.max_samples,
+                split_long=config.overlong == "split",
+                sample_rate=config.sample_rate,
+            )
+
+        return conversation_segments(self.tokenizer, record["conversation"], spoken=spoken, responses=responses)
 
     def _prompt_and_response(
         self, task: TextTask, record: Record, text: str, rng: np.random.Generator

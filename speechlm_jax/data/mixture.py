@@ -1,14 +1,14 @@
 """The pipeline's first stage: the configured sources, opened and mixed into one host's records.
 
-    speech sources (manifest / LibriSpeech dir / TFDS)     text-only JSONL
-        | host shard [process_index::process_count]            | host shard
-        | shuffle(seed), repeat                                | shuffle(seed + 1), repeat
-        +-------------- MapDataset.mix(1 - text_weight, text_weight) ----------+
+    speech sources (manifest / LibriSpeech dir / TFDS)     text-only JSONL           conversations JSONL
+        | host shard [process_index::process_count]            | host shard              | host shard
+        | shuffle(seed), repeat                                | shuffle(seed + 1)       | shuffle(seed + 2)
+        +---- MapDataset.mix(1 - text_weight - conversation_weight, text_weight, conversation_weight) ----+
         v
     records (a Grain MapDataset), read by `maker.ExampleMaker`
 
 In the data flow (sources -> examples -> buckets -> batches) this is "sources": it opens
-the speech and text sources and the teacher targets a `PipelineConfig` names, and counts
+the speech, text and conversation sources and the teacher targets a `PipelineConfig` names, and counts
 the lines they could not parse. Only the training split is shuffled and repeated; other
 splits read their host shard once, in order.
 """
@@ -25,6 +25,7 @@ import grain
 import numpy as np
 
 from speechlm_jax.data.config import PipelineConfig
+from speechlm_jax.data.conversations import conversation_source
 from speechlm_jax.data.sources import Record, TargetTable, TFDSSource, librispeech_source, manifest_source, text_source
 
 
@@ -81,21 +82,30 @@ def host_mixture(
     train = split == "train"
     speech = ConcatSource([open_speech_source(spec, split) for spec in config.speech_sources])
     text = ConcatSource([text_source(path) for path in config.text_sources])
+    conversations = ConcatSource([conversation_source(path) for path in config.conversation_sources])
     targets = TargetTable(tuple(config.targets))
-    source_skipped = speech.skipped + text.skipped + targets.skipped
+    source_skipped = speech.skipped + text.skipped + conversations.skipped + targets.skipped
     host = slice(process_index, None, process_count)
     parts, weights = [], []
-    if len(speech) and config.text_weight < 1.0:
+    speech_weight = 1.0 - config.text_weight - config.conversation_weight
+    if len(speech) and speech_weight > 1e-9:
         parts.append(
             _prepared(grain.MapDataset.source(speech)[host], train=train, seed=seed, num_epochs=config.num_epochs)
         )
-        weights.append(1.0 - config.text_weight)
+        weights.append(speech_weight)
     if len(text) and config.text_weight > 0.0:
         parts.append(
             _prepared(grain.MapDataset.source(text)[host], train=train, seed=seed + 1, num_epochs=config.num_epochs)
         )
         weights.append(config.text_weight)
+    if len(conversations) and config.conversation_weight > 0.0:
+        parts.append(
+            _prepared(
+                grain.MapDataset.source(conversations)[host], train=train, seed=seed + 2, num_epochs=config.num_epochs
+            )
+        )
+        weights.append(config.conversation_weight)
     if not parts:
-        raise ValueError("the pipeline config names no readable speech or text data")
+        raise ValueError("the pipeline config names no readable speech, text or conversation data")
     records = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
     return HostMixture(records, targets, source_skipped)

@@ -72,7 +72,8 @@ def data_paths(config: Any) -> Iterator[tuple[str, str, str]]:
     for key in ("speech_sources", "eval_speech_sources") if evaluates else ("speech_sources",):
         for i, spec in enumerate(data.get(key) or ()):
             yield f"data.{key}[{i}] ({spec.get('type')})", str(spec["path"]), _speech_kind(spec)
-    for key in ("text_sources", "targets"):
+    files = ("text_sources", "conversation_sources", "targets")
+    for key in files + ("eval_conversation_sources",) if evaluates else files:
         for i, path in enumerate(data.get(key) or ()):
             yield f"data.{key}[{i}]", str(path), "file"
 

@@ -11,7 +11,13 @@ reads the output for its `imitation` / `continuation` examples (`data.sources.Ta
 JSONL rows `{"id", "task", "prompt", "response"}` where `prompt` is the phrasing template
 (with `{content}`), in shard files `targets-00000-of-00064.jsonl`.
 
-- Sharded over hosts: the utterances are cut into `num_shards` contiguous shards and host
+Multi-turn conversations (`--conversations`, JSONL of `data.conversations`) get the
+teacher's answer to each assistant turn, given the text twin of the conversation before it
+with its own earlier answers (`evaluation.conversation_targets`): rows `{"id", "task":
+"conversation", "prompt": "messages[i]", "response"}` in the same shard files, for
+`data.conversation_responses = "teacher"`. `--source` and `--tasks` may then be left out.
+
+- Sharded over hosts: the utterances (and the conversations) are cut into `num_shards` contiguous shards and host
   `process_index` writes the shards `i` with `i % process_count == process_index`, each
   host decoding on its own devices (the model must fit on one host).
 - Resumable: a shard is written to a temporary file and renamed when complete, so a shard
@@ -43,9 +49,11 @@ from tqdm import tqdm
 
 from speechlm_jax import cli, storage
 from speechlm_jax.cli import parse_list, parse_mesh, parse_source
+from speechlm_jax.data.conversations import conversation_source
 from speechlm_jax.data.mixture import open_speech_source
 from speechlm_jax.data.tasks import get_task, import_task_modules
 from speechlm_jax.data.tokenizer import load_tokenizer
+from speechlm_jax.evaluation.conversation_targets import conversation_rows, count_turns
 from speechlm_jax.evaluation.items import Item
 from speechlm_jax.evaluation.scoring import Scorer
 from speechlm_jax.models import hf_import
@@ -103,9 +111,10 @@ class GenerateRequest:
     """What `speechlm-generate` is asked: one field per flag (see `build_parser`), with its defaults."""
 
     llm: str
-    source: dict[str, str]
-    tasks: Sequence[str]
     out: str
+    source: dict[str, str] | None = None
+    tasks: Sequence[str] = ()
+    conversations: Sequence[str] = ()
     tokenizer: str = ""
     split: str = "train"
     task_modules: Sequence[str] = ()
@@ -125,10 +134,10 @@ class GenerateRequest:
 
     def __post_init__(self) -> None:
         # The command line's string forms are accepted from Python too.
-        for name in ("tasks", "task_modules"):
+        for name in ("tasks", "task_modules", "conversations"):
             value = getattr(self, name)
             object.__setattr__(self, name, parse_list(value) if isinstance(value, str) else tuple(value))
-        if isinstance(self.source, str):
+        if isinstance(self.source, str) and self.source:
             object.__setattr__(self, "source", parse_source(self.source))
         if isinstance(self.mesh, str):
             object.__setattr__(self, "mesh", parse_mesh(self.mesh))
@@ -139,10 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm", required=True, help="HF checkpoint folder of the text LLM (the teacher)")
     p.add_argument("--tokenizer", default="", help="tokenizer folder (default: --llm)")
     p.add_argument(
-        "--source", required=True, type=parse_source, help="paired corpus, TYPE:PATH (manifest|librispeech|tfds)"
+        "--source", type=parse_source, default=None, help="paired corpus, TYPE:PATH (manifest|librispeech|tfds)"
+    )
+    p.add_argument(
+        "--conversations",
+        type=parse_list,
+        default=(),
+        help="comma-separated multi-turn conversation JSONL files: the teacher answers every assistant turn",
     )
     p.add_argument("--split", default="train", help="TFDS split")
-    p.add_argument("--tasks", required=True, type=parse_list, help="comma-separated registered task names")
+    p.add_argument("--tasks", type=parse_list, default=(), help="comma-separated registered task names (for --source)")
     p.add_argument(
         "--task_modules", type=parse_list, default=(), help="comma-separated modules to import that register tasks"
     )
@@ -179,8 +194,12 @@ def run(args: GenerateRequest) -> dict[str, Any]:
         jax.distributed.initialize()
     import_task_modules(args.task_modules)
     tasks = list(args.tasks)
-    if not tasks:
+    if args.source is None and not args.conversations:
+        raise cli.UsageError("give --source (with --tasks) or --conversations")
+    if args.source is not None and not tasks:
         raise cli.UsageError("--tasks names no task")
+    if tasks and args.source is None:
+        raise cli.UsageError("--tasks asks about a paired corpus: give it with --source")
     for name in tasks:
         try:
             get_task(name)
@@ -189,8 +208,10 @@ def run(args: GenerateRequest) -> dict[str, Any]:
     out = storage.path(args.out)
     if not storage.is_remote(out):
         out.mkdir(parents=True, exist_ok=True)
-    records = open_speech_source(args.source, args.split)
+    records = open_speech_source(args.source, args.split) if args.source is not None else []
     count = min(len(records), args.limit) if args.limit else len(records)
+    conversations = [r for path in args.conversations for r in conversation_source(path).records]
+    conversation_count = min(len(conversations), args.limit) if args.limit else len(conversations)
     mine = host_shards(args.num_shards, jax.process_index(), jax.process_count())
     todo = [i for i in mine if not (out / shard_name(i, args.num_shards)).exists()]
     summary: dict[str, Any] = {
@@ -219,8 +240,11 @@ def run(args: GenerateRequest) -> dict[str, Any]:
             )
             for i in todo
         }
+        dialogues = {
+            i: [conversations[k] for k in range(*shard_bounds(conversation_count, i, args.num_shards))] for i in todo
+        }
         bar = tqdm(
-            total=sum(len(r) for r in shards.values()),
+            total=sum(len(r) for r in shards.values()) + sum(count_turns(d) for d in dialogues.values()),
             unit="ex",
             desc="speechlm-generate",
             disable=args.no_progress,
@@ -243,15 +267,26 @@ def run(args: GenerateRequest) -> dict[str, Any]:
                 if prepared
                 else ([], 0)
             )
+            turns, turn_tokens = conversation_rows(
+                scorer,
+                dialogues[i],
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                # Keys apart from the speech requests' (folded with shard numbers below num_shards).
+                rng=jax.random.fold_in(key, args.num_shards + i),
+                progress=bar.update,
+            )
             write_shard(
                 out / shard_name(i, args.num_shards),
                 [
                     {"id": r.id, "task": r.task, "prompt": r.prompt, "response": text}
                     for r, text in zip(requests, responses)
-                ],
+                ]
+                + turns,
             )
-            summary["examples"] += len(requests)
-            summary["generated_tokens"] += tokens
+            summary["examples"] += len(requests) + len(turns)
+            summary["generated_tokens"] += tokens + turn_tokens
         bar.close()
         summary["seconds"] = time.perf_counter() - start
         summary["tokens_per_second"] = summary["generated_tokens"] / max(summary["seconds"], 1e-9)

@@ -56,6 +56,7 @@ PROJECTOR_KINDS = ("frame_stack", "conv")
 DTYPES = ("float32", "bfloat16", "float16")
 OVERLONG = ("drop", "split")
 TEXT_LOSSES = ("response", "all")
+CONVERSATION_RESPONSES = ("record", "teacher")
 PROMPT_SPLITS = ("train", "heldout")
 
 
@@ -151,6 +152,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _one_of(key, _get(config, key), DTYPES)
     _one_of("data.overlong", config.data.overlong, OVERLONG)
     _one_of("data.text_loss", config.data.text_loss, TEXT_LOSSES)
+    _one_of("data.conversation_responses", config.data.conversation_responses, CONVERSATION_RESPONSES)
     _one_of("data.eval_prompt_split", config.data.eval_prompt_split, PROMPT_SPLITS)
     check_ranges(config)
     if config.train.batch_size % config.train.grad_accum:
@@ -220,6 +222,7 @@ VALUE_RANGES: dict[str, Range] = {
     "model.length_adapter.blank_id": NONNEGATIVE,
     "model.init_from.step": Range(0, zero="the latest checkpoint"),
     "data.text_weight": FRACTION,
+    "data.conversation_weight": FRACTION,
     "data.interleave_prob": FRACTION,
     "data.interleave_ratio": FRACTION,
     "data.span_min": COUNT,

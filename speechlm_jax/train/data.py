@@ -23,7 +23,14 @@ from speechlm_jax.data.tasks import import_task_modules
 from speechlm_jax.data.tokenizer import SpeechTokenizer, load_tokenizer
 
 # Keys of `config.data` that are the trainer's, not PipelineConfig fields.
-TRAINER_KEYS = ("tokenizer", "task_modules", "eval_speech_sources", "eval_prompt_split", "made_by")
+TRAINER_KEYS = (
+    "tokenizer",
+    "task_modules",
+    "eval_speech_sources",
+    "eval_conversation_sources",
+    "eval_prompt_split",
+    "made_by",
+)
 
 
 def pipeline_config(config: ml_collections.ConfigDict, *, heldout: bool = False) -> PipelineConfig:
@@ -40,6 +47,10 @@ def pipeline_config(config: ml_collections.ConfigDict, *, heldout: bool = False)
         fields["prompt_split"] = config.data.eval_prompt_split
         if config.data.eval_speech_sources:
             fields["speech_sources"] = config.data.eval_speech_sources
+        # Held-out conversations only: the training ones are never scored as held out.
+        fields["conversation_sources"] = tuple(config.data.get("eval_conversation_sources", ()))
+        if not fields["conversation_sources"]:
+            fields["conversation_weight"] = 0.0
     return PipelineConfig.from_config(fields)
 
 
