@@ -49,6 +49,8 @@ setup(
         # `speechlm-eval --voicebench`: local copies of the VoiceBench subsets (datasets reads
         # their Parquet shards or save_to_disk folders) and IFEval's checkers.
         "bench": ["datasets>=4.4.2", "if-verifiable==0.1.2"],
+        # Weights & Biases beside TensorBoard (`train.wandb.project`; offline by default).
+        "wandb": ["wandb==0.31.0"],
         # The references the tests compare against. torch is the CPU build that
         # ships with the development image for Python 3.11; on newer Pythons the
         # test suite needs a CPU torch installed by hand (see README).
@@ -67,6 +69,7 @@ setup(
             # The VoiceBench tests (the `bench` extra).
             "datasets>=4.4.2",
             "if-verifiable==0.1.2",
+            "wandb==0.31.0",
         ],
     },
     entry_points={

@@ -10,6 +10,7 @@ A workdir is loaded as the trainer left it: its resolved `config.json` rebuilds 
 training), the latest checkpoint's trainable state is restored through the trainer's
 orbax `Checkpointer`, and the frozen base's content hash is checked against the one the
 checkpoint recorded. `--base` loads an HF LLM alone: text conditions only (the upper bound).
+A workdir trained with W&B on (`train.wandb.project`) gets the report attached to its W&B run.
 
 Benchmarks, each on when its input is given:
     --items a.jsonl,b.jsonl   gap benchmark, and text retention on the same items
@@ -68,7 +69,7 @@ from speechlm_jax.models import hf_import
 from speechlm_jax.models.speechlm import SpeechLM
 from speechlm_jax.sharding import make_mesh
 from speechlm_jax.train import config as config_lib
-from speechlm_jax.train import restore
+from speechlm_jax.train import restore, wandb_run
 
 
 def load_run(
@@ -322,6 +323,8 @@ def run(args: EvalRequest) -> dict[str, Any]:
     if jax.process_index() == 0:
         paths = report.write_report(result, out, workdir=args.workdir)
         result["files"] = {name: str(p) for name, p in paths.items()}
+        if config is not None:  # a workdir whose run logs to W&B gets the report attached
+            wandb_run.attach_evaluation(config, args.workdir, paths, headline(result))
     return result
 
 

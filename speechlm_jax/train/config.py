@@ -57,6 +57,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 OVERLONG = ("drop", "split")
 TEXT_LOSSES = ("response", "all")
 PROMPT_SPLITS = ("train", "heldout")
+WANDB_MODES = ("", "offline", "online", "disabled")  # "": $WANDB_MODE, else offline (train/wandb_run.py)
 
 
 class ConfigError(ValueError):
@@ -152,6 +153,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of("data.overlong", config.data.overlong, OVERLONG)
     _one_of("data.text_loss", config.data.text_loss, TEXT_LOSSES)
     _one_of("data.eval_prompt_split", config.data.eval_prompt_split, PROMPT_SPLITS)
+    _one_of("train.wandb.mode", config.train.wandb.mode, WANDB_MODES)
     check_ranges(config)
     if config.train.batch_size % config.train.grad_accum:
         raise ConfigError(
