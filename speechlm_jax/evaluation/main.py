@@ -342,7 +342,9 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
     numbers.update({f"cascade/{k}": v["overall"] for k, v in result.get("cascade", {}).items()})
     numbers.update(
         {
-            f"voicebench/{k}": {c: v["overall"][c] for c in (*v["conditions"], "gap", "items") if c in v["overall"]}
+            f"voicebench/{k}": {
+                c: v["overall"][c] for c in (*v["conditions"], "gap", "cascade_gap", "items") if c in v["overall"]
+            }
             for k, v in result.get("voicebench", {}).items()
         }
     )

@@ -209,7 +209,8 @@ def voicebench_markdown(subsets: Mapping[str, Any]) -> list[str]:
         "## VoiceBench",
         "",
         "Speech: the recording to the speech LLM; text: the prompt to the base LLM; cascade: the "
-        "connector's CTC transcript to the base LLM. Scores are fractions (accuracy; IFEval the mean "
+        "connector's CTC transcript to the base LLM; gap = text - speech, cascade_gap = cascade - speech. "
+        "Scores are fractions (accuracy; IFEval the mean "
         "of its four accuracies); fail: the share of responses with no answer found (guessed).",
         "",
     ]
@@ -220,7 +221,7 @@ def voicebench_markdown(subsets: Mapping[str, Any]) -> list[str]:
             for c in ("text", "speech", "cascade"):
                 if "fail" in values.get(f"{c}_details", {}):
                     rows[row][f"{c} fail"] = values[f"{c}_details"]["fail"]
-    columns = ["text", "speech", "gap", "cascade"]
+    columns = ["text", "speech", "gap", "cascade", "cascade_gap"]
     present = [c for c in columns if any(c in r for r in rows.values())]
     fails = [f"{c} fail" for c in ("text", "speech", "cascade") if any(f"{c} fail" in r for r in rows.values())]
     return lines + _table(rows, present + fails + ["items"], "subset")

@@ -22,7 +22,8 @@ Each item is answered greedily three ways, VoiceBench's two modalities plus the 
     text      `prompt` to the base LLM (LoRA off): the text upper bound
     cascade   the connector's CTC transcript of the recording to the base LLM (`cascade.py`)
 
-and scored by the subset's rule (`voicebench_rules`); gap = text - speech. Rows are checked and
+and scored by the subset's rule (`voicebench_rules`); gap = text - speech, and cascade_gap =
+cascade - speech (above 0: the cascade beats the speech LLM). Rows are checked and
 their audio decoded when the subset is read, before any model loads (`VoiceBenchError` names the
 file, row and column).
 """
@@ -52,6 +53,7 @@ UNSCORED = {
     "numpy 2, and downloads its classifier at run time",
     "alpacaeval": "it is scored by a GPT judge",
     "alpacaeval_full": "it is scored by a GPT judge",
+    "alpacaeval_speaker": "it is scored by a GPT judge",
     "commoneval": "it is scored by a GPT judge",
     "wildvoice": "it is scored by a GPT judge",
     "advbench": "it is scored by a refusal judge",
@@ -121,6 +123,16 @@ def _parquet_shards(folder: str) -> dict[str, list[str]]:
     return dict(shards)
 
 
+def _read_parquet(files: Sequence[str]) -> Any:
+    """The shards of one split as one in-memory `datasets.Dataset` (its features from the files'
+    own metadata), without the copy into the datasets cache that `Dataset.from_parquet` makes."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return datasets.Dataset(pa.concat_tables([pq.read_table(f) for f in files]))
+
+
 def _splits(path: str) -> list[tuple[str, Any, str]]:
     """(split, `datasets.Dataset` with undecoded audio, source name) of each split a copy holds."""
     import datasets
@@ -140,7 +152,7 @@ def _splits(path: str) -> list[tuple[str, Any, str]]:
         )
         if not shards:
             raise VoiceBenchError(f"{path}: neither a save_to_disk folder nor a folder of Parquet shards")
-        found = [(split, datasets.Dataset.from_parquet(files), path) for split, files in sorted(shards.items())]
+        found = [(split, _read_parquet(files), path) for split, files in sorted(shards.items())]
     out = []
     for split, ds, source in found:
         if "audio" in ds.column_names:
@@ -283,7 +295,8 @@ def run_voicebench(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Text (base LLM), speech (speech LLM) and, with `blank_id`, cascade answers to every item,
-    scored by the subset's rule: overall and per task, each condition's numbers, gap = text - speech.
+    scored by the subset's rule: overall and per task, each condition's numbers, gap = text - speech,
+    cascade_gap = cascade - speech.
 
     A scorer holding a base LLM alone answers the text condition only.
     """
@@ -322,6 +335,8 @@ def run_voicebench(
             out[f"{condition}_details"] = details
         if "speech" in out:
             out["gap"] = out["text"] - out["speech"]
+        if "cascade" in out:
+            out["cascade_gap"] = out["cascade"] - out["speech"]
         return out
 
     return {

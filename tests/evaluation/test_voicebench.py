@@ -138,6 +138,7 @@ def test_speech_text_and_cascade_are_scored_by_the_subset_rule(copies, tok, toy_
     assert overall["items"] == 3
     assert overall["speech"] == np.mean([r["speech_score"]["correct"] for r in records])
     assert overall["gap"] == overall["text"] - overall["speech"]
+    assert overall["cascade_gap"] == overall["cascade"] - overall["speech"]
     assert overall["speech_details"]["fail"] == np.mean([r["speech_score"]["guessed"] for r in records])
     # The speech condition heard the recordings: the student's audio slot is the recording's length.
     segments = scorer.segments(asked[0], spoken=True, response=None)
@@ -176,3 +177,28 @@ def test_speechlm_eval_exits_2_on_a_subset_it_cannot_score(tmp_path, capsys):
     (workdir / "config.json").write_text("{}")
     assert eval_main.main(["--workdir", str(workdir), "--voicebench", f"sd-qa={tmp_path}"]) == 2
     assert "VoiceBench subset 'sd-qa'" in capsys.readouterr().err
+
+
+def test_the_report_table_has_a_row_per_subset_and_task_and_every_condition():
+    from speechlm_jax.evaluation import report
+
+    def scores(text, speech, cascade, n):
+        details = {c: {"score": v, "fail": 0.5} for c, v in (("text", text), ("speech", speech), ("cascade", cascade))}
+        out = {"text": text, "speech": speech, "cascade": cascade, "gap": text - speech, "items": n}
+        out["cascade_gap"] = cascade - speech
+        return out | {f"{c}_details": d for c, d in details.items()}
+
+    section = {
+        "mmsu": {"overall": scores(0.75, 0.5, 0.625, 4), "tasks": {"mmsu/law": scores(1.0, 0.5, 0.5, 2)}},
+        "bbh": {"overall": scores(0.5, 0.25, 0.5, 4), "tasks": {}},
+    }
+    lines = report.voicebench_markdown(section)
+    header = next(line for line in lines if line.startswith("| subset"))
+    assert (
+        header
+        == "| subset | text | speech | gap | cascade | cascade_gap | text fail | speech fail | cascade fail | items |"
+    )
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| subset")]
+    assert [r.split(" | ")[0] for r in rows] == ["| **mmsu**", "| mmsu/law", "| **bbh**"]
+    assert rows[0] == "| **mmsu** | 0.7500 | 0.5000 | 0.2500 | 0.6250 | 0.1250 | 0.5000 | 0.5000 | 0.5000 | 4 |"
+    assert "text fail" not in section["mmsu"]["overall"]  # the report's numbers are left as they are
