@@ -225,7 +225,7 @@ def read_subset(spec: str, *, limit: int = 0) -> Subset:
                 if not ids or not isinstance(ids, list) or not isinstance(kwargs, list) or len(kwargs) != len(ids):
                     raise VoiceBenchError(f"{where}: 'instruction_id_list' and 'kwargs' must be lists of one length")
                 extra["instruction_ids"] = tuple(str(i) for i in ids)
-                extra["kwargs"] = tuple({k: v for k, v in (kw or {}).items() if v is not None} for kw in kwargs)
+                extra["kwargs"] = tuple(_checker_args(kw) for kw in kwargs)
             item = Item(id=item_id, task=task, question=prompt, answer=extra.get("reference", ""), audio=item_id)
             items.append(VoiceBenchItem(subset=name, item=item, **extra))
     if not items:
@@ -233,6 +233,16 @@ def read_subset(spec: str, *, limit: int = 0) -> Subset:
     if name == "ifeval":
         _check_ifeval(items, path)
     return Subset(name=name, path=path, items=items, waveforms=waveforms)
+
+
+def _checker_args(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """One instruction's arguments: the struct column's unused (None) fields dropped, and counts
+    that a Parquet writer stored as floats (5.0) made ints again, as the checkers compare them."""
+    out = {}
+    for key, value in (kwargs or {}).items():
+        if value is not None:
+            out[key] = int(value) if isinstance(value, float) and value.is_integer() else value
+    return out
 
 
 def _check_ifeval(items: Sequence[VoiceBenchItem], path: str) -> None:

@@ -60,7 +60,7 @@ def copies(tmp_path_factory):
     }
     (root / "bbh").mkdir()
     _dataset(bbh).to_parquet(str(root / "bbh" / "test-00000-of-00001.parquet"))
-    kwargs = [[{"keywords": ["ocean"]}], [{"num_words": 5, "relation": "less than"}, {}]]
+    kwargs = [[{"keywords": ["ocean"]}], [{"num_words": 5.0, "relation": "less than"}, {}]]
     ifeval = {
         "audio": [_recording(0.6), _recording(0.3)],
         "key": [1001, 1002],
@@ -92,6 +92,7 @@ def test_each_subset_is_read_in_the_hub_schema(copies):
     ifeval = voicebench.read_subset(str(copies / "ifeval"))
     assert ifeval.items[1].instruction_ids == ("length_constraints:number_words", "punctuation:no_comma")
     assert ifeval.items[1].kwargs == ({"num_words": 5, "relation": "less than"}, {})
+    assert isinstance(ifeval.items[1].kwargs[0]["num_words"], int)
     assert ifeval.items[0].item.id == "ifeval/1001"
 
 
