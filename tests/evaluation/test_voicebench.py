@@ -203,3 +203,17 @@ def test_the_report_table_has_a_row_per_subset_and_task_and_every_condition():
     assert [r.split(" | ")[0] for r in rows] == ["| **mmsu**", "| mmsu/law", "| **bbh**"]
     assert rows[0] == "| **mmsu** | 0.7500 | 0.5000 | 0.2500 | 0.6250 | 0.1250 | 0.5000 | 0.5000 | 0.5000 | 4 |"
     assert "text fail" not in section["mmsu"]["overall"]  # the report's numbers are left as they are
+
+
+def test_copies_in_a_bucket_are_read_as_local_ones(copies, gcs_bucket):
+    from speechlm_jax import storage
+
+    for subset in ("openbookqa", "mmsu"):
+        for file in (copies / subset).rglob("*"):
+            if file.is_file():
+                storage.write_bytes(f"{gcs_bucket}/vb/{subset}/{file.relative_to(copies / subset)}", file.read_bytes())
+    for subset in ("openbookqa", "mmsu"):
+        remote = voicebench.read_subset(f"{gcs_bucket}/vb/{subset}")
+        local = voicebench.read_subset(str(copies / subset))
+        assert [vb.item for vb in remote.items] == [vb.item for vb in local.items]
+        assert all(np.array_equal(remote.waveforms[k], w) for k, w in local.waveforms.items())
