@@ -46,6 +46,11 @@ setup(
         "tpu": ["jax[tpu]>=0.10.2"],
         # s3:// paths (S3 and S3-compatible stores).
         "s3": ["s3fs>=2024.6"],
+        # `speechlm-eval --voicebench`: local copies of the VoiceBench subsets (datasets reads
+        # their Parquet shards or save_to_disk folders) and IFEval's checkers.
+        "bench": ["datasets>=4.4.2", "if-verifiable==0.1.2"],
+        # Weights & Biases beside TensorBoard (`train.wandb.project`; offline by default).
+        "wandb": ["wandb==0.31.0"],
         # The references the tests compare against. torch is the CPU build that
         # ships with the development image for Python 3.11; on newer Pythons the
         # test suite needs a CPU torch installed by hand (see README).
@@ -61,6 +66,10 @@ setup(
             "gcp-storage-emulator>=2024.8",
             "google-cloud-storage>=2.18",
             "torch==2.13.0; python_version < '3.12'",
+            # The VoiceBench tests (the `bench` extra).
+            "datasets>=4.4.2",
+            "if-verifiable==0.1.2",
+            "wandb==0.31.0",
         ],
     },
     entry_points={

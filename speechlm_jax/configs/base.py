@@ -90,6 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.progress_bar = True
     c.train.fast_compile = False  # skip XLA's expensive optimisation passes (tests, debugging)
     c.train.compilation_cache = ""  # a directory: XLA programs persist there, so a restart skips compiling
+    # Weights & Biases (train/wandb_run.py): on when `project` is set; mode "" = $WANDB_MODE, else offline.
+    c.train.wandb = ml_collections.ConfigDict(dict(project="", entity="", name="", mode=""))
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = ml_collections.ConfigDict(dict(projector=1e-4, lora=1e-4, encoder=1e-5, llm=5e-5))

@@ -11,6 +11,8 @@ benchmarks:
     retention.py       text accuracy of the adapted model against the base LLM
     diagnostics.py     SALAD's misalignment M and forgetting F on a text corpus
     asr.py             WER with jiwer after text normalisation
+    cascade.py         the connector's CTC transcript answered by the base LLM
+    voicebench.py      VoiceBench subsets from local copies, scored by `voicebench_rules.py`
     report.py          report.json, report.md and plots (with the run's training curves)
     main.py            the `speechlm-eval` command
 

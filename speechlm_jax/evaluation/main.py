@@ -10,6 +10,7 @@ A workdir is loaded as the trainer left it: its resolved `config.json` rebuilds 
 training), the latest checkpoint's trainable state is restored through the trainer's
 orbax `Checkpointer`, and the frozen base's content hash is checked against the one the
 checkpoint recorded. `--base` loads an HF LLM alone: text conditions only (the upper bound).
+A workdir trained with W&B on (`train.wandb.project`) gets the report attached to its W&B run.
 
 Benchmarks, each on when its input is given:
     --items a.jsonl,b.jsonl   gap benchmark, and text retention on the same items
@@ -22,6 +23,9 @@ Benchmarks, each on when its input is given:
                               TYPE:PATH, the first `--asr_limit` utterances
     --ctc_asr                 WER / CER of the connector's own greedy CTC transcript (through the
                               LLM's head, blank `loss.blank_id`) on the same utterances
+    --voicebench a,b=PATH     VoiceBench subsets from local copies (`voicebench.py`): openbookqa,
+                              mmsu, bbh, ifeval, each as speech, as text and (with --cascade)
+                              through the cascade, scored by VoiceBench's rules
     --cascade                 the cascade baseline on every item set above: the connector's CTC
                               transcript of the speech answered by the base LLM (`cascade.py`)
 Tasks are named by the registry; `--task_modules` (and a run's `data.task_modules`) import
@@ -49,13 +53,23 @@ from speechlm_jax.data.mixture import open_speech_source
 from speechlm_jax.data.sources import read_text_corpus
 from speechlm_jax.data.tasks import import_task_modules
 from speechlm_jax.data.tokenizer import SpeechTokenizer, load_tokenizer
-from speechlm_jax.evaluation import asr, cascade, diagnostics, gap, generalisation, items, report, retention
-from speechlm_jax.evaluation.scoring import OracleSpeech, Scorer, model_audio, oracle_audio
+from speechlm_jax.evaluation import (
+    asr,
+    cascade,
+    diagnostics,
+    gap,
+    generalisation,
+    items,
+    report,
+    retention,
+    voicebench,
+)
+from speechlm_jax.evaluation.scoring import OracleSpeech, Scorer, TTSSpeech, model_audio, oracle_audio
 from speechlm_jax.models import hf_import
 from speechlm_jax.models.speechlm import SpeechLM
 from speechlm_jax.sharding import make_mesh
 from speechlm_jax.train import config as config_lib
-from speechlm_jax.train import restore
+from speechlm_jax.train import restore, wandb_run
 
 
 def load_run(
@@ -93,6 +107,9 @@ class EvalRequest:
     asr_limit: int = 200
     ctc_asr: bool = False
     cascade: bool = False
+    voicebench: Sequence[str] = ()
+    voicebench_limit: int = 0
+    voicebench_max_new_tokens: int = 512
     oracle: bool = False
     batch_size: int = 16
     max_new_tokens: int = 32
@@ -103,7 +120,7 @@ class EvalRequest:
 
     def __post_init__(self) -> None:
         # The command line's comma-separated forms are accepted from Python too.
-        for name in ("items", "task_modules", "heldout_tasks") + (
+        for name in ("items", "task_modules", "heldout_tasks", "voicebench") + (
             ("seen_tasks",) if self.seen_tasks is not None else ()
         ):
             value = getattr(self, name)
@@ -137,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asr_limit", type=int, default=200)
     p.add_argument("--ctc_asr", action="store_true", help="WER/CER of the run's greedy CTC transcripts")
     p.add_argument("--cascade", action="store_true", help="the run's CTC transcript answered by the base LLM")
+    p.add_argument(
+        "--voicebench",
+        type=parse_list,
+        default=(),
+        help="comma-separated local VoiceBench subsets, SUBSET=PATH or a folder named by its subset "
+        f"({', '.join(voicebench.SUBSETS)})",
+    )
+    p.add_argument("--voicebench_limit", type=int, default=0, help="the first N rows of each split (0: all)")
+    p.add_argument("--voicebench_max_new_tokens", type=int, default=512, help="response length for VoiceBench")
     p.add_argument("--oracle", action="store_true", help="transcript token embeddings as the speech (harness check)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--max_new_tokens", type=int, default=32)
@@ -192,6 +218,7 @@ class Inputs:
     items: list[items.Item]
     sentences: list[str]
     corpus: list[str]
+    voicebench: list[voicebench.Subset] = dataclasses.field(default_factory=list)
 
 
 def read_inputs(args: EvalRequest) -> Inputs:
@@ -202,6 +229,7 @@ def read_inputs(args: EvalRequest) -> Inputs:
         items=[it for path in args.items if path for it in items.load_items(path)],
         sentences=read_corpus(args.generalisation) if args.generalisation else [],
         corpus=read_corpus(args.corpus) if args.corpus else [],
+        voicebench=[voicebench.read_subset(spec, limit=args.voicebench_limit) for spec in args.voicebench],
     )
 
 
@@ -223,13 +251,18 @@ def run(args: EvalRequest) -> dict[str, Any]:
         layout = {}  # an LLM alone reads no audio
         info = {"base": str(args.base)}
     info["oracle"] = bool(args.oracle)
+    if args.oracle and layout:
+        speech = OracleSpeech(tokenizer, layout["downsample"])
+    else:
+        recorded = {key: w for subset in inputs.voicebench for key, w in subset.waveforms.items()}
+        speech = voicebench.RecordedSpeech(recorded, TTSSpeech()) if recorded else None
     scorer = Scorer(
         model,
         tokenizer,
         mesh=mesh,
         batch_size=args.batch_size,
         **layout,
-        speech=OracleSpeech(tokenizer, layout["downsample"]) if args.oracle and layout else None,
+        speech=speech,
         embedder=oracle_audio if args.oracle else model_audio,
     )
     normalize = not args.no_length_normalization
@@ -265,6 +298,17 @@ def run(args: EvalRequest) -> dict[str, Any]:
         raise ValueError("--ctc_asr and --cascade read a run's connector: give --workdir")
     if args.ctc_asr:
         result["ctc_asr"] = cascade.run_ctc_asr(scorer, _asr_records(args, config), blank_id=config.loss.blank_id)
+    if inputs.voicebench:
+        result["voicebench"] = {
+            subset.name: voicebench.run_voicebench(
+                scorer,
+                subset,
+                max_new_tokens=args.voicebench_max_new_tokens,
+                blank_id=config.loss.blank_id if args.cascade else None,
+                seed=args.seed,
+            )
+            for subset in inputs.voicebench
+        }
     if args.cascade:
         sets = {"gap": gap_items} if gap_items else {}
         sets.update(generalisation_sets)
@@ -279,6 +323,8 @@ def run(args: EvalRequest) -> dict[str, Any]:
     if jax.process_index() == 0:
         paths = report.write_report(result, out, workdir=args.workdir)
         result["files"] = {name: str(p) for name, p in paths.items()}
+        if config is not None:  # a workdir whose run logs to W&B gets the report attached
+            wandb_run.attach_evaluation(config, args.workdir, paths, headline(result))
     return result
 
 
@@ -294,6 +340,14 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
     if "ctc_asr" in result:
         numbers["ctc_wer"], numbers["ctc_cer"] = result["ctc_asr"]["wer"], result["ctc_asr"]["cer"]
     numbers.update({f"cascade/{k}": v["overall"] for k, v in result.get("cascade", {}).items()})
+    numbers.update(
+        {
+            f"voicebench/{k}": {
+                c: v["overall"][c] for c in (*v["conditions"], "gap", "cascade_gap", "items") if c in v["overall"]
+            }
+            for k, v in result.get("voicebench", {}).items()
+        }
+    )
     return numbers
 
 
@@ -304,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run(parse_request(argv))
         print(json.dumps({"speechlm_eval": headline(result)}), flush=True)
 
-    return cli.run_command(PROG, body, (items.ItemFileError, config_lib.ConfigError))
+    return cli.run_command(PROG, body, (items.ItemFileError, voicebench.VoiceBenchError, config_lib.ConfigError))
 
 
 if __name__ == "__main__":

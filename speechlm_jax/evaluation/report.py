@@ -194,10 +194,37 @@ def markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         ]
         rows = {name: section["overall"] for name, section in report["cascade"].items()}
         lines += _table(rows, ["cascade", "wer", "items"], "item set")
+    if "voicebench" in report:
+        lines += voicebench_markdown(report["voicebench"])
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{name}]({file})" for name, file in plots.items()]
     return "\n".join(lines) + "\n"
+
+
+def voicebench_markdown(subsets: Mapping[str, Any]) -> list[str]:
+    """The VoiceBench section: per subset (and per task of a subset with several), each condition's score."""
+    lines = [
+        "",
+        "## VoiceBench",
+        "",
+        "Speech: the recording to the speech LLM; text: the prompt to the base LLM; cascade: the "
+        "connector's CTC transcript to the base LLM; gap = text - speech, cascade_gap = cascade - speech. "
+        "Scores are fractions (accuracy; IFEval the mean "
+        "of its four accuracies); fail: the share of responses with no answer found (guessed).",
+        "",
+    ]
+    rows: dict[str, dict[str, Any]] = {}
+    for name, section in subsets.items():
+        for row, values in [(f"**{name}**", section["overall"]), *section["tasks"].items()]:
+            rows[row] = dict(values)
+            for c in ("text", "speech", "cascade"):
+                if "fail" in values.get(f"{c}_details", {}):
+                    rows[row][f"{c} fail"] = values[f"{c}_details"]["fail"]
+    columns = ["text", "speech", "gap", "cascade", "cascade_gap"]
+    present = [c for c in columns if any(c in r for r in rows.values())]
+    fails = [f"{c} fail" for c in ("text", "speech", "cascade") if any(f"{c} fail" in r for r in rows.values())]
+    return lines + _table(rows, present + fails + ["items"], "subset")
 
 
 def per_task_gaps(report: Mapping[str, Any]) -> dict[str, Mapping[str, float]]:

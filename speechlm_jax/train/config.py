@@ -58,6 +58,7 @@ OVERLONG = ("drop", "split")
 TEXT_LOSSES = ("response", "all")
 CONVERSATION_RESPONSES = ("record", "teacher")
 PROMPT_SPLITS = ("train", "heldout")
+WANDB_MODES = ("", "offline", "online", "disabled")  # "": $WANDB_MODE, else offline (train/wandb_run.py)
 
 
 class ConfigError(ValueError):
@@ -154,6 +155,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of("data.text_loss", config.data.text_loss, TEXT_LOSSES)
     _one_of("data.conversation_responses", config.data.conversation_responses, CONVERSATION_RESPONSES)
     _one_of("data.eval_prompt_split", config.data.eval_prompt_split, PROMPT_SPLITS)
+    _one_of("train.wandb.mode", config.train.wandb.mode, WANDB_MODES)
     check_ranges(config)
     if config.train.batch_size % config.train.grad_accum:
         raise ConfigError(

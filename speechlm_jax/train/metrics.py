@@ -39,6 +39,7 @@ from flax import nnx
 from speechlm_jax import storage
 from speechlm_jax.models.frontend import audio_token_count, encoder_frame_count, encoder_frames_of_mel, mel_frame_count
 from speechlm_jax.train.chips import chip_of
+from speechlm_jax.train.wandb_run import WandbRun
 
 # A CPU has no datasheet figure in `train.chips`: a nominal 32 fp32 FLOP/cycle (two AVX2 FMA units)
 # at 2.5 GHz per core, so CPU MFU numbers compare runs, not machines.
@@ -155,14 +156,16 @@ def mfu(flops_per_step: float, step_seconds: float, devices: Sequence[jax.Device
 
 
 class MetricWriter:
-    """TensorBoard event files (tensorboardX) under `<workdir>/tensorboard/<split>` and a JSONL log, host 0 only.
+    """TensorBoard event files (tensorboardX) under `<workdir>/tensorboard/<split>` and a JSONL log, host 0 only;
+    with `wandb` (a `wandb_run.WandbRun`), the same scalars to Weights & Biases as `<split>/<name>`.
 
     The workdir may be in an object store: the event files are written to a local folder and
     uploaded after each write (`storage.SyncedDir`), and metrics.jsonl is an `storage.Appender`.
     """
 
-    def __init__(self, workdir: storage.PathLike, *, enabled: bool = True):
+    def __init__(self, workdir: storage.PathLike, *, enabled: bool = True, wandb: WandbRun | None = None):
         self.enabled = enabled and jax.process_index() == 0
+        self.wandb = wandb if self.enabled else None
         self._writers: dict[str, Any] = {}
         self.directory = storage.path(workdir) / "tensorboard"
         self.jsonl = storage.path(workdir) / "metrics.jsonl"
@@ -188,12 +191,17 @@ class MetricWriter:
             writer.add_scalar(name, float(value), step)
         writer.flush()
         self._events.sync()
+        if self.wandb is not None:
+            self.wandb.log(step, scalars, split)
 
     def close(self) -> None:
         for writer in self._writers.values():
             writer.close()
         if self._events is not None:
             self._events.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
 
 def skip_summary(scalars: Mapping[str, float]) -> str:

@@ -36,7 +36,7 @@ from jax.sharding import Mesh
 from speechlm_jax import distributed, storage
 from speechlm_jax.data import preflight
 from speechlm_jax.sharding import batch_sharding, make_mesh
-from speechlm_jax.train import build, checkpoint, data, metrics, objectives, partitions, restore, step
+from speechlm_jax.train import build, checkpoint, data, metrics, objectives, partitions, restore, step, wandb_run
 from speechlm_jax.train import config as config_lib
 from speechlm_jax.train import state as state_lib
 
@@ -195,7 +195,7 @@ def train(
         )
 
         # --- Reporting: TensorBoard, metrics.jsonl, progress bar, MFU from the analytic FLOP count.
-        writer = metrics.MetricWriter(workdir)
+        writer = metrics.MetricWriter(workdir, wandb=wandb_run.WandbRun.open(config, workdir))
         cleanup.callback(writer.close)
         bar = metrics.ProgressBar(config.train.steps, start, enabled=config.train.progress_bar)
         cleanup.callback(bar.close)
