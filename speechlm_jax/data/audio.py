@@ -19,6 +19,7 @@ The causes, each a skip counter of the pipeline (`skipped/<cause>`):
     too_long       longer than `max_seconds`
 """
 
+import dataclasses
 import io
 import os
 import struct
@@ -97,12 +98,50 @@ def _check_container(source: str, head: bytes, size: int) -> None:
         )
 
 
+# A segment may end this much after the file does (Lhotse's default tolerance for a duration
+# rounded in the manifest); the frames present are read.
+SEGMENT_TOLERANCE_S = 0.025
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """A part of a longer recording: `duration` seconds (None: to the end) from `offset`, and
+    optionally one channel of it (None: the channels averaged).
+
+    Lhotse cuts and NeMo lines with an offset name their audio this way.
+    """
+
+    offset: float = 0.0
+    duration: float | None = None
+    channel: int | None = None
+
+    def frames(self, source: str, rate: int, total: int) -> tuple[int, int]:
+        """(first frame, number of frames) of the segment in a file of `total` frames at `rate`."""
+        start = round(self.offset * rate)
+        if start >= total:
+            raise AudioError(
+                source,
+                f"truncated: the segment starts at {self.offset:.3f}s, the file ends at {total / rate:.3f}s",
+                "truncated",
+            )
+        if self.duration is None:
+            return start, total - start
+        count = round(self.duration * rate)
+        if start + count > total + round(SEGMENT_TOLERANCE_S * rate):
+            end = self.offset + self.duration
+            raise AudioError(
+                source, f"truncated: the segment ends at {end:.3f}s, the file at {total / rate:.3f}s", "truncated"
+            )
+        return start, min(count, total - start)
+
+
 def _decode(
     source: str,
     handle: str | io.BytesIO,
     sample_rate: int,
     min_seconds: float | None,
     max_seconds: float | None,
+    segment: Segment | None = None,
 ) -> np.ndarray:
     try:
         f = sf.SoundFile(handle)
@@ -110,21 +149,31 @@ def _decode(
         raise AudioError(source, f"cannot decode: {e}", "undecodable") from e
     with f:
         native_rate, num_frames = f.samplerate, f.frames
-        duration = num_frames / native_rate
         if num_frames == 0:
             raise AudioError(source, "no audio frames", "empty_audio")
+        start, num_frames = (0, num_frames) if segment is None else segment.frames(source, native_rate, num_frames)
+        duration = num_frames / native_rate
         # Limits are checked from the header, before decoding anything.
         if min_seconds is not None and duration < min_seconds:
             raise AudioError(source, f"too short: {duration:.3f}s < {min_seconds}s", "too_short")
         if max_seconds is not None and duration > max_seconds:
             raise AudioError(source, f"too long: {duration:.3f}s > {max_seconds}s", "too_long")
         try:
-            data = f.read(dtype="float32", always_2d=True)
+            if start:
+                f.seek(start)
+            data = f.read(num_frames if segment is not None else -1, dtype="float32", always_2d=True)
         except sf.SoundFileError as e:
             raise AudioError(source, f"truncated: decoding stopped after the header: {e}", "truncated") from e
     if data.shape[0] == 0:
         raise AudioError(source, "truncated: no audio frames after the header", "truncated")
-    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if segment is not None and data.shape[0] < num_frames:
+        raise AudioError(source, f"truncated: {data.shape[0]} of the segment's {num_frames} frames decode", "truncated")
+    if segment is not None and segment.channel is not None:
+        if not 0 <= segment.channel < data.shape[1]:
+            raise AudioError(source, f"no channel {segment.channel} in {data.shape[1]}-channel audio", "undecodable")
+        mono = data[:, segment.channel]
+    else:
+        mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if native_rate != sample_rate:
         mono = soxr.resample(mono, native_rate, sample_rate)
     return to_int16(mono)
@@ -136,12 +185,15 @@ def load_audio(
     sample_rate: int = 16000,
     min_seconds: float | None = None,
     max_seconds: float | None = None,
+    segment: Segment | None = None,
 ) -> np.ndarray:
-    """Reads an audio file as mono int16 [samples] at `sample_rate`.
+    """Reads an audio file (or a `segment` of it) as mono int16 [samples] at `sample_rate`.
 
     Any format libsndfile reads (WAV, FLAC, OGG, MP3, ...). Channels are averaged; other
-    rates are resampled with soxr (high quality). Raises AudioError if the file is missing,
-    empty, undecodable, or its duration is outside [min_seconds, max_seconds].
+    rates are resampled with soxr (high quality). A segment is cut at the file's own rate
+    (seeking, without decoding what comes before where the format allows) and then resampled;
+    the duration limits apply to it. Raises AudioError if the file is missing, empty,
+    undecodable, shorter than the segment, or its duration is outside [min_seconds, max_seconds].
     """
     source = os.fspath(path)
     if storage.is_remote(source):
@@ -161,7 +213,7 @@ def load_audio(
     except OSError as e:
         raise AudioError(source, f"cannot read: {e.strerror or e}", "unreadable") from e
     _check_container(source, head, size)
-    return _decode(source, source, sample_rate, min_seconds, max_seconds)
+    return _decode(source, source, sample_rate, min_seconds, max_seconds, segment)
 
 
 def _read_remote(source: str) -> bytes:
@@ -181,10 +233,12 @@ def decode_audio(
     min_seconds: float | None = None,
     max_seconds: float | None = None,
     source: str = "<bytes>",
+    segment: Segment | None = None,
 ) -> np.ndarray:
-    """`load_audio` for an encoded file held in memory (TFDS / ArrayRecord features)."""
+    """`load_audio` for an encoded file held in memory (TFDS / ArrayRecord features, Hugging Face
+    Audio columns)."""
     _check_container(source, data[:_HEAD_BYTES], len(data))
-    return _decode(source, io.BytesIO(data), sample_rate, min_seconds, max_seconds)
+    return _decode(source, io.BytesIO(data), sample_rate, min_seconds, max_seconds, segment)
 
 
 def audio_duration(path: str | os.PathLike) -> float:
