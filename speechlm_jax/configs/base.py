@@ -120,7 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
     # sets its per-host batch size and the projector's downsample factor itself.
     c.data = ml_collections.ConfigDict()
     c.data.tokenizer = ""  # local HF tokenizer folder (the LLM's)
-    c.data.speech_sources = ()  # ({"type": "manifest" | "librispeech" | "tfds", "path": ...},)
+    # ({"type": "manifest" | "librispeech" | "tfds" | "hf" | "lhotse" | "nemo", "path": ...},); an "hf"
+    # source also takes "split", "audio_column" and "text_column" (data/hf_source.py).
+    c.data.speech_sources = ()
     c.data.text_sources = ()  # text-only SFT JSONL paths
     c.data.targets = ()  # teacher-response JSONL paths (behavior imitation)
     c.data.text_weight = 0.0

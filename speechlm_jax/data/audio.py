@@ -104,7 +104,7 @@ SEGMENT_TOLERANCE_S = 0.025
 
 
 @dataclasses.dataclass(frozen=True)
-class Segment:
+class AudioSegment:
     """A part of a longer recording: `duration` seconds (None: to the end) from `offset`, and
     optionally one channel of it (None: the channels averaged).
 
@@ -141,7 +141,7 @@ def _decode(
     sample_rate: int,
     min_seconds: float | None,
     max_seconds: float | None,
-    segment: Segment | None = None,
+    segment: AudioSegment | None = None,
 ) -> np.ndarray:
     try:
         f = sf.SoundFile(handle)
@@ -185,7 +185,7 @@ def load_audio(
     sample_rate: int = 16000,
     min_seconds: float | None = None,
     max_seconds: float | None = None,
-    segment: Segment | None = None,
+    segment: AudioSegment | None = None,
 ) -> np.ndarray:
     """Reads an audio file (or a `segment` of it) as mono int16 [samples] at `sample_rate`.
 
@@ -203,6 +203,7 @@ def load_audio(
             min_seconds=min_seconds,
             max_seconds=max_seconds,
             source=source,
+            segment=segment,
         )
     try:
         with open(source, "rb") as f:
@@ -233,7 +234,7 @@ def decode_audio(
     min_seconds: float | None = None,
     max_seconds: float | None = None,
     source: str = "<bytes>",
-    segment: Segment | None = None,
+    segment: AudioSegment | None = None,
 ) -> np.ndarray:
     """`load_audio` for an encoded file held in memory (TFDS / ArrayRecord features, Hugging Face
     Audio columns)."""

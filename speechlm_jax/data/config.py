@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+SPEECH_SOURCE_TYPES = ("manifest", "librispeech", "tfds", "hf", "lhotse", "nemo")
 SPEECH_KINDS = ("asr", "continuation", "imitation", "spoken_qa", "mixed_modal")
 TEXT_KIND = "text_sft"
 CONVERSATION_KIND = "conversation"  # multi-turn records (`conversations`), their task_id name
@@ -20,8 +21,10 @@ CONVERSATION_KIND = "conversation"  # multi-turn records (`conversations`), thei
 class PipelineConfig:
     """What to read and how to shape it. Also accepts an ml_collections ConfigDict (`from_config`).
 
-    speech_sources: dicts `{"type": "manifest" | "librispeech" | "tfds", "path": ...,
-      "split": "train"}` (split only for tfds; defaults to the pipeline's split).
+    speech_sources: dicts `{"type": one of SPEECH_SOURCE_TYPES, "path": ..., "split": "train"}`
+      (split only for tfds and hf; defaults to the pipeline's split). An `hf` source also takes
+      "audio_column" and "text_column" (default "audio", "text"); see `hf_source`, and
+      `corpus_manifests` for the `lhotse` and `nemo` manifests.
     text_sources / targets: JSONL paths (text-only SFT data; teacher responses).
     text_weight: fraction of text-only examples in the mixture (VoiceTextBlender: 0.15).
     text_loss: "response" (the assistant turn only, SFT) or "all" (every token of a

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from speechlm_jax.data import interleave
-from speechlm_jax.data.audio import AudioError, load_audio
+from speechlm_jax.data.audio import AudioError, AudioSegment, decode_audio, load_audio
 from speechlm_jax.data.config import CONVERSATION_KIND, TEXT_KIND, PipelineConfig
 from speechlm_jax.data.conversations import conversation_segments, teacher_responses
 from speechlm_jax.data.examples import (
@@ -51,6 +51,21 @@ from speechlm_jax.data.sources import Record, TargetTable
 from speechlm_jax.data.tasks import TextTask, get_task
 from speechlm_jax.data.tokenizer import SpeechTokenizer
 from speechlm_jax.models.frontend import HOP_LENGTH, audio_token_count
+
+
+def record_audio(record: Record, sample_rate: int) -> np.ndarray:
+    """A speech record's audio, int16 [samples]: its encoded bytes (Hugging Face rows), or its
+    file, or the segment of it that the record's `offset` and `duration` name (Lhotse cuts, NeMo
+    lines); AudioError when it names none, or it cannot be read."""
+    if record.get("audio_bytes") is not None:
+        source = record.get("audio_source") or str(record.get("id"))
+        return decode_audio(record["audio_bytes"], sample_rate=sample_rate, source=source)
+    if record.get("audio") is None:
+        raise AudioError(record.get("audio_source") or str(record.get("id")), "names no audio", "missing_file")
+    segment = None
+    if record.get("offset") is not None or record.get("channel") is not None:
+        segment = AudioSegment(float(record.get("offset") or 0.0), record.get("duration"), record.get("channel"))
+    return load_audio(record["audio"], sample_rate=sample_rate, segment=segment)
 
 
 class ExampleMaker:
@@ -120,7 +135,7 @@ class ExampleMaker:
         if record.get("waveform") is not None:
             waveform = np.asarray(record["waveform"], np.int16)
         else:
-            waveform = load_audio(record["audio"], sample_rate=self.config.sample_rate)
+            waveform = record_audio(record, self.config.sample_rate)
         if waveform.size == 0:
             raise ExampleError("empty_audio")
         if waveform.size < self.min_samples:

@@ -1,6 +1,7 @@
 """The pipeline's first stage: the configured sources, opened and mixed into one host's records.
 
-    speech sources (manifest / LibriSpeech dir / TFDS)     text-only JSONL           conversations JSONL
+    speech sources (manifest, LibriSpeech, TFDS,            text-only JSONL           conversations JSONL
+      HF datasets, Lhotse, NeMo)
         | host shard [process_index::process_count]            | host shard              | host shard
         | shuffle(seed), repeat                                | shuffle(seed + 1)       | shuffle(seed + 2)
         +---- MapDataset.mix(1 - text_weight - conversation_weight, text_weight, conversation_weight) ----+
@@ -24,8 +25,10 @@ from typing import Any
 import grain
 import numpy as np
 
-from speechlm_jax.data.config import PipelineConfig
+from speechlm_jax.data.config import SPEECH_SOURCE_TYPES, PipelineConfig
 from speechlm_jax.data.conversations import conversation_source
+from speechlm_jax.data.corpus_manifests import lhotse_source, nemo_source
+from speechlm_jax.data.hf_source import HFSource
 from speechlm_jax.data.sources import Record, TargetTable, TFDSSource, librispeech_source, manifest_source, text_source
 
 
@@ -57,7 +60,18 @@ def open_speech_source(spec: Mapping[str, Any], split: str) -> Any:
         return librispeech_source(path)
     if kind == "tfds":
         return TFDSSource(path, spec.get("split", split))
-    raise ValueError(f"unknown speech source type {kind!r}")
+    if kind == "hf":
+        return HFSource(
+            path,
+            spec.get("split", split),
+            audio_column=spec.get("audio_column", "audio"),
+            text_column=spec.get("text_column", "text"),
+        )
+    if kind == "lhotse":
+        return lhotse_source(path)
+    if kind == "nemo":
+        return nemo_source(path)
+    raise ValueError(f"unknown speech source type {kind!r}; types: {', '.join(SPEECH_SOURCE_TYPES)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,9 @@ A command that builds data (`speechlm-train`, the step benchmark, `speechlm-sele
 `check_sources(config)` first; it reads no audio, loads no model and compiles nothing, so a
 missing folder fails in a second with one line naming it, not minutes later as whatever
 error the first reader of that path happens to raise (a tokenizer folder that does not
-exist used to read as a Hugging Face hub error).
+exist used to read as a Hugging Face hub error). A Hugging Face dataset source is opened as far
+as its schemas, so a missing audio or text column fails here too, naming the file and the
+columns it has.
 
 When `config.data.made_by.folder` is set and the missing path lies in it, the message ends
 with `config.data.made_by.command`, the command that writes that folder (the `:tiny`
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from speechlm_jax import cli, storage
+from speechlm_jax.data import hf_source
+from speechlm_jax.data.config import SPEECH_SOURCE_TYPES
 
 # What a Hugging Face tokenizer folder holds (any one of them).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -55,8 +59,28 @@ def tokenizer_problem(path: str | os.PathLike) -> str | None:
 
 
 def _speech_kind(spec: Mapping[str, Any]) -> str:
-    # A manifest is a file; LibriSpeech and prepared TFDS datasets are folders.
-    return "file" if spec.get("type") == "manifest" else "folder"
+    # Manifests are files; LibriSpeech and prepared TFDS datasets are folders; a Hugging Face
+    # source is a folder, a file or a glob, checked with its columns (`_hf_problems`).
+    kind = spec.get("type")
+    return "file" if kind in ("manifest", "lhotse", "nemo") else "hf" if kind == "hf" else "folder"
+
+
+def _hf_problems(config: Any) -> Iterator[tuple[str, str, str]]:
+    """(key, path, problem) for each speech source of an unknown type and each `hf` source whose
+    files or columns cannot be read (schemas only: no rows are read)."""
+    for key in ("speech_sources", "eval_speech_sources"):
+        for i, spec in enumerate(config.data.get(key) or ()):
+            name = f"data.{key}[{i}] ({spec.get('type')})"
+            if spec.get("type") not in SPEECH_SOURCE_TYPES:
+                yield name, str(spec.get("path")), f"unknown source type (types: {', '.join(SPEECH_SOURCE_TYPES)})"
+            elif spec.get("type") == "hf":
+                if problem := storage.path_problem(str(spec["path"])):
+                    yield name, str(spec["path"]), problem
+                    continue
+                try:
+                    hf_source.check_source(dict(spec))
+                except (hf_source.HFSourceError, OSError) as e:
+                    yield name, str(spec["path"]), str(e)
 
 
 def data_paths(config: Any) -> Iterator[tuple[str, str, str]]:
@@ -99,9 +123,13 @@ def check_sources(config: Any) -> None:
     """
     problems = []
     for key, path, kind in data_paths(config):
+        if kind == "hf":
+            continue  # checked with its columns (`_hf_problems`)
         problem = tokenizer_problem(path) if kind == "tokenizer" else _problem(path, kind)
         if problem is not None:
             problems.append((key, path, problem))
+    evaluates = config.get("train") is None or bool(config.train.get("eval_every", 1))
+    problems += [p for p in _hf_problems(config) if evaluates or not p[0].startswith("data.eval_")]
     if not problems:
         return
     key, path, problem = problems[0]

@@ -8,7 +8,7 @@ import soundfile as sf
 
 from speechlm_jax.data.audio import (
     AudioError,
-    Segment,
+    AudioSegment,
     audio_duration,
     decode_audio,
     load_audio,
@@ -141,7 +141,7 @@ def test_a_segment_is_the_slice_of_the_whole_file(tmp_path, suffix):
     path = save_audio(tmp_path / f"long{suffix}", to_int16(_tone(16000, 2.0)[:, 0]))
     whole = load_audio(path)
     for offset, duration in [(0.0, 0.5), (0.37, 1.2), (1.5, None), (1.25, 0.75)]:
-        segment = Segment(offset, duration)
+        segment = AudioSegment(offset, duration)
         start = round(offset * 16000)
         stop = None if duration is None else start + round(duration * 16000)
         np.testing.assert_array_equal(load_audio(path, segment=segment), whole[start:stop])
@@ -154,7 +154,7 @@ def test_a_segment_at_another_rate_is_cut_then_resampled_like_librosa(tmp_path):
     stored = sf.read(path, dtype="float32")[0]
     start, count = round(0.4 * 44100), round(0.8 * 44100)
     expected = librosa.resample(stored[start : start + count], orig_sr=44100, target_sr=16000, res_type="soxr_hq")
-    loaded = load_audio(path, segment=Segment(0.4, 0.8))
+    loaded = load_audio(path, segment=AudioSegment(0.4, 0.8))
     assert loaded.shape == expected.shape == (12800,)
     np.testing.assert_allclose(loaded / 32768.0, expected, atol=2 / 32768)
 
@@ -164,22 +164,22 @@ def test_a_segment_of_one_channel(tmp_path):
     path = tmp_path / "stereo.wav"
     sf.write(path, stereo, 16000, subtype="FLOAT")
     np.testing.assert_array_equal(
-        load_audio(path, segment=Segment(0.25, 0.5, channel=1)), to_int16(stereo[4000:12000, 1])
+        load_audio(path, segment=AudioSegment(0.25, 0.5, channel=1)), to_int16(stereo[4000:12000, 1])
     )
-    np.testing.assert_array_equal(load_audio(path, segment=Segment(channel=0)), to_int16(stereo[:, 0]))
+    np.testing.assert_array_equal(load_audio(path, segment=AudioSegment(channel=0)), to_int16(stereo[:, 0]))
     with pytest.raises(AudioError, match="no channel 2") as info:
-        load_audio(path, segment=Segment(channel=2))
+        load_audio(path, segment=AudioSegment(channel=2))
     assert info.value.cause == "undecodable"
 
 
 def test_a_segment_past_the_end_of_the_file_is_truncated_audio(tmp_path):
     path = save_audio(tmp_path / "clip.wav", to_int16(_tone(16000, 1.0)[:, 0]))
     # A duration rounded up by a few milliseconds reads the frames present.
-    assert load_audio(path, segment=Segment(0.5, 0.51)).shape == (8000,)
-    for segment, reason in [(Segment(0.5, 0.6), "ends at 1.100s"), (Segment(1.2, 0.1), "starts at 1.200s")]:
+    assert load_audio(path, segment=AudioSegment(0.5, 0.51)).shape == (8000,)
+    for segment, reason in [(AudioSegment(0.5, 0.6), "ends at 1.100s"), (AudioSegment(1.2, 0.1), "starts at 1.200s")]:
         with pytest.raises(AudioError, match=reason) as info:
             load_audio(path, segment=segment)
         assert info.value.cause == "truncated" and str(path) in str(info.value)
     with pytest.raises(AudioError, match="too short") as info:
-        load_audio(path, segment=Segment(0.0, 0.2), min_seconds=0.5)
+        load_audio(path, segment=AudioSegment(0.0, 0.2), min_seconds=0.5)
     assert info.value.cause == "too_short"
