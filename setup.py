@@ -29,6 +29,7 @@ setup(
         "soxr>=0.5",
         "jiwer>=3.1",
         "tensorflow-datasets>=4.9.9",
+        "pyarrow>=15",  # Hugging Face datasets' Arrow and Parquet files (data/hf_source.py)
         "importlib_resources>=6",
         "array-record>=0.8.1",
         "espeakng-loader>=0.2.4",
@@ -62,6 +63,9 @@ setup(
             "scipy>=1.11",
             "scikit-learn>=1.4",
             "peft>=0.17",
+            # The writers of the Hugging Face, Lhotse and NeMo sources' files.
+            "datasets>=3.0",
+            "lhotse>=1.24",
             # A local Cloud Storage server the object-store tests run against.
             "gcp-storage-emulator>=2024.8",
             "google-cloud-storage>=2.18",
