@@ -15,11 +15,13 @@ Random access for Grain: the global row index is split over the files by their r
   `dataset_dict.json` reads its `split` sub-folder) are memory-mapped: a row costs its own bytes.
   A folder in an object store is copied to local disk once (`storage.local_copy`), as
   `datasets.load_from_disk` does.
-- Parquet is read one row group at a time (a few are kept per process), so a row costs its row
-  group (`datasets` writes audio in row groups of 100 rows); in an object store only the row
-  groups read are fetched. A folder reads the files of its split (`data/train-00000-of-00002.parquet`,
-  `train/0.parquet`, as the Hub lays them out), or all its Parquet files when none names a split;
-  a glob or a file reads exactly those files.
+- Parquet is read one row group at a time (the last `_ROW_GROUPS_KEPT` are kept), so in shuffled
+  order a row costs its whole row group once the shards hold more groups than are kept
+  (`benchmarks/sources.py` measures it): for random access over large data, write Parquet with
+  small row groups, or use `save_to_disk`. In an object store only the row groups read are
+  fetched. A folder reads the files of its split (`data/train-00000-of-00002.parquet`,
+  `train/0.parquet`, as the Hub lays them out), or all its Parquet files when none names a
+  split; a glob (`*` wildcards, no recursive `**`) or a file reads exactly those files.
 Files are opened lazily in each process (the source pickles as its file list), so every Grain
 worker and every host reads only the rows of its own shard.
 

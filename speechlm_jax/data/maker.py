@@ -28,6 +28,7 @@ supervised, each audio part an audio slot (a long one split when `overlong` says
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,11 @@ from speechlm_jax.data.sources import Record, TargetTable
 from speechlm_jax.data.tasks import TextTask, get_task
 from speechlm_jax.data.tokenizer import SpeechTokenizer
 from speechlm_jax.models.frontend import HOP_LENGTH, audio_token_count
+
+log = logging.getLogger(__name__)
+
+
+_LOGGED_AUDIO_ERRORS = 10  # per pipeline (and worker process); later ones are only counted
 
 
 def record_audio(record: Record, sample_rate: int) -> np.ndarray:
@@ -79,6 +85,7 @@ class ExampleMaker:
         weights = np.asarray([config.kinds[k] for k in self.kinds], np.float64)
         self.kind_p = weights / weights.sum()
         self.task_ids = {name: i for i, name in enumerate(config.task_names)}
+        self.audio_errors = 0  # seen by this maker (a count for the log, not the skip counters)
         self.max_samples = config.buckets[-1][0]
         # The shortest clip that gives one audio token: shorter spoken spans stay text.
         self.min_samples = next(
@@ -115,9 +122,18 @@ class ExampleMaker:
         except ExampleError as e:
             return Skipped(e.reason)
         except AudioError as e:
+            self._log_audio_error(e)
             return Skipped(e.cause)
         except OSError:  # an I/O error while decoding (the opening is `load_audio`'s to report)
             return Skipped("unreadable")
+
+    def _log_audio_error(self, error: AudioError) -> None:
+        # The first audio errors are logged whole (the file, or the dataset file and row, and the
+        # reason), so a skip count can be traced to its examples.
+        n, self.audio_errors = self.audio_errors, self.audio_errors + 1
+        if n < _LOGGED_AUDIO_ERRORS:
+            last = "; later audio errors are only counted" if n == _LOGGED_AUDIO_ERRORS - 1 else ""
+            log.warning("skipped as %s: %s%s", error.cause, error, last)
 
     def _bucketed(self, example: Example) -> Example:
         if len(example.audio) > self.config.max_slots:

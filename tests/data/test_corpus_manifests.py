@@ -8,6 +8,7 @@ import gzip
 import json
 import logging
 
+import ml_collections
 import numpy as np
 import pytest
 import soundfile as sf
@@ -19,6 +20,7 @@ from speechlm_jax.data.config import PipelineConfig
 from speechlm_jax.data.corpus_manifests import lhotse_source, nemo_source
 from speechlm_jax.data.maker import record_audio
 from speechlm_jax.data.pipeline import build_pipeline
+from speechlm_jax.data.preflight import DataSourceError, check_sources
 
 SR = 16000
 
@@ -58,10 +60,14 @@ def _cuts(path, utterances, stereo_path) -> CutSet:
     supervisions.append(
         SupervisionSegment(id="right", recording_id=stereo.id, start=0.25, duration=0.5, text="hello world", channel=1)
     )
-    return CutSet.from_manifests(
-        recordings=RecordingSet.from_recordings([recording, stereo]),
-        supervisions=SupervisionSet.from_segments(supervisions),
-    ).trim_to_supervisions(keep_overlapping=False).to_eager()
+    return (
+        CutSet.from_manifests(
+            recordings=RecordingSet.from_recordings([recording, stereo]),
+            supervisions=SupervisionSet.from_segments(supervisions),
+        )
+        .trim_to_supervisions(keep_overlapping=False)
+        .to_eager()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +183,14 @@ def test_segments_train_through_the_pipeline_and_past_the_end_is_counted(long_re
     counts = stats.as_dict()
     assert sum(int(b["weight"].sum()) for b in batches) == counts["examples"] == len(utterances)
     assert counts["skipped/truncated"] == 1 and counts["skipped"] == 1
+
+
+@pytest.mark.parametrize("kind", ["lhotse", "nemo"])
+def test_preflight_names_a_missing_manifest(kind, tmp_path):
+    spec = {"type": kind, "path": str(tmp_path / "cuts.jsonl.gz")}
+    config = ml_collections.ConfigDict({"data": {"speech_sources": (spec,)}, "train": {"eval_every": 0}})
+    with pytest.raises(DataSourceError, match=rf"data.speech_sources\[0\] \({kind}\): .*cuts.jsonl.gz does not exist"):
+        check_sources(config)
+    (tmp_path / "cuts.jsonl.gz").mkdir()
+    with pytest.raises(DataSourceError, match="is not a file"):
+        check_sources(config)

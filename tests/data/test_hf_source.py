@@ -121,10 +121,15 @@ def test_bad_rows_are_skipped_counted_and_named(saved, word_tokenizer, tmp_path,
     assert "1 rows without a transcript in 'text' (rows 6), skipped as no_transcript" in caplog.text
     assert source[4]["audio_source"].endswith(".arrow row 4")
 
-    iterator, stats = build_pipeline(
-        _config({"type": "hf", "path": str(tmp_path / "bad")}), tokenizer=word_tokenizer, split="eval"
-    )
-    batches = list(iterator)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        iterator, stats = build_pipeline(
+            _config({"type": "hf", "path": str(tmp_path / "bad")}), tokenizer=word_tokenizer, split="eval"
+        )
+        batches = list(iterator)
+    # The audio errors name the dataset file and row.
+    assert "skipped as undecodable: " in caplog.text and ".arrow row 4: cannot decode" in caplog.text
+    assert ".arrow row 5: names no audio" in caplog.text
     assert sum(int(b["weight"].sum()) for b in batches) == 4
     counts = stats.as_dict()
     assert counts["skipped/undecodable"] == 1 and counts["skipped/missing_file"] == 1
