@@ -90,18 +90,10 @@ def _number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _local_or_url(audio: str, base: str | None) -> str:
-    if storage.is_remote(audio) or os.path.isabs(audio):
-        return audio
-    if base is None:
-        return os.path.abspath(audio)
-    return base.rstrip("/") + "/" + audio if storage.is_remote(base) else os.path.join(base, audio)
-
-
 def nemo_source(path: str | os.PathLike) -> ListSource:
     """A NeMo ASR manifest (see the module docstring)."""
     path = os.fspath(path)
-    base = os.path.dirname(path)
+    base = os.fspath(storage.path(path).parent)
     skips = _Skips(path)
     records = []
     for number, row in _lines(path, skips):
@@ -127,7 +119,7 @@ def nemo_source(path: str | os.PathLike) -> ListSource:
         records.append(
             {
                 "id": str(row.get("id") or (f"{stem}-{offset:g}" if offset else stem)),
-                "audio": _local_or_url(audio, base),
+                "audio": storage.beside(base, audio),
                 "offset": float(offset),
                 "duration": float(duration),
                 "text": row["text"],
@@ -223,7 +215,7 @@ def lhotse_source(path: str | os.PathLike) -> ListSource:
         records.append(
             {
                 "id": cut["id"],
-                "audio": _local_or_url(audio, None),
+                "audio": storage.absolute(audio),
                 "offset": float(cut["start"]),
                 "duration": float(cut["duration"]),
                 "channel": channel,

@@ -263,8 +263,8 @@ class HFSource:
             data = audio
         elif isinstance(audio, str):
             audio_path = audio
-        if audio_path and not data and not storage.is_remote(audio_path) and not os.path.isabs(audio_path):
-            audio_path = os.path.join(os.path.dirname(file), audio_path)
+        if audio_path and not data:
+            audio_path = storage.beside(os.fspath(storage.path(file).parent), audio_path)
         stem = os.path.basename(file).split(".")[0]
         return {
             "id": str(values["id"]) if values.get("id") is not None else f"{stem}-{row}",

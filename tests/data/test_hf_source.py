@@ -177,3 +177,39 @@ def test_datasets_reads_back_what_this_source_reads(saved):
     for index in (0, 5, 9):
         assert source[index]["audio_bytes"] == reference[index]["audio"]["bytes"]
         assert source[index]["text"] == reference[index]["text"]
+
+
+def test_a_relative_audio_path_is_relative_to_the_parquet_file(saved, tmp_path, monkeypatch):
+    root, rows = saved
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "a.wav").write_bytes(open(rows[3]["audio"], "rb").read())
+    # An Audio column {bytes, path} naming the file only (`datasets` would read the file to write it).
+    audio = pa.array(
+        [{"bytes": None, "path": "clips/a.wav"}], pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    )
+    pq.write_table(pa.table({"audio": audio, "text": ["x"]}), tmp_path / "train.parquet")
+    monkeypatch.chdir(root)  # not the working directory
+    record = HFSource(str(tmp_path / "train.parquet"))[0]
+    assert record["audio"] == str(tmp_path / "clips" / "a.wav")
+    np.testing.assert_array_equal(record_audio(record, 16000), load_audio(rows[3]["audio"]))
+
+
+def test_two_hosts_read_disjoint_rows_covering_the_shards(saved, word_tokenizer, sentences):
+    root, rows = saved
+    config = _config({"type": "hf", "path": str(root / "shards")})
+    shards = []
+    for process in range(2):
+        iterator, _ = build_pipeline(
+            config, tokenizer=word_tokenizer, split="eval", process_index=process, process_count=2
+        )
+        # The teacher twin's user turn holds the transcript.
+        shards.append(
+            {
+                word_tokenizer.decode(b["teacher_tokens"][i][b["teacher_input_mask"][i] > 0])
+                for b in iterator
+                for i in range(2)
+                if b["weight"][i] > 0
+            }
+        )
+    assert len(shards[0]) == len(shards[1]) == len(rows) // 2 and not shards[0] & shards[1]
+    assert {s for s in sentences for c in shards[0] | shards[1] if f" {s} " in f" {c} "} == set(sentences)
