@@ -1,9 +1,10 @@
 """Throughput of the Hugging Face source against the JSONL manifest on the same audio.
 
 Writes one corpus of 16 kHz FLAC clips (noise, 1-4 s, random words; cached under
---workdir) four ways: a JSONL manifest of paths, a `save_to_disk` folder and Parquet shards
+--workdir) five ways: a JSONL manifest of paths, a `save_to_disk` folder and Parquet shards
 with the audio bytes inside (`datasets`' own writers, `Dataset.from_dict` +
-`cast_column("audio", Audio())`), and Parquet naming the paths. For each it times
+`cast_column("audio", Audio())`; the shards once as `to_parquet` groups rows by default and
+once in row groups of 8, `to_parquet(batch_size=8)`), and Parquet naming the paths. For each it times
 - `read`: the source's records in shuffled order, each one's audio decoded (`maker.record_audio`),
   the cost of the source itself;
 - `pipeline`: the whole Grain pipeline (train split: shuffled, ASR examples, batches of 8).
@@ -43,15 +44,16 @@ VOCABULARY = (
 
 
 def _corpus(workdir: Path, utterances: int) -> dict[str, dict]:
-    """The source specs of the four forms of one corpus."""
+    """The source specs of the five forms of one corpus."""
     root = workdir / f"corpus_{utterances}"
     specs = {
         "manifest": {"type": "manifest", "path": str(root / "manifest.jsonl")},
         "hf_disk": {"type": "hf", "path": str(root / "disk")},
         "hf_parquet": {"type": "hf", "path": str(root / "parquet")},
+        "hf_parquet_groups_of_8": {"type": "hf", "path": str(root / "parquet_8")},
         "hf_parquet_paths": {"type": "hf", "path": str(root / "parquet_paths")},
     }
-    if (root / "done").exists():
+    if (root / "done_5").exists():
         return specs
     from datasets import Audio, Dataset
 
@@ -73,9 +75,10 @@ def _corpus(workdir: Path, utterances: int) -> dict[str, dict]:
     for k in range(shards):
         part = with_bytes.shard(shards, k, contiguous=True)
         part.to_parquet(str(root / "parquet" / f"train-{k:05d}-of-{shards:05d}.parquet"))
+        part.to_parquet(str(root / "parquet_8" / f"train-{k:05d}-of-{shards:05d}.parquet"), batch_size=8)
     paths = Dataset.from_dict({"id": ids, "audio": [r["audio"] for r in rows], "text": texts})
     paths.cast_column("audio", Audio()).to_parquet(str(root / "parquet_paths" / "train-00000-of-00001.parquet"))
-    (root / "done").write_text("")
+    (root / "done_5").write_text("")
     return specs
 
 
@@ -150,6 +153,7 @@ def main() -> None:
                 "utterances": args.utterances,
                 # Parquet is read a row group at a time, a few kept: more groups than that, random reads miss.
                 "parquet_row_groups": _row_groups(specs["hf_parquet"]["path"]),
+                "parquet_8_row_groups": _row_groups(specs["hf_parquet_groups_of_8"]["path"]),
                 "row_groups_kept": hf_source._ROW_GROUPS_KEPT,
                 "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                 "num_threads": args.num_threads,

@@ -18,7 +18,8 @@ Random access for Grain: the global row index is split over the files by their r
 - Parquet is read one row group at a time (the last `_ROW_GROUPS_KEPT` are kept), so in shuffled
   order a row costs its whole row group once the shards hold more groups than are kept
   (`benchmarks/sources.py` measures it): for random access over large data, write Parquet with
-  small row groups, or use `save_to_disk`. In an object store only the row groups read are
+  small row groups (`Dataset.to_parquet(path, batch_size=8)` writes groups of 8 rows), or use
+  `save_to_disk`. In an object store only the row groups read are
   fetched. A folder reads the files of its split (`data/train-00000-of-00002.parquet`,
   `train/0.parquet`, as the Hub lays them out), or all its Parquet files when none names a
   split; a glob (`*` wildcards, no recursive `**`) or a file reads exactly those files.

@@ -65,10 +65,17 @@ def _speech_kind(spec: Mapping[str, Any]) -> str:
     return "file" if kind in ("manifest", "lhotse", "nemo") else "hf" if kind == "hf" else "folder"
 
 
+def _speech_keys(config: Any) -> tuple[str, ...]:
+    # The held-out sources count only when the run evaluates.
+    train = config.get("train")
+    evaluates = train is None or bool(train.get("eval_every", 1))
+    return ("speech_sources", "eval_speech_sources") if evaluates else ("speech_sources",)
+
+
 def _hf_problems(config: Any) -> Iterator[tuple[str, str, str]]:
     """(key, path, problem) for each speech source of an unknown type and each `hf` source whose
     files or columns cannot be read (schemas only: no rows are read)."""
-    for key in ("speech_sources", "eval_speech_sources"):
+    for key in _speech_keys(config):
         for i, spec in enumerate(config.data.get(key) or ()):
             name = f"data.{key}[{i}] ({spec.get('type')})"
             if spec.get("type") not in SPEECH_SOURCE_TYPES:
@@ -79,8 +86,12 @@ def _hf_problems(config: Any) -> Iterator[tuple[str, str, str]]:
                     continue
                 try:
                     hf_source.check_source(dict(spec))
-                except (hf_source.HFSourceError, OSError) as e:
-                    yield name, str(spec["path"]), str(e)
+                except (OSError, ValueError, KeyError) as e:  # HFSourceError, or a file pyarrow cannot read
+                    yield (
+                        name,
+                        str(spec["path"]),
+                        str(e) if isinstance(e, hf_source.HFSourceError) else f"cannot read: {e}",
+                    )
 
 
 def data_paths(config: Any) -> Iterator[tuple[str, str, str]]:
@@ -128,8 +139,7 @@ def check_sources(config: Any) -> None:
         problem = tokenizer_problem(path) if kind == "tokenizer" else _problem(path, kind)
         if problem is not None:
             problems.append((key, path, problem))
-    evaluates = config.get("train") is None or bool(config.train.get("eval_every", 1))
-    problems += [p for p in _hf_problems(config) if evaluates or not p[0].startswith("data.eval_")]
+    problems += list(_hf_problems(config))
     if not problems:
         return
     key, path, problem = problems[0]

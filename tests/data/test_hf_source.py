@@ -165,6 +165,10 @@ def test_missing_or_mistyped_columns_fail_at_open_and_in_preflight(saved, tmp_pa
     assert "\n" not in message and "data-00000-of-00001.arrow" in message
     with pytest.raises(DataSourceError, match="does not exist"):
         check_sources(config(path=str(tmp_path / "nowhere")))
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1" + bytes(64))
+    with pytest.raises(DataSourceError, match=r"\(hf\): cannot read: .*Parquet") as info:
+        check_sources(config(path=str(tmp_path / "broken.parquet")))
+    assert "\n" not in str(info.value)
     with pytest.raises(DataSourceError, match=r"unknown source type \(types: manifest, librispeech, tfds, hf"):
         check_sources(config(type="huggingface"))
 
