@@ -1,5 +1,6 @@
 """Hugging Face datasets as a source: `save_to_disk` folders and Parquet shards written by
-`datasets` itself, read lazily row by row; bad rows skipped and counted; columns checked up front."""
+`datasets` itself, read lazily row by row, locally and from a bucket (the Cloud Storage
+emulator); bad rows skipped and counted; columns checked up front."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import Audio, Dataset, DatasetDict
 
+from speechlm_jax import storage
 from speechlm_jax.data.audio import load_audio
 from speechlm_jax.data.config import PipelineConfig
+from speechlm_jax.data.corpus_manifests import nemo_source
 from speechlm_jax.data.hf_source import HFSource, HFSourceError
 from speechlm_jax.data.maker import record_audio
 from speechlm_jax.data.pipeline import build_pipeline
@@ -217,3 +220,39 @@ def test_two_hosts_read_disjoint_rows_covering_the_shards(saved, word_tokenizer,
         )
     assert len(shards[0]) == len(shards[1]) == len(rows) // 2 and not shards[0] & shards[1]
     assert {s for s in sentences for c in shards[0] | shards[1] if f" {s} " in f" {c} "} == set(sentences)
+
+
+def _upload(folder, url: str) -> str:
+    for file in sorted(folder.rglob("*")):
+        if file.is_file():
+            storage.path(f"{url}/{file.relative_to(folder).as_posix()}").write_bytes(file.read_bytes())
+    return url
+
+
+def test_the_saved_forms_and_a_nemo_manifest_are_read_from_a_bucket(saved, gcs_bucket, tmp_path):
+    root, rows = saved
+    disk = _upload(root / "disk", f"{gcs_bucket}/disk")
+    shards = _upload(root / "shards", f"{gcs_bucket}/shards")
+    for url, local in ((disk, root / "disk"), (shards, root / "shards"), (f"{shards}/data/train-*.parquet", None)):
+        source, reference = HFSource(url), HFSource(str(local or root / "shards"))
+        assert len(source) == len(reference) == len(rows)
+        for index in (0, 7):
+            got, expected = source[index], reference[index]
+            assert got["audio_source"].startswith(gcs_bucket) and got["audio_bytes"] == expected["audio_bytes"]
+            assert (got["id"], got["text"]) == (expected["id"], expected["text"])
+    check_sources(
+        ml_collections.ConfigDict({"data": {"speech_sources": ({"type": "hf", "path": shards},)}, "train": {}})
+    )
+    with pytest.raises(DataSourceError, match="no text column 'sentence'"):
+        spec = {"type": "hf", "path": disk, "text_column": "sentence"}
+        check_sources(ml_collections.ConfigDict({"data": {"speech_sources": (spec,)}, "train": {}}))
+
+    # A NeMo manifest in the bucket names its audio beside it.
+    (tmp_path / "nemo").mkdir()
+    (tmp_path / "nemo" / "a.wav").write_bytes(open(rows[2]["audio"], "rb").read())
+    line = {"audio_filepath": "a.wav", "offset": 0.1, "duration": 0.5, "text": rows[2]["text"]}
+    (tmp_path / "nemo" / "manifest.json").write_text(json.dumps(line) + "\n")
+    manifest = _upload(tmp_path / "nemo", f"{gcs_bucket}/nemo") + "/manifest.json"
+    record = nemo_source(manifest)[0]
+    assert record["audio"] == f"{gcs_bucket}/nemo/a.wav"
+    np.testing.assert_array_equal(record_audio(record, 16000), load_audio(rows[2]["audio"])[1600:9600])
