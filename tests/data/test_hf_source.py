@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import ml_collections
@@ -256,3 +260,49 @@ def test_the_saved_forms_and_a_nemo_manifest_are_read_from_a_bucket(saved, gcs_b
     record = nemo_source(manifest)[0]
     assert record["audio"] == f"{gcs_bucket}/nemo/a.wav"
     np.testing.assert_array_equal(record_audio(record, 16000), load_audio(rows[2]["audio"])[1600:9600])
+
+
+_WORKER_PROGRAM = """
+import sys
+
+import numpy as np
+from absl import flags
+
+from speechlm_jax.data.config import PipelineConfig
+from speechlm_jax.data.pipeline import build_pipeline
+from speechlm_jax.data.tokenizer import load_tokenizer
+
+
+def batches(path, num_workers):
+    config = PipelineConfig(speech_sources=({"type": "hf", "path": path},), buckets=((16000, 48), (48000, 64)),
+                            max_slots=3, teacher_tokens=64, batch_size=2, num_threads=1, prefetch_buffer_size=2,
+                            num_workers=num_workers)
+    iterator, _ = build_pipeline(config, tokenizer=load_tokenizer(sys.argv[1]), split="eval")
+    return list(iterator)
+
+
+if __name__ == "__main__":
+    flags.FLAGS(sys.argv[:1])
+    for path in sys.argv[2:]:
+        in_process, in_workers = batches(path, 0), batches(path, 1)
+        assert len(in_workers) == len(in_process) > 0, (path, len(in_workers), len(in_process))
+        for want, got in zip(in_process, in_workers):
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    print("ok")
+"""
+
+
+def test_worker_processes_read_the_batches_read_in_process(saved, word_tokenizer, tmp_path):
+    # Grain's worker processes receive the source pickled and reopen its files themselves.
+    root, rows = saved
+    program = tmp_path / "program.py"
+    program.write_text(_WORKER_PROGRAM)
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    # One form (the Parquet shards: a lock and file handles to rebuild); the pickle test above covers both.
+    argv = [sys.executable, str(program), word_tokenizer.hf.name_or_path, str(root / "shards")]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    # (Grain's shared-memory buffers complain at interpreter exit; the program's own error is before.)
+    errors = [line for line in result.stderr.splitlines() if "Error" in line and "mmap" not in line]
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), errors[-20:]
