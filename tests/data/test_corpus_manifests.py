@@ -121,6 +121,22 @@ def test_bad_lhotse_lines_are_counted_and_named(long_recording, stereo_file, tmp
     assert f"{manifest} line 8: recording transforms ['Speed']" in caplog.text
 
 
+def test_a_relative_lhotse_path_is_relative_to_the_working_directory(long_recording, tmp_path, monkeypatch):
+    path, utterances = long_recording
+    monkeypatch.chdir(path.parent)  # where Lhotse looks for a relative path: the working directory
+    recording = Recording.from_file(path.name)
+    assert recording.sources[0].source == path.name
+    start, duration, text, _ = utterances[1]
+    supervision = SupervisionSegment(id="u1", recording_id=recording.id, start=start, duration=duration, text=text)
+    cuts = CutSet.from_manifests(
+        recordings=RecordingSet.from_recordings([recording]), supervisions=SupervisionSet.from_segments([supervision])
+    ).trim_to_supervisions()
+    cuts.to_file(tmp_path / "cuts.jsonl")
+    record = lhotse_source(tmp_path / "cuts.jsonl").records[0]
+    assert record["audio"] == str(path) and record["text"] == text
+    np.testing.assert_array_equal(record_audio(record, SR), to_int16(cuts[0].load_audio()[0]))
+
+
 def _nemo(path, utterances) -> list[dict]:
     lines = [
         {"audio_filepath": path.name, "offset": start, "duration": duration, "text": text}

@@ -45,12 +45,14 @@ def _dataset(rows: list[dict]) -> Dataset:
 @pytest.fixture(scope="module")
 def saved(wav_manifest, tmp_path_factory):
     """The WAV manifest's utterances as a Hugging Face dataset, saved every way this source reads:
-    `save_to_disk` (audio bytes embedded), `to_parquet` (audio paths), Parquet shards of the saved
+    `save_to_disk` (audio bytes embedded; in one Arrow file and in three), `to_parquet` (audio
+    paths), Parquet shards of the saved
     table (audio bytes, row groups of 3), and a `DatasetDict` of two splits."""
     root = tmp_path_factory.mktemp("hf")
     rows = _rows(wav_manifest)
     ds = _dataset(rows)
     ds.save_to_disk(str(root / "disk"))
+    ds.save_to_disk(str(root / "disk_3"), num_shards=3)
     ds.to_parquet(str(root / "paths" / "train-00000-of-00001.parquet"))
     embedded = pa.concat_tables(
         pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in sorted((root / "disk").glob("*.arrow"))
@@ -63,7 +65,7 @@ def saved(wav_manifest, tmp_path_factory):
     return root, rows
 
 
-FORMS = ["disk", "paths", "shards", "shards/data/train-*.parquet"]
+FORMS = ["disk", "disk_3", "paths", "shards", "shards/data/train-*.parquet"]
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -71,7 +73,8 @@ def test_every_saved_form_reads_the_rows_and_their_audio(saved, form):
     root, rows = saved
     source = HFSource(str(root / form), "train")
     assert len(source) == len(rows) and source.skipped == {}
-    assert source.kind == ("arrow" if form == "disk" else "parquet")
+    assert source.kind == ("arrow" if form.startswith("disk") else "parquet")
+    assert len(source.files) == {"disk_3": 3, "shards": 2}.get(form.split("/")[0], 1)
     for index, row in enumerate(rows):
         record = source[index]
         assert (record["id"], record["text"]) == (row["id"], row["text"])
