@@ -258,6 +258,16 @@ def audio_duration(path: str | os.PathLike) -> float:
     return info.frames / info.samplerate
 
 
+def encoded_duration(data: bytes, *, source: str = "<bytes>") -> float:
+    """`audio_duration` of an encoded file held in memory (a Hugging Face Audio row's bytes)."""
+    _check_container(source, data[:_HEAD_BYTES], len(data))
+    try:
+        info = sf.info(io.BytesIO(data))
+    except sf.SoundFileError as e:
+        raise AudioError(source, f"cannot decode: {e}", "undecodable") from e
+    return info.frames / info.samplerate
+
+
 def save_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = 16000) -> Path:
     """Writes int16 mono [samples] as 16-bit PCM; the format follows the suffix (.flac, .wav).
 

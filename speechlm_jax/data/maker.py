@@ -34,7 +34,14 @@ from typing import Any
 import numpy as np
 
 from speechlm_jax.data import interleave
-from speechlm_jax.data.audio import AudioError, AudioSegment, decode_audio, load_audio
+from speechlm_jax.data.audio import (
+    AudioError,
+    AudioSegment,
+    audio_duration,
+    decode_audio,
+    encoded_duration,
+    load_audio,
+)
 from speechlm_jax.data.config import CONVERSATION_KIND, TEXT_KIND, PipelineConfig
 from speechlm_jax.data.conversations import conversation_segments, teacher_responses
 from speechlm_jax.data.examples import (
@@ -72,6 +79,20 @@ def record_audio(record: Record, sample_rate: int) -> np.ndarray:
     if record.get("offset") is not None or record.get("channel") is not None:
         segment = AudioSegment(float(record.get("offset") or 0.0), record.get("duration"), record.get("channel"))
     return load_audio(record["audio"], sample_rate=sample_rate, segment=segment)
+
+
+def record_seconds(record: Record) -> float:
+    """A speech record's audio duration in seconds, without decoding it: its `duration` (the
+    segment's, for Lhotse and NeMo; the manifest's), else the header of its bytes or its file."""
+    if record.get("duration"):
+        return float(record["duration"])
+    if record.get("waveform") is not None:
+        raise ValueError(f"record {record.get('id')!r} holds a waveform without its duration")
+    if record.get("audio_bytes") is not None:
+        return encoded_duration(record["audio_bytes"], source=record.get("audio_source") or str(record.get("id")))
+    if record.get("audio") is None:
+        raise AudioError(record.get("audio_source") or str(record.get("id")), "names no audio", "missing_file")
+    return audio_duration(record["audio"])
 
 
 class ExampleMaker:

@@ -256,7 +256,7 @@ def stage_probe_after(args: argparse.Namespace) -> None:
 
 def speech_seconds(sources: Sequence[Any]) -> float:
     """Total audio seconds of the pipeline's speech sources: each record's duration, else its file header."""
-    from speechlm_jax.data.audio import audio_duration
+    from speechlm_jax.data.maker import record_seconds
     from speechlm_jax.data.mixture import open_speech_source
 
     total = 0.0
@@ -264,7 +264,7 @@ def speech_seconds(sources: Sequence[Any]) -> float:
         source = open_speech_source(dict(spec), "train")
         for i in range(len(source)):
             record = source[i]
-            total += float(record["duration"]) if record.get("duration") else audio_duration(record["audio"])
+            total += record_seconds(record)
     return total
 
 

@@ -11,6 +11,7 @@ from speechlm_jax.data.audio import (
     AudioSegment,
     audio_duration,
     decode_audio,
+    encoded_duration,
     load_audio,
     save_audio,
     to_int16,
@@ -183,3 +184,11 @@ def test_a_segment_past_the_end_of_the_file_is_truncated_audio(tmp_path):
     with pytest.raises(AudioError, match="too short") as info:
         load_audio(path, segment=AudioSegment(0.0, 0.2), min_seconds=0.5)
     assert info.value.cause == "too_short"
+
+
+def test_encoded_duration_reads_the_header_of_bytes(tmp_path):
+    path = save_audio(tmp_path / "clip.flac", to_int16(_tone(16000, 0.75)[:, 0]))
+    assert encoded_duration(path.read_bytes()) == pytest.approx(audio_duration(path)) == pytest.approx(0.75)
+    with pytest.raises(AudioError, match="shard-1 row 3: cannot decode") as info:
+        encoded_duration(b"RIFF1234WAVEjunk", source="shard-1 row 3")
+    assert info.value.cause == "undecodable"

@@ -128,3 +128,22 @@ def test_speech_seconds_reads_durations_or_headers(tmp_path):
         + "\n"
     )
     assert select.speech_seconds([{"type": "manifest", "path": str(tmp_path / "m.jsonl")}]) == pytest.approx(2.0)
+
+
+def test_speech_seconds_of_hf_rows_and_of_segments(tmp_path):
+    # Hugging Face rows hold their audio's bytes (read from the header); a NeMo line names its segment.
+    from datasets import Audio, Dataset
+
+    from speechlm_jax.data.audio import save_audio
+
+    save_audio(tmp_path / "a.flac", np.zeros(8000, np.int16))
+    save_audio(tmp_path / "b.flac", np.zeros(24000, np.int16))
+    audio = [{"bytes": (tmp_path / f"{n}.flac").read_bytes(), "path": None} for n in "ab"]
+    Dataset.from_dict({"audio": audio, "text": ["x", "y"]}).cast_column("audio", Audio()).save_to_disk(
+        str(tmp_path / "hf")
+    )
+    assert select.speech_seconds([{"type": "hf", "path": str(tmp_path / "hf")}]) == pytest.approx(2.0)
+    (tmp_path / "nemo.json").write_text(
+        json.dumps({"audio_filepath": "b.flac", "offset": 0.5, "duration": 0.75, "text": "y"})
+    )
+    assert select.speech_seconds([{"type": "nemo", "path": str(tmp_path / "nemo.json")}]) == pytest.approx(0.75)
