@@ -185,7 +185,14 @@ def _asr_records(args: EvalRequest, config: ml_collections.ConfigDict | None) ->
     records = []
     for spec in specs:
         source = open_speech_source(dict(spec), "heldout")
-        records += [source[i] for i in range(len(source))]
+        read = [source[i] for i in range(len(source))]
+        # An item is a whole audio file: a segment's text scored against its whole recording would be wrong.
+        if any(r.get("offset") is not None or r.get("channel") is not None or r.get("audio_bytes") for r in read):
+            raise cli.UsageError(
+                f"--asr scores whole audio files; the {spec['type']} source {spec['path']} names segments of "
+                "recordings or audio inside a dataset (evaluate a manifest of whole files)"
+            )
+        records += read
     return [r for r in records if r.get("audio") and r.get("text")][: args.asr_limit]
 
 

@@ -124,3 +124,18 @@ def test_speechlm_eval_exits_2_on_an_empty_recording_naming_file_and_line(tmp_pa
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert lines == [f"speechlm-eval: {items}:2: audio file {str(tmp_path / 'q2.wav')!r} cannot be used: empty file"]
     assert not (workdir / "report.json").exists()
+
+
+def test_asr_refuses_a_source_of_segments_instead_of_scoring_whole_recordings(tmp_path):
+    import numpy as np
+
+    from speechlm_jax.data.audio import save_audio
+
+    save_audio(tmp_path / "session.flac", np.zeros(32000, np.int16))
+    line = {"audio_filepath": "session.flac", "offset": 1.0, "duration": 0.5, "text": "hello"}
+    (tmp_path / "nemo.json").write_text(json.dumps(line) + "\n")
+    request = eval_main.EvalRequest(
+        base="llm", asr=True, asr_source={"type": "nemo", "path": str(tmp_path / "nemo.json")}
+    )
+    with pytest.raises(eval_main.cli.UsageError, match="--asr scores whole audio files; the nemo source .*nemo.json"):
+        eval_main._asr_records(request, None)
