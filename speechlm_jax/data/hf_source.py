@@ -57,8 +57,8 @@ from speechlm_jax.data.sources import Record
 log = logging.getLogger(__name__)
 
 _ROW_GROUPS_KEPT = 4  # Parquet row groups cached per source and process
-_NAMED_ROWS = 10
-_PARQUET_LEVELS = ("*.parquet", "*/*.parquet", "*/*/*.parquet")  # rows a warning names before it only counts
+_NAMED_ROWS = 10  # rows a warning names before it only counts
+_PARQUET_LEVELS = ("*.parquet", "*/*.parquet", "*/*/*.parquet")  # the folder levels searched for shards
 
 
 class HFSourceError(ValueError):
@@ -134,7 +134,7 @@ def _audio_type_ok(kind: pa.DataType) -> bool:
         pa.types.is_string(kind)
         or pa.types.is_large_string(kind)
         or pa.types.is_binary(kind)
-        or (pa.types.is_large_binary(kind))
+        or pa.types.is_large_binary(kind)
     )
 
 
