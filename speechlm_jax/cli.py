@@ -23,7 +23,8 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 
-SOURCE_TYPES = ("manifest", "librispeech", "tfds")
+# Speech source types (data.mixture opens each); `TYPE:PATH` on the command line.
+SOURCE_TYPES = ("manifest", "librispeech", "tfds", "hf", "lhotse", "nemo")
 
 
 class UsageError(ValueError):
@@ -95,7 +96,8 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def parse_source(spec: str) -> dict[str, str]:
-    """ "manifest:/path" | "librispeech:/dir" | "tfds:/dir" -> the pipeline's source spec."""
+    """ "manifest:/path" | "librispeech:/dir" | "hf:/dir" | ... -> the pipeline's source spec (an hf
+    source with its default split and columns: train, audio, text)."""
     kind, sep, path = spec.partition(":")
     if not sep or kind not in SOURCE_TYPES or not path:
         raise argparse.ArgumentTypeError(f"must be TYPE:PATH with TYPE in {SOURCE_TYPES}, got {spec!r}")

@@ -11,7 +11,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-SPEECH_SOURCE_TYPES = ("manifest", "librispeech", "tfds", "hf", "lhotse", "nemo")
+from speechlm_jax import cli
+
+SPEECH_SOURCE_TYPES = cli.SOURCE_TYPES
 SPEECH_KINDS = ("asr", "continuation", "imitation", "spoken_qa", "mixed_modal")
 TEXT_KIND = "text_sft"
 CONVERSATION_KIND = "conversation"  # multi-turn records (`conversations`), their task_id name

@@ -139,13 +139,15 @@ def _text(value: Any) -> str:
 class TFDSSource:
     """A split of a prepared `PairedSpeech` TFDS dataset (ArrayRecord), read without TensorFlow.
 
-    Records carry the decoded int16 waveform instead of a path.
+    Records carry the decoded int16 waveform instead of a path. A dataset in an object store is
+    copied to local disk first, once per process: ArrayRecord's reader opens files through its
+    own file layer, not fsspec, and never returned on a gs:// path of the test emulator.
     """
 
     def __init__(self, data_dir: storage.PathLike, split: str = "train"):
         import tensorflow_datasets as tfds
 
-        self.builder = tfds.builder_from_directory(str(data_dir))
+        self.builder = tfds.builder_from_directory(str(storage.local_copy(data_dir)))
         self.data = self.builder.as_data_source(split=split)
         self.skipped: Counter = Counter()
 
