@@ -15,7 +15,8 @@ the real cause, which `batching` counts as `skipped/<reason>`:
     missing_file, unreadable, empty_file, undecodable, truncated, empty_audio
                      the audio file (`audio.AUDIO_CAUSES`)
     too_short        a clip too short for one audio token
-    too_long         audio longer than the largest bucket (or split into more than max_slots slots)
+    too_long         audio longer than `max_audio_seconds` (from the header, before decoding), than
+                     the largest bucket, or split into more than max_slots slots
     too_many_tokens  a clip that fits, with more student or teacher tokens than any bucket holds
     empty_text       a transcript of whitespace only
     no_target, no_question, no_word_timings
@@ -44,6 +45,14 @@ from speechlm_jax.data.sources import Record, TargetTable
 from speechlm_jax.data.tasks import TextTask, get_task
 from speechlm_jax.data.tokenizer import SpeechTokenizer
 from speechlm_jax.models.frontend import HOP_LENGTH, audio_token_count
+
+
+def _skip_message(record: Record, error: Exception) -> str:
+    """`id <id> (<audio file>): <what is wrong>`, naming the record a skip is about."""
+    source = record.get("audio") if isinstance(record.get("audio"), str) else None
+    text = str(error)
+    named = f" ({source})" if source and source not in text else ""
+    return f"id {record.get('id', '?')}{named}: {text}"
 
 
 class ExampleMaker:
@@ -82,9 +91,9 @@ class ExampleMaker:
             example.split = split
             return self._bucketed(example)
         except ExampleError as e:
-            return Skipped(e.reason)
+            return Skipped(e.reason, _skip_message(record, e))
         except AudioError as e:
-            return Skipped(e.cause)
+            return Skipped(e.cause, _skip_message(record, e))
         except OSError:  # an I/O error while decoding (the opening is `load_audio`'s to report)
             return Skipped("unreadable")
 
@@ -101,10 +110,14 @@ class ExampleMaker:
         raise ExampleError("too_many_tokens")
 
     def _waveform(self, record: Record) -> np.ndarray:
+        limit = self.config.max_audio_seconds or None
         if record.get("waveform") is not None:
             waveform = np.asarray(record["waveform"], np.int16)
+            if limit is not None and waveform.size > limit * self.config.sample_rate:
+                seconds = waveform.size / self.config.sample_rate
+                raise ExampleError("too_long", f"too long: {seconds:.3f}s > max_audio_seconds {limit:g}s")
         else:
-            waveform = load_audio(record["audio"], sample_rate=self.config.sample_rate)
+            waveform = load_audio(record["audio"], sample_rate=self.config.sample_rate, max_seconds=limit)
         if waveform.size == 0:
             raise ExampleError("empty_audio")
         if waveform.size < self.min_samples:
