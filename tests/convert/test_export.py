@@ -115,9 +115,31 @@ def test_voxtral_export_matches_on_70_s_of_audio(tiny_speechlm, tokenizer_dir, l
     tokens = audio_token_count(samples, 4)
     assert tokens == 35 * 25
     batch = long_batch(clip, tokens, audio_token_id)
+    input_ids = torch.tensor(np.asarray(batch["tokens"]))
     with torch.no_grad():
-        reference = hf(input_ids=torch.tensor(np.asarray(batch["tokens"])), input_features=features).logits.numpy()
+        reference = hf(input_ids=input_ids, input_features=features).logits.numpy()
     np.testing.assert_allclose(np.asarray(model(batch)), reference, atol=1e-4, rtol=0)
+    # Greedy decoding after the 70 s span: our KV-cache decoder and transformers' generate agree.
+    with torch.no_grad():
+        hf_tokens = hf.generate(
+            input_ids=input_ids,
+            input_features=features,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=6,
+            do_sample=False,
+        )[0, input_ids.shape[1] :].numpy()
+    ours = generate(
+        model.llm,
+        None,
+        batch["input_mask"],
+        inputs_embeds=model.embed_inputs(batch),
+        max_new_tokens=6,
+        eos_id=2,
+        pad_id=0,
+    )
+    length = int(ours.lengths[0])
+    assert length == len(hf_tokens)
+    np.testing.assert_array_equal(np.asarray(ours.tokens[0, :length]), hf_tokens)
 
     # A clip that ends inside its last window: Voxtral feeds that window whole (its padding
     # included: the class has no audio mask), ours only the frames of the clip; the full

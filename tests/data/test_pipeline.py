@@ -567,3 +567,18 @@ def test_max_audio_seconds_past_the_largest_bucket_is_refused_unless_split(tmp_p
     with pytest.raises(ValueError, match=r"max_audio_seconds=120 is longer than the largest bucket .* 30 s"):
         _config(tmp_path / "m.jsonl", buckets=((16000 * 30, 512),), max_audio_seconds=120.0)
     _config(tmp_path / "m.jsonl", buckets=((16000 * 30, 512),), max_audio_seconds=120.0, overlong="split")
+
+
+def test_a_stored_waveform_past_max_audio_seconds_is_skipped_naming_the_record(word_tokenizer):
+    """Sources that hold waveforms (TFDS, HF datasets) are held to the same maximum."""
+    from speechlm_jax.data.examples import Example, Skipped
+    from speechlm_jax.data.maker import ExampleMaker
+    from speechlm_jax.data.sources import TargetTable
+
+    config = PipelineConfig(buckets=((16000 * 40, 512),), max_audio_seconds=35.0, downsample=4)
+    maker = ExampleMaker(config, word_tokenizer, TargetTable())
+    rng = np.random.default_rng(0)
+    kept = maker({"id": "ok", "waveform": _noise(34.0), "text": "hello world"}, rng)
+    assert isinstance(kept, Example) and kept.max_audio_samples == 34 * 16000
+    skipped = maker({"id": "tfds-17", "waveform": _noise(36.0), "text": "hello world"}, rng)
+    assert skipped == Skipped("too_long", "id tfds-17: too long: 36.000s > max_audio_seconds 35s")
