@@ -143,6 +143,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_slots = 4
     c.data.teacher_tokens = 512
     c.data.overlong = "drop"
+    # The longest utterance read, in seconds (0: as long as the largest bucket). Past the
+    # encoder's 30 s window a slot is encoded window by window: for 120 s, add buckets such as
+    # (16000 * 60, 768), (16000 * 120, 1280).
+    c.data.max_audio_seconds = 0.0
     c.data.num_threads = 4
     c.data.num_workers = 0
     # Held-out evaluation: other sources (empty = the training ones) and the held-out prompts.

@@ -16,7 +16,11 @@ The way out of the codebase (`docs/ARCHITECTURE.md`, `convert/`). `export_speech
 There is no processor config: `VoxtralProcessor` only works with Mistral's own tokenizer
 (mistral-common, audio token id fixed at 24). The exported folder is used as the class is:
 `input_ids` with `config.audio_token_id` at the audio positions (`max_source_positions / k`
-per window) and `input_features` from the folder's feature extractor.
+per window) and `input_features` from the folder's feature extractor. Audio longer than one
+window is given as VoxtralProcessor gives it: the features of the whole clip padded to a
+multiple of the window (`pad_to_multiple_of`, in samples), cut into windows along the batch
+axis ([windows, mels, 2 * max_source_positions]), with the audio tokens of every window in
+one run in `input_ids` (see `convert.voxtral` for the one difference, a partial last window).
 
 Tensors come from the import tables run backwards: every rule's hook (identity, transpose,
 conv kernel permutation) is its own inverse, so the HF key of one of our parameters is the

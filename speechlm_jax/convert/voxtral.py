@@ -19,7 +19,12 @@ the two directions share one description of the class:
 - **Window.** `VoxtralEncoder` takes exactly `2 * max_source_positions` mel frames (30 s
   for real Whisper sizes) and attends to all of them (no mask), giving
   `max_source_positions / k` audio tokens per window; our encoder gives the same values on
-  a full window.
+  a full window. Longer audio is the same in both: `VoxtralProcessor` extracts the features
+  of the whole clip (padded to a multiple of the window), cuts them into windows stacked
+  along the batch, and the projector reads the windows' encoder frames concatenated, which
+  is what `models.speechlm.encode_windows` does. The one difference is a clip that ends
+  inside its last window: Voxtral has no audio mask and feeds that window whole (its
+  padding too, as for any clip under one window), ours only the clip's own frames.
 - **Keys.** The legacy on-disk layout `save_pretrained` writes (transformers 5 renames it
   on load): `audio_tower.*` (the Whisper encoder table with `encoder.` -> `audio_tower.`),
   `multi_modal_projector.linear_{1,2}.weight`, `language_model.model.*` and

@@ -21,6 +21,7 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 
 from speechlm_jax.data.config import PipelineConfig
@@ -97,6 +98,17 @@ def collate(
     return batch
 
 
+_REPORTED_PER_CAUSE = 10  # skip messages logged per cause; the counters count them all
+
+
+def _report_skip(skipped: Skipped, count: int) -> None:
+    """Logs what was skipped and why (the first few of each cause, so an epoch of bad files
+    does not flood the log)."""
+    if skipped.message and count <= _REPORTED_PER_CAUSE:
+        last = " (further ones are only counted)" if count == _REPORTED_PER_CAUSE else ""
+        logging.warning("skipped (%s): %s%s", skipped.reason, skipped.message, last)
+
+
 class BucketBatchDataset(grain.IterDataset):
     """Groups examples by bucket and emits a padded batch whenever a bucket fills.
 
@@ -152,6 +164,7 @@ class _BucketBatchIterator(grain.DatasetIterator):
                 break
             if isinstance(item, Skipped):
                 self._counts[f"skipped/{item.reason}"] += 1
+                _report_skip(item, self._counts[f"skipped/{item.reason}"])
                 continue
             self._counts["examples"] += 1
             self._counts["split"] += int(item.split)

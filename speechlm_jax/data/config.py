@@ -8,6 +8,7 @@ pipeline module (`mixture`, `maker`, `batching`, `pipeline`) takes its settings 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,28 @@ SPEECH_SOURCE_TYPES = cli.SOURCE_TYPES
 SPEECH_KINDS = ("asr", "continuation", "imitation", "spoken_qa", "mixed_modal")
 TEXT_KIND = "text_sft"
 CONVERSATION_KIND = "conversation"  # multi-turn records (`conversations`), their task_id name
+
+
+def audio_limit_problem(
+    max_audio_seconds: float, buckets: tuple[tuple[int, int], ...], overlong: str, sample_rate: int
+) -> str:
+    """Why `max_audio_seconds` cannot work with these buckets ("" when it can).
+
+    With overlong "drop" an utterance is one slot, so every length up to the maximum must fit
+    the largest bucket; otherwise those between the bucket and the maximum would all be skipped.
+    """
+    if max_audio_seconds < 0:
+        return f"max_audio_seconds must be >= 0 (0: the largest bucket), got {max_audio_seconds}"
+    largest = max(a for a, _ in buckets)
+    if overlong == "drop" and max_audio_seconds * sample_rate > largest:
+        needed = math.ceil(max_audio_seconds * sample_rate)
+        return (
+            f"max_audio_seconds={max_audio_seconds:g} is longer than the largest bucket "
+            f"({largest} samples = {largest / sample_rate:g} s), so utterances between the two would all be "
+            f"skipped: add a bucket of at least {needed} samples (a multiple of the encoder's window wastes "
+            "no encoder work), or set overlong='split'"
+        )
+    return ""
 
 
 @dataclasses.dataclass
@@ -45,6 +68,10 @@ class PipelineConfig:
     buckets: static shapes `(audio_samples per slot, student tokens)`; max_slots slots per
       example; teacher_tokens the teacher twin's length.
     overlong: "drop" or "split" (a too-long clip becomes several consecutive slots).
+    max_audio_seconds: the longest utterance read (0: as long as the largest bucket); a longer
+      one is skipped as `too_long` before it is decoded. A slot may be longer than the
+      encoder's window (the model encodes it window by window), so with "drop" the largest
+      bucket must hold it.
     """
 
     speech_sources: tuple[Mapping[str, Any], ...] = ()
@@ -71,6 +98,7 @@ class PipelineConfig:
     downsample: int = 4
     sample_rate: int = 16000
     overlong: str = "drop"
+    max_audio_seconds: float = 0.0
     num_epochs: int | None = None
     num_threads: int = 2
     prefetch_buffer_size: int = 16
@@ -104,6 +132,9 @@ class PipelineConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.buckets or any(a < 1 or t < 1 for a, t in self.buckets):
             raise ValueError(f"buckets must be (audio samples, tokens) pairs of positive sizes, got {self.buckets}")
+        problem = audio_limit_problem(self.max_audio_seconds, self.buckets, self.overlong, self.sample_rate)
+        if problem:
+            raise ValueError(problem)
 
     @classmethod
     def from_config(cls, config: Any) -> PipelineConfig:

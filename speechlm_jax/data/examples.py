@@ -112,9 +112,11 @@ class Example:
 
 @dataclasses.dataclass(frozen=True)
 class Skipped:
-    """What the example map yields in place of an example it could not build."""
+    """What the example map yields in place of an example it could not build: `reason` is the
+    skip counter, `message` what a person reads (the record and what is wrong with it)."""
 
     reason: str
+    message: str = ""
 
 
 def _shift(values: np.ndarray, fill) -> np.ndarray:

@@ -15,7 +15,8 @@ the real cause, which `batching` counts as `skipped/<reason>`:
     missing_file, unreadable, empty_file, undecodable, truncated, empty_audio
                      the audio file (`audio.AUDIO_CAUSES`)
     too_short        a clip too short for one audio token
-    too_long         audio longer than the largest bucket (or split into more than max_slots slots)
+    too_long         audio longer than `max_audio_seconds` (from the header, before decoding), than
+                     the largest bucket, or split into more than max_slots slots
     too_many_tokens  a clip that fits, with more student or teacher tokens than any bucket holds
     empty_text       a transcript of whitespace only
     no_target, no_question, no_word_timings
@@ -63,22 +64,19 @@ from speechlm_jax.models.frontend import HOP_LENGTH, audio_token_count
 log = logging.getLogger(__name__)
 
 
-_LOGGED_AUDIO_ERRORS = 10  # per pipeline (and worker process); later ones are only counted
-
-
-def record_audio(record: Record, sample_rate: int) -> np.ndarray:
+def record_audio(record: Record, sample_rate: int, *, max_seconds: float | None = None) -> np.ndarray:
     """A speech record's audio, int16 [samples]: its encoded bytes (Hugging Face rows), or its
     file, or the segment of it that the record's `offset` and `duration` name (Lhotse cuts, NeMo
-    lines); AudioError when it names none, or it cannot be read."""
+    lines); AudioError when it names none, cannot be read, or is longer than `max_seconds`."""
     if record.get("audio_bytes") is not None:
         source = record.get("audio_source") or str(record.get("id"))
-        return decode_audio(record["audio_bytes"], sample_rate=sample_rate, source=source)
+        return decode_audio(record["audio_bytes"], sample_rate=sample_rate, source=source, max_seconds=max_seconds)
     if record.get("audio") is None:
         raise AudioError(record.get("audio_source") or str(record.get("id")), "names no audio", "missing_file")
     segment = None
     if record.get("offset") is not None or record.get("channel") is not None:
         segment = AudioSegment(float(record.get("offset") or 0.0), record.get("duration"), record.get("channel"))
-    return load_audio(record["audio"], sample_rate=sample_rate, segment=segment)
+    return load_audio(record["audio"], sample_rate=sample_rate, segment=segment, max_seconds=max_seconds)
 
 
 def record_seconds(record: Record) -> float:
@@ -95,6 +93,14 @@ def record_seconds(record: Record) -> float:
     return audio_duration(record["audio"])
 
 
+def _skip_message(record: Record, error: Exception) -> str:
+    """`id <id> (<audio file>): <what is wrong>`, naming the record a skip is about."""
+    source = record.get("audio") if isinstance(record.get("audio"), str) else None
+    text = str(error)
+    named = f" ({source})" if source and source not in text else ""
+    return f"id {record.get('id', '?')}{named}: {text}"
+
+
 class ExampleMaker:
     """The per-record map: a record and Grain's per-index rng -> `Example` or `Skipped`."""
 
@@ -106,7 +112,6 @@ class ExampleMaker:
         weights = np.asarray([config.kinds[k] for k in self.kinds], np.float64)
         self.kind_p = weights / weights.sum()
         self.task_ids = {name: i for i, name in enumerate(config.task_names)}
-        self.audio_errors = 0  # seen by this maker (a count for the log, not the skip counters)
         self.max_samples = config.buckets[-1][0]
         # The shortest clip that gives one audio token: shorter spoken spans stay text.
         self.min_samples = next(
@@ -141,20 +146,11 @@ class ExampleMaker:
             example.split = split
             return self._bucketed(example)
         except ExampleError as e:
-            return Skipped(e.reason)
+            return Skipped(e.reason, _skip_message(record, e))
         except AudioError as e:
-            self._log_audio_error(e)
-            return Skipped(e.cause)
+            return Skipped(e.cause, _skip_message(record, e))
         except OSError:  # an I/O error while decoding (the opening is `load_audio`'s to report)
             return Skipped("unreadable")
-
-    def _log_audio_error(self, error: AudioError) -> None:
-        # The first audio errors are logged whole (the file, or the dataset file and row, and the
-        # reason), so a skip count can be traced to its examples.
-        n, self.audio_errors = self.audio_errors, self.audio_errors + 1
-        if n < _LOGGED_AUDIO_ERRORS:
-            last = "; later audio errors are only counted" if n == _LOGGED_AUDIO_ERRORS - 1 else ""
-            log.warning("skipped as %s: %s%s", error.cause, error, last)
 
     def _bucketed(self, example: Example) -> Example:
         if len(example.audio) > self.config.max_slots:
@@ -169,10 +165,14 @@ class ExampleMaker:
         raise ExampleError("too_many_tokens")
 
     def _waveform(self, record: Record) -> np.ndarray:
+        limit = self.config.max_audio_seconds or None
         if record.get("waveform") is not None:
             waveform = np.asarray(record["waveform"], np.int16)
+            if limit is not None and waveform.size > limit * self.config.sample_rate:
+                seconds = waveform.size / self.config.sample_rate
+                raise ExampleError("too_long", f"too long: {seconds:.3f}s > max_audio_seconds {limit:g}s")
         else:
-            waveform = record_audio(record, self.config.sample_rate)
+            waveform = record_audio(record, self.config.sample_rate, max_seconds=limit)
         if waveform.size == 0:
             raise ExampleError("empty_audio")
         if waveform.size < self.min_samples:

@@ -64,7 +64,7 @@ from speechlm_jax.evaluation import (
     retention,
     voicebench,
 )
-from speechlm_jax.evaluation.scoring import OracleSpeech, Scorer, TTSSpeech, model_audio, oracle_audio
+from speechlm_jax.evaluation.scoring import SAMPLE_RATE, OracleSpeech, Scorer, TTSSpeech, model_audio, oracle_audio
 from speechlm_jax.models import hf_import
 from speechlm_jax.models.speechlm import SpeechLM
 from speechlm_jax.sharding import make_mesh
@@ -228,6 +228,14 @@ class Inputs:
     voicebench: list[voicebench.Subset] = dataclasses.field(default_factory=list)
 
 
+def _audio_limit(config: Any) -> dict[str, int]:
+    """The Scorer's longest slot: the run's `data.max_audio_seconds` when it trained on long
+    audio (a recording up to it is one audio span, as in training; longer ones are cut into
+    slots of that length), else the Scorer's own default."""
+    seconds = float(config.data.get("max_audio_seconds", 0.0))
+    return {"max_audio_samples": int(seconds * SAMPLE_RATE)} if seconds > 0 else {}
+
+
 def read_inputs(args: EvalRequest) -> Inputs:
     """Reads every item file (`ItemFileError` naming file and line, its audio decoded) and the
     generalisation and M/F corpora: a bad input fails here, in a second, not after the model loads."""
@@ -251,6 +259,7 @@ def run(args: EvalRequest) -> dict[str, Any]:
         import_task_modules(config.data.task_modules)
         tokenizer: SpeechTokenizer = load_tokenizer(args.tokenizer or config.data.tokenizer)
         layout = {"downsample": int(config.model.projector.downsample), "rules": config_lib.sharding_rules(config)}
+        layout.update(_audio_limit(config))
         info = {"workdir": str(args.workdir), "step": step, "recipe": config.recipe}
     else:
         model = hf_import.load_llm(args.base, dtype=jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.dtype), mesh=mesh)

@@ -3,12 +3,16 @@
 The composition behind every recipe in `docs/ARCHITECTURE.md`. Inside the jitted step:
 
     audio [B, S, L] int16 --reshape--> [B*S, L] --log-mel (on device)--> [B*S, n_mels, L // 160]
-      --encoder--> [B*S, (L//160 + 1) // 2, d_audio] --projector--> [B*S, F, D] --reshape--> [B, S*F, D]
+      --encoder, window by window--> [B*S, (L//160 + 1) // 2, d_audio] --projector--> [B*S, F, D]
+      --reshape--> [B, S*F, D]
     tokens [B, T] --llm.embed--> [B, T, D]; positions with audio_index >= 0 take the audio
       embedding at that index (per-row gather, so it stays local to each batch shard)
     --llm.hidden_states (LoRA on)--> student hidden [B, T, D] --llm.logits--> [B, T, V]
 
-F = audio_token_count(L, downsample). The teacher is the same LLM with LoRA off on the
+F = audio_token_count(L, downsample). A slot longer than the encoder's window (30 s for
+Whisper) is encoded as consecutive windows whose frames are concatenated before the
+projector (`encode_windows`): one audio span in the LLM's sequence, and the same count F,
+so nothing downstream of the encoder knows about windows. The teacher is the same LLM with LoRA off on the
 batch's text twin (`teacher_tokens`), under stop_gradient: no second copy of the weights.
 
 The optional CTC length adapter (`LengthAdapter`) shortens each slot to about one position
@@ -35,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from speechlm_jax.losses.ctc import chunked_ctc_greedy, collapse_best_path, kept_frames
-from speechlm_jax.models.frontend import HOP_LENGTH, log_mel_spectrogram
+from speechlm_jax.models.frontend import HOP_LENGTH, encoder_frames_of_mel, log_mel_spectrogram
 from speechlm_jax.models.llm import DecoderLLM, LLMConfig, default_positions
 from speechlm_jax.models.lora import LoRAConfig, apply_lora
 from speechlm_jax.models.projector import Projector, ProjectorConfig, make_projector
@@ -52,6 +56,37 @@ def scatter_audio(text_embeds: jax.Array, audio_embeds: jax.Array, audio_index: 
     """
     gathered = jnp.take_along_axis(audio_embeds, jnp.maximum(audio_index, 0)[..., None], axis=1)
     return jnp.where((audio_index >= 0)[..., None], gathered.astype(text_embeds.dtype), text_embeds)
+
+
+def encode_windows(
+    encoder: WhisperEncoder, mels: jax.Array, mel_lens: jax.Array, *, lora: bool = True
+) -> tuple[jax.Array, jax.Array]:
+    """The encoder over audio of any length, one window at a time, the windows concatenated.
+
+    mels [N, n_mels, M] (the log-mel of each whole clip, so the frames at a window boundary
+    see the signal on both sides), mel_lens [N] valid mel frames -> (hidden [N, (M + 1) // 2,
+    d_audio], mask [N, (M + 1) // 2] bool). A clip of at most one window (M <= W =
+    `encoder.config.max_frames`) is encoded as it is. A longer one is cut into n = ceil(M / W)
+    consecutive windows of W frames (the last zero-padded, and masked past the clip's end),
+    encoded as n rows of one batch [N * n, n_mels, W], each with its own position table and
+    attention, and concatenated back in order, as Whisper's long-form transcription and
+    Voxtral do. Since W is even, window k's encoder frames are frames k * W / 2 onwards of the
+    concatenation, and a clip of l valid mel frames keeps (l + 1) // 2 valid frames
+    (`frontend.encoder_frames_of_mel`), whether it spans one window or many.
+    """
+    n, n_mels, frames = mels.shape
+    valid = jnp.arange(frames)[None, :] < mel_lens[:, None]
+    window = encoder.config.max_frames
+    if frames <= window:
+        return encoder(mels, frame_mask=valid, lora=lora)
+    count = -(-frames // window)
+    pad = count * window - frames
+    mels = jnp.pad(mels, ((0, 0), (0, 0), (0, pad)))
+    valid = jnp.pad(valid, ((0, 0), (0, pad)))
+    windows = mels.reshape(n, n_mels, count, window).transpose(0, 2, 1, 3).reshape(n * count, n_mels, window)
+    hidden, mask = encoder(windows, frame_mask=valid.reshape(n * count, window), lora=lora)
+    out = encoder_frames_of_mel(frames)
+    return hidden.reshape(n, -1, hidden.shape[-1])[:, :out], mask.reshape(n, -1)[:, :out]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,11 +162,10 @@ class SpeechLM(nnx.Module):
     def project_audio(
         self, audio: jax.Array, audio_lens: jax.Array, *, lora: bool = True
     ) -> tuple[jax.Array, jax.Array]:
-        """Log-mel -> encoder -> projector: (frames [N, F, D], mask [N, F]), before any length adapter."""
+        """Log-mel -> encoder (window by window) -> projector: (frames [N, F, D], mask [N, F]),
+        before any length adapter."""
         mels = log_mel_spectrogram(audio, n_mels=self.encoder.config.num_mel_bins)
-        frames = jnp.arange(mels.shape[-1])
-        frame_mask = frames[None, :] < (audio_lens // HOP_LENGTH)[:, None]
-        hidden, mask = self.encoder(mels, frame_mask=frame_mask, lora=lora)
+        hidden, mask = encode_windows(self.encoder, mels, audio_lens // HOP_LENGTH, lora=lora)
         return self.projector(hidden, mask, lora=lora)
 
     def ctc_transcript(self, audio: jax.Array, audio_lens: jax.Array, *, blank_id: int, max_labels: int) -> jax.Array:

@@ -11,7 +11,8 @@ use the first `(frames + 1) // 2` position rows, and `frame_mask` marks the vali
 frames of each row so a batch of short clips padded to one bucket attends only to real
 frames. With a mask, padded mel frames and padded conv1 outputs are zeroed, so the valid
 outputs of a padded clip equal those of the same clip run alone (the convs see exactly
-the zero padding they would see at the clip's end).
+the zero padding they would see at the clip's end). Audio longer than the window is cut
+into windows and encoded window by window by `models.speechlm.encode_windows`.
 
 Module paths (what LoRA regexes and the HF mapping see): `conv1`, `conv2`,
 `embed_positions`, `layers/<i>/attn/{q_proj,k_proj,v_proj,out_proj}`,

@@ -41,6 +41,7 @@ import ml_collections
 from etils import epath
 
 from speechlm_jax import storage
+from speechlm_jax.data.config import audio_limit_problem
 from speechlm_jax.sharding import MESH_AXES
 
 RECIPES = ("asr", "mtbi", "salad", "vtb")
@@ -233,6 +234,7 @@ VALUE_RANGES: dict[str, Range] = {
     "data.teacher_tokens": COUNT,
     "data.num_threads": NONNEGATIVE,
     "data.num_workers": NONNEGATIVE,
+    "data.max_audio_seconds": Range(0, zero="as long as the largest bucket"),
 }
 
 
@@ -274,6 +276,11 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
                 f"data.buckets has {tuple(bucket)!r}; each bucket is (audio samples per slot, student tokens), "
                 "two positive ints"
             )
+    problem = audio_limit_problem(
+        config.data.max_audio_seconds, buckets, config.data.overlong, config.data.get("sample_rate", 16000)
+    )
+    if problem:
+        raise ConfigError(f"data.{problem}")
     for axis, size in config.mesh.items():
         if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
             raise ConfigError(f"mesh.{axis}={size!r} must be a positive size or -1 (the rest of the devices)")

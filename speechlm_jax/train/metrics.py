@@ -79,6 +79,11 @@ def _llm_forward(c: Any, tokens: int, lora_rank: int, lora_kernels: Sequence[tup
 
 
 def _encoder_forward(c: Any, mel_frames: int) -> dict[str, float]:
+    window = 2 * c.max_source_positions
+    if mel_frames > window:
+        # Audio past one window is encoded as ceil(frames / window) full windows (`models.speechlm.encode_windows`).
+        one = _encoder_forward(c, window)
+        return {k: v * -(-mel_frames // window) for k, v in one.items()}
     d, e = c.d_model, encoder_frames_of_mel(mel_frames)
     stem = 2 * 3 * c.num_mel_bins * d * mel_frames + 2 * 3 * d * d * e
     kernels = 2 * (4 * d * d + 2 * d * c.encoder_ffn_dim) * e

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import transformers
 from speechlm_jax.convert import export, voxtral
 from speechlm_jax.data.tokenizer import load_tokenizer
 from speechlm_jax.generate import generate
+from speechlm_jax.models.frontend import HOP_LENGTH, audio_token_count
 from speechlm_jax.models.hf_import import SafetensorsCheckpoint
 from speechlm_jax.models.projector import ProjectorConfig
 
@@ -64,6 +66,90 @@ def test_voxtral_export_gives_our_logits_and_tokens(
     length = int(ours_tokens.lengths[0])
     np.testing.assert_array_equal(np.asarray(ours_tokens.tokens[0, :length]), hf_tokens[:length])
     assert len(hf_tokens) == length
+
+
+def voxtral_features(folder, clip: np.ndarray, window_samples: int) -> torch.Tensor:
+    """Features as VoxtralProcessor makes them for audio of any length: one extraction over the
+    clip padded to a multiple of the window, cut into windows stacked along the batch."""
+    extractor = transformers.AutoFeatureExtractor.from_pretrained(folder)
+    features = extractor(
+        clip.astype(np.float32) / 32768.0,
+        sampling_rate=16000,
+        padding=True,
+        truncation=False,
+        pad_to_multiple_of=window_samples,
+        return_tensors="pt",
+    ).input_features
+    return features.reshape(extractor.feature_size, -1, window_samples // 160).transpose(0, 1)
+
+
+def long_batch(clip: np.ndarray, audio_tokens: int, audio_token_id: int) -> dict[str, jnp.ndarray]:
+    """`<bos> a b <audio x audio_tokens> c d e`: one slot holding the whole clip."""
+    ids = [1, 5, 6] + [audio_token_id] * audio_tokens + [7, 8, 9]
+    t = len(ids)
+    return dict(
+        audio=jnp.asarray(clip[None, None]),
+        audio_lens=jnp.asarray([[len(clip)]], jnp.int32),
+        tokens=jnp.asarray([ids], jnp.int32),
+        positions=jnp.arange(t, dtype=jnp.int32)[None],
+        input_mask=jnp.ones((1, t), jnp.int32),
+        audio_index=jnp.asarray([[-1] * 3 + list(range(audio_tokens)) + [-1] * 3], jnp.int32),
+    )
+
+
+def test_voxtral_export_matches_on_70_s_of_audio(tiny_speechlm, tokenizer_dir, load_voxtral, tmp_path):
+    """70 s is 35 of the tiny encoder's 2 s windows: both sides encode each window on its own and
+    concatenate them into one span of 875 audio tokens; the logits agree."""
+    model = tiny_speechlm(lora=False)
+    tokenizer = tokenizer_dir(tmp_path)
+    audio_token_id = load_tokenizer(str(tokenizer)).audio_token_id
+    out = export.export_speechlm(model, tmp_path / "hf", audio_token_id=audio_token_id, tokenizer_dir=tokenizer)
+    hf = load_voxtral(out)
+    window = model.encoder.config.max_frames * HOP_LENGTH  # samples per window
+    samples = 70 * 16000
+    t = np.arange(samples) / 16000
+    wave = 0.3 * np.sin(2 * np.pi * (200 + 5 * t) * t) * (1 + np.sin(t)) / 2
+    clip = ((wave + 0.02 * np.random.default_rng(0).normal(size=samples)) * 32767).astype(np.int16)
+    features = voxtral_features(out, clip, window)
+    assert features.shape == (35, 80, 200)
+    tokens = audio_token_count(samples, 4)
+    assert tokens == 35 * 25
+    batch = long_batch(clip, tokens, audio_token_id)
+    input_ids = torch.tensor(np.asarray(batch["tokens"]))
+    with torch.no_grad():
+        reference = hf(input_ids=input_ids, input_features=features).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(batch)), reference, atol=1e-4, rtol=0)
+    # Greedy decoding after the 70 s span: our KV-cache decoder and transformers' generate agree.
+    with torch.no_grad():
+        hf_tokens = hf.generate(
+            input_ids=input_ids,
+            input_features=features,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=6,
+            do_sample=False,
+        )[0, input_ids.shape[1] :].numpy()
+    ours = generate(
+        model.llm,
+        None,
+        batch["input_mask"],
+        inputs_embeds=model.embed_inputs(batch),
+        max_new_tokens=6,
+        eos_id=2,
+        pad_id=0,
+    )
+    length = int(ours.lengths[0])
+    assert length == len(hf_tokens)
+    np.testing.assert_array_equal(np.asarray(ours.tokens[0, :length]), hf_tokens)
+
+    # A clip that ends inside its last window: Voxtral feeds that window whole (its padding
+    # included: the class has no audio mask), ours only the frames of the clip; the full
+    # windows before it are the same frames in both.
+    part = clip[: 69 * 16000 + 8000]
+    ours, mask = model.encode_audio(jnp.asarray(part[None]), jnp.asarray([len(part)], jnp.int32))
+    with torch.no_grad():
+        theirs = hf.model.get_audio_features(voxtral_features(out, part, window)).pooler_output.numpy()
+    assert theirs.shape[0] == 35 * 25 and int(mask.sum()) == audio_token_count(len(part), 4) == 34 * 25 + 18
+    np.testing.assert_allclose(np.asarray(ours[0, : 34 * 25]), theirs[: 34 * 25], atol=1e-4, rtol=0)
 
 
 def test_keys_are_the_layout_transformers_writes_and_shards_load(tiny_speechlm, load_voxtral, tmp_path):

@@ -138,7 +138,7 @@ def test_bad_rows_are_skipped_counted_and_named(saved, word_tokenizer, tmp_path,
         )
         batches = list(iterator)
     # The audio errors name the dataset file and row.
-    assert "skipped as undecodable: " in caplog.text and ".arrow row 4: cannot decode" in caplog.text
+    assert "skipped (undecodable): " in caplog.text and ".arrow row 4: cannot decode" in caplog.text
     assert ".arrow row 5: names no audio" in caplog.text
     assert sum(int(b["weight"].sum()) for b in batches) == 4
     counts = stats.as_dict()

@@ -533,3 +533,52 @@ def test_worker_processes_from_a_program_without_absl_app(wav_manifest, word_tok
         timeout=600,
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_utterances_up_to_max_audio_seconds_are_one_slot_and_longer_ones_skipped_by_name(
+    word_tokenizer, tmp_path, caplog
+):
+    """A 40 s bucket holds a 35 s utterance whole (the model encodes it window by window); over
+    `max_audio_seconds` (38 s) a file is skipped from its header, counted and named in the log."""
+    import soundfile as sf
+
+    sf.write(tmp_path / "long.wav", _noise(35.0), 16000, subtype="PCM_16")
+    sf.write(tmp_path / "longer.wav", _noise(39.0), 16000, subtype="PCM_16")
+    rows = [
+        {"id": "u-long", "audio": str(tmp_path / "long.wav"), "text": "hello world"},
+        {"id": "u-longer", "audio": str(tmp_path / "longer.wav"), "text": "hello world"},
+    ]
+    manifest = tmp_path / "long.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = _config(manifest, buckets=((16000, 48), (40 * 16000, 512)), max_audio_seconds=38.0, max_slots=1)
+    iterator, stats = build_pipeline(config, tokenizer=word_tokenizer, split="eval")
+    with caplog.at_level("WARNING"):
+        (batch,) = _drain(iterator)
+    assert batch["audio"].shape == (2, 1, 40 * 16000) and batch["audio_lens"][:, 0].tolist() == [35 * 16000, 0]
+    frames = int((batch["audio_index"][0] >= 0).sum())
+    assert frames == audio_token_count(35 * 16000, 4) == 437
+    counts = stats.as_dict()
+    assert counts["examples"] == 1 and counts["skipped/too_long"] == 1
+    (message,) = [r.getMessage() for r in caplog.records if "skipped (too_long)" in r.getMessage()]
+    assert "u-longer" in message and str(tmp_path / "longer.wav") in message and "39.000s > 38.0s" in message
+
+
+def test_max_audio_seconds_past_the_largest_bucket_is_refused_unless_split(tmp_path):
+    with pytest.raises(ValueError, match=r"max_audio_seconds=120 is longer than the largest bucket .* 30 s"):
+        _config(tmp_path / "m.jsonl", buckets=((16000 * 30, 512),), max_audio_seconds=120.0)
+    _config(tmp_path / "m.jsonl", buckets=((16000 * 30, 512),), max_audio_seconds=120.0, overlong="split")
+
+
+def test_a_stored_waveform_past_max_audio_seconds_is_skipped_naming_the_record(word_tokenizer):
+    """Sources that hold waveforms (TFDS, HF datasets) are held to the same maximum."""
+    from speechlm_jax.data.examples import Example, Skipped
+    from speechlm_jax.data.maker import ExampleMaker
+    from speechlm_jax.data.sources import TargetTable
+
+    config = PipelineConfig(buckets=((16000 * 40, 512),), max_audio_seconds=35.0, downsample=4)
+    maker = ExampleMaker(config, word_tokenizer, TargetTable())
+    rng = np.random.default_rng(0)
+    kept = maker({"id": "ok", "waveform": _noise(34.0), "text": "hello world"}, rng)
+    assert isinstance(kept, Example) and kept.max_audio_samples == 34 * 16000
+    skipped = maker({"id": "tfds-17", "waveform": _noise(36.0), "text": "hello world"}, rng)
+    assert skipped == Skipped("too_long", "id tfds-17: too long: 36.000s > max_audio_seconds 35s")

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -30,9 +31,11 @@ LLM = LLMConfig(
 SAMPLES = 160 * 32
 
 
-def test_sharded_speechlm_forward_matches_single_device():
+@pytest.mark.parametrize("positions", [1500, 6], ids=["one_window", "three_windows"])
+def test_sharded_speechlm_forward_matches_single_device(positions):
+    """`positions`: the encoder window; at 6 (12 mel frames) each 32-frame slot is three windows."""
     model = build_speechlm(
-        WhisperConfig(**ENCODER_KW),
+        WhisperConfig(**ENCODER_KW, max_source_positions=positions),
         ProjectorConfig(downsample=2),
         LLM,
         LoRAConfig(rank=4),

@@ -250,3 +250,107 @@ def test_length_adapter_off_keeps_the_batch_mask_and_positions():
     _, mask, positions = model.student_inputs(batch)
     np.testing.assert_array_equal(mask, batch["input_mask"])
     np.testing.assert_array_equal(positions, batch["positions"])
+
+
+# A 1 s encoder window (50 positions, 100 mel frames) so that audio over one window stays small.
+WINDOW_HF = dict(
+    num_mel_bins=80,
+    d_model=32,
+    encoder_layers=2,
+    encoder_attention_heads=2,
+    encoder_ffn_dim=64,
+    max_source_positions=50,
+    decoder_layers=1,
+    decoder_attention_heads=2,
+    decoder_ffn_dim=64,
+    vocab_size=16,
+    max_target_positions=8,
+    pad_token_id=0,
+    bos_token_id=0,
+    eos_token_id=0,
+    decoder_start_token_id=1,
+    begin_suppress_tokens=None,
+)
+WINDOW_SAMPLES = 16000
+
+
+@pytest.fixture(scope="module")
+def short_window_whisper(tmp_path_factory):
+    """A random WhisperModel with a 1 s window, and our encoder with its weights."""
+    import torch
+    import transformers
+
+    from speechlm_jax.models.hf_import import load_whisper_encoder
+
+    torch.manual_seed(0)
+    hf = transformers.WhisperModel(transformers.WhisperConfig(**WINDOW_HF)).eval()
+    path = tmp_path_factory.mktemp("whisper_1s")
+    hf.save_pretrained(path)
+    return hf, load_whisper_encoder(path)
+
+
+def test_audio_over_one_window_is_encoded_window_by_window_as_transformers_does(short_window_whisper):
+    """A 2.6 s clip in a 3 s slot: windows [0, 1 s) and [1 s, 2 s) are full, [2 s, 2.6 s) partial.
+
+    Reference: WhisperFeatureExtractor's features of the whole padded slot (one extraction,
+    as Voxtral's processor), cut into 100-frame windows, each through transformers'
+    WhisperEncoder; the partial window through an encoder whose window is its own valid frames.
+    """
+    import torch
+    import transformers
+
+    from speechlm_jax.models.frontend import encoder_frame_count, log_mel_spectrogram
+    from speechlm_jax.models.speechlm import encode_windows
+
+    hf, encoder = short_window_whisper
+    slot, clip_len = 3 * WINDOW_SAMPLES, 41600
+    t = np.arange(clip_len) / 16000
+    wave = 0.3 * np.sin(2 * np.pi * (150 + 200 * t) * t) + 0.05 * np.random.default_rng(1).normal(size=clip_len)
+    clip = (wave * 32767).astype(np.int16)
+    audio = np.zeros((2, slot), np.int16)
+    audio[0, :clip_len] = clip
+    audio[1, :5000] = clip[:5000]  # a second row of under one window, padded to three
+    lens = np.array([clip_len, 5000], np.int32)
+
+    mels = log_mel_spectrogram(jnp.asarray(audio), n_mels=80)
+    hidden, mask = jax.jit(lambda m, n: encode_windows(encoder, m, n))(mels, jnp.asarray(lens // 160))
+    assert hidden.shape == (2, 150, 32)
+    assert np.asarray(mask).sum(axis=1).tolist() == [encoder_frame_count(int(n)) for n in lens]
+
+    extractor = transformers.WhisperFeatureExtractor(feature_size=80, chunk_length=3)
+    features = extractor(
+        clip.astype(np.float32) / 32768.0, sampling_rate=16000, padding="max_length", max_length=slot
+    ).input_features[0]
+    windows = features.reshape(80, 3, 100).transpose(1, 0, 2)
+    with torch.no_grad():
+        full = hf.encoder(torch.from_numpy(windows[:2])).last_hidden_state.numpy().reshape(100, 32)
+        short_cfg = transformers.WhisperConfig(**{**WINDOW_HF, "max_source_positions": 30})
+        short = transformers.WhisperModel(short_cfg).encoder.eval()
+        state = hf.encoder.state_dict()
+        state["embed_positions.weight"] = state["embed_positions.weight"][:30]
+        short.load_state_dict(state)
+        last = short(torch.from_numpy(windows[2:, :, :60])).last_hidden_state.numpy()[0]
+    reference = np.concatenate([full, last[:30]])  # 2.6 s: 260 mel frames, 130 encoder frames
+    assert np.max(np.abs(np.asarray(hidden[0, :130]) - reference)) <= 1e-4
+    # The short row's single valid window equals that window encoded on its own.
+    alone, _ = encoder(mels[1:, :, :100], frame_mask=jnp.arange(100)[None] < 5000 // 160)
+    np.testing.assert_allclose(np.asarray(hidden[1, :16]), np.asarray(alone[0, :16]), atol=1e-5)
+
+
+@pytest.mark.parametrize("downsample", [2, 3])
+def test_long_slots_keep_the_audio_token_count(short_window_whisper, downsample):
+    """Windows are concatenated before the projector, so a slot of any length gives
+    `audio_token_count` valid frames, even when the downsample factor does not divide a window."""
+    _, encoder = short_window_whisper
+    model = build_speechlm(encoder.config, ProjectorConfig(downsample=downsample), LLM, None, rngs=nnx.Rngs(0))
+    model.encoder = encoder
+    slot = int(3.5 * WINDOW_SAMPLES)
+    lens = np.array([slot, 2 * WINDOW_SAMPLES, 16160, 900, 0], np.int32)
+    audio = np.random.default_rng(0).integers(-5000, 5000, size=(len(lens), slot)).astype(np.int16)
+    embeds, mask = jax.jit(lambda a, n: model.encode_audio(a, n))(jnp.asarray(audio), jnp.asarray(lens))
+    assert embeds.shape[1] == audio_token_count(slot, downsample)
+    assert np.asarray(mask).sum(axis=1).tolist() == [audio_token_count(int(n), downsample) for n in lens]
+    assert bool(jnp.isfinite(embeds).all())
+    # A clip's frames do not depend on how much padding follows it in its slot.
+    alone, _ = model.encode_audio(jnp.asarray(audio[2:3, :16160]), jnp.asarray(lens[2:3]))
+    np.testing.assert_allclose(np.asarray(embeds[2, : alone.shape[1]]), np.asarray(alone[0]), atol=1e-5)

@@ -117,6 +117,8 @@ def test_validate_checks_the_loss_options(key, value, message):
         ("data.buckets", ((48000, 0),), r"two positive ints"),
         ("data.kinds", {"asr": 0.0}, r"weighs every example kind 0"),
         ("data.span_max", 0, r"data.span_max=0"),
+        ("data.max_audio_seconds", -1.0, r"data.max_audio_seconds=-1.0 must lie in \[0, inf\) \(0 = as long as"),
+        ("data.max_audio_seconds", 120.0, r"data.max_audio_seconds=120 is longer than the largest bucket \(48000"),
         ("mesh.data", 0, r"mesh.data=0 must be a positive size or -1"),
         ("train.eval_batches", 0, r"train.eval_batches is 0"),
         ("loss.direction", "backward", r"loss.direction='backward' is not one of"),

@@ -58,6 +58,29 @@ def test_encoder_forward_flops_match_xla():
     assert 2 * (parts["kernels"] + parts["attention"]) < xla
 
 
+def test_encoder_flops_of_audio_over_one_window_match_xla():
+    """2.5 windows of a 200-frame window: three windows run, each attending within itself."""
+    from speechlm_jax.models.speechlm import encode_windows
+
+    config = WhisperConfig(
+        num_mel_bins=80,
+        d_model=256,
+        encoder_layers=2,
+        encoder_attention_heads=4,
+        encoder_ffn_dim=1024,
+        max_source_positions=100,
+    )
+    encoder = WhisperEncoder(config, rngs=nnx.Rngs(0))
+    mel_frames = 500
+    mels = jnp.zeros((1, 80, mel_frames))
+    graphdef, state = nnx.split(encoder)
+    xla = _xla_flops(lambda s, x: encode_windows(nnx.merge(graphdef, s), x, jnp.full((1,), mel_frames))[0], state, mels)
+    parts = metrics._encoder_forward(config, mel_frames)
+    assert parts == {k: 3 * v for k, v in metrics._encoder_forward(config, 200).items()}
+    assert parts["kernels"] + parts["attention"] == pytest.approx(xla, rel=0.08)
+    assert parts["kernels"] + parts["attention"] < xla
+
+
 def test_backward_counts_frozen_activations_only_where_a_gradient_flows():
     llm = LLMConfig(
         vocab_size=1000,
