@@ -49,8 +49,16 @@ from speechlm_jax.evaluation.scoring import SAMPLE_RATE, Scorer, Speech
 SUBSETS = ("openbookqa", "mmsu", "bbh", "ifeval")
 # Subsets that need an API judge or an uninstallable scorer, and why they are not read.
 UNSCORED = {
-    "sd-qa": "its metric, PEDANT (qa-metrics), pins scikit-learn 1.3.2, which does not install beside "
-    "numpy 2, and downloads its classifier at run time",
+    # VoiceBench's `qa` evaluator reports two numbers for SD-QA: gpt-4o-mini's yes/no verdict
+    # (majority of three) and PEDANT from qa-metrics 0.2.17 (`PEDANT().evaluate([reference],
+    # response, prompt)`, all lower-cased, the mean in percent). Neither can run beside JAX here.
+    "sd-qa": "VoiceBench scores it with a gpt-4o-mini judge and with PEDANT from qa-metrics 0.2.17. "
+    "Every qa-metrics release requires scikit-learn==1.3.2, which requires numpy<2 (JAX needs "
+    "numpy>=2), and PEDANT's classifier, which qa-metrics fetches from github.com/zli12321/qa_metrics "
+    "into its own package folder when it starts, is a scikit-learn 1.3.2 pickle that scikit-learn 1.9 "
+    "cannot load. Score SD-QA in a separate environment with "
+    "qa-metrics==0.2.17 and scikit-learn==1.3.2, with VoiceBench's own scripts (api_judge.py, then "
+    "evaluate.py --evaluator qa; see the README)",
     "alpacaeval": "it is scored by a GPT judge",
     "alpacaeval_full": "it is scored by a GPT judge",
     "alpacaeval_speaker": "it is scored by a GPT judge",

@@ -22,8 +22,10 @@ evaluators, written for this codebase:
 VoiceBench's phrase lists were mined from particular models' outputs and run to hundreds of
 entries; the extraction here is a shorter set of patterns of the same kinds, so a response
 that only one of VoiceBench's model-specific phrases recognises may be guessed here instead.
-SD-QA is not scored: its metric, PEDANT from `qa-metrics`, pins scikit-learn 1.3.2 (which does
-not install beside numpy 2) and downloads its classifier at run time.
+SD-QA is not scored. VoiceBench scores it by a gpt-4o-mini judge and by PEDANT from `qa-metrics`
+0.2.17; every `qa-metrics` release requires scikit-learn==1.3.2, which requires numpy<2, and
+PEDANT's classifier (fetched from GitHub when PEDANT starts) is a scikit-learn 1.3.2 pickle that
+scikit-learn 1.9 cannot unpickle, so PEDANT cannot run beside JAX's numpy 2.
 """
 
 from __future__ import annotations
