@@ -45,8 +45,6 @@ setup(
     extras_require={
         # libtpu: runs on TPU VMs, and lets `speechlm-compile` compile for a TPU topology on any machine.
         "tpu": ["jax[tpu]>=0.10.2"],
-        # s3:// paths (S3 and S3-compatible stores).
-        "s3": ["s3fs>=2024.6"],
         # `speechlm-eval --voicebench`: local copies of the VoiceBench subsets (datasets reads
         # their Parquet shards or save_to_disk folders) and IFEval's checkers.
         "bench": ["datasets>=4.4.2", "if-verifiable==0.1.2"],

@@ -242,7 +242,7 @@ def hosts_per_slice(accelerator: str) -> int:
 
 
 # URL schemes the trainer opens (speechlm_jax.storage.SCHEMES).
-_STORE_SCHEMES = ("gs", "s3")
+_STORE_SCHEMES = ("gs",)
 
 
 def workdir_problem(workdir: str, hosts: int, shared: bool) -> str | None:

@@ -38,7 +38,7 @@ class CommandFailed(RuntimeError):
 
 def url_problem(value: str) -> str | None:
     """Why `value` cannot be used as a path, when it is a URL this project cannot open (an
-    unknown scheme such as `ftp://`, or `s3://` without s3fs), else None (`storage.path_problem`)."""
+    unknown scheme such as `ftp://`, or `s3://`, see `storage.NOT_YET`), else None (`storage.path_problem`)."""
     from speechlm_jax import storage
 
     return storage.path_problem(value)
@@ -60,7 +60,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     The full usage stays in `--help`; subcommand parsers (`add_subparsers`) inherit the class.
     An argument whose value is a URL of a scheme that cannot be opened (`--workdir ftp://host/run`)
-    is a usage error (`url_problem`); gs:// and s3:// paths pass.
+    is a usage error (`url_problem`); gs:// paths pass.
     """
 
     def error(self, message: str) -> None:  # type: ignore[override]

@@ -317,5 +317,5 @@ def test_compile_of_a_tiny_step_succeeds_with_exit_status_0():
 )
 def test_an_unsupported_url_scheme_is_refused_and_no_local_folder_is_made(name, args, scheme, tmp_path):
     result = run(name, *(a.format(tmp=tmp_path) for a in args), cwd=tmp_path)
-    assert_user_error(result, name, f"the {scheme}:// scheme is not supported (object stores: gs://, s3://")
+    assert_user_error(result, name, f"the {scheme}:// scheme is not supported (object stores: gs://")
     assert not any(p.name.endswith(":") for p in tmp_path.iterdir())
