@@ -293,3 +293,10 @@ def test_gcs_orbax_checkpoints(gcs_bucket: str, in_tmp_cwd: Path):
     assert restored.trainable["lora"]["b"].dtype == jnp.bfloat16
     np.testing.assert_array_equal(next(restored_iterator), following)  # the data continues after step 3
     assert list(in_tmp_cwd.iterdir()) == []
+
+
+def test_s3_is_refused_with_its_reason_before_anything_is_made(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(storage.UnsupportedPath, match=r"s3:// paths are not supported: orbax .* cannot checkpoint"):
+        storage.path("s3://bucket/run")
+    assert not list(tmp_path.iterdir())
