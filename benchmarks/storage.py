@@ -30,8 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,23 +48,19 @@ def start_emulator() -> tuple[subprocess.Popen, str]:
     return process, line.split()[-1]
 
 
-def client_env(url: str) -> dict[str, str]:
+def _tool():
     spec = importlib.util.spec_from_file_location("gcs_emulator_tool", EMULATOR)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.client_env(url)
+    return module
+
+
+def client_env(url: str) -> dict[str, str]:
+    return _tool().client_env(url)
 
 
 def create_bucket(url: str) -> str:
-    name = f"bench-{uuid.uuid4().hex[:12]}"
-    request = urllib.request.Request(
-        f"{url}/storage/v1/b?project=bench",
-        data=json.dumps({"name": name}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    urllib.request.urlopen(request, timeout=30).close()
-    return f"gs://{name}"
+    return _tool().create_bucket(url, prefix="bench")
 
 
 def training_state(config):
@@ -151,15 +145,6 @@ def tiny_corpus(utterances: int) -> Path:
     return folder
 
 
-def upload(folder: Path, url: str) -> str:
-    from speechlm_jax import storage
-
-    for file in sorted(folder.rglob("*")):
-        if file.is_file():
-            storage.path(f"{url}/{file.relative_to(folder).as_posix()}").write_bytes(file.read_bytes())
-    return url
-
-
 def time_pipeline(data_dir: str, batches: int, batch_size: int) -> dict:
     """examples/s of the asr pipeline over `data_dir`'s train manifest (local or in a bucket)."""
     from speechlm_jax.data.config import PipelineConfig
@@ -206,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import jax
         import numpy as np
 
+        from speechlm_jax import storage
         from speechlm_jax.train import config as config_lib
 
         parser = argparse.ArgumentParser(prog="benchmarks.storage", description=__doc__.split("\n\n")[0])
@@ -233,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             key: result["gcs_emulator"][key] / result["local"][key] for key in ("save_s", "restore_s")
         }
         corpus = tiny_corpus(args.utterances)
-        bucket_corpus = upload(corpus, f"{create_bucket(url)}/corpus")
+        bucket_corpus = storage.upload(corpus, f"{create_bucket(url)}/corpus")
         result["pipeline"] = {
             "local": time_pipeline(str(corpus), args.batches, args.batch_size),
             "gcs_emulator": time_pipeline(bucket_corpus, args.batches, args.batch_size),

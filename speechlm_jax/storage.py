@@ -246,6 +246,20 @@ def files_under(folder: PathLike) -> Iterator[tuple[str, epath.Path]]:
             yield posixpath.relpath(os.fspath(file), base), file
 
 
+def upload(folder: PathLike, target: PathLike, *, last: str | None = None) -> str:
+    """Copies every file under the local `folder` to `target` (local or in an object store), the
+    file named `last` (at any depth) after all others; returns `target` as a string."""
+    source = LocalPath(os.fspath(folder))
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    root = path(target)
+    for file in sorted(files, key=lambda p: p.name == last):
+        destination = root / file.relative_to(source).as_posix()
+        if not is_remote(destination):
+            destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_bytes(file.read_bytes())
+    return os.fspath(target)
+
+
 def _version(file: LocalPath) -> tuple[int, int]:
     stat = file.stat()
     return stat.st_size, stat.st_mtime_ns

@@ -390,22 +390,10 @@ def _fresh_gcs_clients(monkeypatch: pytest.MonkeyPatch) -> None:
 def gcs_bucket(gcs_env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
     """ "gs://<new bucket>" on the session's emulator, with the clients' environment set for this
     test and the subprocesses it starts."""
-    import json
-    import urllib.request
-    import uuid
 
     for key, value in gcs_env.items():
         monkeypatch.setenv(key, value)
     _fresh_gcs_clients(monkeypatch)
-    name = f"test-{uuid.uuid4().hex[:16]}"
-    request = urllib.request.Request(
-        f"{gcs_env['STORAGE_EMULATOR_HOST']}/storage/v1/b?project=test",
-        data=json.dumps({"name": name}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        assert json.load(response)["name"] == name
-    yield f"gs://{name}"
+    yield _load_gcs_emulator_tool().create_bucket(gcs_env["STORAGE_EMULATOR_HOST"])
     # The clients built during the test point at the emulator: none outlives it.
     _fresh_gcs_clients(monkeypatch)

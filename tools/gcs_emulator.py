@@ -48,6 +48,25 @@ def client_env(url: str) -> dict[str, str]:
     }
 
 
+def create_bucket(url: str, prefix: str = "test") -> str:
+    """Creates a new empty bucket on the emulator at `url`; returns "gs://<name>"."""
+    import json
+    import urllib.request
+    import uuid
+
+    name = f"{prefix}-{uuid.uuid4().hex[:16]}"
+    request = urllib.request.Request(
+        f"{url}/storage/v1/b?project={prefix}",
+        data=json.dumps({"name": name}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        if json.load(response)["name"] != name:
+            raise RuntimeError(f"the emulator did not create bucket {name}")
+    return f"gs://{name}"
+
+
 # -- Fix 1: a server that takes concurrent connections ------------------------------------------
 # The emulator serves with `http.server.HTTPServer`: one request at a time, a listen backlog of
 # 5, a new TCP connection per request (HTTP/1.0). tensorstore (orbax's array writer) opens up to

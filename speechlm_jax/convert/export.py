@@ -200,9 +200,7 @@ def staged_folder(out: storage.PathLike) -> Iterator[Path]:
         staging = Path(tempfile.mkdtemp(prefix="speechlm-export-"))
         try:
             yield staging
-            files = sorted(p for p in staging.rglob("*") if p.is_file())
-            for file in sorted(files, key=lambda p: p.name == "config.json"):
-                (target / file.relative_to(staging).as_posix()).write_bytes(file.read_bytes())
+            storage.upload(staging, target, last="config.json")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return

@@ -179,6 +179,28 @@ class ExampleMaker:
             raise ExampleError("too_short", f"{waveform.size} samples < {self.min_samples}, one audio token")
         return waveform
 
+    def _sample_spans(self, n: int, rng: np.random.Generator, max_audio_spans: int) -> Any:
+        """Interleaving spans over `n` timed words (the config's ratio and span lengths)."""
+        c = self.config
+        return interleave.sample_spans(
+            n, rng, ratio=c.interleave_ratio, min_span=c.span_min, max_span=c.span_max, max_audio_spans=max_audio_spans
+        )
+
+    def _content_segments(self, waveform: np.ndarray, words: Any, spans: Any, lead_space: bool) -> list[Segment]:
+        """An utterance as segments, the words in `spans` spoken and the rest as text."""
+        c = self.config
+        return interleave.content_segments(
+            waveform,
+            words,
+            spans,
+            lead_space=lead_space,
+            max_samples=self.max_samples,
+            split_long=c.overlong == "split",
+            sample_rate=c.sample_rate,
+            margin_s=c.margin_s,
+            min_samples=self.min_samples,
+        )
+
     def _conversation_segments(self, record: Record, rng: np.random.Generator) -> list[Segment]:
         """A conversation's segments: audio parts as slots (interleaved when timed and drawn so),
         the record's or the teacher's answers."""
@@ -192,25 +214,8 @@ class ExampleMaker:
             waveform = self._waveform({"audio": part["audio"]})
             words = interleave.record_words({"words": part.get("words"), "text": part["transcript"]})
             if words is not None and rng.random() < config.interleave_prob:
-                spans = interleave.sample_spans(
-                    len(words),
-                    rng,
-                    ratio=config.interleave_ratio,
-                    min_span=config.span_min,
-                    max_span=config.span_max,
-                    max_audio_spans=max(1, config.max_slots // parts),
-                )
-                return interleave.content_segments(
-                    waveform,
-                    words,
-                    spans,
-                    lead_space=lead_space,
-                    max_samples=self.max_samples,
-                    split_long=config.overlong == "split",
-                    sample_rate=config.sample_rate,
-                    margin_s=config.margin_s,
-                    min_samples=self.min_samples,
-                )
+                spans = self._sample_spans(len(words), rng, max(1, config.max_slots // parts))
+                return self._content_segments(waveform, words, spans, lead_space)
             return interleave.whole_utterance(
                 waveform,
                 part["transcript"],
@@ -270,25 +275,8 @@ class ExampleMaker:
                     len(words), rng, min_span=config.span_min, max_span=config.span_max
                 )
             else:
-                spans = interleave.sample_spans(
-                    len(words),
-                    rng,
-                    ratio=config.interleave_ratio,
-                    min_span=config.span_min,
-                    max_span=config.span_max,
-                    max_audio_spans=config.max_slots,
-                )
-            content = interleave.content_segments(
-                waveform,
-                words,
-                spans,
-                lead_space=space,
-                max_samples=self.max_samples,
-                split_long=split_long,
-                sample_rate=config.sample_rate,
-                margin_s=config.margin_s,
-                min_samples=self.min_samples,
-            )
+                spans = self._sample_spans(len(words), rng, config.max_slots)
+            content = self._content_segments(waveform, words, spans, space)
 
         else:
             content = interleave.whole_utterance(

@@ -229,17 +229,10 @@ def test_two_hosts_read_disjoint_rows_covering_the_shards(saved, word_tokenizer,
     assert {s for s in sentences for c in shards[0] | shards[1] if f" {s} " in f" {c} "} == set(sentences)
 
 
-def _upload(folder, url: str) -> str:
-    for file in sorted(folder.rglob("*")):
-        if file.is_file():
-            storage.path(f"{url}/{file.relative_to(folder).as_posix()}").write_bytes(file.read_bytes())
-    return url
-
-
 def test_the_saved_forms_and_a_nemo_manifest_are_read_from_a_bucket(saved, gcs_bucket, tmp_path):
     root, rows = saved
-    disk = _upload(root / "disk", f"{gcs_bucket}/disk")
-    shards = _upload(root / "shards", f"{gcs_bucket}/shards")
+    disk = storage.upload(root / "disk", f"{gcs_bucket}/disk")
+    shards = storage.upload(root / "shards", f"{gcs_bucket}/shards")
     for url, local in ((disk, root / "disk"), (shards, root / "shards"), (f"{shards}/data/train-*.parquet", None)):
         source, reference = HFSource(url), HFSource(str(local or root / "shards"))
         assert len(source) == len(reference) == len(rows)
@@ -259,7 +252,7 @@ def test_the_saved_forms_and_a_nemo_manifest_are_read_from_a_bucket(saved, gcs_b
     (tmp_path / "nemo" / "a.wav").write_bytes(open(rows[2]["audio"], "rb").read())
     line = {"audio_filepath": "a.wav", "offset": 0.1, "duration": 0.5, "text": rows[2]["text"]}
     (tmp_path / "nemo" / "manifest.json").write_text(json.dumps(line) + "\n")
-    manifest = _upload(tmp_path / "nemo", f"{gcs_bucket}/nemo") + "/manifest.json"
+    manifest = storage.upload(tmp_path / "nemo", f"{gcs_bucket}/nemo") + "/manifest.json"
     record = nemo_source(manifest)[0]
     assert record["audio"] == f"{gcs_bucket}/nemo/a.wav"
     np.testing.assert_array_equal(record_audio(record, 16000), load_audio(rows[2]["audio"])[1600:9600])

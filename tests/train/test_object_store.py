@@ -30,14 +30,6 @@ from speechlm_jax.train import restore, trainer
 STEPS = 6
 
 
-def upload(folder: Path, url: str) -> str:
-    """Copies every file under `folder` to the bucket prefix `url`; returns `url`."""
-    for file in sorted(folder.rglob("*")):
-        if file.is_file():
-            storage.path(f"{url}/{file.relative_to(folder).as_posix()}").write_bytes(file.read_bytes())
-    return url
-
-
 def _records(workdir: storage.PathLike) -> list[dict]:
     path = storage.path(workdir) / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
@@ -71,7 +63,7 @@ def test_a_bucket_run_resumes_exactly_after_sigkill_and_is_evaluated_and_exporte
     trainer.train(_config(str(tiny_corpus), compilation_cache), reference_dir, devices=jax.devices()[:1])
     reference = {r["step"]: r for r in _records(reference_dir)}
 
-    corpus = upload(tiny_corpus, f"{gcs_bucket}/corpus")
+    corpus = storage.upload(tiny_corpus, f"{gcs_bucket}/corpus")
     workdir = f"{gcs_bucket}/runs/asr"
     argv, env = train_command(
         f"asr.py:tiny,data_dir={corpus}",
@@ -121,12 +113,12 @@ def test_a_bucket_run_resumes_exactly_after_sigkill_and_is_evaluated_and_exporte
 
 def test_an_hf_llm_folder_and_a_manifest_are_read_from_the_bucket(gcs_bucket, save_hf_model, tiny_corpus, tmp_path):
     save_hf_model("qwen2", tmp_path / "llm", tied=False)
-    remote = upload(tmp_path / "llm", f"{gcs_bucket}/llm")
+    remote = storage.upload(tmp_path / "llm", f"{gcs_bucket}/llm")
     local_llm, bucket_llm = hf_import.load_llm(tmp_path / "llm"), hf_import.load_llm(remote)
     for a, b in zip(jax.tree.leaves(nnx.state(bucket_llm)), jax.tree.leaves(nnx.state(local_llm)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    manifest = upload(tiny_corpus / "heldout", f"{gcs_bucket}/heldout") + "/manifest.jsonl"
+    manifest = storage.upload(tiny_corpus / "heldout", f"{gcs_bucket}/heldout") + "/manifest.jsonl"
     local, bucket = (
         sources.manifest_source(tiny_corpus / "heldout" / "manifest.jsonl"),
         sources.manifest_source(manifest),
@@ -143,7 +135,7 @@ def test_a_tfds_dataset_and_a_librispeech_folder_are_read_from_the_bucket(gcs_bu
     manifest = tiny_corpus / "heldout" / "manifest.jsonl"
     data_dir, _ = prepare_paired_speech({"train": manifest}, tmp_path / "tfds")
     local = sources.TFDSSource(data_dir, "train")
-    bucket = sources.TFDSSource(upload(data_dir, f"{gcs_bucket}/tfds"), "train")
+    bucket = sources.TFDSSource(storage.upload(data_dir, f"{gcs_bucket}/tfds"), "train")
     assert len(bucket) == len(local) > 0
     for i in range(len(local)):
         a, b = local[i], bucket[i]
@@ -160,7 +152,7 @@ def test_a_tfds_dataset_and_a_librispeech_folder_are_read_from_the_bucket(gcs_bu
         lines.append(f"19-198-{i:04d} {record['text'].upper()}")
     (chapter / "19-198.trans.txt").write_text("\n".join(lines) + "\n")
     (chapter / "19-198-0009.flac").write_bytes(Path(records[0]["audio"]).read_bytes())  # named by no line
-    folder = sources.librispeech_source(upload(tmp_path / "libri", f"{gcs_bucket}/libri"))
+    folder = sources.librispeech_source(storage.upload(tmp_path / "libri", f"{gcs_bucket}/libri"))
     assert [r["id"] for r in folder.records] == ["19-198-0000", "19-198-0001"]
     assert folder.skipped == {"no_transcript": 1}
     np.testing.assert_array_equal(load_audio(folder[1]["audio"]), load_audio(records[1]["audio"]))
