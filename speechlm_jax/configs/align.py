@@ -36,7 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.kinds = ml_collections.ConfigDict({"asr": 1.0})
     c.data.max_slots = 1
     if a.variant == "toy":
-        c = toyworld.recipe(c, a.out)
+        c = toyworld.recipe(c, a.out, aligned=False)
+        c.loss.blank_id = toyworld.BLANK_ID
+        c.train.steps = toyworld.ALIGN_STEPS
         c.optimizer.lr.encoder = toyworld.ENCODER_LR
         c.data.interleave_prob = 0.0
         return c

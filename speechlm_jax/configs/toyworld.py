@@ -25,6 +25,7 @@ from pathlib import Path
 import ml_collections
 
 from speechlm_jax.configs.base import base_config
+from speechlm_jax.models.frontend import audio_token_count
 
 DEMO_OUT = "demo_out"
 TASK_MODULE = "speechlm_jax.toyworld.tasks"  # registers the toy tasks (`data.task_modules`)
@@ -85,13 +86,30 @@ ASR_DECODER = dict(
     rms_norm_eps=1e-6,
     tie_word_embeddings=True,
 )
-DOWNSAMPLE = 8
+# Projector downsampling: the encoder's CTC pretraining reads 25 frames/s (about 7 frames per
+# word, so even "a" and a repeated word get frames of their own); the connector the recipes
+# train reads 12.5 frames/s and its length adapter pools them to about one position per word.
+ENCODER_DOWNSAMPLE = 4
+# A strided convolution 16 encoder frames wide: each output frame (80 ms apart) hears 320 ms, about a word.
+PROJECTOR_WIDTH = 16
+BLANK_ID = 0  # CTC's blank: the word tokenizer's <pad>, never in a transcript
+DOWNSAMPLE = 4
 
-# Static shapes: clips are at most 5 s (the slowest voice reads ten words in about 4 s);
-# a whole example stays under 64 positions (at most 31 audio frames + 30 text tokens).
-SPEECH_BUCKETS = ((16000 * 3, 48), (16000 * 5, 64))
-# Text only (no audio slot is used): most examples are 12-23 tokens, the longest about 35,
-# so two lengths halve the teacher's padding.
+# Static shapes: clips are at most 5 s (the slowest voice reads ten words in about 4 s). An
+# example holds a clip's audio positions and at most 32 text positions (prompt, answer, template).
+SPEECH_SECONDS = (3, 5)
+
+
+def speech_buckets(downsample: int) -> tuple[tuple[int, int], ...]:
+    """The (samples, positions) buckets of speech examples at projector downsampling `downsample`."""
+    buckets = []
+    for seconds in SPEECH_SECONDS:
+        samples = 16000 * seconds
+        positions = audio_token_count(samples, downsample) + 32
+        buckets.append((samples, -(-positions // 8) * 8))
+    return tuple(buckets)
+
+
 TEXT_BUCKETS = ((3200, 24), (3200, 40))
 TEACHER_TOKENS = 48
 
@@ -101,7 +119,8 @@ TEACHER_STEPS = 3500
 ENCODER_STEPS = 1000
 ENCODER_LR = 5e-3
 RECIPE_STEPS = 500
-PROJECTOR_LR = 5e-3  # every recipe's projector starts from scratch
+ALIGN_STEPS = 500
+PROJECTOR_LR = 5e-3
 BATCH_SIZE = 32
 SPEECH_BATCH_SIZE = 16
 
@@ -118,6 +137,7 @@ def paths(out: str | Path) -> dict[str, str]:
         "teacher": str(out / "teacher" / "hf"),
         "encoder_run": str(out / "encoder" / "run"),
         "encoder": str(out / "encoder" / "hf"),
+        "align": str(out / "align" / "run"),
         "targets": str(out / "targets" / "shards"),
         "recipes": str(out / "recipes"),
         "xla_cache": str(out / "xla_cache"),
@@ -129,6 +149,8 @@ def _common(c: ml_collections.ConfigDict, out: str | Path) -> ml_collections.Con
     p = paths(out)
     c.model.dtype = c.model.param_dtype = c.model.frozen_dtype = "float32"
     c.model.projector.downsample = DOWNSAMPLE
+    c.model.projector.kind = "conv"
+    c.model.projector.width = PROJECTOR_WIDTH
     c.train.batch_size = BATCH_SIZE
     c.train.log_every = 25
     c.train.eval_every = 0
@@ -160,19 +182,16 @@ def _shapes(c: ml_collections.ConfigDict, llm: dict, encoder: dict | str) -> ml_
     return c
 
 
-def teacher(out: str | Path) -> ml_collections.ConfigDict:
-    """Text SFT of the whole teacher LLM on every toy task (a VoiceTextBlender mixture of text only)."""
-    p = paths(out)
-    c = _common(base_config(), out)
-    c = _shapes(c, TEACHER_LLM, ENCODER)
+def _text_llm(c: ml_collections.ConfigDict, sources: tuple[str, ...], steps: int) -> ml_collections.ConfigDict:
+    """Text-only training of the whole LLM on chat JSONL `sources`, loss on every token."""
     c.recipe = "text_sft"
     c.loss.name = "cross_entropy"
     c.model.lora.rank = 0
     c.train.trainable = "llm"
-    c.train.steps = TEACHER_STEPS
+    c.train.steps = steps
     c.optimizer.lr.llm = 3e-3
     c.optimizer.weight_decay = 0.01
-    c.data.text_sources = (p["text_sft"],)
+    c.data.text_sources = sources
     c.data.text_weight = 1.0
     # From scratch, the teacher learns the toy language from every token, not only the answers.
     c.data.text_loss = "all"
@@ -181,6 +200,13 @@ def teacher(out: str | Path) -> ml_collections.ConfigDict:
     c.data.max_slots = 1
     c.data.eval_speech_sources = ()
     return c
+
+
+def teacher(out: str | Path) -> ml_collections.ConfigDict:
+    """Text SFT of the whole teacher LLM from scratch on every toy task (a VoiceTextBlender
+    mixture of text only)."""
+    c = _shapes(_common(base_config(), out), TEACHER_LLM, ENCODER)
+    return _text_llm(c, (paths(out)["text_sft"],), TEACHER_STEPS)
 
 
 def encoder_pretrain(out: str | Path) -> ml_collections.ConfigDict:
@@ -196,7 +222,7 @@ def encoder_pretrain(out: str | Path) -> ml_collections.ConfigDict:
     c = _shapes(c, ASR_DECODER, ENCODER)
     c.recipe = "ctc"
     c.loss.name = "ctc"
-    c.loss.blank_id = 0  # the word tokenizer's <pad>, never in a transcript
+    c.loss.blank_id = BLANK_ID
     c.model.lora.rank = 0
     c.train.trainable = "encoder,projector,llm"
     c.train.steps = ENCODER_STEPS
@@ -204,17 +230,21 @@ def encoder_pretrain(out: str | Path) -> ml_collections.ConfigDict:
     c.train.batch_size = SPEECH_BATCH_SIZE
     c.data.speech_sources = ({"type": "manifest", "path": p["speech"]},)
     c.data.kinds = ml_collections.ConfigDict({"asr": 1.0})
-    c.data.buckets = SPEECH_BUCKETS
+    c.model.projector.downsample = ENCODER_DOWNSAMPLE
+    c.data.buckets = speech_buckets(ENCODER_DOWNSAMPLE)
     c.data.max_slots = 1
     return c
 
 
-def recipe(c: ml_collections.ConfigDict, out: str | Path) -> ml_collections.ConfigDict:
+def recipe(c: ml_collections.ConfigDict, out: str | Path, *, aligned: bool = True) -> ml_collections.ConfigDict:
     """What every recipe's `:toy` variant shares: frozen teacher, pretrained encoder, toy corpus, shapes.
 
-    The recipe keeps its own objective, trainable groups and data kinds; its config file
-    sets its toy mixture (the seen toy tasks, `SEEN_TASKS`) after this. Only shapes, paths and
-    budgets are set here, none of a recipe's own arguments.
+    With `aligned` (every recipe; not the alignment run itself) the projector and encoder
+    start from the connector-alignment run (`configs/align.py:toy`, CTC through the teacher's
+    head) and the CTC length adapter pools each word's frames into one position, so all four
+    recipes start from the same aligned connector. The recipe keeps its own objective,
+    trainable groups and data kinds; its config file sets its toy mixture (the seen toy
+    tasks, `SEEN_TASKS`) after this. Only shapes, paths and budgets are set here.
     """
     p = paths(out)
     c = _common(c, out)
@@ -222,12 +252,17 @@ def recipe(c: ml_collections.ConfigDict, out: str | Path) -> ml_collections.Conf
     c = _shapes(c, p["teacher"], p["encoder"])
     c.model.llm_weights = p["teacher"]
     c.model.encoder_weights = p["encoder"]
+    if aligned:
+        c.model.init_from.workdir = p["align"]
+        c.model.init_from.parts = "projector,encoder"
+        c.model.length_adapter.enabled = True
+        c.model.length_adapter.blank_id = BLANK_ID
     if c.model.lora.rank:
         c.model.lora.rank, c.model.lora.alpha = 8, 16.0
     c.train.steps = RECIPE_STEPS
     c.train.batch_size = SPEECH_BATCH_SIZE
     c.data.speech_sources = ({"type": "manifest", "path": p["speech"]},)
-    c.data.buckets = SPEECH_BUCKETS
+    c.data.buckets = speech_buckets(DOWNSAMPLE)
     return c
 
 

@@ -4,11 +4,15 @@
     speech    the sentences spoken by eSpeak in several voices, rates and pitches (word timings)
     teacher   the text LLM trained from scratch on every toy task (the project's trainer),
               exported as an HF folder: the frozen LLM of every recipe
-    encoder   the Whisper-architecture encoder pretrained with ASR (encoder + projector + a
-              small decoder, all trainable), exported alone as an HF folder
+    encoder   the Whisper-architecture encoder pretrained with CTC (encoder + projector + a
+              small decoder's head, all trainable), exported alone as an HF folder
+    align     connector alignment (`configs/align.py:toy`): CTC of encoder + projector through
+              the frozen teacher's own head; every recipe starts from it
     targets   the teacher's own answers on the training speech's transcripts (`speechlm-generate`)
     recipe/*  each recipe's `configs/<recipe>.py:toy` run of the trainer
-    eval/*    `speechlm-eval` of the teacher (text) and of each recipe (speech, text, WER)
+    eval/*    `speechlm-eval`: the encoder's CTC readout (WER, CER), the teacher (text), the
+              cascade (the aligned connector's transcript answered by the teacher) and each
+              recipe (speech, text, WER)
 
 A stage's key is a hash of what it reads: its own settings (configs as dicts, sizes,
 voices) and the keys of the stages it builds on. `<out>/<stage>/.done` holds the key of
@@ -73,8 +77,8 @@ class Stages:
 
     A stage's key hashes its spec and the keys of the stages it builds on; a changed key
     rebuilds the stage. `timings` holds the seconds each stage took to build (in this process,
-    or read back from its done-marker for a cached one); `cached` names the stages this
-    process skipped.
+    or read back from its done-marker for a cached one); `cached` names the stages found
+    finished from an earlier run (not those a worker process of this run built, `built_elsewhere`).
     """
 
     def __init__(self, out: str | Path, *, log: Callable[[str], None] = print):
@@ -84,19 +88,30 @@ class Stages:
         self.keys: dict[str, str] = {}
         self.timings: dict[str, float] = {}
         self.cached: list[str] = []
+        self.built_elsewhere: set[str] = set()
 
     def folder(self, name: str) -> Path:
         return self.out / name
 
+    def key(self, name: str, spec: Any, deps: Sequence[str]) -> str:
+        """Stage `name`'s key (recorded for the stages that build on it), without building it."""
+        self.keys[name] = _key(name, spec, [self.keys[d] for d in deps])
+        return self.keys[name]
+
+    def done(self, name: str) -> bool:
+        """Whether stage `name` (its key already computed) is finished with that key."""
+        finished = stages.record(self.folder(name))
+        return finished is not None and finished.get("key") == self.keys[name]
+
     def run(self, name: str, spec: Any, deps: Sequence[str], fn: Callable[[Path], None]) -> Path:
         """Builds stage `name` with `fn(folder)` unless it is done with key(spec, deps' keys)."""
-        key = _key(name, spec, [self.keys[d] for d in deps])
-        self.keys[name] = key
+        key = self.key(name, spec, deps)
         folder = self.folder(name)
         if stages.finished(folder, {"key": key}, on_change="rebuild"):
-            self.log(f"[{name}] cached")
             self.timings[name] = float(stages.record(folder).get("seconds", 0.0))
-            self.cached.append(name)
+            if name not in self.built_elsewhere:
+                self.log(f"[{name}] cached")
+                self.cached.append(name)
             return folder
         if folder.exists():  # an interrupted build
             shutil.rmtree(folder)
@@ -219,32 +234,44 @@ def evaluate(
     base: str | None = None,
     sentences: int,
     asr: bool = False,
+    ctc_asr: bool = False,
+    cascade: bool = False,
+    tasks: bool = True,
     asr_limit: int = toy_config.ASR_EVAL_UTTERANCES,
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """`speechlm-eval` of a run (or of a base LLM alone) into `out`; returns its report dict.
 
-    The toy world's benchmark: `sentences` held-out sentences per task for prompt and task
-    generalisation (seen tasks in train and held-out phrasings, held-out tasks), another
-    `sentences` held-out sentences for SALAD's M and F.
+    The toy world's benchmark (`tasks`): `sentences` held-out sentences per task for prompt
+    and task generalisation (seen tasks in train and held-out phrasings, held-out tasks),
+    another `sentences` held-out sentences for SALAD's M and F. `asr`: the run's generated
+    transcripts; `ctc_asr`: its greedy CTC transcripts (WER/CER, `asr_limit` held-out
+    utterances); `cascade`: its CTC transcripts answered by the base LLM on the same items.
     """
     from speechlm_jax.evaluation.main import evaluate as run_eval
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sentences.txt").write_text("\n".join(toy_sentences.sentences("heldout", sentences, seed=0)) + "\n")
-    (out / "corpus.txt").write_text("\n".join(toy_sentences.sentences("heldout", sentences, seed=1)) + "\n")
+    benchmark = {}
+    if tasks:
+        (out / "sentences.txt").write_text("\n".join(toy_sentences.sentences("heldout", sentences, seed=0)) + "\n")
+        (out / "corpus.txt").write_text("\n".join(toy_sentences.sentences("heldout", sentences, seed=1)) + "\n")
+        benchmark = dict(
+            generalisation=str(out / "sentences.txt"),
+            seen_tasks=tuple(SEEN_TASKS),
+            heldout_tasks=tuple(HELDOUT_TASKS),
+            corpus=str(out / "corpus.txt") if workdir and not cascade else "",
+        )
     return run_eval(
         workdir=workdir or None,
         base=None if workdir else str(base),
         out=str(out),
         task_modules=(toy_config.TASK_MODULE,),
-        generalisation=str(out / "sentences.txt"),
-        seen_tasks=tuple(SEEN_TASKS),
-        heldout_tasks=tuple(HELDOUT_TASKS),
         batch_size=batch_size,
         max_new_tokens=16,
         mesh={"data": -1},
-        corpus=str(out / "corpus.txt") if workdir else "",
         asr=asr,
+        ctc_asr=ctc_asr,
+        cascade=cascade,
         asr_limit=asr_limit,
+        **benchmark,
     )

@@ -28,9 +28,10 @@ import dataclasses
 import importlib
 import json
 import os
+import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,10 @@ SPLIT_KEYS = {
     "heldout_tasks": "speech_acc_heldout_tasks",
 }
 TEACHER_TARGET = 0.95
+COPY_TASKS = ("repeat", "reverse")
+COPY_TARGET = 0.90
+ENCODER_WER = 0.10
+ASR_WER = 0.15
 GAP_TARGET = 0.10
 ASR_MARGIN = 0.30
 RETENTION_TOLERANCE = 0.02
@@ -132,44 +137,76 @@ def recipe_scores(report: dict[str, Any]) -> dict[str, float]:
     return row
 
 
-def checks(teacher: dict[str, float], recipes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def encoder_scores(report: dict[str, Any]) -> dict[str, float]:
+    """The pretrained encoder's greedy CTC readout from its `speechlm-eval --ctc_asr` report."""
+    return {key: report["ctc_asr"][key] for key in ("wer", "cer", "exact")}
+
+
+def cascade_scores(report: dict[str, Any]) -> dict[str, float]:
+    """The cascade's row (the aligned connector's CTC transcript answered by the teacher)."""
+    row = {key: report["cascade"][split]["overall"]["cascade"] for split, key in SPLIT_KEYS.items()}
+    row["wer"] = report["ctc_asr"]["wer"]
+    text = report["generalisation"]["heldout_tasks"]["overall"]["text"]
+    row["gap_heldout_tasks"] = text - row["speech_acc_heldout_tasks"]
+    row["aligned"] = recipe_scores(report)  # the aligned connector itself, with no task data
+    return row
+
+
+def _check(name: str, value: float, ok: bool) -> dict[str, Any]:
+    return {"check": name, "value": value, "ok": bool(ok)}
+
+
+def checks(
+    teacher: dict[str, float],
+    recipes: dict[str, dict[str, Any]],
+    encoder: dict[str, float] | None = None,
+    cascade: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
     """The toy world's targets, each with the measured value and whether it holds."""
     out = [
-        {
-            "check": f"teacher text accuracy >= {TEACHER_TARGET:.0%}",
-            "value": teacher["text_acc"],
-            "ok": teacher["text_acc"] >= TEACHER_TARGET,
-        }
+        _check(
+            f"teacher text accuracy >= {TEACHER_TARGET:.0%}", teacher["text_acc"], teacher["text_acc"] >= TEACHER_TARGET
+        )
     ]
+    for task in COPY_TASKS:
+        value = teacher["tasks"].get(task)
+        if value is not None:
+            out.append(_check(f"teacher {task} >= {COPY_TARGET:.0%}", value, value >= COPY_TARGET))
+    if encoder is not None:
+        out.append(_check(f"encoder CTC WER <= {ENCODER_WER:.0%}", encoder["wer"], encoder["wer"] <= ENCODER_WER))
+    if "asr" in recipes and "wer" in recipes["asr"]:
+        wer = recipes["asr"]["wer"]
+        out.append(_check(f"asr recipe WER <= {ASR_WER:.0%}", wer, wer <= ASR_WER))
     for name in ("mtbi", "salad"):
-        if name in recipes:
-            gap = recipes[name]["gap_heldout_tasks"]
+        if name not in recipes:
+            continue
+        row = recipes[name]
+        for key, split in (("gap_seen", "seen tasks"), ("gap_heldout_tasks", "held-out tasks")):
             out.append(
-                {
-                    "check": f"{name}: gap on held-out tasks <= {GAP_TARGET * 100:.0f} points",
-                    "value": gap,
-                    "ok": gap <= GAP_TARGET,
-                }
+                _check(f"{name}: gap on {split} <= {GAP_TARGET * 100:.0f} points", row[key], row[key] <= GAP_TARGET)
             )
+        if cascade is not None:
+            margin = row["speech_acc_heldout_tasks"] - cascade["speech_acc_heldout_tasks"]
+            out.append(_check(f"{name}: held-out-task speech accuracy >= the cascade's", margin, margin >= 0))
     if "asr" in recipes:
         for name in ("mtbi", "salad"):
             if name in recipes:
                 margin = recipes[name]["speech_acc_heldout_tasks"] - recipes["asr"]["speech_acc_heldout_tasks"]
                 out.append(
-                    {
-                        "check": f"asr at least {ASR_MARGIN * 100:.0f} points below {name} on held-out tasks",
-                        "value": margin,
-                        "ok": margin >= ASR_MARGIN,
-                    }
+                    _check(
+                        f"asr at least {ASR_MARGIN * 100:.0f} points below {name} on held-out tasks",
+                        margin,
+                        margin >= ASR_MARGIN,
+                    )
                 )
     for name, row in recipes.items():
         drop = row["text_retention_drop"]
         out.append(
-            {
-                "check": f"{name}: text retention within {RETENTION_TOLERANCE * 100:.0f} points of the teacher",
-                "value": drop,
-                "ok": abs(drop) <= RETENTION_TOLERANCE,
-            }
+            _check(
+                f"{name}: text retention within {RETENTION_TOLERANCE * 100:.0f} points of the teacher",
+                drop,
+                abs(drop) <= RETENTION_TOLERANCE,
+            )
         )
     return out
 
@@ -186,6 +223,19 @@ def table(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
         f"| teacher (text LLM) | {_pct(report['teacher']['text_acc'])} | | | | | | |",
     ]
+    if "cascade" in report:
+        c = report["cascade"]
+        lines.append(
+            f"| cascade (CTC transcript -> teacher) | | {_pct(c['speech_acc_seen'])} | "
+            f"{_pct(c['speech_acc_heldout_prompts'])} | {_pct(c['speech_acc_heldout_tasks'])} | "
+            f"{_pct(c['gap_heldout_tasks'])} | | {_pct(c['wer'])} |"
+        )
+        a = c["aligned"]
+        lines.append(
+            f"| aligned connector (CTC only, no task data) | | {_pct(a['speech_acc_seen'])} | "
+            f"{_pct(a['speech_acc_heldout_prompts'])} | {_pct(a['speech_acc_heldout_tasks'])} | "
+            f"{_pct(a['gap_heldout_tasks'])} | {_pct(a['text_retention'])} | |"
+        )
     for name, r in report["recipes"].items():
         lines.append(
             f"| {name} | | {_pct(r['speech_acc_seen'])} | {_pct(r['speech_acc_heldout_prompts'])} | "
@@ -253,77 +303,220 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
 # --- the demo
 
 
-def run_demo(
-    out: str | Path, recipes: Sequence[str] = RECIPES, *, sizes: Any = None, eval_sentences: int | None = None
-) -> dict[str, Any]:
-    """Builds every stage under `out` (cached), writes the reports; returns report.json's dict."""
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of the demo: `build(folder)` makes it; its key hashes `spec` and `deps`' keys."""
+
+    name: str
+    spec: Any
+    deps: tuple[str, ...]
+    build: Callable[[Path], Any]
+
+
+def plan(out: Path, recipes: Sequence[str], sizes: Any, eval_sentences: int) -> list[Stage]:
+    """Every stage of the demo in an order that builds each after the stages it reads."""
     from speechlm_jax.configs import toyworld as toy_config
     from speechlm_jax.demo import build
 
-    start = time.perf_counter()
-    out = Path(out).absolute()
-    sizes = sizes or build.Sizes()
-    eval_sentences = eval_sentences or toy_config.EVAL_SENTENCES
     p = toy_config.paths(out)
-    stages = build.Stages(out)
-
     sizes_spec = json.loads(json.dumps(dataclasses.asdict(sizes), default=str))
-    stages.run("corpus", {"sizes": sizes_spec, "tasks": build.task_spec()}, [], lambda f: build.build_corpus(f, sizes))
-    stages.run(
-        "speech",
-        {"voices": [v.key for v in sizes.voices]},
-        ["corpus"],
-        lambda f: build.build_speech(f, out / "corpus", sizes),
-    )
-
     teacher_config = toy_config.teacher(out)
+    encoder_config = toy_config.encoder_pretrain(out)
+    align_config = build.recipe_config("align", out)
+    readout = {"utterances": sizes.heldout_sentences}
+    eval_spec = {"sentences": eval_sentences, "asr": toy_config.ASR_EVAL_UTTERANCES}
 
     def teacher(folder: Path) -> None:
         build.train_run(teacher_config, folder / "run")
         build.export_teacher(folder / "run", folder / "hf")
 
-    stages.run("teacher", build.config_dict(teacher_config), ["corpus"], teacher)
-
-    encoder_config = toy_config.encoder_pretrain(out)
-
     def encoder(folder: Path) -> None:
         build.train_run(encoder_config, folder / "run")
         build.export_encoder(folder / "run", folder / "hf")
 
-    stages.run("encoder", build.config_dict(encoder_config), ["corpus", "speech"], encoder)
-    stages.run(
-        "targets",
-        {"shards": toy_config.TARGET_SHARDS},
-        ["teacher", "speech"],
-        lambda f: build.build_targets(f / "shards", p["teacher"], p["speech"]),
-    )
-
-    eval_spec = {"sentences": eval_sentences, "asr": toy_config.ASR_EVAL_UTTERANCES}
-    stages.run(
-        "eval/teacher", eval_spec, ["teacher"], lambda f: build.evaluate(f, base=p["teacher"], sentences=eval_sentences)
-    )
-    rows = {}
+    steps = [
+        Stage("corpus", {"sizes": sizes_spec, "tasks": build.task_spec()}, (), lambda f: build.build_corpus(f, sizes)),
+        Stage(
+            "speech",
+            {"voices": [v.key for v in sizes.voices]},
+            ("corpus",),
+            lambda f: build.build_speech(f, out / "corpus", sizes),
+        ),
+        Stage("teacher", build.config_dict(teacher_config), ("corpus",), teacher),
+        Stage(
+            "targets",
+            {"shards": toy_config.TARGET_SHARDS},
+            ("teacher", "speech"),
+            lambda f: build.build_targets(f / "shards", p["teacher"], p["speech"]),
+        ),
+        Stage(
+            "eval/teacher",
+            eval_spec,
+            ("teacher",),
+            lambda f: build.evaluate(f, base=p["teacher"], sentences=eval_sentences),
+        ),
+        Stage("encoder", build.config_dict(encoder_config), ("corpus", "speech"), encoder),
+        Stage(
+            "eval/encoder",
+            readout,
+            ("encoder",),
+            lambda f: build.evaluate(
+                f, workdir=p["encoder_run"], sentences=0, tasks=False, ctc_asr=True, asr_limit=sizes.heldout_sentences
+            ),
+        ),
+        Stage(
+            "align",
+            build.config_dict(align_config),
+            ("teacher", "encoder", "speech"),
+            lambda f: build.train_run(align_config, f / "run"),
+        ),
+        Stage(
+            "eval/align",
+            {**eval_spec, **readout},
+            ("align",),
+            lambda f: build.evaluate(
+                f,
+                workdir=p["align"],
+                sentences=eval_sentences,
+                ctc_asr=True,
+                cascade=True,
+                asr_limit=sizes.heldout_sentences,
+            ),
+        ),
+    ]
     for name in recipes:
         config = build.recipe_config(name, out)
-        stages.run(
-            f"recipe/{name}",
-            build.config_dict(config),
-            ["teacher", "encoder", "targets", "speech"],
-            lambda f, c=config: build.train_run(c, f),
+        steps.append(
+            Stage(
+                f"recipe/{name}",
+                build.config_dict(config),
+                ("teacher", "align", "targets", "speech"),
+                lambda f, c=config: build.train_run(c, f),
+            )
         )
-        stages.run(
-            f"eval/{name}",
-            eval_spec,
-            [f"recipe/{name}"],
-            lambda f, n=name: build.evaluate(f, workdir=str(out / "recipe" / n), sentences=eval_sentences, asr=True),
+        steps.append(
+            Stage(
+                f"eval/{name}",
+                eval_spec,
+                (f"recipe/{name}",),
+                lambda f, n=name: build.evaluate(
+                    f, workdir=str(out / "recipe" / n), sentences=eval_sentences, asr=True
+                ),
+            )
         )
-        rows[name] = recipe_scores(json.loads((out / "eval" / name / "report.json").read_text()))
+    return steps
 
+
+def side_by_side(recipes: Sequence[str], jobs: int) -> list[list[list[str]]]:
+    """The groups of stages that build at the same time, one worker process each.
+
+    The text branch (teacher, its targets and its evaluation) and the speech branch (the
+    encoder and its readout) share nothing; after the alignment run, the recipes share
+    nothing. Each inner list builds in order in one process.
+    """
+    workers = [[] for _ in range(min(jobs, len(recipes)) or 1)]
+    for i, name in enumerate(recipes):
+        workers[i % len(workers)] += [f"recipe/{name}", f"eval/{name}"]
+    return [[["teacher", "targets", "eval/teacher"], ["encoder", "eval/encoder"]], workers]
+
+
+# One XLA thread per worker: these models are too small for XLA's intra-op threads to pay,
+# so two single-threaded processes build two stages in the time of one.
+WORKER_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def run_workers(out: Path, recipes: Sequence[str], groups: Sequence[Sequence[str]], log: Callable[[str], None]) -> None:
+    """Builds each group of stages in its own `speechlm-demo --only` process, all at once.
+
+    A worker's output goes to `<out>/logs/<first stage>.log`; a failed worker fails the
+    demo after every worker has stopped (the stages it did not finish stay unfinished).
+    """
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {WORKER_XLA_FLAGS}".strip()}
+    running = []
+    try:
+        for group in groups:
+            path = logs / f"{group[0].replace('/', '-')}.log"
+            command = [sys.executable, "-m", "speechlm_jax.demo.main", "--out", str(out)]
+            command += ["--recipes", ",".join(recipes), "--only", ",".join(group)]
+            log(f"[{', '.join(group)}] building in a worker (log: {path})")
+            with open(path, "w") as handle:
+                running.append(
+                    (group, path, subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env))
+                )
+        failed = [(group, path, proc.wait()) for group, path, proc in running]
+    finally:
+        for _, _, proc in running:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+    failed = [(group, path, code) for group, path, code in failed if code]
+    if failed:
+        raise cli.CommandFailed(
+            "; ".join(f"stages {', '.join(g)} failed (exit {code}); see {path}" for g, path, code in failed)
+        )
+
+
+def run_demo(
+    out: str | Path,
+    recipes: Sequence[str] = RECIPES,
+    *,
+    sizes: Any = None,
+    eval_sentences: int | None = None,
+    jobs: int = 1,
+    only: Sequence[str] | None = None,
+) -> dict[str, Any] | None:
+    """Builds every stage under `out` (cached), writes the reports; returns report.json's dict.
+
+    `jobs` > 1 builds the independent branches (`side_by_side`) in that many worker
+    processes at once (the demo's own sizes only: a worker rebuilds the plan from its
+    command line). `only` builds just the named stages, the others' keys computed but
+    nothing else done (what a worker runs); it returns None.
+    """
+    from speechlm_jax.configs import toyworld as toy_config
+    from speechlm_jax.demo import build
+
+    if jobs > 1 and (sizes is not None or eval_sentences is not None):
+        raise ValueError("jobs > 1 builds the demo's own sizes only (its workers read no sizes)")
+    start = time.perf_counter()
+    out = Path(out).absolute()
+    sizes = sizes or build.Sizes()
+    eval_sentences = eval_sentences or toy_config.EVAL_SENTENCES
+    stages = build.Stages(out)
+    steps = plan(out, recipes, sizes, eval_sentences)
+    if only is not None:
+        unknown = sorted(set(only) - {s.name for s in steps})
+        if unknown:
+            raise cli.UsageError(f"--only: no stages {unknown}; the demo's stages: {', '.join(s.name for s in steps)}")
+        for s in steps:
+            if s.name in only:
+                stages.run(s.name, s.spec, s.deps, s.build)
+            else:
+                stages.key(s.name, s.spec, s.deps)
+        return None
+    parallel = {phase[0][0]: phase for phase in side_by_side(recipes, jobs)} if jobs > 1 else {}
+    for s in steps:
+        if s.name in parallel:  # the first stage of a side-by-side phase: its groups build in workers
+            pending = []
+            for group in parallel[s.name]:
+                for name in group:
+                    stages.key(name, *next((t.spec, t.deps) for t in steps if t.name == name))
+                if not all(stages.done(name) for name in group):
+                    pending.append(group)
+            if pending:
+                run_workers(out, recipes, pending, stages.log)
+                stages.built_elsewhere.update(name for group in pending for name in group)
+        stages.run(s.name, s.spec, s.deps, s.build)
+
+    rows = {name: recipe_scores(json.loads((out / "eval" / name / "report.json").read_text())) for name in recipes}
     report = {
         "teacher": teacher_scores(json.loads((out / "eval" / "teacher" / "report.json").read_text())),
+        "encoder": encoder_scores(json.loads((out / "eval" / "encoder" / "report.json").read_text())),
+        "cascade": cascade_scores(json.loads((out / "eval" / "align" / "report.json").read_text())),
         "recipes": rows,
     }
-    report["checks"] = checks(report["teacher"], rows)
+    report["checks"] = checks(report["teacher"], rows, report["encoder"], report["cascade"])
     report["timings"] = dict(stages.timings)
     report["cached"] = stages.cached
     report["seconds_this_run"] = time.perf_counter() - start
@@ -340,19 +533,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo_out", help="the demo folder (stages are cached there)")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated subset of " + ",".join(RECIPES))
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="worker processes for the stages that build side by side (1: everything in this process)",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated stages to build, nothing else (what each worker of --jobs runs); no report",
+    )
     return parser
 
 
-def demo(out: str | Path = "demo_out", recipes: Sequence[str] = RECIPES) -> dict[str, Any]:
-    """Checks the requirements, builds and evaluates (`run_demo`), prints the table; returns report.json's dict."""
+def demo(
+    out: str | Path = "demo_out", recipes: Sequence[str] = RECIPES, *, jobs: int = 2, only: Sequence[str] = ()
+) -> dict[str, Any] | None:
+    """Checks the requirements, builds and evaluates (`run_demo`), prints the table; returns report.json's dict
+    (None with `only`: those stages built, nothing reported)."""
     unknown = sorted(set(recipes) - set(RECIPES))
     if unknown:
         raise cli.UsageError(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
+    if jobs < 1:
+        raise cli.UsageError(f"--jobs {jobs}: at least 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if only:
+        run_demo(out, recipes, only=only)
+        return None
     check_requirements()
-    report = run_demo(out, recipes)
+    report = run_demo(out, recipes, jobs=jobs)
     print()
     print(table(report))
     print()
@@ -367,7 +579,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> None:
         args = build_parser().parse_args(argv)
-        demo(args.out, [r for r in args.recipes.split(",") if r])
+        only = [s for s in args.only.split(",") if s]
+        demo(args.out, [r for r in args.recipes.split(",") if r], jobs=args.jobs, only=only)
 
     return cli.run_command(PROG, body, (MissingRequirement,))
 

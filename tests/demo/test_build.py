@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from speechlm_jax import cli
 from speechlm_jax import stages as stage_cache
 from speechlm_jax.configs import toyworld as toy_config
 from speechlm_jax.data.tts import Voice
@@ -72,14 +73,32 @@ def test_interrupted_stage_is_not_done(tmp_path: Path):
 
 
 def test_checks_compare_against_the_targets():
-    teacher = {"text_acc": 0.97}
+    teacher = {"text_acc": 0.97, "tasks": {"repeat": 0.95, "reverse": 0.8}}
     rows = {
-        "asr": {"gap_heldout_tasks": 0.6, "speech_acc_heldout_tasks": 0.3, "text_retention_drop": 0.0},
-        "mtbi": {"gap_heldout_tasks": 0.05, "speech_acc_heldout_tasks": 0.92, "text_retention_drop": 0.0},
-        "salad": {"gap_heldout_tasks": 0.2, "speech_acc_heldout_tasks": 0.5, "text_retention_drop": 0.05},
+        "asr": {"gap_heldout_tasks": 0.6, "speech_acc_heldout_tasks": 0.3, "text_retention_drop": 0.0, "wer": 0.12},
+        "mtbi": {
+            "gap_seen": 0.02,
+            "gap_heldout_tasks": 0.05,
+            "speech_acc_heldout_tasks": 0.92,
+            "text_retention_drop": 0.0,
+        },
+        "salad": {
+            "gap_seen": 0.12,
+            "gap_heldout_tasks": 0.2,
+            "speech_acc_heldout_tasks": 0.5,
+            "text_retention_drop": 0.05,
+        },
     }
-    result = {c["check"]: c["ok"] for c in demo.checks(teacher, rows)}
+    encoder = {"wer": 0.11, "cer": 0.05, "exact": 0.5}
+    cascade = {"speech_acc_heldout_tasks": 0.6}
+    result = {c["check"]: c["ok"] for c in demo.checks(teacher, rows, encoder, cascade)}
     assert result["teacher text accuracy >= 95%"]
+    assert result["teacher repeat >= 90%"] and not result["teacher reverse >= 90%"]
+    assert not result["encoder CTC WER <= 10%"]
+    assert result["asr recipe WER <= 15%"]
+    assert result["mtbi: gap on seen tasks <= 10 points"] and not result["salad: gap on seen tasks <= 10 points"]
+    assert result["mtbi: held-out-task speech accuracy >= the cascade's"]
+    assert not result["salad: held-out-task speech accuracy >= the cascade's"]
     assert result["mtbi: gap on held-out tasks <= 10 points"]
     assert not result["salad: gap on held-out tasks <= 10 points"]
     assert result["asr at least 30 points below mtbi on held-out tasks"]
@@ -93,6 +112,7 @@ def miniature(monkeypatch: pytest.MonkeyPatch) -> build.Sizes:
     small = dict(
         TEACHER_STEPS=3,
         ENCODER_STEPS=3,
+        ALIGN_STEPS=3,
         RECIPE_STEPS=3,
         BATCH_SIZE=8,
         SPEECH_BATCH_SIZE=8,
@@ -110,19 +130,28 @@ def test_miniature_demo_builds_every_stage_and_reports(tmp_path: Path, miniature
 
     assert set(report["recipes"]) == {"mtbi"}
     assert 0.0 <= report["teacher"]["text_acc"] <= 1.0
+    assert set(report["encoder"]) == {"wer", "cer", "exact"} and 0.0 <= report["encoder"]["cer"]
+    for key in ("speech_acc_seen", "speech_acc_heldout_prompts", "speech_acc_heldout_tasks"):
+        assert 0.0 <= report["cascade"][key] <= 1.0 and 0.0 <= report["cascade"]["aligned"][key] <= 1.0
+    # Every recipe starts from the alignment run's connector and pools frames by its CTC labels.
+    recipe_config = json.loads((out / "recipe" / "mtbi" / "config.json").read_text())
+    assert recipe_config["model"]["init_from"]["workdir"] == str(out / "align" / "run")
+    assert recipe_config["model"]["length_adapter"]["enabled"]
     for row in report["recipes"].values():
         for key in (
             "speech_acc_seen",
             "speech_acc_heldout_prompts",
             "speech_acc_heldout_tasks",
+            "gap_seen",
             "gap_heldout_tasks",
             "text_retention",
             "wer",
         ):
-            assert 0.0 <= row[key] <= 1.0 or key in ("gap_heldout_tasks", "wer")
+            assert 0.0 <= row[key] <= 1.0 or key in ("gap_seen", "gap_heldout_tasks", "wer")
     written = json.loads((out / "report.json").read_text())
     assert written["recipes"]["mtbi"]["speech_acc_seen"] == report["recipes"]["mtbi"]["speech_acc_seen"]
-    assert (out / "report.md").read_text().startswith("# Toy world")
+    markdown = (out / "report.md").read_text()
+    assert markdown.startswith("# Toy world") and "| cascade (CTC transcript -> teacher) |" in markdown
     assert (out / "accuracy.png").stat().st_size > 0 and (out / "retention.png").stat().st_size > 0
     # The frozen teacher: projector-only mtbi cannot change the LLM's text answers.
     assert report["recipes"]["mtbi"]["text_retention_drop"] == 0.0
@@ -130,3 +159,41 @@ def test_miniature_demo_builds_every_stage_and_reports(tmp_path: Path, miniature
     again = demo.run_demo(out, ("mtbi",), sizes=miniature, eval_sentences=1)
     assert again["cached"] == list(again["timings"]) and again["timings"] == report["timings"]
     assert again["recipes"] == report["recipes"]
+
+
+def test_speech_buckets_hold_the_longest_clip_and_the_text():
+    from speechlm_jax.models.frontend import audio_token_count
+
+    for downsample in (2, 4, 8):
+        buckets = toy_config.speech_buckets(downsample)
+        assert [samples for samples, _ in buckets] == [16000 * s for s in toy_config.SPEECH_SECONDS]
+        for samples, positions in buckets:
+            assert positions % 8 == 0 and positions >= audio_token_count(samples, downsample) + 32
+
+
+def test_only_builds_the_named_stages_and_keys_the_rest(tmp_path: Path, miniature: build.Sizes):
+    out = tmp_path / "demo_out"
+    assert demo.run_demo(out, ("mtbi",), sizes=miniature, eval_sentences=1, only=["corpus"]) is None
+    assert sorted(p.name for p in out.iterdir()) == ["corpus"]
+    with pytest.raises(cli.UsageError, match="no stages \\['nonsense'\\]"):
+        demo.run_demo(out, ("mtbi",), sizes=miniature, eval_sentences=1, only=["nonsense"])
+
+
+def test_side_by_side_groups_share_no_stage_and_cover_the_recipes():
+    phases = demo.side_by_side(("asr", "mtbi", "salad"), jobs=2)
+    branches, recipes = phases
+    assert branches == [["teacher", "targets", "eval/teacher"], ["encoder", "eval/encoder"]]
+    assert recipes == [["recipe/asr", "eval/asr", "recipe/salad", "eval/salad"], ["recipe/mtbi", "eval/mtbi"]]
+    assert demo.side_by_side(("vtb",), jobs=4)[1] == [["recipe/vtb", "eval/vtb"]]
+
+
+def test_a_failed_worker_fails_the_demo_naming_its_log(tmp_path: Path):
+    """A worker is a `speechlm-demo --only` subprocess; its exit status and log reach the parent."""
+    with pytest.raises(cli.CommandFailed, match=r"stages nonsense failed \(exit 2\); see .*nonsense\.log"):
+        demo.run_workers(tmp_path, ("mtbi",), [["nonsense"]], log=lambda line: None)
+    assert "--only: no stages ['nonsense']" in (tmp_path / "logs" / "nonsense.log").read_text()
+
+
+def test_jobs_refuse_custom_sizes(tmp_path: Path, miniature: build.Sizes):
+    with pytest.raises(ValueError, match="demo's own sizes"):
+        demo.run_demo(tmp_path, ("mtbi",), sizes=miniature, jobs=2)
