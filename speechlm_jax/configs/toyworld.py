@@ -3,8 +3,9 @@
 `make demo` (`python -m speechlm_jax.demo.main`) grows a whole speech LLM on two CPU
 cores in minutes: a tiny text LLM (the teacher) trained from scratch on the toy tasks, a
 tiny Whisper-architecture encoder pretrained on the synthesised speech with an ASR
-objective, and then the four recipes aligning that encoder to the frozen teacher. Every
-stage is a run of the project's trainer; this module only says how big and how long.
+objective, a connector-alignment run (CTC through the frozen teacher's own head), and then
+the four recipes, each starting from that aligned connector. Every stage is a run of the
+project's trainer; this module only says how big and how long.
 
     teacher(out)          text SFT of the whole LLM on every toy task (train phrasings,
                           train sentences): a VoiceTextBlender mixture that is all text
@@ -12,10 +13,12 @@ stage is a run of the project's trainer; this module only says how big and how l
                           head, all trainable (the stand-in for Whisper's own
                           pretraining); only the encoder is kept
     recipe(c, out)        what every recipe's `:toy` variant shares: the teacher as the
-                          frozen LLM, the pretrained encoder, the toy corpus, the shapes
+                          frozen LLM, the aligned connector (`configs/align.py:toy`, which
+                          calls it with aligned=False) with the CTC length adapter, the toy
+                          corpus, the shapes
 
 Paths: `out` is the demo folder (absolute); its stages are laid out by
-`speechlm_jax.demo.build` (`corpus/`, `speech/`, `teacher/`, `encoder/`, `targets/`).
+`speechlm_jax.demo.build` (`corpus/`, `speech/`, `teacher/`, `encoder/`, `align/`, `targets/`).
 """
 
 from __future__ import annotations

@@ -104,11 +104,15 @@ def step_flops(
     lora_rank: int = 0,
     llm_lora_kernels: Sequence[tuple[int, int]] = (),
     encoder_lora_kernels: Sequence[tuple[int, int]] = (),
+    length_adapter: bool = False,
 ) -> dict[str, float]:
     """Model FLOPs of one optimiser step, by part; "total" is what MFU divides by.
 
     `*_lora_kernels` are the (in, out) shapes of the adapted kernels of one layer's worth
-    summed over layers for the encoder (per frame) and the LLM (per token).
+    summed over layers for the encoder (per frame) and the LLM (per token). `length_adapter`:
+    the CTC length adapter's greedy readout of every projector frame through the LLM's head
+    (forward only: its labels take no gradient). Its pooled frames keep the slot's static
+    length, so the LLM's own FLOPs are the same with it and without.
     """
     trainable = set(trainable)
     clips = shape.batch * shape.audio_slots
@@ -151,6 +155,8 @@ def step_flops(
     out["llm_backward"] = llm_dx + llm_dw
 
     out["teacher_forward"] = shape.batch * sum(teacher.values())
+    d, v = llm_config.hidden_size, llm_config.vocab_size
+    out["length_adapter"] = 2.0 * clips * audio_tokens * d * v if length_adapter else 0.0
     out["total"] = sum(out.values())
     return out
 
@@ -261,6 +267,7 @@ class ModelFlops:
     def __init__(self, model: Any, trainable: Sequence[str], *, uses_teacher: bool, downsample: int):
         from speechlm_jax.models.lora import linear_modules
 
+        self.length_adapter = getattr(model, "length_adapter", None) is not None
         self.llm_config = model.llm.config
         self.encoder_config = model.encoder.config
         self.trainable = tuple(trainable)
@@ -286,6 +293,7 @@ class ModelFlops:
             lora_rank=self.lora_rank,
             llm_lora_kernels=self.llm_lora,
             encoder_lora_kernels=self.encoder_lora,
+            length_adapter=self.length_adapter,
         )
 
     def shape_of(self, batch: Mapping[str, Any]) -> StepShape:

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from speechlm_jax.models.frontend import audio_token_count
 from speechlm_jax.models.llm import DecoderLLM, LLMConfig
 from speechlm_jax.models.whisper import WhisperConfig, WhisperEncoder
 from speechlm_jax.train import metrics
@@ -139,3 +140,43 @@ def test_progress_bar_shows_the_data_skipped_by_cause(capsys):
     quiet.update(2, record)
     quiet.close()
     assert "data skipped" not in capsys.readouterr().err
+
+
+def test_length_adapter_readout_flops_match_xla():
+    """The adapter's greedy CTC readout: every projector frame through the LLM's final norm and head."""
+    config = LLMConfig(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
+    from speechlm_jax.losses.ctc import chunked_ctc_greedy
+
+    llm = DecoderLLM(config, rngs=nnx.Rngs(0))
+    clips, samples, downsample = 3, 16000 * 4, 4
+    frames = audio_token_count(samples, downsample)
+    embeds = jnp.zeros((clips, frames, config.hidden_size))
+    graphdef, state = nnx.split(llm)
+
+    def readout(s, x):
+        model = nnx.merge(graphdef, s)
+        return chunked_ctc_greedy(model.norm(x), model.unembedding(), chunk_size=64, softcap=None)
+
+    xla = _xla_flops(readout, state, embeds)
+    shape = metrics.StepShape(batch=clips, audio_slots=1, audio_samples=samples, tokens=8, teacher_tokens=0)
+    kwargs = dict(
+        llm_config=config,
+        encoder_config=WhisperConfig(num_mel_bins=80, d_model=64, encoder_layers=1, encoder_attention_heads=2),
+        projector_flops_per_frame=0.0,
+        downsample=downsample,
+        trainable=("projector",),
+    )
+    with_adapter = metrics.step_flops(shape, length_adapter=True, **kwargs)
+    without = metrics.step_flops(shape, **kwargs)
+    assert with_adapter["length_adapter"] == pytest.approx(xla, rel=0.05)
+    assert without["length_adapter"] == 0.0
+    assert with_adapter["total"] - without["total"] == with_adapter["length_adapter"]
+    assert with_adapter["llm_forward"] == without["llm_forward"]  # static shapes: the LLM's work is unchanged
