@@ -20,6 +20,7 @@ change of weights changes it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -42,13 +43,15 @@ class CheckpointMismatchError(ValueError):
     """A stored item's tensors are not those the config builds (a checkpoint of another shape)."""
 
 
+def leaf_name(path: Sequence[Any]) -> str:
+    """ "projector/linear_1/kernel" for a pytree key path of a state or of orbax's metadata tree."""
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return "/".join(n for n in names if n != "value")
+
+
 def leaf_shapes(tree: object) -> dict[str, tuple[int, ...]]:
     """{"projector/linear_1/kernel": shape} of a state or of orbax's stored metadata tree."""
-    shapes = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-        shapes["/".join(n for n in names if n != "value")] = tuple(leaf.shape)
-    return shapes
+    return {leaf_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def check_fits(item_dir: storage.PathLike, tree: Any, *, context: str) -> None:

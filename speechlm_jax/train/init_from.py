@@ -28,6 +28,7 @@ from speechlm_jax.train import checkpoint
 from speechlm_jax.train import config as config_lib
 
 PARTS = ("projector", "encoder")
+LORA_LEAVES = ("lora_a", "lora_b")
 
 
 class InitFromError(ValueError):
@@ -83,17 +84,27 @@ def apply(model: SpeechLM, config: ml_collections.ConfigDict, mesh: Mesh) -> Spe
         target = getattr(model, name)
         wanted, taken = nnx.state(target, nnx.Param), source[name]
         want, have = checkpoint.leaf_shapes(wanted), checkpoint.leaf_shapes(taken)
-        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        # This run's own LoRA adapters on the part (e.g. VoiceTextBlender's encoder LoRA) are not
+        # in a run that trained the part without them: they keep their fresh start (B = 0, so
+        # each adapted layer starts as the base layer taken here).
+        missing = sorted(k for k in set(want) - set(have) if k.rsplit("/", 1)[-1] not in LORA_LEAVES)
+        extra = sorted(set(have) - set(want))
         if missing or extra:
             raise InitFromError(
                 f"model.init_from: {run}'s {name} has other tensors than this model's "
                 f"(missing {missing[:3]}, not in this model {extra[:3]})"
             )
-        for key in sorted(want):
+        for key in sorted(have):
             if want[key] != have[key]:
                 raise InitFromError(
                     f"model.init_from: {name}/{key} is {have[key]} in {run}, this model's is {want[key]}"
                 )
         # Restored in this mesh's shardings already; only the dtype may differ (model.param_dtype).
-        nnx.update(target, jax.tree.map(lambda t, w: t.astype(w.dtype), taken, wanted))
+        values = {checkpoint.leaf_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(taken)[0]}
+
+        def take(path: tuple, own: jax.Array, values: dict = values) -> jax.Array:
+            value = values.get(checkpoint.leaf_name(path))
+            return own if value is None else value.astype(own.dtype)
+
+        nnx.update(target, jax.tree_util.tree_map_with_path(take, wanted))
     return model

@@ -114,3 +114,27 @@ def test_connector_alignment_then_a_recipe_from_it(tmp_path, tiny_corpus, compil
             np.array_equal(a, np.asarray(b)) for a, b in zip(_flat(getattr(model, part)), jax.tree.leaves(source[part]))
         ), part
     assert trainer.train(recipe, tmp_path / "asr").step == 2
+
+
+def test_a_part_taken_into_a_run_with_its_own_lora_keeps_fresh_adapters(source_run):
+    """VoiceTextBlender adapts the encoder with LoRA: the taken encoder's base weights are the
+    source's, and this run's adapters start fresh (B = 0, so each layer starts as the base)."""
+    workdir, source_config = source_run
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    config = _target(source_config, workdir, "encoder")
+    config.model.lora.rank, config.model.lora.encoder = 4, True
+    config.train.trainable = "projector,lora"
+    source = init_from.source_trainable(config, mesh)["encoder"]
+    built = state.build_state(config, mesh)
+    encoder = nnx.merge(built.graphdef, built.trainable, built.frozen).encoder
+    from speechlm_jax.train import checkpoint
+
+    own = {
+        checkpoint.leaf_name(p): np.asarray(v)
+        for p, v in jax.tree_util.tree_flatten_with_path(nnx.state(encoder, nnx.Param))[0]
+    }
+    taken = {checkpoint.leaf_name(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(source)[0]}
+    adapters = sorted(k for k in own if k not in taken)
+    assert adapters and all(k.rsplit("/", 1)[-1] in ("lora_a", "lora_b") for k in adapters)
+    assert all(np.array_equal(own[k], taken[k]) for k in taken)
+    assert all(not own[k].any() for k in adapters if k.endswith("lora_b"))
