@@ -77,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # the trainable parameters
     c.model.frozen_dtype = "bfloat16"  # the frozen base (halves its memory; matmuls run in `dtype` anyway)
     c.model.remat = "none"
+    # How the LLM and the encoder attend (models/layers.py ATTENTION): einsum (the reference, every
+    # score formed), dot_product (jax.nn.dot_product_attention, JAX picks the kernel), cudnn (NVIDIA GPUs).
+    c.model.attention = "einsum"
 
     c.train = ml_collections.ConfigDict()
     c.train.trainable = "projector,lora"

@@ -71,7 +71,7 @@ from speechlm_jax.models.hf_import import (
     plan_import,
     transpose,
 )
-from speechlm_jax.models.llm import DecoderLLM, LLMConfig
+from speechlm_jax.models.llm import OWN_FIELDS, DecoderLLM, LLMConfig
 from speechlm_jax.models.lora import linear_modules
 from speechlm_jax.models.speechlm import SpeechLM, build_speechlm
 from speechlm_jax.models.whisper import WhisperEncoder
@@ -239,7 +239,8 @@ def _check_dtype(dtype: str) -> np.dtype:
 
 def _check_llm_round_trip(llm: LLMConfig, text_config: Mapping[str, Any]) -> None:
     parsed = LLMConfig.from_hf(text_config)
-    ours = dataclasses.replace(llm, remat="none")
+    defaults = {f.name: f.default for f in dataclasses.fields(LLMConfig) if f.name in OWN_FIELDS}
+    ours = dataclasses.replace(llm, **defaults)
     if parsed != ours:
         diffs = [f.name for f in dataclasses.fields(ours) if getattr(parsed, f.name) != getattr(ours, f.name)]
         raise ValueError(f"the written LLM config does not read back as the model's (fields {diffs})")

@@ -358,9 +358,9 @@ WHISPER_RENAMES = (("model.encoder.", "encoder."),)
 WHISPER_IGNORED = (r"^(?!encoder\.).*",)
 
 
-def whisper_config_from_checkpoint(path: str | Path) -> WhisperConfig:
+def whisper_config_from_checkpoint(path: str | Path, **overrides: Any) -> WhisperConfig:
     """The encoder's `WhisperConfig` of a checkpoint directory (reads only config.json)."""
-    return WhisperConfig.from_hf(read_hf_config(path))
+    return WhisperConfig.from_hf(read_hf_config(path), **overrides)
 
 
 def load_whisper_encoder(
@@ -370,10 +370,12 @@ def load_whisper_encoder(
     param_dtype: jnp.dtype = jnp.float32,
     mesh: Mesh | None = None,
     rules: Rules = DEFAULT_RULES,
+    **config_overrides: Any,
 ) -> WhisperEncoder:
     """A `WhisperEncoder` with the encoder weights of a WhisperModel / WhisperForConditionalGeneration
-    checkpoint directory; the fixed position table is imported too (see `whisper.sinusoids`)."""
-    config = whisper_config_from_checkpoint(path)
+    checkpoint directory; the fixed position table is imported too (see `whisper.sinusoids`).
+    `config_overrides` set our own config fields (e.g. `attention="dot_product"`)."""
+    config = whisper_config_from_checkpoint(path, **config_overrides)
     checkpoint = SafetensorsCheckpoint(path, renames=WHISPER_RENAMES)
     abstract = nnx.eval_shape(lambda: WhisperEncoder(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)

@@ -9,6 +9,13 @@ LoRA lives inside `Linear`: `add_lora` attaches `lora_a` [in, rank] and `lora_b`
 [rank, out] as `nnx.LoRAParam`, so `nnx.split(model, nnx.LoRAParam, ...)` separates
 the adapter from the frozen base. `__call__(x, lora=False)` skips the adapter
 without touching any weight: that pass is the teacher.
+
+Attention implementations (`ATTENTION`, the `attention` field of the LLM and encoder
+configs): "einsum" forms every score [batch, heads, T, S] explicitly; it is the reference,
+and the only one for what the fused kernels cannot express (the LLM's attention
+soft-capping). "dot_product" calls `jax.nn.dot_product_attention` and lets JAX choose the
+kernel (on jax 0.10 that is always XLA's, the einsum computation in one op); "cudnn" asks
+for cuDNN's fused flash attention (NVIDIA GPUs only: the scores stay in on-chip memory).
 """
 
 from __future__ import annotations
@@ -23,6 +30,42 @@ Axes = tuple[str | None, ...]
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 default_init: Initializer = nnx.initializers.normal(0.02)
+
+# `attention` config value -> `jax.nn.dot_product_attention(implementation=...)`; einsum is our own.
+ATTENTION = {"einsum": None, "dot_product": None, "cudnn": "cudnn"}
+
+
+def check_attention(attention: str) -> None:
+    if attention not in ATTENTION:
+        raise ValueError(f"attention {attention!r} is not one of {', '.join(ATTENTION)}")
+
+
+def fused_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    attention: str,
+    scale: float,
+    mask: jax.Array | None = None,
+    is_causal: bool = False,
+    local_window_size: tuple[int, int] | None = None,
+) -> jax.Array:
+    """`jax.nn.dot_product_attention` on q [B, T, heads, D], k/v [B, S, kv_heads, D] -> [B, T, heads, D].
+
+    `mask` is boolean (True = may attend), broadcastable to [B, heads, T, S]. q, k and v
+    are given in one dtype (the kernel requires it); softmax runs in float32 inside.
+    """
+    return jax.nn.dot_product_attention(
+        q,
+        k.astype(q.dtype),
+        v.astype(q.dtype),
+        mask=mask,
+        scale=scale,
+        is_causal=is_causal,
+        local_window_size=local_window_size,
+        implementation=ATTENTION[attention],
+    )
 
 
 class Linear(nnx.Module):

@@ -16,6 +16,14 @@ teacher with `lora=False`.
 Attention masks are built from slot indices (causal, sliding window) and the
 `input_mask` (padding), as transformers does; a `KVCache` holds keys and values of a
 fixed length so that decoding (`speechlm_jax.generate`) updates it in place.
+
+`attention` picks how a layer attends (`layers.ATTENTION`): the einsum reference builds
+the dense [B, T, S] mask and every score; the fused forms pass `jax.nn.dot_product_attention`
+the causal mask as `is_causal`, the sliding window as `local_window_size` and padding as a
+[B, 1, 1, S] key mask, so a kernel that has them never forms a [T, S] tensor (with a KV
+cache, whose queries sit at `cache.index`, the dense mask is passed instead). Soft-capped
+attention scores (`attn_logit_softcapping`) exist only in the einsum form; a config that
+asks for both is refused.
 """
 
 from __future__ import annotations
@@ -30,7 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from speechlm_jax.models.layers import Embed, Linear, RMSNorm
+from speechlm_jax.models.layers import Embed, Linear, RMSNorm, check_attention, fused_attention
+
+# Fields of ours that no HF config carries: how the model runs, not what it is.
+OWN_FIELDS = ("remat", "attention")
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
@@ -168,6 +179,7 @@ class LLMConfig:
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
     remat: str = "none"
+    attention: str = "einsum"
 
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:
@@ -180,6 +192,12 @@ class LLMConfig:
             raise ValueError(f"remat {self.remat!r} is not one of none, {', '.join(REMAT_POLICIES)}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"activation {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+        check_attention(self.attention)
+        if self.attention != "einsum" and self.attn_logit_softcapping is not None:
+            raise ValueError(
+                f"attention={self.attention!r} cannot soft-cap attention scores (attn_logit_softcapping="
+                f"{self.attn_logit_softcapping}); use attention='einsum' (model.attention=einsum)"
+            )
 
     def layer_type(self, i: int) -> str:
         return self.layer_types[i] if self.layer_types else FULL_ATTENTION
@@ -362,6 +380,31 @@ class KVCache:
         return self.mask.shape[1]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+    """Which keys each query may see: causal, padding (`key_mask` [B, S]) and an optional window.
+
+    `q_slots` [T] are the queries' slots among the S keys; `aligned` (static) says they are
+    0..T-1 of T = S keys (no cache), the case the fused kernels' `is_causal` describes.
+    A query at slot q sees key slot s when key_mask[s], s <= q and s > q - window.
+    """
+
+    key_mask: jax.Array
+    q_slots: jax.Array
+    window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    aligned: bool = dataclasses.field(default=True, metadata=dict(static=True))
+
+    def dense(self) -> jax.Array:
+        """[B, T, S] bool (True = may attend)."""
+        kv_slots = jnp.arange(self.key_mask.shape[1])[None, None, :]
+        q_slots = self.q_slots[None, :, None]
+        allowed = self.key_mask[:, None, :] & (kv_slots <= q_slots)
+        if self.window is not None:
+            allowed = allowed & (kv_slots > q_slots - self.window)
+        return allowed
+
+
 def default_positions(input_mask: jax.Array) -> jax.Array:
     """Positions [batch, length] counting only real tokens (left or right padding), 0 on padding."""
     return jnp.maximum(jnp.cumsum(input_mask.astype(jnp.int32), axis=1) - 1, 0)
@@ -392,6 +435,7 @@ class Attention(nnx.Module):
         self.head_dim = config.head_dim
         self.scale = config.attention_scale
         self.softcap = config.attn_logit_softcapping
+        self.attention = config.attention
         self.dtype = dtype
         d, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         linear = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -408,12 +452,12 @@ class Attention(nnx.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        mask: jax.Array,
+        mask: AttentionMask,
         cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
         *,
         lora: bool = True,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x [B, T, D], cos/sin [B, T, head_dim], mask [B, T, S] (True = may attend).
+        """x [B, T, D], cos/sin [B, T, head_dim], mask over the T queries and S keys.
 
         `cache` is (keys, values [B, S, kv_heads, head_dim], index): the new keys and values
         are written at slot `index` and attention runs over all S slots.
@@ -432,16 +476,36 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, index, 0, 0))
             new_cache = (k, v)
+        if self.attention != "einsum":
+            out = self._fused(q, k, v, mask)
+            return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), lora), new_cache
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(self.dtype), preferred_element_type=jnp.float32)
         scores = scores * self.scale
         if self.softcap is not None:
             scores = jnp.tanh(scores / self.softcap) * self.softcap
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(mask.dense()[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype))
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), lora), new_cache
+
+    def _fused(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:
+        """`jax.nn.dot_product_attention` with the mask in the kernel's own terms -> [B, T, heads, head_dim]."""
+        q = q.astype(self.dtype)
+        if not mask.aligned:
+            return fused_attention(q, k, v, attention=self.attention, scale=self.scale, mask=mask.dense()[:, None])
+        window = None if mask.window is None else (mask.window - 1, 0)
+        return fused_attention(
+            q,
+            k,
+            v,
+            attention=self.attention,
+            scale=self.scale,
+            mask=mask.key_mask[:, None, None, :],
+            is_causal=True,
+            local_window_size=window,
+        )
 
 
 class MLP(nnx.Module):
@@ -477,7 +541,7 @@ class DecoderLayer(nnx.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        mask: jax.Array,
+        mask: AttentionMask,
         cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
         *,
         lora: bool = True,
@@ -557,11 +621,10 @@ class DecoderLLM(nnx.Module):
         else:
             kv_mask = jax.lax.dynamic_update_slice(cache.mask, input_mask, (0, cache.index))
             q_slots = cache.index + jnp.arange(t)
-        kv_slots = jnp.arange(kv_mask.shape[1])
-        masks = {FULL_ATTENTION: (kv_mask[:, None, :] > 0) & (kv_slots[None, None, :] <= q_slots[None, :, None])}
+        aligned = cache is None
+        masks = {FULL_ATTENTION: AttentionMask(kv_mask > 0, q_slots, aligned=aligned)}
         if c.sliding_window is not None:
-            in_window = kv_slots[None, None, :] > q_slots[None, :, None] - c.sliding_window
-            masks[SLIDING_ATTENTION] = masks[FULL_ATTENTION] & in_window
+            masks[SLIDING_ATTENTION] = AttentionMask(kv_mask > 0, q_slots, window=c.sliding_window, aligned=aligned)
         ropes = {
             kind: rope_tables(c.rope_for(kind), c.head_dim, positions) for kind in set(c.layer_types) | {FULL_ATTENTION}
         }
@@ -618,7 +681,14 @@ class DecoderLLM(nnx.Module):
 
 
 def _remat_layer(
-    layer: DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, *, lora: bool, policy: Any
+    layer: DecoderLayer,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    mask: AttentionMask,
+    *,
+    lora: bool,
+    policy: Any,
 ) -> jax.Array:
     """One layer under activation checkpointing (recomputed in the backward pass).
 
@@ -628,7 +698,7 @@ def _remat_layer(
     """
     graphdef, state = nnx.split(layer)
 
-    def run(state: nnx.State, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def run(state: nnx.State, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: AttentionMask) -> jax.Array:
         return nnx.merge(graphdef, state)(x, cos, sin, mask, lora=lora)[0]
 
     return jax.checkpoint(run, policy=policy)(state, x, cos, sin, mask)

@@ -12,7 +12,7 @@ import torch
 from flax import nnx
 
 from speechlm_jax.models.hf_import import load_llm
-from speechlm_jax.models.llm import DecoderLLM, KVCache, LLMConfig, default_positions
+from speechlm_jax.models.llm import AttentionMask, DecoderLLM, KVCache, LLMConfig, default_positions
 from speechlm_jax.models.lora import LoRAConfig, apply_lora, merge_lora
 from speechlm_jax.sharding import batch_sharding, make_mesh, shard_state, state_shardings
 
@@ -42,10 +42,11 @@ def left_padded_batch(seed: int = 0, length: int = 14) -> tuple[np.ndarray, np.n
     return tokens[:, ::-1].copy(), mask[:, ::-1].copy()
 
 
+@pytest.mark.parametrize("attention", ["einsum", "dot_product"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_logits_match_transformers(checkpoints, llm_family, tied):
+def test_logits_match_transformers(checkpoints, llm_family, tied, attention):
     directory, hf = checkpoints[llm_family, tied]
-    model = load_llm(directory)
+    model = load_llm(directory, attention=attention)
     assert (model.lm_head is None) == tied
     tokens, mask = right_padded_batch()
     with torch.no_grad():
@@ -61,9 +62,10 @@ def test_logits_match_transformers(checkpoints, llm_family, tied):
     np.testing.assert_allclose(np.asarray(model.logits(hidden)), ours, atol=1e-6)
 
 
+@pytest.mark.parametrize("attention", ["einsum", "dot_product"])
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_cached_logits_equal_full_forward(checkpoints, family):
-    model = load_llm(checkpoints[family, True][0])
+def test_cached_logits_equal_full_forward(checkpoints, family, attention):
+    model = load_llm(checkpoints[family, True][0], attention=attention)
     tokens, mask = left_padded_batch(seed=1, length=13)
     tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
     positions = default_positions(mask)
@@ -167,14 +169,14 @@ def test_attention_softcapping_caps_scores():
     attn_capped = DecoderLLM(capped, rngs=nnx.Rngs(0)).layers[0].attn
     x = 30.0 * jax.random.normal(jax.random.key(0), (1, 4, 16))
     cos, sin = jnp.ones((1, 4, 8)), jnp.zeros((1, 4, 8))
-    mask = jnp.tril(jnp.ones((4, 4), bool))[None]
+    mask = AttentionMask(jnp.ones((1, 4), bool), jnp.arange(4))
 
     q = attn.q_proj(x).reshape(1, 4, 2, 8)
     k = attn.k_proj(x).reshape(1, 4, 1, 8)
     v = attn.v_proj(x).reshape(1, 4, 1, 8)
     scores = jnp.einsum("bthd,bskd->bhts", q, k) * 8**-0.5
     scores = jnp.tanh(scores / 0.5) * 0.5
-    probs = jax.nn.softmax(jnp.where(mask[:, None], scores, -jnp.inf), axis=-1)
+    probs = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((4, 4), bool)), scores, -jnp.inf), axis=-1)
     expected = attn.o_proj(jnp.einsum("bhts,bskd->bthd", probs, v).reshape(1, 4, 16))
     out, _ = attn_capped(x, cos, sin, mask)
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-5)
@@ -193,3 +195,66 @@ def test_gemma_embedding_scale_in_bf16_like_transformers(checkpoints):
     embed.to(torch.float32)
     ours = np.asarray(model.embed(jnp.asarray(tokens)).astype(jnp.float32))
     np.testing.assert_array_equal(ours, ref)
+
+
+ATTENTION_CASES = {
+    # name: (kv heads, sliding window (every layer sliding), padding of the batch)
+    "causal": (4, None, "none"),
+    "gqa_right_padding": (2, None, "right"),
+    "gqa_left_padding": (1, None, "left"),
+    "sliding_window": (2, 3, "right"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ATTENTION_CASES))
+def test_dot_product_attention_equals_einsum(case):
+    """jax.nn.dot_product_attention (is_causal, key mask, local window, GQA) gives the einsum's
+    logits and gradients, float32, on every position (padding too)."""
+    kv_heads, window, padding = ATTENTION_CASES[case]
+    config = LLMConfig(
+        model_type="qwen2",
+        vocab_size=160,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        head_dim=8,
+        qkv_bias=True,
+        sliding_window=window,
+        layer_types=("sliding_attention",) * 2 if window else (),
+    )
+    tokens, mask = {"none": right_padded_batch, "right": right_padded_batch, "left": left_padded_batch}[padding]()
+    if padding == "none":
+        mask = np.ones_like(mask)
+    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+
+    def loss_and_grads(attention: str):
+        model = DecoderLLM(dataclasses.replace(config, attention=attention), rngs=nnx.Rngs(0))
+        apply_lora(model, LoRAConfig(rank=2, alpha=4.0), rngs=nnx.Rngs(1))
+        for _, linear in [(p, m) for p, m in nnx.iter_graph(model) if getattr(m, "has_lora", False)]:
+            linear.lora_b[...] = 0.1 * jax.random.normal(jax.random.key(2), linear.lora_b[...].shape)
+
+        def loss(model: DecoderLLM) -> tuple[jax.Array, jax.Array]:
+            logits = model(tokens, input_mask=mask)
+            return jnp.sum(jnp.sin(logits) * mask[..., None]), logits
+
+        (_, logits), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+        return logits, grads
+
+    ref_logits, ref_grads = loss_and_grads("einsum")
+    logits, grads = loss_and_grads("dot_product")
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * max(1.0, float(np.abs(b).max())))
+    if window:
+        # The window matters here: the same model with full attention differs.
+        full = DecoderLLM(dataclasses.replace(config, sliding_window=None, layer_types=()), rngs=nnx.Rngs(0))
+        assert np.abs(np.asarray(full(tokens, input_mask=mask)) - np.asarray(ref_logits)).max() > 1e-3
+
+
+def test_fused_attention_refuses_softcapping():
+    with pytest.raises(ValueError, match="model.attention=einsum"):
+        LLMConfig(attn_logit_softcapping=20.0, attention="dot_product")
+    with pytest.raises(ValueError, match="not one of"):
+        LLMConfig(attention="flash")

@@ -1,5 +1,6 @@
 """Whisper encoder vs transformers' WhisperEncoder: full window, short windows, padding masks, LoRA, presets."""
 
+import dataclasses
 import math
 
 import jax
@@ -90,9 +91,10 @@ def test_position_table(checkpoint):
     np.testing.assert_array_equal(np.asarray(load_whisper_encoder(path).embed_positions[...]), hf_table)
 
 
-def test_full_window_matches_hf(checkpoint):
+@pytest.mark.parametrize("attention", ["einsum", "dot_product"])
+def test_full_window_matches_hf(checkpoint, attention):
     path, model = checkpoint
-    encoder = load_whisper_encoder(path)
+    encoder = load_whisper_encoder(path, attention=attention)
     mels = random_mels(2, 3000)
     hidden, mask = encoder(jnp.asarray(mels))
     assert hidden.shape == (2, 1500, 64) and bool(mask.all())
@@ -109,9 +111,10 @@ def test_short_window_matches_hf(checkpoint, frames):
     assert np.max(np.abs(np.asarray(hidden) - hf_hidden(model, mels))) <= 1e-4
 
 
-def test_padding_mask_keeps_valid_frames_of_each_clip(checkpoint):
+@pytest.mark.parametrize("attention", ["einsum", "dot_product"])
+def test_padding_mask_keeps_valid_frames_of_each_clip(checkpoint, attention):
     path, model = checkpoint
-    encoder = load_whisper_encoder(path)
+    encoder = load_whisper_encoder(path, attention=attention)
     window, lengths = 400, [400, 256, 131]
     clips = [random_mels(1, n, seed=n) for n in lengths]
     # Padded frames hold garbage on purpose: the mask alone must keep it out.
@@ -128,6 +131,29 @@ def test_padding_mask_keeps_valid_frames_of_each_clip(checkpoint):
         np.testing.assert_allclose(np.asarray(hidden[i, :valid]), np.asarray(alone[0]), atol=1e-5)
         if n % 2 == 0:
             assert np.max(np.abs(np.asarray(hidden[i, :valid]) - hf_hidden(model, clip)[0])) <= 1e-4
+
+
+def test_dot_product_attention_equals_einsum_with_padding():
+    """The padding mask through jax.nn.dot_product_attention: outputs and gradients equal the einsum's."""
+    config = WhisperConfig(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64)
+    mels = jnp.asarray(random_mels(3, 40))
+    frame_mask = jnp.asarray((np.arange(40)[None, :] < np.array([[40], [23], [0]])).astype(np.int32))
+
+    def run(attention: str):
+        encoder = WhisperEncoder(dataclasses.replace(config, attention=attention), rngs=nnx.Rngs(0))
+
+        def loss(encoder: WhisperEncoder) -> tuple[jax.Array, jax.Array]:
+            hidden, mask = encoder(mels, frame_mask=frame_mask)
+            return jnp.sum(jnp.sin(hidden) * mask[..., None]), hidden
+
+        (_, hidden), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(encoder)
+        return hidden, grads
+
+    ref_hidden, ref_grads = run("einsum")
+    hidden, grads = run("dot_product")
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(ref_hidden), atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * max(1.0, float(np.abs(b).max())))
 
 
 def test_fully_padded_row_is_finite():
