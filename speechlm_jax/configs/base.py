@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
     # How the LLM and the encoder attend (models/layers.py ATTENTION): einsum (the reference, every
     # score formed), dot_product (jax.nn.dot_product_attention, JAX picks the kernel), cudnn (NVIDIA GPUs).
     c.model.attention = "einsum"
+    # The LLM's and the encoder's layers as one scanned layer over stacked weights: compile time does
+    # not grow with depth. Checkpoints (and PEFT adapters) keep the form they were written in.
+    c.model.scan_layers = False
 
     c.train = ml_collections.ConfigDict()
     c.train.trainable = "projector,lora"
@@ -275,5 +278,7 @@ def real(
     c.model.dtype = "bfloat16"
     c.model.frozen_dtype = "bfloat16"
     c.model.remat = "full"
+    # Gemma 3 alternates sliding and full layers, which one scanned layer cannot express.
+    c.model.scan_layers = not llm.startswith("gemma")
     c.mesh.data, c.mesh.fsdp = 1, -1
     return c

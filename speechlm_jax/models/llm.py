@@ -24,6 +24,13 @@ the causal mask as `is_causal`, the sliding window as `local_window_size` and pa
 cache, whose queries sit at `cache.index`, the dense mask is passed instead). Soft-capped
 attention scores (`attn_logit_softcapping`) exist only in the einsum form; a config that
 asks for both is refused.
+
+`scan_layers` stores the layers as one `DecoderLayer` whose parameters are stacked on a
+leading `layers` axis (`layers.stack_layers`; module paths `layers/attn/q_proj`, ...) and
+runs them with one `jax.lax.scan`, so compile time does not grow with depth; remat applies
+per layer inside the scan body, and the KV cache is then one [layers, batch, ...] array of
+keys and one of values, scanned alongside. The layers must all be of one type: Gemma 3's
+alternating sliding and full layers (a different mask and RoPE per layer) are refused.
 """
 
 from __future__ import annotations
@@ -38,10 +45,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from speechlm_jax.models.layers import Embed, Linear, RMSNorm, check_attention, fused_attention
+from speechlm_jax.models.layers import (
+    Embed,
+    Linear,
+    RMSNorm,
+    check_attention,
+    fused_attention,
+    scan,
+    stack_layers,
+)
 
 # Fields of ours that no HF config carries: how the model runs, not what it is.
-OWN_FIELDS = ("remat", "attention")
+OWN_FIELDS = ("remat", "attention", "scan_layers")
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
@@ -180,6 +195,7 @@ class LLMConfig:
     pad_token_id: int | None = None
     remat: str = "none"
     attention: str = "einsum"
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:
@@ -193,6 +209,11 @@ class LLMConfig:
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"activation {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
         check_attention(self.attention)
+        if self.scan_layers and len(set(self.layer_types)) > 1:
+            raise ValueError(
+                f"scanned layers must all be of one type, but layer_types mixes {sorted(set(self.layer_types))} "
+                "(a different mask and RoPE per layer); set model.scan_layers=false"
+            )
         if self.attention != "einsum" and self.attn_logit_softcapping is not None:
             raise ValueError(
                 f"attention={self.attention!r} cannot soft-cap attention scores (attn_logit_softcapping="
@@ -366,12 +387,15 @@ def _layer_types_from_hf(cfg: Mapping[str, Any], model_type: str, layers: int) -
 class KVCache:
     """Keys/values of every layer, [batch, max_length, kv_heads, head_dim] each, written at `index`.
 
+    With scanned layers `keys` and `values` are each one array [layers, batch, max_length,
+    kv_heads, head_dim] instead of a tuple.
+
     `mask` [batch, max_length] marks the slots holding real tokens (prompt padding stays 0);
     `index` (int32 scalar) is the next slot to write, shared by the batch (prompts are left-padded).
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: tuple[jax.Array, ...] | jax.Array
+    values: tuple[jax.Array, ...] | jax.Array
     mask: jax.Array
     index: jax.Array
 
@@ -572,7 +596,10 @@ class DecoderLLM(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         d = config.hidden_size
         self.embed_tokens = Embed(config.vocab_size, d, **kw)
-        self.layers = nnx.List([DecoderLayer(config, **kw) for _ in range(config.num_hidden_layers)])
+        if config.scan_layers:
+            self.layers = stack_layers(lambda: DecoderLayer(config, **kw), config.num_hidden_layers)
+        else:
+            self.layers = nnx.List([DecoderLayer(config, **kw) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(
             d, eps=config.rms_norm_eps, zero_centered=config.zero_centered_norm, param_dtype=param_dtype
         )
@@ -592,6 +619,14 @@ class DecoderLLM(nnx.Module):
         c = self.config
         shape = (batch, max_length, c.num_key_value_heads, c.head_dim)
         dtype = dtype or self.dtype
+        if c.scan_layers:
+            stacked = (c.num_hidden_layers, *shape)
+            return KVCache(
+                keys=jnp.zeros(stacked, dtype),
+                values=jnp.zeros(stacked, dtype),
+                mask=jnp.zeros((batch, max_length), jnp.int32),
+                index=jnp.zeros((), jnp.int32),
+            )
         return KVCache(
             keys=tuple(jnp.zeros(shape, dtype) for _ in range(c.num_hidden_layers)),
             values=tuple(jnp.zeros(shape, dtype) for _ in range(c.num_hidden_layers)),
@@ -630,6 +665,13 @@ class DecoderLLM(nnx.Module):
         }
 
         x = inputs_embeds.astype(self.dtype)
+        if c.scan_layers:
+            # One layer type (checked by the config): one mask and one RoPE for every layer.
+            kind = c.layer_type(0)
+            x, new_cache = self._scan(x, *ropes[kind], masks[kind], cache, lora=lora)
+            if new_cache is not None:
+                new_cache = dataclasses.replace(new_cache, mask=kv_mask, index=cache.index + t)
+            return self.norm(x), new_cache
         keys, values = [], []
         for i, layer in enumerate(self.layers):
             kind = c.layer_type(i)
@@ -647,6 +689,35 @@ class DecoderLLM(nnx.Module):
         if cache is not None:
             new_cache = KVCache(keys=tuple(keys), values=tuple(values), mask=kv_mask, index=cache.index + t)
         return self.norm(x), new_cache
+
+    def _scan(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: AttentionMask,
+        cache: KVCache | None,
+        *,
+        lora: bool,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """The stacked layers as one scan; with a cache, each layer's keys and values are scanned too."""
+        if cache is None:
+
+            def body(layer: DecoderLayer, x: jax.Array, _: None) -> tuple[jax.Array, None]:
+                return layer(x, cos, sin, mask, lora=lora)[0], None
+
+            remat = self.config.remat != "none"
+            policy = REMAT_POLICIES[self.config.remat] if remat else None
+            x, _ = scan(self.layers, body, x, remat=remat, policy=policy)
+            return x, None
+
+        def cached_body(
+            layer: DecoderLayer, x: jax.Array, kv: tuple[jax.Array, jax.Array]
+        ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            return layer(x, cos, sin, mask, (*kv, cache.index), lora=lora)
+
+        x, (keys, values) = scan(self.layers, cached_body, x, (cache.keys, cache.values))
+        return x, dataclasses.replace(cache, keys=keys, values=values)
 
     def unembedding(self) -> jax.Array:
         """The output projection [D, V]: the transposed embedding when tied, else lm_head's kernel."""

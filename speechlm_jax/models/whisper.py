@@ -16,7 +16,9 @@ into windows and encoded window by window by `models.speechlm.encode_windows`.
 
 `attention` (ours, not an HF field) picks the attention implementation (`layers.ATTENTION`):
 the einsum reference or `jax.nn.dot_product_attention` with the padding as a [batch, 1, 1,
-frames] key mask.
+frames] key mask. `scan_layers` (ours too) stores the layers as one stacked layer run by
+`jax.lax.scan` (`layers.stack_layers`; paths `layers/attn/q_proj`, ... with a leading
+`layers` axis), so the encoder compiles one layer whatever its depth.
 
 Module paths (what LoRA regexes and the HF mapping see): `conv1`, `conv2`,
 `embed_positions`, `layers/<i>/attn/{q_proj,k_proj,v_proj,out_proj}`,
@@ -35,7 +37,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from speechlm_jax.models.layers import LayerNorm, Linear, check_attention, default_init, fused_attention
+from speechlm_jax.models.layers import (
+    LayerNorm,
+    Linear,
+    check_attention,
+    default_init,
+    fused_attention,
+    scan,
+    stack_layers,
+)
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -59,6 +69,7 @@ class WhisperConfig:
     activation_function: str = "gelu"
     layer_norm_eps: float = 1e-5
     attention: str = "einsum"
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.d_model % self.encoder_attention_heads:
@@ -100,7 +111,7 @@ class WhisperConfig:
 
 
 # Fields of ours that no HF config carries: how the encoder runs, not what it is.
-OWN_FIELDS = ("attention",)
+OWN_FIELDS = ("attention", "scan_layers")
 
 
 def encoder_frames(mel_frames: int) -> int:
@@ -243,12 +254,11 @@ class WhisperEncoder(nnx.Module):
         self.conv2 = Conv1d(d, d, stride=2, axes=("conv_width", "embed", "embed"), **common)
         table = jnp.asarray(sinusoids(config.max_source_positions, d), param_dtype)
         self.embed_positions = Buffer(table, axes=("audio_frames", "embed"))
-        self.layers = nnx.List(
-            [
-                WhisperEncoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                for _ in range(config.encoder_layers)
-            ]
-        )
+        make = lambda: WhisperEncoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if config.scan_layers:
+            self.layers = stack_layers(make, config.encoder_layers)
+        else:
+            self.layers = nnx.List([make() for _ in range(config.encoder_layers)])
         self.layer_norm = LayerNorm(d, eps=config.layer_norm_eps, param_dtype=param_dtype)
 
     def __call__(
@@ -277,8 +287,11 @@ class WhisperEncoder(nnx.Module):
         out_frames = x.shape[1]
         x = x + self.embed_positions[:out_frames].astype(self.dtype)
         key_mask = None if valid is None else valid[:, ::2]
-        for layer in self.layers:
-            x = layer(x, key_mask, lora=lora)
+        if self.config.scan_layers:
+            x, _ = scan(self.layers, lambda layer, x, _: (layer(x, key_mask, lora=lora), None), x)
+        else:
+            for layer in self.layers:
+                x = layer(x, key_mask, lora=lora)
         x = self.layer_norm(x)
         mask = jnp.ones((batch, out_frames), bool) if key_mask is None else key_mask
         return x, mask

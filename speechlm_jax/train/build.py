@@ -57,12 +57,12 @@ def llm_config(config: ml_collections.ConfigDict) -> LLMConfig:
 
 def llm_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The fields of `LLMConfig` the run sets (`llm.OWN_FIELDS`), not the HF config."""
-    return dict(remat=config.model.remat, attention=config.model.attention)
+    return dict(remat=config.model.remat, attention=config.model.attention, scan_layers=config.model.scan_layers)
 
 
 def encoder_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The fields of `WhisperConfig` the run sets (`whisper.OWN_FIELDS`), not the HF config."""
-    return dict(attention=config.model.attention)
+    return dict(attention=config.model.attention, scan_layers=config.model.scan_layers)
 
 
 def encoder_config(config: ml_collections.ConfigDict) -> WhisperConfig:

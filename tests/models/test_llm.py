@@ -258,3 +258,98 @@ def test_fused_attention_refuses_softcapping():
         LLMConfig(attn_logit_softcapping=20.0, attention="dot_product")
     with pytest.raises(ValueError, match="not one of"):
         LLMConfig(attention="flash")
+
+
+def stacked_like(unrolled: nnx.State, scanned: nnx.State) -> nnx.State:
+    """`scanned`'s structure holding `unrolled`'s values, layer i's at index i of each stacked leaf."""
+    flat = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(unrolled)}
+    out = []
+    for path, variable in nnx.to_flat_state(scanned):
+        name = "/".join(map(str, path))
+        if name.startswith("layers/"):
+            rest = name[len("layers/") :]
+            value = jnp.stack([flat[f"layers/{i}/{rest}"] for i in range(variable.get_value().shape[0])])
+        else:
+            value = flat[name]
+        out.append((path, variable.replace(value)))
+    return nnx.from_flat_state(out)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_scanned_layers_equal_unrolled(checkpoints, family):
+    """One scanned layer over stacked weights (imported from the same HF folder) gives the unrolled logits."""
+    directory = checkpoints[family, False][0]
+    unrolled, scanned = load_llm(directory), load_llm(directory, scan_layers=True)
+    assert scanned.layers.attn.q_proj.kernel.shape == (2, 64, 64)
+    tokens, mask = (jnp.asarray(a) for a in right_padded_batch())
+    reference = np.asarray(unrolled(tokens, input_mask=mask))
+    # float32 rounding only (XLA fuses the scanned body differently): 1e-6 of the logits' scale.
+    np.testing.assert_allclose(
+        np.asarray(scanned(tokens, input_mask=mask)), reference, atol=1e-6 * np.abs(reference).max()
+    )
+    graphdef, state = nnx.split(scanned)
+    jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens, input_mask=mask))(state))
+    assert jaxpr.count("scan[") == 1
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_lora_gradients_equal_unrolled(checkpoints, remat):
+    directory = checkpoints["qwen2", False][0]
+    tokens, mask = (jnp.asarray(a) for a in right_padded_batch())
+    unrolled, scanned = load_llm(directory), load_llm(directory, scan_layers=True, remat=remat)
+    lora = LoRAConfig(rank=2, alpha=4.0)
+    apply_lora(unrolled, lora, rngs=nnx.Rngs(1))
+    apply_lora(scanned, lora, rngs=nnx.Rngs(1))
+    for _, linear in [(p, m) for p, m in nnx.iter_graph(unrolled) if getattr(m, "has_lora", False)]:
+        linear.lora_b[...] = 0.1 * jax.random.normal(jax.random.key(2), linear.lora_b[...].shape)
+    nnx.update(scanned, stacked_like(nnx.state(unrolled), nnx.state(scanned)))
+
+    def grads(model: DecoderLLM) -> nnx.State:
+        def loss(lora_state: nnx.State, rest: nnx.State, graphdef: nnx.GraphDef) -> jax.Array:
+            logits = nnx.merge(graphdef, lora_state, rest)(tokens, input_mask=mask)
+            return jnp.sum(jnp.sin(logits) * mask[..., None])
+
+        graphdef, lora_state, rest = nnx.split(model, nnx.LoRAParam, ...)
+        return jax.jit(jax.grad(loss), static_argnums=2)(lora_state, rest, graphdef)
+
+    if remat == "full":
+        graphdef, state = nnx.split(scanned)
+        jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens, input_mask=mask))(state))
+        assert "checkpoint" in jaxpr or "remat" in jaxpr
+    expected = stacked_like(grads(unrolled), nnx.state(scanned, nnx.LoRAParam))
+    got = grads(scanned)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        assert a.shape[0] == 2
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("attention", ["einsum", "dot_product"])
+def test_scanned_kv_cache_decoding_equals_unrolled(checkpoints, attention):
+    directory = checkpoints["llama", True][0]
+    unrolled = load_llm(directory)
+    scanned = load_llm(directory, scan_layers=True, attention=attention)
+    tokens, mask = left_padded_batch(seed=1, length=11)
+    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+    positions = default_positions(mask)
+    full = unrolled(tokens, positions=positions, input_mask=mask)
+
+    @nnx.jit
+    def extend(model: DecoderLLM, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache):
+        hidden, cache = model.hidden_states(model.embed(tokens), positions=positions, input_mask=mask, cache=cache)
+        return model.logits(hidden), cache
+
+    cache = scanned.init_cache(tokens.shape[0], 14)
+    assert cache.keys.shape == (2, 3, 14, 2, 16)
+    logits, cache = extend(scanned, tokens[:, :5], positions[:, :5], mask[:, :5], cache)
+    pieces = [logits]
+    for t in range(5, tokens.shape[1]):
+        logits, cache = extend(scanned, tokens[:, t : t + 1], positions[:, t : t + 1], mask[:, t : t + 1], cache)
+        pieces.append(logits)
+    assert int(cache.index) == tokens.shape[1]
+    valid = np.asarray(mask).astype(bool)
+    assert np.abs(np.asarray(jnp.concatenate(pieces, axis=1)) - np.asarray(full))[valid].max() <= 1e-5
+
+
+def test_scanned_layers_refuse_mixed_layer_types(checkpoints):
+    with pytest.raises(ValueError, match="model.scan_layers=false"):
+        load_llm(checkpoints["gemma3", True][0], scan_layers=True)

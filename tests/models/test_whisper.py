@@ -210,3 +210,23 @@ def test_presets_name_the_released_shapes():
         "whisper-large-v3",
     }
     assert WhisperConfig.from_hf(WHISPER_PRESETS["whisper-large-v3"]).num_mel_bins == 128
+
+
+@pytest.mark.parametrize("attention", ["einsum", "dot_product"])
+def test_scanned_layers_equal_unrolled(checkpoint, attention):
+    """The imported encoder as one scanned layer over stacked weights, with a padding mask and
+    LoRA on, gives the unrolled outputs; its export writes the same tensors."""
+    path, _ = checkpoint
+    unrolled = load_whisper_encoder(path)
+    scanned = load_whisper_encoder(path, scan_layers=True, attention=attention)
+    assert scanned.layers.attn.q_proj.kernel.shape == (2, 64, 64)
+    mels = jnp.asarray(random_mels(2, 400, seed=5))
+    frame_mask = jnp.asarray((np.arange(400)[None, :] < np.array([[400], [151]])).astype(np.int32))
+    reference, _ = unrolled(mels, frame_mask=frame_mask)
+    hidden, mask = jax.jit(lambda m, f: scanned(m, frame_mask=f))(mels, frame_mask)
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(reference), atol=1e-6 * float(jnp.abs(reference).max()))
+    assert np.asarray(mask).sum(axis=1).tolist() == [200, 76]
+
+    hits = apply_lora(scanned, LoRAConfig(rank=2, targets=r"attn/q_proj$"), rngs=nnx.Rngs(1))
+    assert hits == ["layers/attn/q_proj"] and scanned.layers.attn.q_proj.lora_a.shape == (2, 64, 2)
+    np.testing.assert_allclose(np.asarray(scanned(mels)[0]), np.asarray(unrolled(mels)[0]), atol=1e-5)
