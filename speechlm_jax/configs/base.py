@@ -63,7 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.length_adapter = ml_collections.ConfigDict(dict(enabled=False, blank_id=0))
     # Start parts of the model from an earlier run's checkpoint (`train.init_from`): "" = no.
     c.model.init_from = ml_collections.ConfigDict(dict(workdir="", parts="projector", step=0))
-    # Targets are regexes searched in each part's own module paths (`layers/3/attn/q_proj`).
+    # Targets are regexes searched in each part's own module paths (`layers/3/attn/q_proj`; with
+    # model.scan_layers `layers/attn/q_proj`, one stacked module for every layer alike).
     c.model.lora = ml_collections.ConfigDict(
         dict(
             rank=0,

@@ -668,7 +668,8 @@ class DecoderLLM(nnx.Module):
         if c.scan_layers:
             # One layer type (checked by the config): one mask and one RoPE for every layer.
             kind = c.layer_type(0)
-            x, new_cache = self._scan(x, *ropes[kind], masks[kind], cache, lora=lora)
+            mask = masks[kind if c.sliding_window is not None else FULL_ATTENTION]
+            x, new_cache = self._scan(x, *ropes[kind], mask, cache, lora=lora)
             if new_cache is not None:
                 new_cache = dataclasses.replace(new_cache, mask=kv_mask, index=cache.index + t)
             return self.norm(x), new_cache
