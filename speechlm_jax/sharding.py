@@ -38,6 +38,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mels", None),
     ("conv_width", None),
     ("norm", None),
+    ("layers", None),
 )
 
 Rules = Sequence[tuple[str, Any]]

@@ -63,7 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.length_adapter = ml_collections.ConfigDict(dict(enabled=False, blank_id=0))
     # Start parts of the model from an earlier run's checkpoint (`train.init_from`): "" = no.
     c.model.init_from = ml_collections.ConfigDict(dict(workdir="", parts="projector", step=0))
-    # Targets are regexes searched in each part's own module paths (`layers/3/attn/q_proj`).
+    # Targets are regexes searched in each part's own module paths (`layers/3/attn/q_proj`; with
+    # model.scan_layers `layers/attn/q_proj`, one stacked module for every layer alike).
     c.model.lora = ml_collections.ConfigDict(
         dict(
             rank=0,
@@ -77,6 +78,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # the trainable parameters
     c.model.frozen_dtype = "bfloat16"  # the frozen base (halves its memory; matmuls run in `dtype` anyway)
     c.model.remat = "none"
+    # How the LLM and the encoder attend (models/layers.py ATTENTION): einsum (the reference, every
+    # score formed), dot_product (jax.nn.dot_product_attention, JAX picks the kernel), cudnn (NVIDIA GPUs).
+    c.model.attention = "einsum"
+    # The LLM's and the encoder's layers as one scanned layer over stacked weights: compile time does
+    # not grow with depth. Checkpoints (and PEFT adapters) keep the form they were written in.
+    c.model.scan_layers = False
 
     c.train = ml_collections.ConfigDict()
     c.train.trainable = "projector,lora"
@@ -272,5 +279,7 @@ def real(
     c.model.dtype = "bfloat16"
     c.model.frozen_dtype = "bfloat16"
     c.model.remat = "full"
+    # Gemma 3 alternates sliding and full layers, which one scanned layer cannot express.
+    c.model.scan_layers = not llm.startswith("gemma")
     c.mesh.data, c.mesh.fsdp = 1, -1
     return c

@@ -24,7 +24,9 @@ one run in `input_ids` (see `convert.voxtral` for the one difference, a partial 
 
 Tensors come from the import tables run backwards: every rule's hook (identity, transpose,
 conv kernel permutation) is its own inverse, so the HF key of one of our parameters is the
-rule's key and the tensor the hook applied to our array. Before anything is written the
+rule's key and the tensor the hook applied to our array (a scanned model's stacked parameters
+are split into their layers first, `hf_import.per_layer`, so both forms write the same
+folder). Before anything is written the
 result is checked the way an import would read it: the config is parsed back into our
 configs (they must equal the model's), an abstract model is built from it, and
 `hf_import.plan_import` must find every tensor with the right shape and nothing extra.
@@ -68,10 +70,12 @@ from speechlm_jax.models.hf_import import (
     Rule,
     conv_kernel,
     keep,
+    per_layer,
     plan_import,
+    stacked_layers,
     transpose,
 )
-from speechlm_jax.models.llm import DecoderLLM, LLMConfig
+from speechlm_jax.models.llm import OWN_FIELDS, DecoderLLM, LLMConfig
 from speechlm_jax.models.lora import linear_modules
 from speechlm_jax.models.speechlm import SpeechLM, build_speechlm
 from speechlm_jax.models.whisper import WhisperEncoder
@@ -136,15 +140,17 @@ def hf_tensors(
     tensors: dict[str, np.ndarray] = {}
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.LoRAParam))):
         ours = "/".join(str(p) for p in path)
-        found = next(((rule, key) for rule in table if (key := rule.match(ours)) is not None), None)
-        if found is None:
-            raise ValueError(f"no mapping rule for parameter {ours}")
-        rule, key = found
-        if rule.hook not in INVOLUTIONS:
-            raise ValueError(f"the hook {rule.hook.__name__} of {ours} has no known inverse")
         value = merged[ours] if ours in merged else _host(variable)
-        target = np.dtype(np.float32) if FP32_KEYS.fullmatch(key) else dtype
-        tensors[key] = np.ascontiguousarray(rule.hook(value).astype(target))
+        stacked = stacked_layers(variable)
+        for i, (layer_path, _) in enumerate(per_layer(ours, variable)):
+            found = next(((rule, key) for rule in table if (key := rule.match(layer_path)) is not None), None)
+            if found is None:
+                raise ValueError(f"no mapping rule for parameter {layer_path}")
+            rule, key = found
+            if rule.hook not in INVOLUTIONS:
+                raise ValueError(f"the hook {rule.hook.__name__} of {layer_path} has no known inverse")
+            target = np.dtype(np.float32) if FP32_KEYS.fullmatch(key) else dtype
+            tensors[key] = np.ascontiguousarray(rule.hook(value[i] if stacked else value).astype(target))
     return tensors
 
 
@@ -239,7 +245,8 @@ def _check_dtype(dtype: str) -> np.dtype:
 
 def _check_llm_round_trip(llm: LLMConfig, text_config: Mapping[str, Any]) -> None:
     parsed = LLMConfig.from_hf(text_config)
-    ours = dataclasses.replace(llm, remat="none")
+    defaults = {f.name: f.default for f in dataclasses.fields(LLMConfig) if f.name in OWN_FIELDS}
+    ours = dataclasses.replace(llm, **defaults)
     if parsed != ours:
         diffs = [f.name for f in dataclasses.fields(ours) if getattr(parsed, f.name) != getattr(ours, f.name)]
         raise ValueError(f"the written LLM config does not read back as the model's (fields {diffs})")

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from speechlm_jax.models.hf_import import LLM_TABLES, SafetensorsCheckpoint
+from speechlm_jax.models.hf_import import LLM_TABLES, SafetensorsCheckpoint, layer_paths
 from speechlm_jax.models.layers import Linear
 from speechlm_jax.models.llm import DecoderLLM
 from speechlm_jax.models.lora import linear_modules
@@ -56,7 +56,7 @@ def adapted_linears(llm: DecoderLLM) -> list[tuple[str, Linear]]:
 
 def rank_and_alpha(linears: list[tuple[str, Linear]]) -> tuple[int, float]:
     """The adapters' shared (r, lora_alpha); PEFT's single-config form needs them equal."""
-    pairs = {(int(m.lora_a.shape[1]), float(m.lora_scale) * int(m.lora_a.shape[1])) for _, m in linears}
+    pairs = {(int(m.lora_a.shape[-1]), float(m.lora_scale) * int(m.lora_a.shape[-1])) for _, m in linears}
     if len(pairs) != 1:
         raise ValueError(f"the LLM adapters have different (rank, alpha) pairs {sorted(pairs)}; export them merged")
     return pairs.pop()
@@ -69,14 +69,14 @@ def adapter_tensors(
     tensors: dict[str, np.ndarray] = {}
     modules = []
     for path, linear in adapted_linears(llm):
-        module = module_name(_kernel_key(llm, path))
-        modules.append(module)
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(
-            np.asarray(linear.lora_a[...]).T.astype(dtype)
-        )
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(
-            np.asarray(linear.lora_b[...]).T.astype(dtype)
-        )
+        a, b = np.asarray(linear.lora_a[...]), np.asarray(linear.lora_b[...])
+        # A scanned LLM's adapters are stacked [layers, ...]: one PEFT module per layer.
+        layers = [(path, a, b)] if a.ndim == 2 else list(zip(layer_paths(path, a.shape[0]), a, b))
+        for layer_path, a_i, b_i in layers:
+            module = module_name(_kernel_key(llm, layer_path))
+            modules.append(module)
+            tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a_i.T.astype(dtype))
+            tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b_i.T.astype(dtype))
     return tensors, modules
 
 
@@ -129,20 +129,33 @@ def read_adapter(folder: str | Path, llm: DecoderLLM, *, module_name: ModuleName
     available = set(checkpoint.keys())
     used = set()
     for path, linear in linear_modules(llm):
-        module = module_name(_kernel_key(llm, path))
-        a_key, b_key = f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"
-        if a_key not in available:
+        # A scanned LLM's Linear stacks every layer's: its adapter is each layer's, stacked.
+        kernel_shape = linear.kernel[...].shape
+        stacked = len(kernel_shape) == 3
+        modules = [
+            module_name(_kernel_key(llm, p)) for p in (layer_paths(path, kernel_shape[0]) if stacked else [path])
+        ]
+        keys = [(f"{PREFIX}{m}.lora_A.weight", f"{PREFIX}{m}.lora_B.weight") for m in modules]
+        present = [a_key in available for a_key, _ in keys]
+        if not any(present):
             continue
-        want_a, want_b = (rank, linear.in_features), (linear.out_features, rank)
-        if checkpoint.shape(a_key) != want_a or checkpoint.shape(b_key) != want_b:
+        if not all(present):
             raise ValueError(
-                f"adapter tensors of {module} have shapes {checkpoint.shape(a_key)}, {checkpoint.shape(b_key)}; "
-                f"the model expects {want_a}, {want_b}"
+                f"the adapter adapts only some layers of {path}; a scanned LLM (model.scan_layers) adapts all or none"
             )
+        want_a, want_b = (rank, linear.in_features), (linear.out_features, rank)
+        for module, (a_key, b_key) in zip(modules, keys):
+            if checkpoint.shape(a_key) != want_a or checkpoint.shape(b_key) != want_b:
+                raise ValueError(
+                    f"adapter tensors of {module} have shapes {checkpoint.shape(a_key)}, {checkpoint.shape(b_key)}; "
+                    f"the model expects {want_a}, {want_b}"
+                )
         linear.add_lora(rank, alpha, rngs=rngs)
-        linear.lora_a[...] = np.asarray(checkpoint.get(a_key), np.float32).T
-        linear.lora_b[...] = np.asarray(checkpoint.get(b_key), np.float32).T
-        used.update((a_key, b_key))
+        a = [np.asarray(checkpoint.get(a_key), np.float32).T for a_key, _ in keys]
+        b = [np.asarray(checkpoint.get(b_key), np.float32).T for _, b_key in keys]
+        linear.lora_a[...] = np.stack(a) if stacked else a[0]
+        linear.lora_b[...] = np.stack(b) if stacked else b[0]
+        used.update(key for pair in keys for key in pair)
     unknown = sorted(available - used)
     if unknown:
         raise ValueError(f"adapter tensors for modules the LLM does not have: {unknown[:5]}")

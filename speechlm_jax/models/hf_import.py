@@ -18,6 +18,11 @@ viewed with `ml_dtypes`. Single files and sharded checkpoints
 
 The LLM tables (Llama, Qwen2, Qwen3, Gemma 3 text) are here; other families add
 their own table and call `load_state`.
+
+Scanned models (`scan_layers`) hold each layer parameter stacked, [layers, ...], under one
+path without the layer index (`layers/attn/q_proj/kernel`). The tables stay per layer: such
+a parameter is planned as its per-layer paths (`layers/{i}/attn/q_proj/kernel`), and loaded
+as layer i's tensors stacked along the leading axis; export runs the same split backwards.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from jax.sharding import Mesh, NamedSharding
 from safetensors import safe_open
 
 from speechlm_jax import storage
+from speechlm_jax.models.layers import LAYERS_AXIS
 from speechlm_jax.models.llm import DecoderLLM, LLMConfig
 from speechlm_jax.models.whisper import WhisperConfig, WhisperEncoder
 from speechlm_jax.sharding import DEFAULT_RULES, Rules, logical_to_spec, variable_axes
@@ -207,6 +213,29 @@ def _variable_value(variable: nnx.Variable) -> Any:
     return variable.get_value() if hasattr(variable, "get_value") else variable.value
 
 
+def stacked_layers(variable: nnx.Variable) -> int:
+    """How many layers a parameter stacks on its leading axis (scanned models), 0 when it is one layer's."""
+    axes = variable_axes(variable)
+    return int(_variable_value(variable).shape[0]) if axes and axes[0] == LAYERS_AXIS else 0
+
+
+def layer_paths(path: str, count: int) -> list[str]:
+    """The per-layer paths of a stacked parameter: `llm/layers/attn/q_proj/kernel` ->
+    [`llm/layers/0/attn/q_proj/kernel`, ...] (the index after the models' `layers` attribute)."""
+    parts = path.split("/")
+    at = parts.index("layers") + 1
+    return ["/".join([*parts[:at], str(i), *parts[at:]]) for i in range(count)]
+
+
+def per_layer(path: str, variable: nnx.Variable) -> list[tuple[str, tuple[int, ...]]]:
+    """(path, shape) of each layer's part of a parameter: itself, or each layer of a stacked one."""
+    shape = tuple(_variable_value(variable).shape)
+    count = stacked_layers(variable)
+    if not count:
+        return [(path, shape)]
+    return [(p, shape[1:]) for p in layer_paths(path, count)]
+
+
 def plan_import(
     abstract_state: nnx.State,
     table: Sequence[Rule],
@@ -214,7 +243,8 @@ def plan_import(
     *,
     ignore: Iterable[str] = (),
 ) -> dict[str, tuple[str, Hook]]:
-    """Our path -> (HF key, hook) for every parameter; raises if the checkpoint does not fit.
+    """Our path -> (HF key, hook) for every parameter (per layer for stacked ones, `per_layer`);
+    raises if the checkpoint does not fit.
 
     The error names the first tensor whose shape differs (checkpoint shape, shape after
     the hook, and ours), then the missing and unexpected keys.
@@ -224,8 +254,8 @@ def plan_import(
     missing: list[str] = []
     mismatched: list[str] = []
     available = set(checkpoint.keys())
-    for path, variable in nnx.to_flat_state(abstract_state):
-        ours = _path_string(path)
+    entries = [entry for path, v in nnx.to_flat_state(abstract_state) for entry in per_layer(_path_string(path), v)]
+    for ours, want in entries:
         found = next(((key, rule.hook) for rule in table if (key := rule.match(ours)) is not None), None)
         if found is None:
             missing.append(f"{ours} (no mapping rule)")
@@ -234,7 +264,6 @@ def plan_import(
         if key not in available:
             missing.append(f"{key} (for {ours})")
             continue
-        want = tuple(_variable_value(variable).shape)
         stored = checkpoint.shape(key)
         got = tuple(jax.eval_shape(hook, jax.ShapeDtypeStruct(stored, jnp.float32)).shape)
         if got != want:
@@ -275,9 +304,12 @@ def load_state(
     flat = nnx.to_flat_state(abstract_state)
     loaded = []
     for path, variable in flat:
-        key, hook = plan[_path_string(path)]
         spec = _variable_value(variable)
-        host = np.asarray(hook(checkpoint.get(key))).astype(spec.dtype, copy=False)
+        layers = []
+        for ours, _ in per_layer(_path_string(path), variable):
+            key, hook = plan[ours]
+            layers.append(np.asarray(hook(checkpoint.get(key))).astype(spec.dtype, copy=False))
+        host = np.stack(layers) if stacked_layers(variable) else layers[0]
         if mesh is None:
             value = jnp.asarray(host)
         else:
@@ -358,9 +390,9 @@ WHISPER_RENAMES = (("model.encoder.", "encoder."),)
 WHISPER_IGNORED = (r"^(?!encoder\.).*",)
 
 
-def whisper_config_from_checkpoint(path: str | Path) -> WhisperConfig:
+def whisper_config_from_checkpoint(path: str | Path, **overrides: Any) -> WhisperConfig:
     """The encoder's `WhisperConfig` of a checkpoint directory (reads only config.json)."""
-    return WhisperConfig.from_hf(read_hf_config(path))
+    return WhisperConfig.from_hf(read_hf_config(path), **overrides)
 
 
 def load_whisper_encoder(
@@ -370,10 +402,12 @@ def load_whisper_encoder(
     param_dtype: jnp.dtype = jnp.float32,
     mesh: Mesh | None = None,
     rules: Rules = DEFAULT_RULES,
+    **config_overrides: Any,
 ) -> WhisperEncoder:
     """A `WhisperEncoder` with the encoder weights of a WhisperModel / WhisperForConditionalGeneration
-    checkpoint directory; the fixed position table is imported too (see `whisper.sinusoids`)."""
-    config = whisper_config_from_checkpoint(path)
+    checkpoint directory; the fixed position table is imported too (see `whisper.sinusoids`).
+    `config_overrides` set our own config fields (e.g. `attention="dot_product"`)."""
+    config = whisper_config_from_checkpoint(path, **config_overrides)
     checkpoint = SafetensorsCheckpoint(path, renames=WHISPER_RENAMES)
     abstract = nnx.eval_shape(lambda: WhisperEncoder(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)

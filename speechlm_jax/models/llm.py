@@ -16,6 +16,21 @@ teacher with `lora=False`.
 Attention masks are built from slot indices (causal, sliding window) and the
 `input_mask` (padding), as transformers does; a `KVCache` holds keys and values of a
 fixed length so that decoding (`speechlm_jax.generate`) updates it in place.
+
+`attention` picks how a layer attends (`layers.ATTENTION`): the einsum reference builds
+the dense [B, T, S] mask and every score; the fused forms pass `jax.nn.dot_product_attention`
+the causal mask as `is_causal`, the sliding window as `local_window_size` and padding as a
+[B, 1, 1, S] key mask, so a kernel that has them never forms a [T, S] tensor (with a KV
+cache, whose queries sit at `cache.index`, the dense mask is passed instead). Soft-capped
+attention scores (`attn_logit_softcapping`) exist only in the einsum form; a config that
+asks for both is refused.
+
+`scan_layers` stores the layers as one `DecoderLayer` whose parameters are stacked on a
+leading `layers` axis (`layers.stack_layers`; module paths `layers/attn/q_proj`, ...) and
+runs them with one `jax.lax.scan`, so compile time does not grow with depth; remat applies
+per layer inside the scan body, and the KV cache is then one [layers, batch, ...] array of
+keys and one of values, scanned alongside. The layers must all be of one type: Gemma 3's
+alternating sliding and full layers (a different mask and RoPE per layer) are refused.
 """
 
 from __future__ import annotations
@@ -30,7 +45,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from speechlm_jax.models.layers import Embed, Linear, RMSNorm
+from speechlm_jax.models.layers import (
+    Embed,
+    Linear,
+    RMSNorm,
+    check_attention,
+    fused_attention,
+    scan,
+    stack_layers,
+)
+
+# Fields of ours that no HF config carries: how the model runs, not what it is.
+OWN_FIELDS = ("remat", "attention", "scan_layers")
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
@@ -168,6 +194,8 @@ class LLMConfig:
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
     remat: str = "none"
+    attention: str = "einsum"
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:
@@ -180,6 +208,17 @@ class LLMConfig:
             raise ValueError(f"remat {self.remat!r} is not one of none, {', '.join(REMAT_POLICIES)}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"activation {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+        check_attention(self.attention)
+        if self.scan_layers and len(set(self.layer_types)) > 1:
+            raise ValueError(
+                f"scanned layers must all be of one type, but layer_types mixes {sorted(set(self.layer_types))} "
+                "(a different mask and RoPE per layer); set model.scan_layers=false"
+            )
+        if self.attention != "einsum" and self.attn_logit_softcapping is not None:
+            raise ValueError(
+                f"attention={self.attention!r} cannot soft-cap attention scores (attn_logit_softcapping="
+                f"{self.attn_logit_softcapping}); use attention='einsum' (model.attention=einsum)"
+            )
 
     def layer_type(self, i: int) -> str:
         return self.layer_types[i] if self.layer_types else FULL_ATTENTION
@@ -348,18 +387,46 @@ def _layer_types_from_hf(cfg: Mapping[str, Any], model_type: str, layers: int) -
 class KVCache:
     """Keys/values of every layer, [batch, max_length, kv_heads, head_dim] each, written at `index`.
 
+    With scanned layers `keys` and `values` are each one array [layers, batch, max_length,
+    kv_heads, head_dim] instead of a tuple.
+
     `mask` [batch, max_length] marks the slots holding real tokens (prompt padding stays 0);
     `index` (int32 scalar) is the next slot to write, shared by the batch (prompts are left-padded).
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: tuple[jax.Array, ...] | jax.Array
+    values: tuple[jax.Array, ...] | jax.Array
     mask: jax.Array
     index: jax.Array
 
     @property
     def max_length(self) -> int:
         return self.mask.shape[1]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+    """Which keys each query may see: causal, padding (`key_mask` [B, S]) and an optional window.
+
+    `q_slots` [T] are the queries' slots among the S keys; `aligned` (static) says they are
+    0..T-1 of T = S keys (no cache), the case the fused kernels' `is_causal` describes.
+    A query at slot q sees key slot s when key_mask[s], s <= q and s > q - window.
+    """
+
+    key_mask: jax.Array
+    q_slots: jax.Array
+    window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    aligned: bool = dataclasses.field(default=True, metadata=dict(static=True))
+
+    def dense(self) -> jax.Array:
+        """[B, T, S] bool (True = may attend)."""
+        kv_slots = jnp.arange(self.key_mask.shape[1])[None, None, :]
+        q_slots = self.q_slots[None, :, None]
+        allowed = self.key_mask[:, None, :] & (kv_slots <= q_slots)
+        if self.window is not None:
+            allowed = allowed & (kv_slots > q_slots - self.window)
+        return allowed
 
 
 def default_positions(input_mask: jax.Array) -> jax.Array:
@@ -392,6 +459,7 @@ class Attention(nnx.Module):
         self.head_dim = config.head_dim
         self.scale = config.attention_scale
         self.softcap = config.attn_logit_softcapping
+        self.attention = config.attention
         self.dtype = dtype
         d, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         linear = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -408,12 +476,12 @@ class Attention(nnx.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        mask: jax.Array,
+        mask: AttentionMask,
         cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
         *,
         lora: bool = True,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x [B, T, D], cos/sin [B, T, head_dim], mask [B, T, S] (True = may attend).
+        """x [B, T, D], cos/sin [B, T, head_dim], mask over the T queries and S keys.
 
         `cache` is (keys, values [B, S, kv_heads, head_dim], index): the new keys and values
         are written at slot `index` and attention runs over all S slots.
@@ -432,16 +500,36 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, index, 0, 0))
             new_cache = (k, v)
+        if self.attention != "einsum":
+            out = self._fused(q, k, v, mask)
+            return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), lora), new_cache
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(self.dtype), preferred_element_type=jnp.float32)
         scores = scores * self.scale
         if self.softcap is not None:
             scores = jnp.tanh(scores / self.softcap) * self.softcap
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(mask.dense()[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype))
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), lora), new_cache
+
+    def _fused(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:
+        """`jax.nn.dot_product_attention` with the mask in the kernel's own terms -> [B, T, heads, head_dim]."""
+        q = q.astype(self.dtype)
+        if not mask.aligned:
+            return fused_attention(q, k, v, attention=self.attention, scale=self.scale, mask=mask.dense()[:, None])
+        window = None if mask.window is None else (mask.window - 1, 0)
+        return fused_attention(
+            q,
+            k,
+            v,
+            attention=self.attention,
+            scale=self.scale,
+            mask=mask.key_mask[:, None, None, :],
+            is_causal=True,
+            local_window_size=window,
+        )
 
 
 class MLP(nnx.Module):
@@ -477,7 +565,7 @@ class DecoderLayer(nnx.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        mask: jax.Array,
+        mask: AttentionMask,
         cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
         *,
         lora: bool = True,
@@ -508,7 +596,10 @@ class DecoderLLM(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         d = config.hidden_size
         self.embed_tokens = Embed(config.vocab_size, d, **kw)
-        self.layers = nnx.List([DecoderLayer(config, **kw) for _ in range(config.num_hidden_layers)])
+        if config.scan_layers:
+            self.layers = stack_layers(lambda: DecoderLayer(config, **kw), config.num_hidden_layers)
+        else:
+            self.layers = nnx.List([DecoderLayer(config, **kw) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(
             d, eps=config.rms_norm_eps, zero_centered=config.zero_centered_norm, param_dtype=param_dtype
         )
@@ -528,6 +619,14 @@ class DecoderLLM(nnx.Module):
         c = self.config
         shape = (batch, max_length, c.num_key_value_heads, c.head_dim)
         dtype = dtype or self.dtype
+        if c.scan_layers:
+            stacked = (c.num_hidden_layers, *shape)
+            return KVCache(
+                keys=jnp.zeros(stacked, dtype),
+                values=jnp.zeros(stacked, dtype),
+                mask=jnp.zeros((batch, max_length), jnp.int32),
+                index=jnp.zeros((), jnp.int32),
+            )
         return KVCache(
             keys=tuple(jnp.zeros(shape, dtype) for _ in range(c.num_hidden_layers)),
             values=tuple(jnp.zeros(shape, dtype) for _ in range(c.num_hidden_layers)),
@@ -557,16 +656,23 @@ class DecoderLLM(nnx.Module):
         else:
             kv_mask = jax.lax.dynamic_update_slice(cache.mask, input_mask, (0, cache.index))
             q_slots = cache.index + jnp.arange(t)
-        kv_slots = jnp.arange(kv_mask.shape[1])
-        masks = {FULL_ATTENTION: (kv_mask[:, None, :] > 0) & (kv_slots[None, None, :] <= q_slots[None, :, None])}
+        aligned = cache is None
+        masks = {FULL_ATTENTION: AttentionMask(kv_mask > 0, q_slots, aligned=aligned)}
         if c.sliding_window is not None:
-            in_window = kv_slots[None, None, :] > q_slots[None, :, None] - c.sliding_window
-            masks[SLIDING_ATTENTION] = masks[FULL_ATTENTION] & in_window
+            masks[SLIDING_ATTENTION] = AttentionMask(kv_mask > 0, q_slots, window=c.sliding_window, aligned=aligned)
         ropes = {
             kind: rope_tables(c.rope_for(kind), c.head_dim, positions) for kind in set(c.layer_types) | {FULL_ATTENTION}
         }
 
         x = inputs_embeds.astype(self.dtype)
+        if c.scan_layers:
+            # One layer type (checked by the config): one mask and one RoPE for every layer.
+            kind = c.layer_type(0)
+            mask = masks[kind if c.sliding_window is not None else FULL_ATTENTION]
+            x, new_cache = self._scan(x, *ropes[kind], mask, cache, lora=lora)
+            if new_cache is not None:
+                new_cache = dataclasses.replace(new_cache, mask=kv_mask, index=cache.index + t)
+            return self.norm(x), new_cache
         keys, values = [], []
         for i, layer in enumerate(self.layers):
             kind = c.layer_type(i)
@@ -584,6 +690,35 @@ class DecoderLLM(nnx.Module):
         if cache is not None:
             new_cache = KVCache(keys=tuple(keys), values=tuple(values), mask=kv_mask, index=cache.index + t)
         return self.norm(x), new_cache
+
+    def _scan(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: AttentionMask,
+        cache: KVCache | None,
+        *,
+        lora: bool,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """The stacked layers as one scan; with a cache, each layer's keys and values are scanned too."""
+        if cache is None:
+
+            def body(layer: DecoderLayer, x: jax.Array, _: None) -> tuple[jax.Array, None]:
+                return layer(x, cos, sin, mask, lora=lora)[0], None
+
+            remat = self.config.remat != "none"
+            policy = REMAT_POLICIES[self.config.remat] if remat else None
+            x, _ = scan(self.layers, body, x, remat=remat, policy=policy)
+            return x, None
+
+        def cached_body(
+            layer: DecoderLayer, x: jax.Array, kv: tuple[jax.Array, jax.Array]
+        ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            return layer(x, cos, sin, mask, (*kv, cache.index), lora=lora)
+
+        x, (keys, values) = scan(self.layers, cached_body, x, (cache.keys, cache.values))
+        return x, dataclasses.replace(cache, keys=keys, values=values)
 
     def unembedding(self) -> jax.Array:
         """The output projection [D, V]: the transposed embedding when tied, else lm_head's kernel."""
@@ -618,7 +753,14 @@ class DecoderLLM(nnx.Module):
 
 
 def _remat_layer(
-    layer: DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, *, lora: bool, policy: Any
+    layer: DecoderLayer,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    mask: AttentionMask,
+    *,
+    lora: bool,
+    policy: Any,
 ) -> jax.Array:
     """One layer under activation checkpointing (recomputed in the backward pass).
 
@@ -628,7 +770,7 @@ def _remat_layer(
     """
     graphdef, state = nnx.split(layer)
 
-    def run(state: nnx.State, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def run(state: nnx.State, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: AttentionMask) -> jax.Array:
         return nnx.merge(graphdef, state)(x, cos, sin, mask, lora=lora)[0]
 
     return jax.checkpoint(run, policy=policy)(state, x, cos, sin, mask)

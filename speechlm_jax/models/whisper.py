@@ -14,6 +14,12 @@ outputs of a padded clip equal those of the same clip run alone (the convs see e
 the zero padding they would see at the clip's end). Audio longer than the window is cut
 into windows and encoded window by window by `models.speechlm.encode_windows`.
 
+`attention` (ours, not an HF field) picks the attention implementation (`layers.ATTENTION`):
+the einsum reference or `jax.nn.dot_product_attention` with the padding as a [batch, 1, 1,
+frames] key mask. `scan_layers` (ours too) stores the layers as one stacked layer run by
+`jax.lax.scan` (`layers.stack_layers`; paths `layers/attn/q_proj`, ... with a leading
+`layers` axis), so the encoder compiles one layer whatever its depth.
+
 Module paths (what LoRA regexes and the HF mapping see): `conv1`, `conv2`,
 `embed_positions`, `layers/<i>/attn/{q_proj,k_proj,v_proj,out_proj}`,
 `layers/<i>/attn_norm`, `layers/<i>/mlp/{fc1,fc2}`, `layers/<i>/mlp_norm`, `layer_norm`.
@@ -31,7 +37,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from speechlm_jax.models.layers import LayerNorm, Linear, default_init
+from speechlm_jax.models.layers import (
+    LayerNorm,
+    Linear,
+    check_attention,
+    default_init,
+    fused_attention,
+    scan,
+    stack_layers,
+)
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -54,12 +68,15 @@ class WhisperConfig:
     max_source_positions: int = 1500
     activation_function: str = "gelu"
     layer_norm_eps: float = 1e-5
+    attention: str = "einsum"
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.d_model % self.encoder_attention_heads:
             raise ValueError(f"d_model {self.d_model} does not divide into {self.encoder_attention_heads} heads")
         if self.activation_function not in ACTIVATIONS:
             raise ValueError(f"activation {self.activation_function!r} not in {sorted(ACTIVATIONS)}")
+        check_attention(self.attention)
 
     @property
     def head_dim(self) -> int:
@@ -71,17 +88,19 @@ class WhisperConfig:
         return 2 * self.max_source_positions
 
     @classmethod
-    def from_hf(cls, config: Mapping[str, Any] | Any) -> WhisperConfig:
-        """From a transformers `WhisperConfig` (or its dict); decoder fields are ignored."""
+    def from_hf(cls, config: Mapping[str, Any] | Any, **overrides: Any) -> WhisperConfig:
+        """From a transformers `WhisperConfig` (or its dict); decoder fields are ignored;
+        `overrides` set our own fields (`OWN_FIELDS`, e.g. attention)."""
         values = dict(config) if isinstance(config, Mapping) else config.to_dict()
-        names = {f.name for f in dataclasses.fields(cls)} - {"layer_norm_eps"}
-        return cls(**{name: values[name] for name in names if name in values})
+        names = {f.name for f in dataclasses.fields(cls)} - {"layer_norm_eps"} - set(OWN_FIELDS)
+        return cls(**{name: values[name] for name in names if name in values}, **overrides)
 
     def to_hf(self) -> dict[str, Any]:
         """A dict `transformers.WhisperConfig(**d)` accepts; the decoder mirrors the encoder's
         shape, as in every released Whisper, so the full model builds."""
         out = dataclasses.asdict(self)
-        out.pop("layer_norm_eps")
+        for name in ("layer_norm_eps", *OWN_FIELDS):
+            out.pop(name)
         out.update(
             model_type="whisper",
             decoder_layers=self.encoder_layers,
@@ -89,6 +108,10 @@ class WhisperConfig:
             decoder_ffn_dim=self.encoder_ffn_dim,
         )
         return out
+
+
+# Fields of ours that no HF config carries: how the encoder runs, not what it is.
+OWN_FIELDS = ("attention", "scan_layers")
 
 
 def encoder_frames(mel_frames: int) -> int:
@@ -158,6 +181,7 @@ class WhisperAttention(nnx.Module):
         d = config.d_model
         self.num_heads = config.encoder_attention_heads
         self.head_dim = config.head_dim
+        self.attention = config.attention
         self.dtype = dtype
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = Linear(d, d, axes=("embed", "heads"), use_bias=True, **common)
@@ -173,6 +197,10 @@ class WhisperAttention(nnx.Module):
         q = split(self.q_proj(x, lora=lora) * jnp.asarray(self.head_dim**-0.5, self.dtype))
         k = split(self.k_proj(x, lora=lora))
         v = split(self.v_proj(x, lora=lora))
+        if self.attention != "einsum":
+            mask = None if key_mask is None else key_mask[:, None, None, :]
+            out = fused_attention(q, k, v, attention=self.attention, scale=1.0, mask=mask)
+            return self.out_proj(out.reshape(batch, frames, -1), lora=lora)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
         if key_mask is not None:
             # A finite floor keeps fully padded rows (unused audio slots) free of NaN.
@@ -226,12 +254,11 @@ class WhisperEncoder(nnx.Module):
         self.conv2 = Conv1d(d, d, stride=2, axes=("conv_width", "embed", "embed"), **common)
         table = jnp.asarray(sinusoids(config.max_source_positions, d), param_dtype)
         self.embed_positions = Buffer(table, axes=("audio_frames", "embed"))
-        self.layers = nnx.List(
-            [
-                WhisperEncoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                for _ in range(config.encoder_layers)
-            ]
-        )
+        make = lambda: WhisperEncoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if config.scan_layers:
+            self.layers = stack_layers(make, config.encoder_layers)
+        else:
+            self.layers = nnx.List([make() for _ in range(config.encoder_layers)])
         self.layer_norm = LayerNorm(d, eps=config.layer_norm_eps, param_dtype=param_dtype)
 
     def __call__(
@@ -260,8 +287,11 @@ class WhisperEncoder(nnx.Module):
         out_frames = x.shape[1]
         x = x + self.embed_positions[:out_frames].astype(self.dtype)
         key_mask = None if valid is None else valid[:, ::2]
-        for layer in self.layers:
-            x = layer(x, key_mask, lora=lora)
+        if self.config.scan_layers:
+            x, _ = scan(self.layers, lambda layer, x, _: (layer(x, key_mask, lora=lora), None), x)
+        else:
+            for layer in self.layers:
+                x = layer(x, key_mask, lora=lora)
         x = self.layer_norm(x)
         mask = jnp.ones((batch, out_frames), bool) if key_mask is None else key_mask
         return x, mask

@@ -51,13 +51,25 @@ def _hf_fields(spec: Any, table: Mapping[str, dict[str, Any]], kind: str) -> dic
 
 
 def llm_config(config: ml_collections.ConfigDict) -> LLMConfig:
-    """The decoder's config: `model.llm` (preset | folder | HF fields) with the run's remat policy."""
-    return LLMConfig.from_hf(_hf_fields(config.model.llm, presets.LLM_PRESETS, "llm"), remat=config.model.remat)
+    """The decoder's config: `model.llm` (preset | folder | HF fields) with the run's remat and attention."""
+    return LLMConfig.from_hf(_hf_fields(config.model.llm, presets.LLM_PRESETS, "llm"), **llm_overrides(config))
+
+
+def llm_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The fields of `LLMConfig` the run sets (`llm.OWN_FIELDS`), not the HF config."""
+    return dict(remat=config.model.remat, attention=config.model.attention, scan_layers=config.model.scan_layers)
+
+
+def encoder_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The fields of `WhisperConfig` the run sets (`whisper.OWN_FIELDS`), not the HF config."""
+    return dict(attention=config.model.attention, scan_layers=config.model.scan_layers)
 
 
 def encoder_config(config: ml_collections.ConfigDict) -> WhisperConfig:
     """The speech encoder's config from `model.encoder` (preset | folder | HF fields)."""
-    return WhisperConfig.from_hf(_hf_fields(config.model.encoder, presets.WHISPER_PRESETS, "encoder"))
+    return WhisperConfig.from_hf(
+        _hf_fields(config.model.encoder, presets.WHISPER_PRESETS, "encoder"), **encoder_overrides(config)
+    )
 
 
 def projector_config(config: ml_collections.ConfigDict) -> ProjectorConfig:
@@ -116,7 +128,7 @@ def _loaded_parts(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules) -
             param_dtype=param_dtype,
             mesh=mesh,
             rules=rules,
-            remat=config.model.remat,
+            **llm_overrides(config),
         )
         if llm.config != llm_config(config):
             raise ValueError(
@@ -126,7 +138,12 @@ def _loaded_parts(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules) -
         parts["llm"] = nnx.state(llm)
     if config.model.encoder_weights:
         encoder = hf_import.load_whisper_encoder(
-            config.model.encoder_weights, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules
+            config.model.encoder_weights,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            mesh=mesh,
+            rules=rules,
+            **encoder_overrides(config),
         )
         if encoder.config != encoder_config(config):
             raise ValueError(

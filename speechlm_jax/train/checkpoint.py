@@ -20,6 +20,7 @@ change of weights changes it.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,7 +45,7 @@ class CheckpointMismatchError(ValueError):
 
 
 def leaf_name(path: Sequence[Any]) -> str:
-    """ "projector/linear_1/kernel" for a pytree key path of a state or of orbax's metadata tree."""
+    """The name ("projector/linear_1/kernel") of a pytree key path of a state or of orbax's metadata tree."""
     names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
     return "/".join(n for n in names if n != "value")
 
@@ -72,7 +73,21 @@ def check_fits(item_dir: storage.PathLike, tree: Any, *, context: str) -> None:
         problems = [f"first mismatched tensor {mismatched[0]} ({len(mismatched)} in all)"] if mismatched else []
         problems += [f"missing {missing[:5]}"] if missing else []
         problems += [f"not in the config's model {unexpected[:5]}"] if unexpected else []
+        hint = _layer_form_hint(missing, unexpected)
+        problems += [hint] if hint else []
         raise CheckpointMismatchError(f"the checkpoint {item_dir} does not fit {context}: " + "; ".join(problems))
+
+
+def _layer_form_hint(missing: list[str], unexpected: list[str]) -> str:
+    """Names model.scan_layers when one side has per-layer paths (`layers/3/...`) and the other stacked ones."""
+    per_layer = re.compile(r"(^|/)layers/\d+/")
+    stacked = re.compile(r"(^|/)layers/(?!\d+/)")
+    # `unexpected` paths are the checkpoint's, `missing` ones the config's.
+    if any(per_layer.search(k) for k in unexpected) and any(stacked.search(k) for k in missing):
+        return "its layers are unrolled, the config's scanned: restore it with model.scan_layers=false"
+    if any(stacked.search(k) for k in unexpected) and any(per_layer.search(k) for k in missing):
+        return "its layers are scanned, the config's unrolled: restore it with model.scan_layers=true"
+    return ""
 
 
 def base_hash(frozen: Any) -> str:

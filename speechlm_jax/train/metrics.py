@@ -273,8 +273,14 @@ class ModelFlops:
         self.trainable = tuple(trainable)
         self.uses_teacher = uses_teacher
         self.downsample = downsample
-        adapted = [(path, linear) for path, linear in linear_modules(model) if linear.has_lora]
-        self.lora_rank = adapted[0][1].lora_a.shape[1] if adapted else 0
+        # A Linear of scanned layers stacks every layer's kernel [layers, in, out]: one entry per layer.
+        adapted = [
+            (path, linear)
+            for path, linear in linear_modules(model)
+            if linear.has_lora
+            for _ in range(int(np.prod(linear.kernel.get_value().shape[:-2])))
+        ]
+        self.lora_rank = adapted[0][1].lora_a.shape[-1] if adapted else 0
         self.llm_lora = [(m.in_features, m.out_features) for p, m in adapted if p.startswith("llm/")]
         self.encoder_lora = [(m.in_features, m.out_features) for p, m in adapted if p.startswith("encoder/")]
         kernels = [v for p, v in nnx.to_flat_state(nnx.state(model.projector, nnx.Param)) if p[-1] == "kernel"]

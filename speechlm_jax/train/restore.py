@@ -34,8 +34,10 @@ def read_config(workdir: storage.PathLike) -> ml_collections.ConfigDict:
 
 
 def base_path(config: ml_collections.ConfigDict) -> str:
-    """How checkpoints describe the frozen base they were trained on."""
-    return f"llm={config.model.llm_weights or 'random'};encoder={config.model.encoder_weights or 'random'}"
+    """How checkpoints describe the frozen base they were trained on (and its layer form: a
+    scanned base has other paths and shapes, so another content hash)."""
+    path = f"llm={config.model.llm_weights or 'random'};encoder={config.model.encoder_weights or 'random'}"
+    return path + (";model.scan_layers=true" if config.model.scan_layers else "")
 
 
 def load_model(

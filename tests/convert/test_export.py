@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -10,13 +11,16 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 from speechlm_jax.convert import export, voxtral
 from speechlm_jax.data.tokenizer import load_tokenizer
 from speechlm_jax.generate import generate
 from speechlm_jax.models.frontend import HOP_LENGTH, audio_token_count
-from speechlm_jax.models.hf_import import SafetensorsCheckpoint
+from speechlm_jax.models.hf_import import SafetensorsCheckpoint, per_layer, stacked_layers
+from speechlm_jax.models.lora import LoRAConfig
 from speechlm_jax.models.projector import ProjectorConfig
+from speechlm_jax.models.speechlm import build_speechlm
 
 
 def stored_keys(folder) -> dict[str, str]:
@@ -261,3 +265,41 @@ def test_sizes_and_dtypes_are_checked():
     with pytest.raises(ValueError, match="cannot read the size"):
         export.parse_size("lots")
     assert export.DTYPES["bf16"] == np.dtype(ml_dtypes.bfloat16)
+
+
+@pytest.mark.parametrize("merge_lora", [False, True])
+def test_scanned_model_exports_what_the_unrolled_one_does(merge_lora, tiny_speechlm, tmp_path):
+    """A SpeechLM with scanned (stacked) LLM and encoder layers, holding the unrolled model's
+    values, writes the same tensors (model and PEFT adapter) and config."""
+    unrolled = tiny_speechlm()
+    scanned = build_speechlm(
+        dataclasses.replace(unrolled.encoder.config, scan_layers=True),
+        ProjectorConfig(kind="frame_stack", downsample=4),
+        dataclasses.replace(unrolled.llm.config, scan_layers=True),
+        LoRAConfig(rank=4, alpha=8.0),
+        rngs=nnx.Rngs(0),
+    )
+    values = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(unrolled))}
+    stacked = []
+    for path, variable in nnx.to_flat_state(nnx.state(scanned)):
+        parts = per_layer("/".join(map(str, path)), variable)
+        value = np.stack([values[p] for p, _ in parts]) if stacked_layers(variable) else values[parts[0][0]]
+        stacked.append((path, variable.replace(jnp.asarray(value))))
+    nnx.update(scanned, nnx.from_flat_state(stacked))
+    assert scanned.llm.layers.attn.q_proj.lora_a.shape == (2, 32, 4)
+
+    outs = {}
+    for name, model in (("unrolled", unrolled), ("scanned", scanned)):
+        outs[name] = export.export_speechlm(model, tmp_path / name, audio_token_id=4, merge_lora=merge_lora)
+    pairs = [(outs["unrolled"], outs["scanned"])]
+    if not merge_lora:
+        pairs.append(tuple(out / export.ADAPTER_DIR / "adapter_model.safetensors" for out in pairs[0]))
+    for a, b in pairs:
+        ckpt_a, ckpt_b = SafetensorsCheckpoint(a), SafetensorsCheckpoint(b)
+        assert ckpt_a.keys() and sorted(ckpt_a.keys()) == sorted(ckpt_b.keys())
+        for key in ckpt_a.keys():
+            np.testing.assert_array_equal(ckpt_a.get(key), ckpt_b.get(key))
+    assert json.loads((outs["scanned"] / "config.json").read_text()) == json.loads(
+        (outs["unrolled"] / "config.json").read_text()
+    )
+    assert (outs["scanned"] / export.ADAPTER_DIR).exists() != merge_lora

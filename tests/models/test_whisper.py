@@ -1,5 +1,6 @@
 """Whisper encoder vs transformers' WhisperEncoder: full window, short windows, padding masks, LoRA, presets."""
 
+import dataclasses
 import math
 
 import jax
@@ -90,9 +91,10 @@ def test_position_table(checkpoint):
     np.testing.assert_array_equal(np.asarray(load_whisper_encoder(path).embed_positions[...]), hf_table)
 
 
-def test_full_window_matches_hf(checkpoint):
+@pytest.mark.parametrize("attention", ["einsum", "dot_product"])
+def test_full_window_matches_hf(checkpoint, attention):
     path, model = checkpoint
-    encoder = load_whisper_encoder(path)
+    encoder = load_whisper_encoder(path, attention=attention)
     mels = random_mels(2, 3000)
     hidden, mask = encoder(jnp.asarray(mels))
     assert hidden.shape == (2, 1500, 64) and bool(mask.all())
@@ -109,9 +111,10 @@ def test_short_window_matches_hf(checkpoint, frames):
     assert np.max(np.abs(np.asarray(hidden) - hf_hidden(model, mels))) <= 1e-4
 
 
-def test_padding_mask_keeps_valid_frames_of_each_clip(checkpoint):
+@pytest.mark.parametrize("attention", ["einsum", "dot_product"])
+def test_padding_mask_keeps_valid_frames_of_each_clip(checkpoint, attention):
     path, model = checkpoint
-    encoder = load_whisper_encoder(path)
+    encoder = load_whisper_encoder(path, attention=attention)
     window, lengths = 400, [400, 256, 131]
     clips = [random_mels(1, n, seed=n) for n in lengths]
     # Padded frames hold garbage on purpose: the mask alone must keep it out.
@@ -128,6 +131,29 @@ def test_padding_mask_keeps_valid_frames_of_each_clip(checkpoint):
         np.testing.assert_allclose(np.asarray(hidden[i, :valid]), np.asarray(alone[0]), atol=1e-5)
         if n % 2 == 0:
             assert np.max(np.abs(np.asarray(hidden[i, :valid]) - hf_hidden(model, clip)[0])) <= 1e-4
+
+
+def test_dot_product_attention_equals_einsum_with_padding():
+    """The padding mask through jax.nn.dot_product_attention: outputs and gradients equal the einsum's."""
+    config = WhisperConfig(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64)
+    mels = jnp.asarray(random_mels(3, 40))
+    frame_mask = jnp.asarray((np.arange(40)[None, :] < np.array([[40], [23], [0]])).astype(np.int32))
+
+    def run(attention: str):
+        encoder = WhisperEncoder(dataclasses.replace(config, attention=attention), rngs=nnx.Rngs(0))
+
+        def loss(encoder: WhisperEncoder) -> tuple[jax.Array, jax.Array]:
+            hidden, mask = encoder(mels, frame_mask=frame_mask)
+            return jnp.sum(jnp.sin(hidden) * mask[..., None]), hidden
+
+        (_, hidden), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(encoder)
+        return hidden, grads
+
+    ref_hidden, ref_grads = run("einsum")
+    hidden, grads = run("dot_product")
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(ref_hidden), atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * max(1.0, float(np.abs(b).max())))
 
 
 def test_fully_padded_row_is_finite():
@@ -184,3 +210,23 @@ def test_presets_name_the_released_shapes():
         "whisper-large-v3",
     }
     assert WhisperConfig.from_hf(WHISPER_PRESETS["whisper-large-v3"]).num_mel_bins == 128
+
+
+@pytest.mark.parametrize("attention", ["einsum", "dot_product"])
+def test_scanned_layers_equal_unrolled(checkpoint, attention):
+    """The imported encoder as one scanned layer over stacked weights, with a padding mask and
+    LoRA on, gives the unrolled outputs; its export writes the same tensors."""
+    path, _ = checkpoint
+    unrolled = load_whisper_encoder(path)
+    scanned = load_whisper_encoder(path, scan_layers=True, attention=attention)
+    assert scanned.layers.attn.q_proj.kernel.shape == (2, 64, 64)
+    mels = jnp.asarray(random_mels(2, 400, seed=5))
+    frame_mask = jnp.asarray((np.arange(400)[None, :] < np.array([[400], [151]])).astype(np.int32))
+    reference, _ = unrolled(mels, frame_mask=frame_mask)
+    hidden, mask = jax.jit(lambda m, f: scanned(m, frame_mask=f))(mels, frame_mask)
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(reference), atol=1e-6 * float(jnp.abs(reference).max()))
+    assert np.asarray(mask).sum(axis=1).tolist() == [200, 76]
+
+    hits = apply_lora(scanned, LoRAConfig(rank=2, targets=r"attn/q_proj$"), rngs=nnx.Rngs(1))
+    assert hits == ["layers/attn/q_proj"] and scanned.layers.attn.q_proj.lora_a.shape == (2, 64, 2)
+    np.testing.assert_allclose(np.asarray(scanned(mels)[0]), np.asarray(unrolled(mels)[0]), atol=1e-5)

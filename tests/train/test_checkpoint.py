@@ -98,3 +98,34 @@ def test_base_hash_sees_any_change_of_the_frozen_base():
     with pytest.raises(checkpoint.BaseMismatchError, match="differ from those the checkpoint at step 5"):
         checkpoint.check_base({"step": 5, "base_hash": reference, "base_path": "a"}, checkpoint.base_hash(changed), "b")
     checkpoint.check_base({"step": 5, "base_hash": reference}, reference, "a")
+
+
+@pytest.mark.parametrize("written_scanned", [False, True])
+def test_a_checkpoint_of_the_other_layer_form_fails_naming_scan_layers(tmp_path, written_scanned):
+    """Trainable LoRA of unrolled layers (`llm/layers/0/...`) does not restore into scanned ones
+    (`llm/layers/...` stacked), nor the other way: the error names model.scan_layers."""
+    from speechlm_jax.models.llm import DecoderLLM, LLMConfig
+
+    def lora_state(scanned: bool) -> nnx.State:
+        config = LLMConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            scan_layers=scanned,
+        )
+        model = DecoderLLM(config, rngs=nnx.Rngs(0))
+        apply_lora(model, LoRAConfig(rank=2), rngs=nnx.Rngs(1))
+        return nnx.State({"llm": nnx.state(model, nnx.LoRAParam)})
+
+    import orbax.checkpoint as ocp
+
+    item = tmp_path / "trainable"
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(item, lora_state(written_scanned))
+    checkpoint.check_fits(item, lora_state(written_scanned), context="its own config")
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=f"model.scan_layers={str(written_scanned).lower()}"):
+        checkpoint.check_fits(item, lora_state(not written_scanned), context="the other form")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -180,3 +182,37 @@ def test_length_adapter_readout_flops_match_xla():
     assert without["length_adapter"] == 0.0
     assert with_adapter["total"] - without["total"] == with_adapter["length_adapter"]
     assert with_adapter["llm_forward"] == without["llm_forward"]  # static shapes: the LLM's work is unchanged
+
+
+def test_model_flops_count_every_layer_of_scanned_adapters():
+    """A scanned model's stacked adapters count once per layer: its model FLOPs are the unrolled model's."""
+    from speechlm_jax.models.lora import LoRAConfig
+    from speechlm_jax.models.projector import ProjectorConfig
+    from speechlm_jax.models.speechlm import build_speechlm
+
+    def flops(scan: bool) -> float:
+        llm = LLMConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            scan_layers=scan,
+        )
+        encoder = WhisperConfig(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64)
+        model = nnx.eval_shape(
+            lambda: build_speechlm(
+                dataclasses.replace(encoder, scan_layers=scan),
+                ProjectorConfig(kind="frame_stack", downsample=4),
+                llm,
+                LoRAConfig(rank=4),
+                rngs=nnx.Rngs(0),
+            )
+        )
+        shape = metrics.StepShape(batch=2, audio_slots=1, audio_samples=16000, tokens=32, teacher_tokens=0)
+        return metrics.ModelFlops(model, ("projector", "lora"), uses_teacher=False, downsample=4).breakdown(shape)
+
+    unrolled, scanned = flops(False), flops(True)
+    assert unrolled == scanned and unrolled["total"] > 0
