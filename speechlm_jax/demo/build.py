@@ -237,6 +237,7 @@ def evaluate(
     ctc_asr: bool = False,
     cascade: bool = False,
     tasks: bool = True,
+    diagnostics: bool = True,
     asr_limit: int = toy_config.ASR_EVAL_UTTERANCES,
     batch_size: int = 64,
 ) -> dict[str, Any]:
@@ -244,7 +245,7 @@ def evaluate(
 
     The toy world's benchmark (`tasks`): `sentences` held-out sentences per task for prompt
     and task generalisation (seen tasks in train and held-out phrasings, held-out tasks),
-    another `sentences` held-out sentences for SALAD's M and F. `asr`: the run's generated
+    another `sentences` held-out sentences for SALAD's M and F (`diagnostics`, a run only). `asr`: the run's generated
     transcripts; `ctc_asr`: its greedy CTC transcripts (WER/CER, `asr_limit` held-out
     utterances); `cascade`: its CTC transcripts answered by the base LLM on the same items.
     """
@@ -259,7 +260,7 @@ def evaluate(
             generalisation=str(out / "sentences.txt"),
             seen_tasks=tuple(SEEN_TASKS),
             heldout_tasks=tuple(HELDOUT_TASKS),
-            corpus=str(out / "corpus.txt") if workdir and not cascade else "",
+            corpus=str(out / "corpus.txt") if workdir and diagnostics else "",
         )
     return run_eval(
         workdir=workdir or None,

@@ -215,6 +215,15 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def _speech_row(label: str, r: dict[str, Any], *, retention: str, wer: str) -> str:
+    """One speech model's row: its three speech accuracies and gap, then the given cells ("" blank)."""
+    tail = "".join(f" {cell} |" if cell else " |" for cell in (retention, wer))
+    return (
+        f"| {label} | | {_pct(r['speech_acc_seen'])} | {_pct(r['speech_acc_heldout_prompts'])} | "
+        f"{_pct(r['speech_acc_heldout_tasks'])} | {_pct(r['gap_heldout_tasks'])} |{tail}"
+    )
+
+
 def table(report: dict[str, Any]) -> str:
     """The demo's table as Markdown (also what the console shows)."""
     lines = [
@@ -225,23 +234,13 @@ def table(report: dict[str, Any]) -> str:
     ]
     if "cascade" in report:
         c = report["cascade"]
-        lines.append(
-            f"| cascade (CTC transcript -> teacher) | | {_pct(c['speech_acc_seen'])} | "
-            f"{_pct(c['speech_acc_heldout_prompts'])} | {_pct(c['speech_acc_heldout_tasks'])} | "
-            f"{_pct(c['gap_heldout_tasks'])} | | {_pct(c['wer'])} |"
-        )
+        lines.append(_speech_row("cascade (CTC transcript -> teacher)", c, retention="", wer=_pct(c["wer"])))
         a = c["aligned"]
         lines.append(
-            f"| aligned connector (CTC only, no task data) | | {_pct(a['speech_acc_seen'])} | "
-            f"{_pct(a['speech_acc_heldout_prompts'])} | {_pct(a['speech_acc_heldout_tasks'])} | "
-            f"{_pct(a['gap_heldout_tasks'])} | {_pct(a['text_retention'])} | |"
+            _speech_row("aligned connector (CTC only, no task data)", a, retention=_pct(a["text_retention"]), wer="")
         )
     for name, r in report["recipes"].items():
-        lines.append(
-            f"| {name} | | {_pct(r['speech_acc_seen'])} | {_pct(r['speech_acc_heldout_prompts'])} | "
-            f"{_pct(r['speech_acc_heldout_tasks'])} | {_pct(r['gap_heldout_tasks'])} | {_pct(r['text_retention'])} | "
-            f"{_pct(r.get('wer'))} |"
-        )
+        lines.append(_speech_row(name, r, retention=_pct(r["text_retention"]), wer=_pct(r.get("wer"))))
     return "\n".join(lines)
 
 
@@ -380,6 +379,7 @@ def plan(out: Path, recipes: Sequence[str], sizes: Any, eval_sentences: int) -> 
                 sentences=eval_sentences,
                 ctc_asr=True,
                 cascade=True,
+                diagnostics=False,
                 asr_limit=sizes.heldout_sentences,
             ),
         ),
@@ -485,8 +485,9 @@ def run_demo(
     eval_sentences = eval_sentences or toy_config.EVAL_SENTENCES
     stages = build.Stages(out)
     steps = plan(out, recipes, sizes, eval_sentences)
+    by_name = {s.name: s for s in steps}
     if only is not None:
-        unknown = sorted(set(only) - {s.name for s in steps})
+        unknown = sorted(set(only) - set(by_name))
         if unknown:
             raise cli.UsageError(f"--only: no stages {unknown}; the demo's stages: {', '.join(s.name for s in steps)}")
         for s in steps:
@@ -501,7 +502,7 @@ def run_demo(
             pending = []
             for group in parallel[s.name]:
                 for name in group:
-                    stages.key(name, *next((t.spec, t.deps) for t in steps if t.name == name))
+                    stages.key(name, by_name[name].spec, by_name[name].deps)
                 if not all(stages.done(name) for name in group):
                     pending.append(group)
             if pending:

@@ -267,7 +267,7 @@ class ModelFlops:
     def __init__(self, model: Any, trainable: Sequence[str], *, uses_teacher: bool, downsample: int):
         from speechlm_jax.models.lora import linear_modules
 
-        self.length_adapter = getattr(model, "length_adapter", None) is not None
+        self.length_adapter = model.length_adapter is not None
         self.llm_config = model.llm.config
         self.encoder_config = model.encoder.config
         self.trainable = tuple(trainable)
