@@ -14,7 +14,8 @@ reads the aligned connector as an ASR system (the cascade baseline).
 Variants: `tiny` (random tiny models on the tiny corpus in `data_dir`), `toy` (the demo's frozen
 teacher and pretrained encoder in the folder `out`), `paper` (Whisper-large-v3 + `llm`, the encoder
 frozen, the projector at 1e-3: the connector alone moves). `blank` is the blank token id: a token no
-transcript contains (the tokenizer's pad).
+transcript contains (the tokenizer's pad), whose logit comes from the connector's learned blank
+vector (`model.projector.ctc_blank`), not from the LLM's row for it.
 """
 
 import ml_collections
@@ -31,6 +32,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.blank_id = a.blank
     c.model.lora.rank = 0
     c.train.trainable = "encoder,projector"
+    # The blank is the connector's own learned vector: the LLM's row for `blank` (its pad token) is
+    # one it never learnt to predict (on the toy teacher no frame can give it over 13% probability).
+    c.model.projector.ctc_blank = True
     c.optimizer.lr.projector = 1e-3
     c.optimizer.lr.encoder = 1e-4
     c.data.kinds = ml_collections.ConfigDict({"asr": 1.0})

@@ -54,13 +54,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.llm_weights = ""  # HF folder with safetensors; "" = random init
     c.model.encoder = "whisper-large-v3"
     c.model.encoder_weights = ""
-    # hidden / width 0 = the projector's default (d_llm / the downsample factor).
+    # hidden / width 0 = the projector's default (d_llm / the downsample factor). ctc_blank: the
+    # connector's own learned CTC blank in place of the LLM's blank token row (`loss.blank_id`) in
+    # every CTC readout through the LLM's head (connector alignment, length adapter, cascade).
     c.model.projector = ml_collections.ConfigDict(
-        dict(kind="frame_stack", downsample=4, hidden=0, activation="gelu", use_bias=False, width=0)
+        dict(kind="frame_stack", downsample=4, hidden=0, activation="gelu", use_bias=False, width=0, ctc_blank=False)
     )
     # The CTC length adapter: about one position per token, by the LLM head's greedy labels of the
-    # projector frames (blank = `blank_id`); for a connector CTC-aligned to this LLM.
-    c.model.length_adapter = ml_collections.ConfigDict(dict(enabled=False, blank_id=0))
+    # projector frames (blank = `blank_id`); for a connector CTC-aligned to this LLM. output:
+    # "frames" (each token's frames mean-pooled) or "embeddings" (the LLM's input embeddings
+    # weighted by the head's posterior of each pooled frame, softmax at `temperature`).
+    c.model.length_adapter = ml_collections.ConfigDict(
+        dict(enabled=False, blank_id=0, output="frames", temperature=1.0)
+    )
     # Start parts of the model from an earlier run's checkpoint (`train.init_from`): "" = no.
     c.model.init_from = ml_collections.ConfigDict(dict(workdir="", parts="projector", step=0))
     # Targets are regexes searched in each part's own module paths (`layers/3/attn/q_proj`; with

@@ -256,6 +256,7 @@ def recipe(c: ml_collections.ConfigDict, out: str | Path, *, aligned: bool = Tru
     if aligned:
         c.model.init_from.workdir = p["align"]
         c.model.init_from.parts = "projector,encoder"
+        c.model.projector.ctc_blank = True  # the aligned connector's learned blank (`configs/align.py`)
         c.model.length_adapter.enabled = True
         c.model.length_adapter.blank_id = BLANK_ID
     if c.model.lora.rank:

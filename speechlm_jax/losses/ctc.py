@@ -127,24 +127,53 @@ def collapse_best_path(best: jax.Array, frame_mask: jax.Array, *, blank_id: int,
     return out[:, :max_labels]
 
 
+def _capped(logits: jax.Array, softcap: float | None) -> jax.Array:
+    return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
+
+
 def _frame_log_normalizer(
-    hidden: jax.Array, unembedding: jax.Array, *, chunk_size: int, softcap: float | None
+    hidden: jax.Array,
+    unembedding: jax.Array,
+    *,
+    chunk_size: int,
+    softcap: float | None,
+    blank_id: int,
+    blank: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array]:
-    """logsumexp over the vocabulary [U, F] and the best token [U, F] of every frame, chunk by chunk."""
+    """logsumexp over the vocabulary [U, F] and the best token [U, F] of every frame, chunk by chunk.
+
+    `blank` [D] (a learned blank vector) replaces column `blank_id` of the unembedding.
+    """
 
     def per_chunk(w: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits = unembed(h, w, softcap)
+        if blank is not None:
+            logits = logits.at[..., blank_id].set(_capped(h.astype(logits.dtype) @ blank.astype(logits.dtype), softcap))
         return jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1)
 
     return scan_chunks(per_chunk, unembedding, (hidden,), chunk_size)
 
 
 def chunked_ctc_greedy(
-    hidden: jax.Array, unembedding: jax.Array, *, chunk_size: int, softcap: float | None = None
+    hidden: jax.Array,
+    unembedding: jax.Array,
+    *,
+    chunk_size: int,
+    softcap: float | None = None,
+    blank_id: int = 0,
+    blank: jax.Array | None = None,
 ) -> jax.Array:
-    """The best token of every frame [U, F] from hidden states [U, F, D], never holding [U, F, vocab]."""
+    """The best token of every frame [U, F] from hidden states [U, F, D], never holding [U, F, vocab].
+
+    With `blank` [D], the learned blank vector stands in for column `blank_id` (`chunked_ctc_loss`).
+    """
     _, best = _frame_log_normalizer(
-        jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(unembedding), chunk_size=chunk_size, softcap=softcap
+        jax.lax.stop_gradient(hidden),
+        jax.lax.stop_gradient(unembedding),
+        chunk_size=chunk_size,
+        softcap=softcap,
+        blank_id=blank_id,
+        blank=None if blank is None else jax.lax.stop_gradient(blank),
     )
     return best
 
@@ -193,22 +222,28 @@ def chunked_ctc_loss(
     chunk_size: int,
     weights: jax.Array | None = None,
     softcap: float | None = None,
+    blank: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """`ctc_loss(softcap(hidden @ unembedding), ...)` without the `[utterances, frames, vocab]` logits.
 
     hidden `[utterances, frames, d_model]` (the final-normed projector frames), unembedding
-    `[d_model, vocab]`, the rest as `ctc_loss`; the same loss and metrics.
+    `[d_model, vocab]`, the rest as `ctc_loss`; the same loss and metrics. `blank` `[d_model]`
+    (the connector's learned blank, `models.projector`): column `blank_id` of the unembedding
+    is replaced by it, so the blank's logit is `hidden @ blank` (trainable) rather than the
+    LLM's own row for that token.
     """
-    log_z, best = _frame_log_normalizer(hidden, unembedding, chunk_size=chunk_size, softcap=softcap)
+    log_z, best = _frame_log_normalizer(
+        hidden, unembedding, chunk_size=chunk_size, softcap=softcap, blank_id=blank_id, blank=blank
+    )
     label_mask = labels >= 0
     u, k = labels.shape
     extended = jnp.full((u, 2 * k + 1), blank_id, labels.dtype).at[:, 1::2].set(jnp.where(label_mask, labels, blank_id))
     # Logits of the extended transcript's tokens only: [U, F, 2K + 1] from its unembedding columns.
     columns = jnp.moveaxis(jnp.take(unembedding, extended, axis=1), 0, -1)  # [U, 2K + 1, D]
-    accumulate = jnp.promote_types(jnp.result_type(hidden, unembedding), jnp.float32)
-    logits = jnp.einsum("ufd,usd->ufs", hidden, columns, preferred_element_type=accumulate)
-    if softcap is not None:
-        logits = softcap * jnp.tanh(logits / softcap)
+    if blank is not None:
+        columns = jnp.where((extended == blank_id)[..., None], blank.astype(columns.dtype), columns)
+    accumulate = jnp.promote_types(jnp.result_type(hidden, columns), jnp.float32)
+    logits = _capped(jnp.einsum("ufd,usd->ufs", hidden, columns, preferred_element_type=accumulate), softcap)
     emissions = logits - log_z[..., None]
     per_utterance = _ctc_forward(emissions, extended, frame_mask, jnp.sum(label_mask, axis=-1), blank_id)
     return _ctc_result(

@@ -12,7 +12,13 @@ is valid only when all k encoder frames it summarises are valid.
 - `ConvProjector`: BLSP-style strided Conv1d downsampler (width >= stride = k) -> GELU ->
   Linear to d_llm.
 
-Module paths: `linear_1`, `linear_2` (frame stack); `conv`, `linear` (conv).
+Module paths: `linear_1`, `linear_2` (frame stack); `conv`, `linear` (conv); `ctc_blank` (either,
+with `ctc_blank=True`): the connector's own CTC blank, a learned [d_llm] vector that stands in
+for the blank token's row of the LLM's unembedding when the frames are read out by CTC through
+the LLM's head (`losses.ctc`). A frozen LLM's blank (its pad token) is a row it never learnt to
+predict: measured on the toy teacher, no frame at all can give it more than 13% probability,
+where CTC needs blank on most frames. The blank has no part in the LLM's input: only the
+CTC readouts (alignment loss, length adapter, cascade transcript) use it.
 `ProjectorConfig` + `make_projector` pick one from a config.
 """
 
@@ -35,6 +41,11 @@ def downsample_mask(mask: jax.Array, k: int) -> jax.Array:
     return mask[:, :kept].astype(bool).reshape(batch, frames // k, k).all(axis=-1)
 
 
+def blank_param(d_llm: int, enabled: bool, param_dtype: jnp.dtype) -> nnx.Param | None:
+    """The learned CTC blank (zeros: blank starts at logit 0 and learns its own direction), or None."""
+    return nnx.data(nnx.Param(jnp.zeros((d_llm,), param_dtype), axes=("embed",)) if enabled else None)
+
+
 class FrameStackProjector(nnx.Module):
     """Stacks k frames, then a two-layer MLP to d_llm (Voxtral / SLAM-LLM linear adapter)."""
 
@@ -47,12 +58,14 @@ class FrameStackProjector(nnx.Module):
         hidden: int | None = None,
         activation: str = "gelu",
         use_bias: bool = False,
+        ctc_blank: bool = False,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         hidden = d_llm if hidden is None else hidden
         self.stack = stack
+        self.ctc_blank = blank_param(d_llm, ctc_blank, param_dtype)
         self.activation = ACTIVATIONS[activation]
         common = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.linear_1 = Linear(stack * d_audio, hidden, axes=("embed", "mlp"), **common)
@@ -82,6 +95,7 @@ class ConvProjector(nnx.Module):
         width: int | None = None,
         hidden: int | None = None,
         activation: str = "gelu",
+        ctc_blank: bool = False,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -92,6 +106,7 @@ class ConvProjector(nnx.Module):
         hidden = d_llm if hidden is None else hidden
         self.stride = stride
         self.width = width
+        self.ctc_blank = blank_param(d_llm, ctc_blank, param_dtype)
         self.activation = ACTIVATIONS[activation]
         # Padding width - stride (split left/right) keeps exactly frames // stride outputs, each
         # centred on its own group of `stride` frames.
@@ -131,7 +146,7 @@ class ProjectorConfig:
     """Which projector and its shape. `downsample` is k (the `downsample` of `audio_token_count`).
 
     kind "frame_stack": FrameStackProjector (`use_bias` False = Voxtral, True = SLAM-LLM);
-    kind "conv": ConvProjector (`width` defaults to k).
+    kind "conv": ConvProjector (`width` defaults to k). `ctc_blank`: a learned CTC blank vector.
     """
 
     kind: str = "frame_stack"
@@ -140,6 +155,7 @@ class ProjectorConfig:
     activation: str = "gelu"
     use_bias: bool = False
     width: int | None = None
+    ctc_blank: bool = False
 
     def __post_init__(self):
         if self.kind not in ("frame_stack", "conv"):
@@ -161,7 +177,14 @@ def make_projector(
     rngs: nnx.Rngs,
 ) -> Projector:
     """The projector a `ProjectorConfig` names, mapping d_audio encoder frames to d_llm embeddings."""
-    common = dict(hidden=config.hidden, activation=config.activation, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    common = dict(
+        hidden=config.hidden,
+        activation=config.activation,
+        ctc_blank=config.ctc_blank,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
     if config.kind == "frame_stack":
         return FrameStackProjector(d_audio, d_llm, stack=config.downsample, use_bias=config.use_bias, **common)
     return ConvProjector(d_audio, d_llm, stride=config.downsample, width=config.width, **common)

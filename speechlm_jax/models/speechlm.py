@@ -21,8 +21,9 @@ frames of each predicted token are mean-pooled (blank frames dropped, a token's 
 frames merged), and the pooled frames are left-aligned in the slot. Shapes stay static: the
 slot keeps its F positions, the unused tail is masked out of attention, and the positions
 of the whole row are recounted from the mask, so the LLM reads the audio as a contiguous
-run of token-like positions. It only makes sense once the connector is CTC-aligned to this
-LLM (`loss.name = "ctc"`).
+run of token-like positions. With output "embeddings" each pooled frame is replaced by the
+LLM's input embeddings weighted by the head's posterior for it. It only makes sense once the
+connector is CTC-aligned to this LLM (`loss.name = "ctc"`).
 
 Module paths: `encoder/...`, `projector/...`, `llm/...`; `trainable_filter` turns the
 names of the parts that train into the nnx filter that splits the model into the
@@ -38,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from speechlm_jax.losses.chunked import scan_chunks, unembed
 from speechlm_jax.losses.ctc import chunked_ctc_greedy, collapse_best_path, kept_frames
 from speechlm_jax.models.frontend import HOP_LENGTH, encoder_frames_of_mel, log_mel_spectrogram
 from speechlm_jax.models.llm import DecoderLLM, LLMConfig, default_positions
@@ -89,12 +91,30 @@ def encode_windows(
     return hidden.reshape(n, -1, hidden.shape[-1])[:, :out], mask.reshape(n, -1)[:, :out]
 
 
+ADAPTER_OUTPUTS = ("frames", "embeddings")
+
+
 @dataclasses.dataclass(frozen=True)
 class LengthAdapter:
-    """The CTC length adapter's settings: the head's blank token and its vocabulary chunk."""
+    """The CTC length adapter's settings: the head's blank token, its chunk (of positions), its output.
+
+    output "frames": each predicted token's frames, mean-pooled. "embeddings": the LLM's own
+    input embeddings, weighted by the head's posterior over the vocabulary (blank excluded) of
+    each pooled frame (as LegoSLM connects a CTC encoder to an LLM), so every audio position
+    lies in the span of the embeddings the LLM was trained on; `temperature` divides the logits
+    first. Both are differentiable in the projector and encoder.
+    """
 
     blank_id: int
     chunk_size: int = 256
+    output: str = "frames"
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.output not in ADAPTER_OUTPUTS:
+            raise ValueError(f"length adapter output {self.output!r} is not one of {ADAPTER_OUTPUTS}")
+        if self.temperature <= 0:
+            raise ValueError(f"length adapter temperature must be positive, got {self.temperature}")
 
 
 def pool_token_frames(
@@ -133,14 +153,27 @@ class SpeechLM(nnx.Module):
         self.llm = llm
         self.length_adapter = length_adapter
 
-    def best_path(self, embeds: jax.Array) -> jax.Array:
-        """The LLM head's greedy CTC token of every projector frame: embeds [N, F, D] -> [N, F] ids."""
+    def ctc_blank(self) -> jax.Array | None:
+        """The connector's learned CTC blank vector [D] (`ProjectorConfig.ctc_blank`), or None."""
+        blank = self.projector.ctc_blank
+        return None if blank is None else blank[...]
+
+    def best_path(self, embeds: jax.Array, *, blank_id: int | None = None) -> jax.Array:
+        """The LLM head's greedy CTC token of every projector frame: embeds [N, F, D] -> [N, F] ids.
+
+        With the connector's learned blank, it stands in for token `blank_id` (default: the
+        length adapter's).
+        """
+        if blank_id is None:
+            blank_id = self.length_adapter.blank_id if self.length_adapter is not None else 0
         chunk = self.length_adapter.chunk_size if self.length_adapter is not None else 256
         return chunked_ctc_greedy(
             self.llm.norm(embeds),
             self.llm.unembedding(),
             chunk_size=chunk,
             softcap=self.llm.config.final_logit_softcapping,
+            blank_id=blank_id,
+            blank=self.ctc_blank(),
         )
 
     def encode_audio(
@@ -157,7 +190,30 @@ class SpeechLM(nnx.Module):
             embeds, mask = pool_token_frames(
                 embeds, mask, self.best_path(embeds), blank_id=self.length_adapter.blank_id
             )
+            if self.length_adapter.output == "embeddings":
+                embeds = self.posterior_embeddings(embeds)
         return embeds, mask
+
+    def posterior_embeddings(self, pooled: jax.Array) -> jax.Array:
+        """Each pooled frame [N, K, D] as the LLM's input embedding expected under its head's
+        posterior (blank excluded): softmax(head(norm(frame)) / temperature) @ embedding table.
+
+        Chunked over positions like the losses (`losses.chunked.scan_chunks`), so `[N, K, vocab]`
+        never exists whole; a one-hot posterior gives exactly `llm.embed` of that token.
+        """
+        adapter, llm = self.length_adapter, self.llm
+        table = llm.embed_tokens.embedding[...]
+        softcap = llm.config.final_logit_softcapping
+
+        def per_chunk(w: jax.Array, h: jax.Array) -> tuple[jax.Array]:
+            logits = unembed(h, w, softcap).at[..., adapter.blank_id].set(-jnp.inf)
+            probs = jax.nn.softmax(logits / adapter.temperature, axis=-1)
+            return (jnp.einsum("nkv,vd->nkd", probs.astype(table.dtype), table, preferred_element_type=jnp.float32),)
+
+        (mixed,) = scan_chunks(per_chunk, llm.unembedding(), (llm.norm(pooled),), adapter.chunk_size)
+        if llm.config.scale_embeddings:
+            mixed = mixed * llm.config.hidden_size**0.5
+        return mixed.astype(pooled.dtype)
 
     def project_audio(
         self, audio: jax.Array, audio_lens: jax.Array, *, lora: bool = True
@@ -174,7 +230,9 @@ class SpeechLM(nnx.Module):
         audio [N, L] with audio_lens [N] -> token ids [N, max_labels], -1 after the end.
         """
         embeds, mask = self.project_audio(audio, audio_lens)
-        return collapse_best_path(self.best_path(embeds), mask, blank_id=blank_id, max_labels=max_labels)
+        return collapse_best_path(
+            self.best_path(embeds, blank_id=blank_id), mask, blank_id=blank_id, max_labels=max_labels
+        )
 
     def encode_slots(self, batch: Batch, *, lora: bool = True) -> tuple[jax.Array, jax.Array]:
         """The batch's audio [B, S, L] -> every slot's (embeddings [B*S, F, D], mask [B*S, F])."""

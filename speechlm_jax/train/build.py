@@ -82,6 +82,7 @@ def projector_config(config: ml_collections.ConfigDict) -> ProjectorConfig:
         activation=p.activation,
         use_bias=p.use_bias,
         width=p.width or None,
+        ctc_blank=p.ctc_blank,
     )
 
 
@@ -105,7 +106,11 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> SpeechLM:
         llm_config(config),
         llm_lora,
         encoder_lora_cfg=encoder_lora,
-        length_adapter=LengthAdapter(adapter.blank_id, config.loss.chunk_size) if adapter.enabled else None,
+        length_adapter=(
+            LengthAdapter(adapter.blank_id, config.loss.chunk_size, adapter.output, adapter.temperature)
+            if adapter.enabled
+            else None
+        ),
         dtype=jnp.dtype(config.model.dtype),
         param_dtype=jnp.dtype(config.model.param_dtype),
         rngs=rngs,

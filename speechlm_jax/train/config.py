@@ -52,6 +52,7 @@ SCHEDULES = ("warmup_cosine", "warmup_stable_decay", "constant")
 TRAINABLE_GROUPS = ("projector", "lora", "encoder", "llm")
 REMAT_POLICIES = ("none", "full", "dots_saveable")  # the LLM's per-layer policies (models/llm.py)
 ATTENTION = ("einsum", "dot_product", "cudnn")  # the attention implementations (models/layers.py)
+ADAPTER_OUTPUTS = ("frames", "embeddings")  # the length adapter's outputs (models/speechlm.py)
 NONFINITE_ACTIONS = ("stop", "skip")
 DIRECTIONS = ("forward", "reverse", "jsd")
 PROJECTOR_KINDS = ("frame_stack", "conv")
@@ -135,6 +136,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of("optimizer.schedule", config.optimizer.schedule, SCHEDULES)
     _one_of("model.remat", config.model.remat, REMAT_POLICIES)
     _one_of("model.attention", config.model.attention, ATTENTION)
+    _one_of("model.length_adapter.output", config.model.length_adapter.output, ADAPTER_OUTPUTS)
     _one_of("train.nonfinite", config.train.nonfinite, NONFINITE_ACTIONS)
     groups = trainable_groups(config)
     if not groups:
@@ -225,6 +227,7 @@ VALUE_RANGES: dict[str, Range] = {
     "model.lora.rank": Range(0, zero="no LoRA"),
     "model.lora.alpha": POSITIVE,
     "model.length_adapter.blank_id": NONNEGATIVE,
+    "model.length_adapter.temperature": POSITIVE,
     "model.init_from.step": Range(0, zero="the latest checkpoint"),
     "data.text_weight": FRACTION,
     "data.conversation_weight": FRACTION,

@@ -90,9 +90,12 @@ def apply(model: SpeechLM, config: ml_collections.ConfigDict, mesh: Mesh) -> Spe
         missing = sorted(k for k in set(want) - set(have) if k.rsplit("/", 1)[-1] not in LORA_LEAVES)
         extra = sorted(set(have) - set(want))
         if missing or extra:
+            hint = ""
+            if any(k.startswith("ctc_blank") for k in missing + extra):
+                hint = f"; set model.projector.ctc_blank={'ctc_blank' in ' '.join(extra)} as {run} did"
             raise InitFromError(
                 f"model.init_from: {run}'s {name} has other tensors than this model's "
-                f"(missing {missing[:3]}, not in this model {extra[:3]})"
+                f"(missing {missing[:3]}, not in this model {extra[:3]}){hint}"
             )
         for key in sorted(have):
             if want[key] != have[key]:

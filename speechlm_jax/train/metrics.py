@@ -104,15 +104,18 @@ def step_flops(
     lora_rank: int = 0,
     llm_lora_kernels: Sequence[tuple[int, int]] = (),
     encoder_lora_kernels: Sequence[tuple[int, int]] = (),
-    length_adapter: bool = False,
+    length_adapter: bool | str = False,
 ) -> dict[str, float]:
     """Model FLOPs of one optimiser step, by part; "total" is what MFU divides by.
 
     `*_lora_kernels` are the (in, out) shapes of the adapted kernels of one layer's worth
     summed over layers for the encoder (per frame) and the LLM (per token). `length_adapter`:
     the CTC length adapter's greedy readout of every projector frame through the LLM's head
-    (forward only: its labels take no gradient). Its pooled frames keep the slot's static
-    length, so the LLM's own FLOPs are the same with it and without.
+    (forward only: its labels take no gradient); "embeddings" (its output) adds each pooled
+    position's posterior through the head and the posterior-weighted sum of the input
+    embeddings, forward and, when anything below the LLM trains, backward to the frames. Its
+    pooled frames keep the slot's static length, so the LLM's own FLOPs are the same with it
+    and without.
     """
     trainable = set(trainable)
     clips = shape.batch * shape.audio_slots
@@ -156,7 +159,10 @@ def step_flops(
 
     out["teacher_forward"] = shape.batch * sum(teacher.values())
     d, v = llm_config.hidden_size, llm_config.vocab_size
-    out["length_adapter"] = 2.0 * clips * audio_tokens * d * v if length_adapter else 0.0
+    readout = 2.0 * clips * audio_tokens * d * v  # one [positions, D] @ [D, V] over every slot
+    out["length_adapter"] = readout if length_adapter else 0.0
+    if length_adapter == "embeddings":
+        out["length_adapter"] += 2 * readout * (2.0 if projector_trains else 1.0)
     out["total"] = sum(out.values())
     return out
 
@@ -267,7 +273,8 @@ class ModelFlops:
     def __init__(self, model: Any, trainable: Sequence[str], *, uses_teacher: bool, downsample: int):
         from speechlm_jax.models.lora import linear_modules
 
-        self.length_adapter = model.length_adapter is not None
+        adapter = model.length_adapter
+        self.length_adapter = adapter.output if adapter is not None else False
         self.llm_config = model.llm.config
         self.encoder_config = model.encoder.config
         self.trainable = tuple(trainable)

@@ -96,9 +96,11 @@ def ctc(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> tuple[jax.A
 
     The projector's frames go through the LLM's final norm and unembedding (no decoder
     layer), so the loss asks each frame to look like the embedding of the word it carries,
-    or like `blank_id` between words. With the encoder (and projector) trainable and a small
-    LLM it pretrains an encoder; with the recipe's frozen LLM it aligns the connector to that
-    LLM's own embedding space before any instruction data. Slots without a transcript
+    or like `blank_id` between words (the connector's own learned blank with
+    `model.projector.ctc_blank`, which a frozen LLM needs: its row for the token is
+    untrained). With the encoder (and projector) trainable and a small LLM it pretrains an
+    encoder; with the recipe's frozen LLM it aligns the connector to that LLM's own
+    embedding space before any instruction data. Slots without a transcript
     (padding) do not count. Chunked over the frames (`cfg.chunk_size`), so the
     `[slots, frames, vocab]` logits never exist whole.
     """
@@ -113,6 +115,7 @@ def ctc(model: Any, batch: Batch, cfg: ml_collections.ConfigDict) -> tuple[jax.A
         chunk_size=cfg.chunk_size,
         weights=jnp.repeat(batch["weight"], s),
         softcap=model.llm.config.final_logit_softcapping,
+        blank=model.ctc_blank(),
     )
 
 

@@ -123,6 +123,39 @@ def test_chunked_ctc_loss_equals_the_whole_form_with_gradients(chunk_size, softc
         np.testing.assert_allclose(g_c, g, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_a_learned_blank_is_the_unembedding_with_the_blank_column_replaced(softcap):
+    """The connector's blank vector stands in for column `blank_id`: loss, gradients (the blank's
+    own included) and the greedy readout equal the whole form over that replaced unembedding."""
+    hidden, unembedding, frame_mask, labels = (jnp.asarray(a) for a in _hidden_case())
+    blank = jnp.asarray(np.random.default_rng(7).normal(size=hidden.shape[-1]).astype(np.float32)) * 3.0
+
+    def whole(h, w, b):
+        logits = jnp.einsum("ufd,dv->ufv", h, w.at[:, 0].set(b))
+        if softcap is not None:
+            logits = softcap * jnp.tanh(logits / softcap)
+        return ctc_loss(logits, frame_mask, labels, blank_id=0)
+
+    def chunked(h, w, b):
+        return chunked_ctc_loss(h, w, frame_mask, labels, blank_id=0, chunk_size=5, softcap=softcap, blank=b)
+
+    (loss, _), grads = jax.value_and_grad(whole, argnums=(0, 1, 2), has_aux=True)(hidden, unembedding, blank)
+    (loss_c, _), grads_c = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1, 2), has_aux=True))(
+        hidden, unembedding, blank
+    )
+    np.testing.assert_allclose(loss_c, loss, rtol=1e-5)
+    assert not np.allclose(
+        loss_c, chunked_ctc_loss(hidden, unembedding, frame_mask, labels, blank_id=0, chunk_size=5, softcap=softcap)[0]
+    )
+    for g_c, g in zip(grads_c, grads):
+        np.testing.assert_allclose(g_c, g, rtol=1e-4, atol=1e-5)
+    assert np.all(np.asarray(grads_c[1])[:, 0] == 0)  # the LLM's own blank row takes no part
+    best = chunked_ctc_greedy(hidden, unembedding, chunk_size=5, blank_id=0, blank=blank)
+    np.testing.assert_array_equal(
+        best, jnp.argmax(jnp.einsum("ufd,dv->ufv", hidden, unembedding.at[:, 0].set(blank)), -1)
+    )
+
+
 def test_chunked_ctc_greedy_is_the_argmax_of_every_frame():
     hidden, unembedding, frame_mask, _ = (jnp.asarray(a) for a in _hidden_case(vocab=37))
     best = chunked_ctc_greedy(hidden, unembedding, chunk_size=5)

@@ -244,6 +244,43 @@ def test_length_adapter_reads_the_pooled_frames_as_one_contiguous_sequence():
     np.testing.assert_array_equal(np.asarray(positions[0])[real], np.arange(n))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_posterior_embeddings_are_the_llm_embeddings_under_the_heads_posterior(temperature):
+    """The "embeddings" output: softmax(head(norm(frame)) / T), blank excluded, times the LLM's
+    input table (chunked over positions); a confident posterior gives `llm.embed` of its token."""
+    from speechlm_jax.models.speechlm import LengthAdapter
+
+    model = make_model(
+        length_adapter=LengthAdapter(blank_id=0, chunk_size=3, output="embeddings", temperature=temperature)
+    )
+    pooled = jnp.asarray(np.random.default_rng(3).normal(size=(2, 7, LLM.hidden_size)).astype(np.float32))
+    logits = model.llm.logits(model.llm.norm(pooled)).at[..., 0].set(-jnp.inf)
+    table = model.llm.embed(jnp.arange(LLM.vocab_size)[None])[0]  # every token's input embedding (Gemma's scale)
+    expected = jax.nn.softmax(logits / temperature, axis=-1) @ table
+    np.testing.assert_allclose(model.posterior_embeddings(pooled), expected, rtol=1e-5, atol=1e-6)
+
+    # At a low temperature the posterior is one-hot: each position is `llm.embed` of its best non-blank token.
+    cold = make_model(length_adapter=LengthAdapter(blank_id=0, chunk_size=3, output="embeddings", temperature=1e-4))
+    best = jnp.argmax(logits, axis=-1)
+    np.testing.assert_allclose(cold.posterior_embeddings(pooled), cold.llm.embed(best), rtol=1e-4, atol=1e-5)
+
+
+def test_the_learned_blank_decides_the_best_path_and_the_pad_row_does_not():
+    from speechlm_jax.models.speechlm import LengthAdapter
+
+    config = ProjectorConfig(downsample=DOWNSAMPLE, ctc_blank=True)
+    model = build_speechlm(
+        ENCODER, config, LLM, None, length_adapter=LengthAdapter(blank_id=0, chunk_size=4), rngs=nnx.Rngs(0)
+    )
+    frames = jnp.asarray(np.random.default_rng(4).normal(size=(1, 6, LLM.hidden_size)).astype(np.float32))
+    assert model.ctc_blank() is not None and not bool((model.best_path(frames) == 0).all())
+    # A blank vector along every frame's own direction, large: blank wins every frame.
+    model.projector.ctc_blank[...] = 1e3 * jnp.mean(model.llm.norm(frames)[0], axis=0)
+    assert bool((model.best_path(frames) == 0).all())
+    plain = make_model(length_adapter=LengthAdapter(blank_id=0, chunk_size=4))
+    assert plain.ctc_blank() is None
+
+
 def test_length_adapter_off_keeps_the_batch_mask_and_positions():
     model = make_model()
     batch = {k: jnp.asarray(v) for k, v in make_batch().items()}

@@ -183,6 +183,22 @@ def test_length_adapter_readout_flops_match_xla():
     assert with_adapter["total"] - without["total"] == with_adapter["length_adapter"]
     assert with_adapter["llm_forward"] == without["llm_forward"]  # static shapes: the LLM's work is unchanged
 
+    # The "embeddings" output: the readout, then each position's posterior and the weighted embeddings.
+    from types import SimpleNamespace
+
+    from speechlm_jax.models.speechlm import LengthAdapter, SpeechLM
+
+    def embeddings(s, x, pooled):  # the pooled frames are other values than the frames (no common subexpression)
+        model = nnx.merge(graphdef, s)
+        best = chunked_ctc_greedy(model.norm(x), model.unembedding(), chunk_size=64, softcap=None)
+        adapter = SimpleNamespace(length_adapter=LengthAdapter(0, 64, "embeddings"), llm=model)
+        return best, SpeechLM.posterior_embeddings(adapter, pooled)
+
+    frozen = metrics.step_flops(shape, length_adapter="embeddings", **{**kwargs, "trainable": ("lora",)})
+    assert frozen["length_adapter"] == pytest.approx(_xla_flops(embeddings, state, embeds, embeds + 1), rel=0.05)
+    trained = metrics.step_flops(shape, length_adapter="embeddings", **kwargs)
+    assert trained["length_adapter"] == 5 * with_adapter["length_adapter"]  # + the backward of both products
+
 
 def test_model_flops_count_every_layer_of_scanned_adapters():
     """A scanned model's stacked adapters count once per layer: its model FLOPs are the unrolled model's."""
