@@ -137,6 +137,9 @@ def test_miniature_demo_builds_every_stage_and_reports(tmp_path: Path, miniature
     recipe_config = json.loads((out / "recipe" / "mtbi" / "config.json").read_text())
     assert recipe_config["model"]["init_from"]["workdir"] == str(out / "align" / "run")
     assert recipe_config["model"]["length_adapter"]["enabled"]
+    assert recipe_config["model"]["length_adapter"]["output"] == "embeddings"
+    align_config = json.loads((out / "align" / "run" / "config.json").read_text())
+    assert align_config["model"]["projector"]["ctc_blank"] and recipe_config["model"]["projector"]["ctc_blank"]
     for row in report["recipes"].values():
         for key in (
             "speech_acc_seen",

@@ -106,6 +106,10 @@ def test_connector_alignment_then_a_recipe_from_it(tmp_path, tiny_corpus, compil
     recipe.checkpoint.async_save = False
     recipe.model.init_from.workdir = str(tmp_path / "align")
     recipe.model.init_from.parts = "projector,encoder"
+    # The aligned connector has its learned CTC blank: a recipe without one is told which key to set.
+    with pytest.raises(init_from.InitFromError, match=r"model\.projector\.ctc_blank=True"):
+        state.build_state(recipe, mesh)
+    recipe.model.projector.ctc_blank = True
     started = state.build_state(recipe, mesh)
     source = init_from.source_trainable(recipe, mesh)
     model = nnx.merge(started.graphdef, started.trainable, started.frozen)
