@@ -29,7 +29,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest -n 2 --dist loadfile -q tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -10,7 +10,8 @@ Two measurements, one JSON line:
    memory) with `model.length_adapter.enabled` off and on: the model FLOPs of one step
    (`train.metrics.step_flops`, what MFU divides by), by part. The pooled frames keep the
    slot's static length, so the LLM's FLOPs do not change; the adapter adds its greedy
-   readout of every frame through the LLM's head.
+   readout of every frame through the LLM's head, and its "embeddings" output (the LLM's
+   embeddings under each pooled frame's posterior) a second head product and the mixture.
 
 Run from the repository root: `.venv/bin/python -m benchmarks.length_adapter` (about a
 minute on 2 CPU cores, after `make demo` has built the alignment run).
@@ -65,17 +66,23 @@ def positions(workdir: str, manifest: str, utterances: int) -> dict[str, float]:
 
 
 def paper_flops() -> dict[str, float]:
-    """salad:paper's step FLOPs by part, with the adapter off and on."""
+    """salad:paper's step FLOPs, with the adapter off, on (pooled frames) and on with its embeddings output."""
     from speechlm_jax.train import compile_aot
     from speechlm_jax.train.config import load_config_file
 
     root = Path(__file__).resolve().parents[1] / "speechlm_jax" / "configs"
     out = {}
-    for enabled in (False, True):
+    for name, enabled, output in (
+        ("without", False, "frames"),
+        ("with", True, "frames"),
+        ("embeddings", True, "embeddings"),
+    ):
         config = load_config_file(f"{root / 'salad.py'}:paper")
         config.model.length_adapter.enabled = enabled
-        out["with" if enabled else "without"] = compile_aot.model_flops(config, compile_aot.abstract_batch(config))
+        config.model.length_adapter.output = output
+        out[name] = compile_aot.model_flops(config, compile_aot.abstract_batch(config))
     out["ratio"] = out["with"] / out["without"]
+    out["embeddings_ratio"] = out["embeddings"] / out["without"]
     return out
 
 
@@ -92,6 +99,8 @@ def main() -> None:
             "salad_paper_step_flops_without": flops["without"],
             "salad_paper_step_flops_with": flops["with"],
             "salad_paper_flops_ratio": flops["ratio"],
+            "salad_paper_step_flops_embeddings": flops["embeddings"],
+            "salad_paper_flops_ratio_embeddings": flops["embeddings_ratio"],
         }
     )
     print(json.dumps(result))
