@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c = toyworld.recipe(c, a.out, aligned=False)
         c.loss.blank_id = toyworld.BLANK_ID
         c.train.steps = toyworld.ALIGN_STEPS
-        c.optimizer.lr.encoder = toyworld.ENCODER_LR
+        c.optimizer.lr.encoder = toyworld.ALIGN_ENCODER_LR
         c.data.interleave_prob = 0.0
         return c
     if a.variant == "tiny":
