@@ -251,8 +251,9 @@ def recipe(c: ml_collections.ConfigDict, out: str | Path, *, aligned: bool = Tru
     head, with its learned blank) and the CTC length adapter pools each word's frames into one
     position, read as the teacher's embeddings under the head's posterior, so all four recipes
     start from the same aligned connector, at a projector learning rate that keeps it. The
-    recipe keeps its own objective, trainable groups and data kinds; its config file sets its toy mixture (the seen toy
-    tasks, `SEEN_TASKS`) after this. Only shapes, paths and budgets are set here.
+    recipe keeps its own objective, trainable groups and data kinds; its config file sets its
+    toy mixture (the seen toy tasks, `SEEN_TASKS`) after this. Only shapes, paths and budgets
+    are set here.
     """
     p = paths(out)
     c = _common(c, out)

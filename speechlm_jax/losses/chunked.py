@@ -48,13 +48,15 @@ from speechlm_jax.losses.common import (
 )
 
 
+def soft_cap(logits: jax.Array, softcap: float | None) -> jax.Array:
+    """Gemma's final-logit soft-capping, `softcap * tanh(logits / softcap)`; None = none."""
+    return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
+
+
 def unembed(hidden: jax.Array, unembedding: jax.Array, softcap: float | None) -> jax.Array:
     """`[batch, chunk, d_model]` @ `[d_model, vocab]` -> float32 logits, soft-capped as Gemma."""
     accumulate = jnp.promote_types(jnp.result_type(hidden, unembedding), jnp.float32)
-    logits = jnp.einsum("bcd,dv->bcv", hidden, unembedding, preferred_element_type=accumulate)
-    if softcap is not None:
-        logits = softcap * jnp.tanh(logits / softcap)
-    return logits
+    return soft_cap(jnp.einsum("bcd,dv->bcv", hidden, unembedding, preferred_element_type=accumulate), softcap)
 
 
 def teacher_unembed(hidden: jax.Array, unembedding: jax.Array, softcap: float | None) -> jax.Array:

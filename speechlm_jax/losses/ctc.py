@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from speechlm_jax.losses.chunked import scan_chunks, unembed
+from speechlm_jax.losses.chunked import scan_chunks, soft_cap, unembed
 from speechlm_jax.losses.common import Metrics, upcast
 
 NEG_INF = -1e30  # a log-probability no path takes (finite, so gradients stay finite)
@@ -127,10 +127,6 @@ def collapse_best_path(best: jax.Array, frame_mask: jax.Array, *, blank_id: int,
     return out[:, :max_labels]
 
 
-def _capped(logits: jax.Array, softcap: float | None) -> jax.Array:
-    return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
-
-
 def _frame_log_normalizer(
     hidden: jax.Array,
     unembedding: jax.Array,
@@ -148,7 +144,9 @@ def _frame_log_normalizer(
     def per_chunk(w: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits = unembed(h, w, softcap)
         if blank is not None:
-            logits = logits.at[..., blank_id].set(_capped(h.astype(logits.dtype) @ blank.astype(logits.dtype), softcap))
+            logits = logits.at[..., blank_id].set(
+                soft_cap(h.astype(logits.dtype) @ blank.astype(logits.dtype), softcap)
+            )
         return jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1)
 
     return scan_chunks(per_chunk, unembedding, (hidden,), chunk_size)
@@ -243,7 +241,7 @@ def chunked_ctc_loss(
     if blank is not None:
         columns = jnp.where((extended == blank_id)[..., None], blank.astype(columns.dtype), columns)
     accumulate = jnp.promote_types(jnp.result_type(hidden, columns), jnp.float32)
-    logits = _capped(jnp.einsum("ufd,usd->ufs", hidden, columns, preferred_element_type=accumulate), softcap)
+    logits = soft_cap(jnp.einsum("ufd,usd->ufs", hidden, columns, preferred_element_type=accumulate), softcap)
     emissions = logits - log_z[..., None]
     per_utterance = _ctc_forward(emissions, extended, frame_mask, jnp.sum(label_mask, axis=-1), blank_id)
     return _ctc_result(

@@ -92,7 +92,8 @@ def apply(model: SpeechLM, config: ml_collections.ConfigDict, mesh: Mesh) -> Spe
         if missing or extra:
             hint = ""
             if any(k.startswith("ctc_blank") for k in missing + extra):
-                hint = f"; set model.projector.ctc_blank={'ctc_blank' in ' '.join(extra)} as {run} did"
+                learned = any(k.startswith("ctc_blank") for k in extra)
+                hint = f"; set model.projector.ctc_blank={learned} as {run} did"
             raise InitFromError(
                 f"model.init_from: {run}'s {name} has other tensors than this model's "
                 f"(missing {missing[:3]}, not in this model {extra[:3]}){hint}"
