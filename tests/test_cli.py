@@ -123,6 +123,12 @@ USER_ERRORS = [
     ("speechlm-select", ["report", "--workdir", "{tmp}/sel"], ["run the sample stage first"]),
     ("speechlm-select", ["polish", "--workdir", "{tmp}/sel"], ["polish"]),
     ("speechlm-demo", ["--out", "{tmp}/demo", "--recipes", "asr,bogus"], ["unknown recipes ['bogus']"]),
+    ("speechlm-demo", ["--out", "{tmp}/demo", "--wait"], ["--wait: only with --only"]),
+    (
+        "speechlm-demo",
+        ["--out", "{tmp}/demo", "--only", "teacher"],
+        ["--only teacher", "stage corpus, which is not built"],
+    ),
     ("speechlm-synth", ["--input", "{tmp}/missing.txt", "--out", "{tmp}/out"], ["missing.txt"]),
     (
         "speechlm-synth",

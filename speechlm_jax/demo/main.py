@@ -312,8 +312,11 @@ class Stage:
     build: Callable[[Path], Any]
 
 
-def plan(out: Path, recipes: Sequence[str], sizes: Any, eval_sentences: int) -> list[Stage]:
-    """Every stage of the demo in an order that builds each after the stages it reads."""
+def plan(out: Path, recipes: Sequence[str], sizes: Any, eval_sentences: int, *, speakers: int = 2) -> list[Stage]:
+    """Every stage of the demo in an order that builds each after the stages it reads.
+
+    `speakers`: the synthesis processes of the speech stage (1 in a worker beside another).
+    """
     from speechlm_jax.configs import toyworld as toy_config
     from speechlm_jax.demo import build
 
@@ -339,7 +342,7 @@ def plan(out: Path, recipes: Sequence[str], sizes: Any, eval_sentences: int) -> 
             "speech",
             {"voices": [v.key for v in sizes.voices]},
             ("corpus",),
-            lambda f: build.build_speech(f, out / "corpus", sizes),
+            lambda f: build.build_speech(f, out / "corpus", sizes, workers=speakers),
         ),
         Stage("teacher", build.config_dict(teacher_config), ("corpus",), teacher),
         Stage(
@@ -410,14 +413,16 @@ def plan(out: Path, recipes: Sequence[str], sizes: Any, eval_sentences: int) -> 
 def side_by_side(recipes: Sequence[str], jobs: int) -> list[list[list[str]]]:
     """The groups of stages that build at the same time, one worker process each.
 
-    The text branch (teacher, its targets and its evaluation) and the speech branch (the
-    encoder and its readout) share nothing; after the alignment run, the recipes share
-    nothing. Each inner list builds in order in one process.
+    The text branch (the teacher, its targets, its evaluation) and the speech branch (the
+    synthesised speech, the encoder and its readout) share only the transcripts the targets
+    answer, which the text branch waits for (the speech is spoken long before the teacher is
+    trained); after the alignment run, the recipes share nothing. Each inner list builds in
+    plan order in one process.
     """
     workers = [[] for _ in range(min(jobs, len(recipes)) or 1)]
     for i, name in enumerate(recipes):
         workers[i % len(workers)] += [f"recipe/{name}", f"eval/{name}"]
-    return [[["teacher", "targets", "eval/teacher"], ["encoder", "eval/encoder"]], workers]
+    return [[["teacher", "targets", "eval/teacher"], ["speech", "encoder", "eval/encoder"]], workers]
 
 
 # One XLA thread per worker: these models are too small for XLA's intra-op threads to pay,
@@ -428,30 +433,38 @@ WORKER_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_thre
 def run_workers(out: Path, recipes: Sequence[str], groups: Sequence[Sequence[str]], log: Callable[[str], None]) -> None:
     """Builds each group of stages in its own `speechlm-demo --only` process, all at once.
 
-    A worker's output goes to `<out>/logs/<first stage>.log`; a failed worker fails the
-    demo after every worker has stopped (the stages it did not finish stay unfinished).
+    A worker's output goes to `<out>/logs/<first stage>.log`. A worker waits for the stages
+    it reads that another worker builds (`--wait`); a failed worker stops the others and
+    fails the demo (the stages they did not finish stay unfinished, to build again).
     """
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {WORKER_XLA_FLAGS}".strip()}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {WORKER_XLA_FLAGS}".strip(),
+        "PYTHONUNBUFFERED": "1",
+    }
     running = []
     try:
         for group in groups:
             path = logs / f"{group[0].replace('/', '-')}.log"
             command = [sys.executable, "-m", "speechlm_jax.demo.main", "--out", str(out)]
-            command += ["--recipes", ",".join(recipes), "--only", ",".join(group)]
+            command += ["--recipes", ",".join(recipes), "--only", ",".join(group), "--wait"]
             log(f"[{', '.join(group)}] building in a worker (log: {path})")
             with open(path, "w") as handle:
                 running.append(
                     (group, path, subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env))
                 )
-        failed = [(group, path, proc.wait()) for group, path, proc in running]
+        codes = [None]
+        while None in codes and not any(codes):  # until all are done or one has failed
+            time.sleep(0.5)
+            codes = [proc.poll() for _, _, proc in running]
+        failed = [(group, path, code) for (group, path, _), code in zip(running, codes) if code]
     finally:
         for _, _, proc in running:
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait()
-    failed = [(group, path, code) for group, path, code in failed if code]
     if failed:
         raise cli.CommandFailed(
             "; ".join(f"stages {', '.join(g)} failed (exit {code}); see {path}" for g, path, code in failed)
@@ -466,13 +479,16 @@ def run_demo(
     eval_sentences: int | None = None,
     jobs: int = 1,
     only: Sequence[str] | None = None,
+    wait: bool = False,
 ) -> dict[str, Any] | None:
     """Builds every stage under `out` (cached), writes the reports; returns report.json's dict.
 
     `jobs` > 1 builds the independent branches (`side_by_side`) in that many worker
     processes at once (the demo's own sizes only: a worker rebuilds the plan from its
     command line). `only` builds just the named stages, the others' keys computed but
-    nothing else done (what a worker runs); it returns None.
+    nothing else done (what a worker runs); it returns None. A stage it builds needs the
+    stages it reads finished: `wait` waits for those another worker builds, without it
+    a missing one is an error.
     """
     from speechlm_jax.configs import toyworld as toy_config
     from speechlm_jax.demo import build
@@ -484,27 +500,37 @@ def run_demo(
     sizes = sizes or build.Sizes()
     eval_sentences = eval_sentences or toy_config.EVAL_SENTENCES
     stages = build.Stages(out)
-    steps = plan(out, recipes, sizes, eval_sentences)
+    # A worker's speech stage shares the cores with the other worker's training run.
+    steps = plan(out, recipes, sizes, eval_sentences, speakers=1 if only is not None else 2)
     by_name = {s.name: s for s in steps}
     if only is not None:
         unknown = sorted(set(only) - set(by_name))
         if unknown:
             raise cli.UsageError(f"--only: no stages {unknown}; the demo's stages: {', '.join(s.name for s in steps)}")
         for s in steps:
-            if s.name in only:
-                stages.run(s.name, s.spec, s.deps, s.build)
-            else:
+            if s.name not in only:
                 stages.key(s.name, s.spec, s.deps)
+                continue
+            for dep in s.deps:
+                if dep not in only and not stages.done(dep):
+                    if not wait:
+                        raise cli.UsageError(f"--only {s.name}: it reads stage {dep}, which is not built")
+                    stages.log(f"[{s.name}] waiting for {dep} (another worker builds it)")
+                    while not stages.done(dep):
+                        time.sleep(1.0)
+            stages.run(s.name, s.spec, s.deps, s.build)
         return None
-    parallel = {phase[0][0]: phase for phase in side_by_side(recipes, jobs)} if jobs > 1 else {}
+    phases = side_by_side(recipes, jobs) if jobs > 1 else []
+    launched = []
     for s in steps:
-        if s.name in parallel:  # the first stage of a side-by-side phase: its groups build in workers
-            pending = []
-            for group in parallel[s.name]:
-                for name in group:
-                    stages.key(name, by_name[name].spec, by_name[name].deps)
-                if not all(stages.done(name) for name in group):
-                    pending.append(group)
+        phase = next((p for p in phases if any(s.name in group for group in p)), None)
+        if phase is not None and phase not in launched:  # its first stage: the phase's groups build in workers
+            launched.append(phase)
+            names = {name for group in phase for name in group}
+            for t in steps[steps.index(s) :]:  # keys in plan order: a group may read another's stage
+                if t.name in names:
+                    stages.key(t.name, t.spec, t.deps)
+            pending = [group for group in phase if not all(stages.done(name) for name in group)]
             if pending:
                 run_workers(out, recipes, pending, stages.log)
                 stages.built_elsewhere.update(name for group in pending for name in group)
@@ -545,11 +571,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="comma-separated stages to build, nothing else (what each worker of --jobs runs); no report",
     )
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="with --only: wait for the stages they read that another worker builds (--jobs's workers do)",
+    )
     return parser
 
 
 def demo(
-    out: str | Path = "demo_out", recipes: Sequence[str] = RECIPES, *, jobs: int = 2, only: Sequence[str] = ()
+    out: str | Path = "demo_out",
+    recipes: Sequence[str] = RECIPES,
+    *,
+    jobs: int = 2,
+    only: Sequence[str] = (),
+    wait: bool = False,
 ) -> dict[str, Any] | None:
     """Checks the requirements, builds and evaluates (`run_demo`), prints the table; returns report.json's dict
     (None with `only`: those stages built, nothing reported)."""
@@ -562,7 +598,7 @@ def demo(
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if only:
-        run_demo(out, recipes, only=only)
+        run_demo(out, recipes, only=only, wait=wait)
         return None
     check_requirements()
     report = run_demo(out, recipes, jobs=jobs)
@@ -581,7 +617,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> None:
         args = build_parser().parse_args(argv)
         only = [s for s in args.only.split(",") if s]
-        demo(args.out, [r for r in args.recipes.split(",") if r], jobs=args.jobs, only=only)
+        if args.wait and not only:
+            raise cli.UsageError("--wait: only with --only")
+        demo(args.out, [r for r in args.recipes.split(",") if r], jobs=args.jobs, only=only, wait=args.wait)
 
     return cli.run_command(PROG, body, (MissingRequirement,))
 

@@ -180,12 +180,35 @@ def test_only_builds_the_named_stages_and_keys_the_rest(tmp_path: Path, miniatur
     assert sorted(p.name for p in out.iterdir()) == ["corpus"]
     with pytest.raises(cli.UsageError, match="no stages \\['nonsense'\\]"):
         demo.run_demo(out, ("mtbi",), sizes=miniature, eval_sentences=1, only=["nonsense"])
+    # A stage whose inputs are not built is refused, naming them; the folder stays as it was.
+    with pytest.raises(cli.UsageError, match="--only encoder: it reads stage speech, which is not built"):
+        demo.run_demo(out, ("mtbi",), sizes=miniature, eval_sentences=1, only=["encoder"])
+    assert sorted(p.name for p in out.iterdir()) == ["corpus"]
+
+
+def test_only_with_wait_builds_once_another_worker_has_built_its_inputs(tmp_path: Path, miniature: build.Sizes):
+    import threading
+
+    out = tmp_path / "demo_out"
+    done = threading.Event()
+
+    def worker() -> None:
+        demo.run_demo(out, ("mtbi",), sizes=miniature, eval_sentences=1, only=["speech"], wait=True)
+        done.set()
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    assert not done.wait(3.0)  # the corpus is not built: the worker waits for it
+    assert not (out / "speech").exists()
+    demo.run_demo(out, ("mtbi",), sizes=miniature, eval_sentences=1, only=["corpus"])
+    assert done.wait(120.0)
+    assert stage_cache.record(out / "speech") is not None
 
 
 def test_side_by_side_groups_share_no_stage_and_cover_the_recipes():
     phases = demo.side_by_side(("asr", "mtbi", "salad"), jobs=2)
     branches, recipes = phases
-    assert branches == [["teacher", "targets", "eval/teacher"], ["encoder", "eval/encoder"]]
+    assert branches == [["teacher", "targets", "eval/teacher"], ["speech", "encoder", "eval/encoder"]]
     assert recipes == [["recipe/asr", "eval/asr", "recipe/salad", "eval/salad"], ["recipe/mtbi", "eval/mtbi"]]
     assert demo.side_by_side(("vtb",), jobs=4)[1] == [["recipe/vtb", "eval/vtb"]]
 
@@ -195,6 +218,18 @@ def test_a_failed_worker_fails_the_demo_naming_its_log(tmp_path: Path):
     with pytest.raises(cli.CommandFailed, match=r"stages nonsense failed \(exit 2\); see .*nonsense\.log"):
         demo.run_workers(tmp_path, ("mtbi",), [["nonsense"]], log=lambda line: None)
     assert "--only: no stages ['nonsense']" in (tmp_path / "logs" / "nonsense.log").read_text()
+
+
+def test_a_failed_worker_stops_the_others(tmp_path: Path):
+    """A worker waiting for a stage that will never come (no corpus) is stopped when its sibling fails."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(cli.CommandFailed, match=r"stages nonsense failed") as failure:
+        demo.run_workers(tmp_path, ("mtbi",), [["speech"], ["nonsense"]], log=lambda line: None)
+    assert "speech" not in str(failure.value)  # the stopped worker did not fail: it was stopped
+    assert "waiting for corpus" in (tmp_path / "logs" / "speech.log").read_text()
+    assert not (tmp_path / "speech").exists() and time.perf_counter() - start < 120
 
 
 def test_jobs_refuse_custom_sizes(tmp_path: Path, miniature: build.Sizes):
