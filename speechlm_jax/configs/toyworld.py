@@ -123,7 +123,7 @@ ENCODER_STEPS = 1600
 # (their losses part at step 400) and another seed at 18.4%; at 2e-3, 17.6%.
 ENCODER_LR = 2e-3
 ALIGN_ENCODER_LR = 5e-3  # the encoder's rate in the alignment run (measured there at this value)
-RECIPE_STEPS = 500
+RECIPE_STEPS = 100
 ALIGN_STEPS = 500
 PROJECTOR_LR = 5e-3  # a fresh projector (the alignment run's)
 # A recipe's projector starts aligned: at 5e-3 mtbi fell from 73 to 33% on seen tasks in 500
