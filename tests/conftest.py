@@ -1,12 +1,20 @@
 """Test configuration: every test process sees 8 simulated CPU devices.
 
-The flag must be set before jax is first imported, so it lives here and not in
+The flags must be set before jax is first imported, so they live here and not in
 a fixture. Single-device tests simply use `jax.devices()[0]`.
+
+The suite compiles thousands of tiny programs and runs each for milliseconds, so its
+programs skip the CPU backend's expensive LLVM passes (what `train.fast_compile` does
+for a run's step). The console commands the tests start inherit the flags.
 """
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault(
+    "XLA_FLAGS",
+    "--xla_force_host_platform_device_count=8"
+    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -71,6 +71,10 @@ def _launch(corpus: Path, workdir: str | Path, cache: Path, logs: Path, *, steps
         "--config.train.progress_bar=False",
         "--config.train.fast_compile=True",
         f"--config.train.compilation_cache={cache}",
+        # A learning rate that does not depend on train.steps (warmup is capped by it): a run
+        # stopped at step 2 and resumed to 3 follows the schedule of one run of 3 steps.
+        "--config.optimizer.schedule=constant",
+        "--config.optimizer.warmup_steps=0",
     ]
     env = dict(
         os.environ, PYTHONPATH=str(REPO), SPEECHLM_TRAIN=f"{sys.executable} {REPO}/tests/scale/distributed_train.py"
@@ -92,35 +96,33 @@ def _launch(corpus: Path, workdir: str | Path, cache: Path, logs: Path, *, steps
     return subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200), logs
 
 
-def test_two_processes_give_the_losses_of_one(tiny_config, tiny_corpus, compilation_cache, tmp_path, monkeypatch):
+def test_two_processes_give_the_losses_of_one_and_resume_from_a_bucket(
+    tiny_config, tiny_corpus, compilation_cache, gcs_bucket, tmp_path, monkeypatch
+):
+    """Two hosts train into a bucket, stop after step 2's checkpoint, resume, and match one process."""
     config = tiny_config("asr", steps=STEPS, log_every=1)
+    config.optimizer.schedule, config.optimizer.warmup_steps = "constant", 0
     with monkeypatch.context() as patch:
         patch.setattr(data.Data, "train_iterator", _two_host_batches)
         trainer.train(config, tmp_path / "one")
 
-    result, logs = _launch(tiny_corpus, tmp_path / "two", compilation_cache, tmp_path / "logs", steps=STEPS)
-    assert result.returncode == 0, result.stderr[-4000:] + (logs / "process_1.log").read_text()[-4000:]
-
+    workdir = f"{gcs_bucket}/runs/two"
+    first, logs = _launch(tiny_corpus, workdir, compilation_cache, tmp_path / "first", steps=2, every=2)
+    assert first.returncode == 0, first.stderr[-4000:] + (logs / "process_1.log").read_text()[-4000:]
     for i in range(2):
         log = (logs / f"process_{i}.log").read_text()
         assert f"process {i}/2: 4 local of 8 cpu devices" in log
         assert "mesh {'data': 8, 'fsdp': 1, 'tensor': 1} on 8 devices" in log
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert one.keys() == two.keys() == set(range(1, STEPS + 1))
-    np.testing.assert_allclose([two[k] for k in sorted(one)], [one[k] for k in sorted(one)], rtol=1e-5, atol=1e-5)
-    assert (tmp_path / "two" / "checkpoints" / str(STEPS) / "trainable").is_dir()
-
-
-def test_two_processes_checkpoint_to_a_bucket_and_resume_from_it(gcs_bucket, tiny_corpus, compilation_cache, tmp_path):
-    workdir = f"{gcs_bucket}/runs/two"
-    first, logs = _launch(tiny_corpus, workdir, compilation_cache, tmp_path / "first", steps=2, every=2)
-    assert first.returncode == 0, first.stderr[-4000:] + (logs / "process_1.log").read_text()[-4000:]
     # Both hosts wrote their shards of step 2 and orbax committed it in the bucket (no local copy).
     assert (storage.path(workdir) / "checkpoints" / "2" / "trainable").is_dir()
     assert not (tmp_path / "gs:").exists() and not (REPO / "gs:").exists()
 
-    second, logs = _launch(tiny_corpus, workdir, compilation_cache, tmp_path / "second", steps=3)
+    second, logs = _launch(tiny_corpus, workdir, compilation_cache, tmp_path / "second", steps=STEPS)
     assert second.returncode == 0, second.stderr[-4000:] + (logs / "process_1.log").read_text()[-4000:]
     for i in range(2):
         assert "resumed from step 2" in (logs / f"process_{i}.log").read_text()
-    assert set(_losses(workdir)) == {1, 2, 3}  # one line per step: only process 0 writes metrics
+    # One line per step (only process 0 writes metrics), and the resumed step as one process's.
+    one, two = _losses(tmp_path / "one"), _losses(workdir)
+    assert one.keys() == two.keys() == set(range(1, STEPS + 1))
+    np.testing.assert_allclose([two[k] for k in sorted(one)], [one[k] for k in sorted(one)], rtol=1e-5, atol=1e-5)
+    assert (storage.path(workdir) / "checkpoints" / str(STEPS) / "trainable").is_dir()
