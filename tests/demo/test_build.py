@@ -108,8 +108,13 @@ def test_checks_compare_against_the_targets():
 
 @pytest.fixture
 def miniature(monkeypatch: pytest.MonkeyPatch) -> build.Sizes:
-    """Toy settings shrunk to seconds: few sentences, one voice, a few steps per stage."""
+    """Toy settings shrunk to seconds: few sentences, one voice, a few steps per stage, one-layer
+    models and one bucket per kind (each layer and bucket is more for XLA to compile)."""
     small = dict(
+        TEACHER_LLM={**toy_config.TEACHER_LLM, "num_hidden_layers": 1},
+        ENCODER={**toy_config.ENCODER, "encoder_layers": 1},
+        TEXT_BUCKETS=toy_config.TEXT_BUCKETS[-1:],
+        SPEECH_SECONDS=toy_config.SPEECH_SECONDS[-1:],
         TEACHER_STEPS=3,
         ENCODER_STEPS=3,
         ALIGN_STEPS=3,

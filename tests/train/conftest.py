@@ -29,7 +29,9 @@ def train_command(compilation_cache: Path):
     to configs/, e.g. "asr.py:tiny,data_dir=..."); run it from the repository root."""
 
     def make(config_arg: str, workdir: Path, *overrides: str) -> tuple[list[str], dict[str, str]]:
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+        # One device, with the suite's other XLA flags (its fast-compile ones, tests/conftest.py).
+        flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1")
+        env = dict(os.environ, XLA_FLAGS=flags)
         argv = [
             sys.executable,
             "-m",
