@@ -295,24 +295,6 @@ def test_an_internal_error_exits_1_with_its_traceback(name, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_compile_of_a_tiny_step_succeeds_with_exit_status_0():
-    from speechlm_jax.train import compile_aot
-
-    if not compile_aot.libtpu_available():
-        pytest.skip("libtpu (XLA's TPU compiler) is not installed: pip install -e '.[tpu]'")
-    result = run(
-        "speechlm-compile",
-        "--config",
-        "configs/asr.py:tiny",
-        "--topology",
-        "v5e-16",
-        "--config.mesh.fsdp=2",
-        "--config.mesh.tensor=2",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "peak / device" in result.stdout and "compile time" in result.stdout
-
-
 @pytest.mark.parametrize(
     "name, args, scheme",
     [

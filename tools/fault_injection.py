@@ -138,7 +138,10 @@ def _train_args(workdir: Path, corpus: Path, cache: Path, steps: int) -> list[st
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=str(REPO))
+    """The caller's environment and XLA flags, on one CPU device."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+    flags.append("--xla_force_host_platform_device_count=1")
+    return dict(os.environ, XLA_FLAGS=" ".join(flags), PYTHONPATH=str(REPO))
 
 
 def _run(args: list[str], point: str | None = None, nth: int = 0) -> subprocess.CompletedProcess:

@@ -7,7 +7,9 @@ without it the test is skipped and says so.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,10 +89,26 @@ def _tiny_config():
 
 @pytest.fixture(scope="module")
 def compiled():
+    """The tiny step compiled for a v5e-16 slice by the installed `speechlm-compile --json`
+    (one compile serves the command's test and the report's)."""
     if not compile_aot.libtpu_available():
         pytest.skip("libtpu (XLA's TPU compiler) is not installed: pip install -e '.[tpu]'")
-    topology = compile_aot.make_topology("v5e-16")
-    return topology, compile_aot.compile_train_step(_tiny_config(), topology, mfu=0.5)
+    installed = shutil.which("speechlm-compile", path=str(Path(sys.executable).parent))
+    command = [installed] if installed else [sys.executable, "-m", "speechlm_jax.train.compile_aot"]
+    args = ["--config=configs/asr.py:tiny", "--topology=v5e-16", "--config.mesh.data=-1"]
+    args += ["--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--mfu=0.5", "--json"]
+    result = subprocess.run([*command, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    report = compile_aot.CompileReport(**{k: v for k, v in line.items() if k not in ("peak_bytes", "fits")})
+    assert (line["peak_bytes"], line["fits"]) == (report.peak_bytes, report.fits)
+    return compile_aot.make_topology("v5e-16"), report
+
+
+def test_the_report_prints_as_a_table(compiled):
+    _, report = compiled
+    table = report.table()
+    assert "peak / device" in table and "compile time" in table and "(16 devices, mesh" in table
 
 
 def test_tiny_step_compiles_for_a_multi_host_tpu_slice(compiled):
