@@ -521,16 +521,16 @@ def run_demo(
             stages.run(s.name, s.spec, s.deps, s.build)
         return None
     phases = side_by_side(recipes, jobs) if jobs > 1 else []
-    launched = []
-    for s in steps:
-        phase = next((p for p in phases if any(s.name in group for group in p)), None)
-        if phase is not None and phase not in launched:  # its first stage: the phase's groups build in workers
-            launched.append(phase)
-            names = {name for group in phase for name in group}
-            for t in steps[steps.index(s) :]:  # keys in plan order: a group may read another's stage
-                if t.name in names:
+    phase_of = {name: i for i, phase in enumerate(phases) for group in phase for name in group}
+    launched = set()
+    for position, s in enumerate(steps):
+        i = phase_of.get(s.name)
+        if i is not None and i not in launched:  # the phase's first stage: its groups build in workers
+            launched.add(i)
+            for t in steps[position:]:  # keys in plan order: a group may read another group's stage
+                if phase_of.get(t.name) == i:
                     stages.key(t.name, t.spec, t.deps)
-            pending = [group for group in phase if not all(stages.done(name) for name in group)]
+            pending = [group for group in phases[i] if not all(stages.done(name) for name in group)]
             if pending:
                 run_workers(out, recipes, pending, stages.log)
                 stages.built_elsewhere.update(name for group in pending for name in group)
