@@ -67,6 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.length_adapter = ml_collections.ConfigDict(
         dict(enabled=False, blank_id=0, output="frames", temperature=1.0)
     )
+    # SpecAugment of the training audio (Park et al., 2019; `models.frontend.SpecAugment`): masks per
+    # utterance of up to `*_width` log-mel bins / frames (10 ms each); 0 masks = off. Evaluation,
+    # generation and teacher targets never mask.
+    c.model.spec_augment = ml_collections.ConfigDict(dict(freq_masks=0, freq_width=27, time_masks=0, time_width=100))
     # Start parts of the model from an earlier run's checkpoint (`train.init_from`): "" = no.
     c.model.init_from = ml_collections.ConfigDict(dict(workdir="", parts="projector", step=0))
     # Targets are regexes searched in each part's own module paths (`layers/3/attn/q_proj`; with

@@ -20,6 +20,7 @@ max - 8) is taken over the padded row, which adds the frames straddling the clip
 The encoder's valid frames are the first `l // 160` (see `audio_token_count`).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -216,3 +217,36 @@ def spec_augment(
     else:
         fill = jnp.zeros((batch,), mels.dtype)
     return jnp.where(hit, fill[:, None, None].astype(mels.dtype), mels)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecAugment:
+    """SpecAugment's policy for training (`model.spec_augment`): masks per utterance and their widths.
+
+    `rows(mels, lengths, seeds)` masks each utterance with its own seed (one int per row, drawn
+    by the train step from its rng), so a row's masks do not depend on the rows beside it: a
+    batch split into microbatches is masked exactly as it is whole.
+    """
+
+    freq_masks: int = 0
+    freq_width: int = 27
+    time_masks: int = 0
+    time_width: int = 100
+
+    @property
+    def enabled(self) -> bool:
+        return (self.freq_masks > 0 and self.freq_width > 0) or (self.time_masks > 0 and self.time_width > 0)
+
+    def rows(self, mels: jax.Array, lengths: jax.Array, seeds: jax.Array) -> jax.Array:
+        """mels [N, n_mels, M], lengths [N] valid frames, seeds [N] int -> masked mels [N, n_mels, M]."""
+        policy = dict(
+            freq_masks=self.freq_masks,
+            freq_width=self.freq_width,
+            time_masks=self.time_masks,
+            time_width=self.time_width,
+        )
+
+        def one(m: jax.Array, length: jax.Array, seed: jax.Array) -> jax.Array:
+            return spec_augment(m[None], jax.random.key(seed), lengths=length[None], **policy)[0]
+
+        return jax.vmap(one)(mels, lengths, seeds)

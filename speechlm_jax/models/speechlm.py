@@ -41,7 +41,7 @@ from flax import nnx
 
 from speechlm_jax.losses.chunked import scan_chunks, unembed
 from speechlm_jax.losses.ctc import chunked_ctc_greedy, collapse_best_path, kept_frames
-from speechlm_jax.models.frontend import HOP_LENGTH, encoder_frames_of_mel, log_mel_spectrogram
+from speechlm_jax.models.frontend import HOP_LENGTH, SpecAugment, encoder_frames_of_mel, log_mel_spectrogram
 from speechlm_jax.models.llm import DecoderLLM, LLMConfig, default_positions
 from speechlm_jax.models.lora import LoRAConfig, apply_lora
 from speechlm_jax.models.projector import Projector, ProjectorConfig, make_projector
@@ -147,11 +147,14 @@ class SpeechLM(nnx.Module):
         projector: Projector,
         llm: DecoderLLM,
         length_adapter: LengthAdapter | None = None,
+        augment: SpecAugment | None = None,
     ):
         self.encoder = encoder
         self.projector = projector
         self.llm = llm
         self.length_adapter = length_adapter
+        # SpecAugment in training: applied where the train step's per-row seeds reach the audio.
+        self.augment = augment if augment is not None and augment.enabled else None
 
     def ctc_blank(self) -> jax.Array | None:
         """The connector's learned CTC blank vector [D] (`ProjectorConfig.ctc_blank`), or None."""
@@ -177,15 +180,15 @@ class SpeechLM(nnx.Module):
         )
 
     def encode_audio(
-        self, audio: jax.Array, audio_lens: jax.Array, *, lora: bool = True
+        self, audio: jax.Array, audio_lens: jax.Array, *, lora: bool = True, augment_seeds: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
         """audio [N, L] int16 (or float in [-1, 1]) with audio_lens [N] valid samples ->
         (embeddings [N, F, D], mask [N, F] bool) with F = audio_token_count(L, downsample).
 
         Row i has audio_token_count(audio_lens[i], downsample) valid frames; an unused slot
-        (length 0) yields finite, fully masked output.
+        (length 0) yields finite, fully masked output. `augment_seeds` [N]: see `project_audio`.
         """
-        embeds, mask = self.project_audio(audio, audio_lens, lora=lora)
+        embeds, mask = self.project_audio(audio, audio_lens, lora=lora, augment_seeds=augment_seeds)
         if self.length_adapter is not None:
             embeds, mask = pool_token_frames(
                 embeds, mask, self.best_path(embeds), blank_id=self.length_adapter.blank_id
@@ -216,12 +219,20 @@ class SpeechLM(nnx.Module):
         return mixed.astype(pooled.dtype)
 
     def project_audio(
-        self, audio: jax.Array, audio_lens: jax.Array, *, lora: bool = True
+        self, audio: jax.Array, audio_lens: jax.Array, *, lora: bool = True, augment_seeds: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
         """Log-mel -> encoder (window by window) -> projector: (frames [N, F, D], mask [N, F]),
-        before any length adapter."""
+        before any length adapter.
+
+        `augment_seeds` [N] int (the train step's, `train.step.with_augment_seeds`): each row's
+        log-mel is SpecAugment-masked with its seed when the model has a policy (`augment`);
+        without seeds (evaluation, generation) the audio is never masked.
+        """
         mels = log_mel_spectrogram(audio, n_mels=self.encoder.config.num_mel_bins)
-        hidden, mask = encode_windows(self.encoder, mels, audio_lens // HOP_LENGTH, lora=lora)
+        mel_lens = audio_lens // HOP_LENGTH
+        if self.augment is not None and augment_seeds is not None:
+            mels = self.augment.rows(mels, mel_lens, augment_seeds)
+        hidden, mask = encode_windows(self.encoder, mels, mel_lens, lora=lora)
         return self.projector(hidden, mask, lora=lora)
 
     def ctc_transcript(self, audio: jax.Array, audio_lens: jax.Array, *, blank_id: int, max_labels: int) -> jax.Array:
@@ -238,7 +249,13 @@ class SpeechLM(nnx.Module):
         """The batch's audio [B, S, L] -> every slot's (embeddings [B*S, F, D], mask [B*S, F])."""
         audio = batch["audio"]
         b, s, length = audio.shape
-        return self.encode_audio(audio.reshape(b * s, length), batch["audio_lens"].reshape(b * s), lora=lora)
+        seeds = batch.get("augment_seeds")
+        return self.encode_audio(
+            audio.reshape(b * s, length),
+            batch["audio_lens"].reshape(b * s),
+            lora=lora,
+            augment_seeds=None if seeds is None else seeds.reshape(b * s),
+        )
 
     def audio_embeddings(self, batch: Batch, *, lora: bool = True) -> jax.Array:
         """The batch's audio [B, S, L] -> its audio embeddings [B, S*F, D], slot-major per row."""
@@ -314,6 +331,7 @@ def build_speechlm(
     *,
     encoder_lora_cfg: LoRAConfig | None = None,
     length_adapter: LengthAdapter | None = None,
+    augment: SpecAugment | None = None,
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
     rngs: nnx.Rngs,
@@ -335,7 +353,7 @@ def build_speechlm(
         apply_lora(llm, lora_cfg, rngs=rngs, param_dtype=param_dtype)
     if encoder_lora_cfg is not None:
         apply_lora(encoder, encoder_lora_cfg, rngs=rngs, param_dtype=param_dtype)
-    return SpeechLM(encoder, projector, llm, length_adapter)
+    return SpeechLM(encoder, projector, llm, length_adapter, augment)
 
 
 # What each name in `trainable_filter(kinds)` selects. LoRAParam subclasses Param, so

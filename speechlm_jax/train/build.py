@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 
 from speechlm_jax import storage
 from speechlm_jax.models import hf_import, presets
+from speechlm_jax.models.frontend import SpecAugment
 from speechlm_jax.models.llm import LLMConfig
 from speechlm_jax.models.lora import LoRAConfig
 from speechlm_jax.models.projector import ProjectorConfig
@@ -111,6 +112,7 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> SpeechLM:
             if adapter.enabled
             else None
         ),
+        augment=SpecAugment(**config.model.spec_augment),
         dtype=jnp.dtype(config.model.dtype),
         param_dtype=jnp.dtype(config.model.param_dtype),
         rngs=rngs,

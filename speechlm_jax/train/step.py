@@ -45,6 +45,17 @@ def _microbatches(batch: Batch, count: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
+def with_augment_seeds(batch: Batch, rng: jax.Array) -> Batch:
+    """The batch with `augment_seeds` [B, S]: one seed per audio slot from the step's `rng`, which
+    the model's SpecAugment masks that slot with (`SpeechLM.project_audio`; unused without a
+    policy). Drawn for the whole batch before it is split into microbatches, so the masks do not
+    depend on `train.grad_accum`. The eval step draws none: held-out audio is never masked."""
+    if "audio_lens" not in batch:
+        return batch
+    seeds = jax.random.randint(rng, batch["audio_lens"].shape, 0, jnp.iinfo(jnp.int32).max, dtype=jnp.int32)
+    return {**batch, "augment_seeds": seeds}
+
+
 def loss_and_grads(
     graphdef: nnx.GraphDef, objective: Objective, trainable: Any, frozen: Any, batch: Batch, grad_accum: int
 ) -> tuple[jax.Array, Metrics, Any]:
@@ -94,7 +105,7 @@ def train_step_fn(
     def train_step(
         trainable: Any, frozen: Any, opt_state: Any, batch: Batch, rng: jax.Array
     ) -> tuple[Any, Any, Metrics]:
-        del rng  # the objectives are deterministic (no dropout); kept so augmentation can use it
+        batch = with_augment_seeds(batch, rng)
         loss, metrics, grads = loss_and_grads(graphdef, objective, trainable, frozen, batch, grad_accum)
         grad_norm = optax.global_norm(grads)
         updates, new_opt_state = tx.update(grads, opt_state, trainable)
