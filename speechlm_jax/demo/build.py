@@ -1,6 +1,7 @@
 """The demo's stages, each cached in `<out>/<stage>/` behind a done-marker keyed by its inputs.
 
     corpus    train / held-out sentences, the word-level tokenizer, the teacher's text SFT data
+              and its copying sequences
     speech    the sentences spoken by eSpeak in several voices, rates and pitches (word timings)
     teacher   the text LLM trained from scratch on every toy task (the project's trainer),
               exported as an HF folder: the frozen LLM of every recipe
@@ -59,6 +60,7 @@ class Sizes:
     )
     # Times each task is asked per training sentence in the teacher's data (others: once).
     asks: tuple[tuple[str, int], ...] = tuple(toy_config.TEXT_SFT_ASKS.items())
+    copy_sequences: int = toy_config.COPY_SEQUENCES  # the teacher's copying rows (`copy_lm.jsonl`)
     seed: int = 0
 
 
@@ -134,13 +136,14 @@ def task_spec() -> dict[str, Any]:
 
 
 def build_corpus(folder: Path, sizes: Sizes) -> None:
-    """Sentences, the tokenizer and the teacher's text SFT data (every task, train phrasings)."""
+    """Sentences, the tokenizer and the teacher's text data (every task, train phrasings; the copying rows)."""
     toy_corpus.build_corpus(
         folder,
         train_sentences=sizes.train_sentences,
         heldout_sentences=sizes.heldout_sentences,
         seed=sizes.seed,
         asks=dict(sizes.asks),
+        copy_sequences=sizes.copy_sequences,
     )
 
 

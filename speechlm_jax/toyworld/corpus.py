@@ -10,6 +10,7 @@ variants and tests (a dozen sentences, one voice). A corpus folder holds
                                  a registered phrasing or an answer can contain
     text_sft.jsonl               chat examples of the toy tasks about the training sentences
                                  (a task asked `asks[task]` times, in distinct phrasings)
+    copy_lm.jsonl                language modelling on word sequences that repeat (`copy_sequences`)
 
 and `speak` adds `<split>/manifest.jsonl` with the audio and word timings (eSpeak NG through
 `speechlm_jax.data.tts`). Building speech is resumable: existing audio is kept.
@@ -29,6 +30,7 @@ from speechlm_jax.data.tts import Voice
 from speechlm_jax.data.tts_corpus import synthesize_corpus
 from speechlm_jax.toyworld import sentences as toy_sentences
 from speechlm_jax.toyworld.tasks import TOY_TASKS, all_words, register_toy_tasks
+from speechlm_jax.toyworld.vocab import sentence_words
 
 SPLITS = ("train", "heldout")
 # The `:tiny` corpus's text SFT asks three tasks only: enough for VoiceTextBlender's text part.
@@ -43,8 +45,10 @@ def build_corpus(
     seed: int = 0,
     tasks: Sequence[TextTask] = TOY_TASKS,
     asks: Mapping[str, int] | None = None,
+    copy_sequences: int = 0,
 ) -> Path:
-    """Writes the sentences, the tokenizer and the text SFT data into `folder`; returns it."""
+    """Writes the sentences, the tokenizer, the text SFT data and `copy_sequences` copying
+    sequences (`copy_lm.jsonl`, `write_copy_sequences`) into `folder`; returns it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     register_toy_tasks()
@@ -72,7 +76,27 @@ def build_corpus(
                         {"role": "assistant", "content": task.answer(sentence)},
                     ]
                     f.write(json.dumps({"id": f"text{i:05d}-{task.name}-{k}", "messages": messages}) + "\n")
+    write_copy_sequences(folder / "copy_lm.jsonl", copy_sequences, seed=seed)
     return folder
+
+
+def write_copy_sequences(path: str | Path, n: int, *, seed: int = 0, min_words: int = 3, max_words: int = 12) -> Path:
+    """`n` chat rows whose answer repeats the prompt, a random sequence of sentence words.
+
+    A real LLM copies from pretraining (induction heads); a toy teacher trained from scratch on
+    the tasks alone forms copying late and unreliably, and every spoken task that needs the
+    words in order inherits its ceiling. With the loss on every token (`data.text_loss=all`)
+    only copying predicts the second half of these rows: there is no grammar to guess from.
+    Lengths are uniform in [`min_words`, `max_words`]: 3-12 reaches a little past the sentences' 3-10.
+    """
+    rng = random.Random(f"copy-{seed}")
+    words = sentence_words()
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            sequence = " ".join(rng.choice(words) for _ in range(rng.randint(min_words, max_words)))
+            messages = [{"role": "user", "content": sequence}, {"role": "assistant", "content": sequence}]
+            f.write(json.dumps({"id": f"copy{i:06d}", "messages": messages}) + "\n")
+    return Path(path)
 
 
 def read_sentences(corpus: str | Path, split: str) -> list[str]:

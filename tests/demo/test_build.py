@@ -45,8 +45,12 @@ def test_teacher_data_asks_each_task_per_sentence_and_copying_tasks_in_several_p
 
     from speechlm_jax.toyworld.tasks import REPEAT, TOY_TASKS
 
-    sizes = build.Sizes(train_sentences=5, heldout_sentences=2, asks=(("repeat", 3),))
+    sizes = build.Sizes(train_sentences=5, heldout_sentences=2, asks=(("repeat", 3),), copy_sequences=7)
     build.build_corpus(tmp_path, sizes)
+    # The copying sequences are a source of the teacher's beside the tasks.
+    assert len((tmp_path / "copy_lm.jsonl").read_text().splitlines()) == 7
+    folder = toy_config.paths(tmp_path.parent)
+    assert tuple(toy_config.teacher(tmp_path.parent).data.text_sources) == (folder["text_sft"], folder["copy_lm"])
     records = [json.loads(line) for line in (tmp_path / "text_sft.jsonl").read_text().splitlines()]
     per_task = Counter(r["id"].split("-")[1] for r in records)
     assert per_task == {t.name: 3 * 5 if t.name == "repeat" else 5 for t in TOY_TASKS}
@@ -126,7 +130,7 @@ def miniature(monkeypatch: pytest.MonkeyPatch) -> build.Sizes:
     )
     for name, value in small.items():
         monkeypatch.setattr(toy_config, name, value)
-    return build.Sizes(train_sentences=8, heldout_sentences=4, voices=(Voice(rate=220),))
+    return build.Sizes(train_sentences=8, heldout_sentences=4, voices=(Voice(rate=220),), copy_sequences=16)
 
 
 def test_miniature_demo_builds_every_stage_and_reports(tmp_path: Path, miniature: build.Sizes):

@@ -264,3 +264,33 @@ def test_number_words():
     assert vocab.number_word(0) == "zero" and vocab.number_word(15) == "fifteen"
     with pytest.raises(ValueError):
         vocab.number_word(16)
+
+
+def test_copy_sequences_repeat_random_sentence_words_and_tokenize(tmp_path):
+    from speechlm_jax.data.sources import text_source
+    from speechlm_jax.toyworld.corpus import build_corpus
+
+    folder = build_corpus(tmp_path, train_sentences=4, heldout_sentences=2, copy_sequences=300)
+    rows = [json.loads(line) for line in (folder / "copy_lm.jsonl").read_text().splitlines()]
+    assert len(rows) == 300 and len({r["id"] for r in rows}) == 300
+    words = set(vocab.sentence_words())
+    lengths = set()
+    for row in rows:
+        user, assistant = row["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        assert user["content"] == assistant["content"]
+        sequence = user["content"].split()
+        assert set(sequence) <= words
+        lengths.add(len(sequence))
+    assert lengths == set(range(3, 13))  # 3-12 words: the sentences' 3-10 and a little past
+    # Not sentences of the grammar: copying, not the language model, predicts the answer.
+    grammatical = set(toy_sentences.sentences("train", 50)) | set(toy_sentences.sentences("heldout", 50))
+    assert not grammatical & {r["messages"][0]["content"] for r in rows}
+    # Deterministic in the seed, and readable by the trainer's text source in the corpus's tokenizer.
+    again = build_corpus(tmp_path / "again", train_sentences=4, heldout_sentences=2, copy_sequences=300)
+    assert (again / "copy_lm.jsonl").read_text() == (folder / "copy_lm.jsonl").read_text()
+    assert len(text_source(folder / "copy_lm.jsonl")) == 300
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    for row in rows[:50]:
+        ids = tokenizer(row["messages"][0]["content"], add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids
