@@ -239,12 +239,7 @@ class SpecAugment:
 
     def rows(self, mels: jax.Array, lengths: jax.Array, seeds: jax.Array) -> jax.Array:
         """mels [N, n_mels, M], lengths [N] valid frames, seeds [N] int -> masked mels [N, n_mels, M]."""
-        policy = dict(
-            freq_masks=self.freq_masks,
-            freq_width=self.freq_width,
-            time_masks=self.time_masks,
-            time_width=self.time_width,
-        )
+        policy = dataclasses.asdict(self)
 
         def one(m: jax.Array, length: jax.Array, seed: jax.Array) -> jax.Array:
             return spec_augment(m[None], jax.random.key(seed), lengths=length[None], **policy)[0]
