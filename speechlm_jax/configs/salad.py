@@ -47,6 +47,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optimizer.lr.lora = 5e-4
         c.data.interleave_prob = 0.5
         c.data.max_slots = 2  # every slot is a whole bucket of audio through the encoder
+        # Warmup, constant, then a linear decay over the last 20 steps: the run keeps its step-80
+        # checkpoint, from which stage 2 (`speechlm-select train`) continues at the peak rate.
+        c.optimizer.schedule = "warmup_stable_decay"
+        c.optimizer.decay_fraction = 0.2
         return c
     if a.variant == "tiny":
         c = tiny(c, a.data_dir)

@@ -519,7 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--corpus", default="", help="text corpus: JSONL ({'id', 'text'}) or plain lines")
     p.add_argument("--stage1", default="", help="the stage-1 SALAD run (workdir with config.json and checkpoints)")
-    p.add_argument("--stage1_step", type=int, default=0, help="stage-1 checkpoint to continue from (0 = latest)")
+    p.add_argument(
+        "--stage1_step",
+        type=int,
+        default=0,
+        help="stage-1 checkpoint to continue from (0: its last step before the learning-rate decay, else its latest)",
+    )
     p.add_argument(
         "--embedder", default="", help="HF folder (decoder LLM: Flax; encoder: torch); default the stage-1 LLM"
     )

@@ -1,7 +1,8 @@
 """Step 5 of active selection: continue a stage-1 SALAD run on its mixture plus the selected speech.
 
 The paper resumes stage 1 before its learning-rate decay and decays linearly to 0 over
-the stage-2 steps. This is done with the real trainer (`train.trainer.train`) and the
+the stage-2 steps. A stage-1 run on the `warmup_stable_decay` schedule keeps the checkpoint
+of its last step before the decay, and stage 2 starts there by default. This is done with the real trainer (`train.trainer.train`) and the
 stage-1 run's own resolved config (`configs/salad.py` as it ran), changed in these keys:
 
     data.speech_sources   the stage-1 sources + the synthesised manifest (`repeat` times:
@@ -23,6 +24,7 @@ resumes from its own latest checkpoint.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -31,7 +33,7 @@ import ml_collections
 from speechlm_jax import storage
 from speechlm_jax.data.pipeline import save_iterator
 from speechlm_jax.train import config as config_lib
-from speechlm_jax.train import trainer
+from speechlm_jax.train import optimizer, trainer
 from speechlm_jax.train.data import Data
 from speechlm_jax.train.restore import read_config as load_run_config
 
@@ -40,6 +42,29 @@ def stage1_steps(workdir: str | Path) -> list[int]:
     """The checkpointed steps of a run, ascending."""
     root = storage.path(workdir) / "checkpoints"
     return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+
+
+def default_start_step(workdir: str | Path, config: ml_collections.ConfigDict) -> int:
+    """Where stage 2 starts by default: the stage-1 run's last step before its decay, as the paper does.
+
+    A warmup-stable-decay run keeps that checkpoint (`train.trainer`); a run with another
+    schedule (or one cut short of its decay) has none, and stage 2 starts from its latest
+    checkpoint: past the decay, at a learning rate that jumps back to the peak.
+    """
+    available = stage1_steps(workdir)
+    if not available:
+        raise FileNotFoundError(f"stage-1 run {workdir} has no checkpoint")
+    pre_decay = optimizer.decay_start(config.optimizer, config.train.steps)
+    if pre_decay is not None and pre_decay in available:
+        return pre_decay
+    logging.warning(
+        "stage-1 run %s has no checkpoint before a learning-rate decay (schedule %s); stage 2 starts from "
+        "its latest, step %d",
+        workdir,
+        config.optimizer.schedule,
+        available[-1],
+    )
+    return available[-1]
 
 
 def target_tasks(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -121,16 +146,13 @@ def continue_training(
     targets: tuple[str, ...] = (),
     overrides: dict[str, object] | None = None,
 ) -> trainer.TrainResult:
-    """Stage 2 through the real trainer: from the stage-1 checkpoint `start_step` (default: its latest).
+    """Stage 2 through the real trainer: from the stage-1 checkpoint `start_step` (default: `default_start_step`).
 
     `targets` are the new utterances' teacher-target files (when the mixture reads targets);
     `overrides` sets dotted config keys (e.g. {"train.progress_bar": False}).
     """
     stage1 = load_run_config(stage1_workdir)
-    available = stage1_steps(stage1_workdir)
-    if not available:
-        raise FileNotFoundError(f"stage-1 run {stage1_workdir} has no checkpoint")
-    start = available[-1] if start_step is None else start_step
+    start = default_start_step(stage1_workdir, stage1) if start_step is None else start_step
     config = stage2_config(stage1, manifest, start_step=start, steps=steps, repeat=repeat, targets=targets)
     config_lib.check_overrides(config, list(overrides or {}))
     for key, value in (overrides or {}).items():

@@ -119,12 +119,29 @@ def _absolute(folder: epath.Path) -> epath.Path:
 class Checkpointer:
     """Saves and restores (trainable, opt_state, meta, data iterator) under `<workdir>/checkpoints`."""
 
-    def __init__(self, workdir: storage.PathLike, *, every: int, keep: int, async_save: bool = True):
+    def __init__(
+        self,
+        workdir: storage.PathLike,
+        *,
+        every: int,
+        keep: int,
+        async_save: bool = True,
+        keep_steps: Sequence[int] = (),
+    ):
+        """`keep` latest checkpoints, plus those of `keep_steps` (saved when reached, never deleted)."""
         # Local or in an object store (orbax's own commit protocol there: no renames assumed).
         self.directory = _absolute(storage.path(workdir)) / "checkpoints"
         self.every = every
+        self.keep_steps = frozenset(int(s) for s in keep_steps)
+        policy = ocp.checkpoint_managers.LatestN(n=keep)
+        if self.keep_steps:
+            policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+                [policy, ocp.checkpoint_managers.CustomSteps(sorted(self.keep_steps))]
+            )
         # `create=False`: opening a workdir writes nothing; the first save makes the folder.
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=False)
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy, enable_async_checkpointing=async_save, create=False
+        )
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_names=("trainable", "opt_state", "meta", "data"),
@@ -138,8 +155,8 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         """Whether `step` is on the save interval (the trainer also saves at the end and on SIGTERM).
 
-        `every` 0 saves only there."""
-        return bool(self.every) and step % self.every == 0
+        `every` 0 saves only there and at `keep_steps`."""
+        return step in self.keep_steps or (bool(self.every) and step % self.every == 0)
 
     def check_fits(self, step: int, trainable: Any, opt_state: Any, context: str) -> None:
         """Raises CheckpointMismatchError unless step `step`'s trainable and optimiser items fit these trees."""

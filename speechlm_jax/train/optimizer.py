@@ -24,9 +24,25 @@ from speechlm_jax.train import partitions
 from speechlm_jax.train.config import trainable_groups
 
 
+def _warmup(opt: ml_collections.ConfigDict, total_steps: int) -> int:
+    return min(opt.warmup_steps, max(total_steps - 1, 0))
+
+
+def decay_start(opt: ml_collections.ConfigDict, total_steps: int) -> int | None:
+    """The step at which a `warmup_stable_decay` schedule starts to decay (None for other schedules).
+
+    The trainer keeps the checkpoint of this step whatever `checkpoint.keep` says: SALAD's
+    stage 2 continues from it, at the peak learning rate, on a new mixture (`selection.stage2`).
+    """
+    if opt.schedule != "warmup_stable_decay":
+        return None
+    decay_steps = max(int(round(total_steps * opt.decay_fraction)), 1)
+    return max(total_steps - decay_steps, _warmup(opt, total_steps))
+
+
 def make_schedule(opt: ml_collections.ConfigDict, peak_lr: float, total_steps: int) -> optax.Schedule:
     """The learning rate at each optimiser step for a group whose peak is `peak_lr`."""
-    warmup = min(opt.warmup_steps, max(total_steps - 1, 0))
+    warmup = _warmup(opt, total_steps)
     floor = peak_lr * opt.min_lr_ratio
     if opt.schedule == "warmup_cosine":
         return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup, max(total_steps, warmup + 1), end_value=floor)
@@ -35,10 +51,9 @@ def make_schedule(opt: ml_collections.ConfigDict, peak_lr: float, total_steps: i
         return optax.join_schedules([warm, optax.constant_schedule(peak_lr)], [warmup])
     if opt.schedule == "warmup_stable_decay":
         decay_steps = max(int(round(total_steps * opt.decay_fraction)), 1)
-        decay_start = max(total_steps - decay_steps, warmup)
         return optax.join_schedules(
             [warm, optax.constant_schedule(peak_lr), optax.linear_schedule(peak_lr, floor, decay_steps)],
-            [warmup, decay_start],
+            [warmup, decay_start(opt, total_steps)],
         )
     raise ValueError(f"unknown schedule {opt.schedule!r}")
 

@@ -36,7 +36,7 @@ from jax.sharding import Mesh
 from speechlm_jax import distributed, storage
 from speechlm_jax.data import preflight
 from speechlm_jax.sharding import batch_sharding, make_mesh
-from speechlm_jax.train import build, checkpoint, data, metrics, objectives, partitions, restore, step, wandb_run
+from speechlm_jax.train import build, checkpoint, data, metrics, objectives, optimizer, partitions, restore, step, wandb_run
 from speechlm_jax.train import config as config_lib
 from speechlm_jax.train import state as state_lib
 
@@ -159,8 +159,14 @@ def train(
     with contextlib.ExitStack() as cleanup:
         # --- Resume: this workdir's latest checkpoint, else the fresh state above. Its tensors are
         # checked against the config first, naming the first one of another shape.
+        # A warmup-stable-decay run also keeps its last step before the decay (SALAD's stage 2 starts there).
+        pre_decay = optimizer.decay_start(config.optimizer, config.train.steps)
         ckpt = checkpoint.Checkpointer(
-            workdir, every=config.checkpoint.every, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+            workdir,
+            every=config.checkpoint.every,
+            keep=config.checkpoint.keep,
+            async_save=config.checkpoint.async_save,
+            keep_steps=() if pre_decay is None else (pre_decay,),
         )
         cleanup.callback(ckpt.close)
         latest = ckpt.latest_step()

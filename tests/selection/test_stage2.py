@@ -3,11 +3,15 @@ at the resumed step that decays linearly to 0 at the last step."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
+import pytest
 
 from speechlm_jax.configs import salad
 from speechlm_jax.selection import stage2
-from speechlm_jax.train import optimizer
+from speechlm_jax.toyworld.corpus import build_tiny_corpus
+from speechlm_jax.train import optimizer, trainer
+from speechlm_jax.train.restore import read_config
 
 
 def test_stage2_config_adds_the_manifest_and_decays_linearly_to_zero(tmp_path):
@@ -42,3 +46,25 @@ def test_target_tasks_follow_the_mixture(tmp_path):
         config, tmp_path / "m.jsonl", start_step=1, steps=1, targets=(str(tmp_path / "n.jsonl"),)
     )
     assert list(new.data.targets) == ["t.jsonl", str(tmp_path / "n.jsonl")]
+
+
+def test_a_warmup_stable_decay_run_keeps_its_pre_decay_checkpoint_and_stage2_starts_there(tmp_path, stage1_run):
+    corpus = build_tiny_corpus(tmp_path / "corpus", train_sentences=8, heldout_sentences=2)
+    config = salad.get_config(f"tiny,data_dir={corpus}")
+    config.train.steps, config.train.progress_bar, config.train.eval_every = 5, False, 0
+    config.optimizer.schedule, config.optimizer.warmup_steps, config.optimizer.decay_fraction = (
+        "warmup_stable_decay",
+        1,
+        0.4,
+    )
+    config.checkpoint.every, config.checkpoint.keep = 0, 1  # only the last one, and the pre-decay one
+    trainer.train(config, tmp_path / "stage1", devices=jax.devices())
+    assert stage2.stage1_steps(tmp_path / "stage1") == [3, 5]
+    assert stage2.default_start_step(tmp_path / "stage1", config) == 3
+
+    # A run on another schedule has no such checkpoint: stage 2 starts from its latest, and says so.
+    cosine = read_config(stage1_run)
+    assert cosine.optimizer.schedule == "warmup_cosine"
+    assert stage2.default_start_step(stage1_run, cosine) == 2
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        stage2.default_start_step(tmp_path / "empty", config)

@@ -62,6 +62,17 @@ def test_warmup_stable_decay_shape():
     assert [float(schedule(s)) for s in (10, 50, 80)] == pytest.approx([2e-3] * 3)
     assert float(schedule(90)) == pytest.approx(1e-3)
     assert float(schedule(100)) == pytest.approx(0.0, abs=1e-12)
+    # The last step at the peak: the checkpoint SALAD's stage 2 continues from.
+    assert optimizer.decay_start(opt, 100) == 80
+    assert float(schedule(81)) < 2e-3
+
+
+def test_decay_start_only_for_warmup_stable_decay():
+    opt = asr.get_config("tiny").optimizer
+    opt.schedule, opt.warmup_steps, opt.decay_fraction = "warmup_cosine", 10, 0.2
+    assert optimizer.decay_start(opt, 100) is None
+    opt.schedule, opt.warmup_steps = "warmup_stable_decay", 95
+    assert optimizer.decay_start(opt, 100) == 95  # never inside the warmup
 
 
 def test_groups_get_their_own_learning_rate_and_frozen_gets_no_state():
