@@ -15,8 +15,11 @@ from typing import Any
 from speechlm_jax import cli
 
 SPEECH_SOURCE_TYPES = cli.SOURCE_TYPES
-SPEECH_KINDS = ("asr", "continuation", "imitation", "spoken_qa", "mixed_modal")
+SPEECH_KINDS = ("asr", "continuation", "imitation", "spoken_qa", "mixed_modal", "running_text")
 TEXT_KIND = "text_sft"
+# The transcript as plain running text with random spans spoken: no prompt, no chat frame, KL on
+# the written tokens (SALAD's stage 1, and the form its diagnostics measure M in).
+RUNNING_TEXT_KIND = "running_text"
 CONVERSATION_KIND = "conversation"  # multi-turn records (`conversations`), their task_id name
 
 
@@ -59,7 +62,9 @@ class PipelineConfig:
       `1 - text_weight - conversation_weight`).
     conversation_responses: "record" (train on the record's assistant turns) or "teacher"
       (the teacher's own answers from `targets`: MTBI, SALAD).
-    kinds: weights of the speech example kinds (`SPEECH_KINDS`).
+    kinds: weights of the speech example kinds (`SPEECH_KINDS`); `running_text` is the
+      transcript after the tokenizer's BOS, interleaved (spans as `interleave`), its written
+      words supervised, no prompt (cross-modal distillation on running text, as SALAD's stage 1).
     tasks: text tasks for `imitation` and `mixed_modal` (registered names).
     use_task_answer: take those responses from `TextTask.answer` instead of the targets.
     prompt_split: "train" or "heldout" prompt phrasings.
@@ -152,7 +157,9 @@ class PipelineConfig:
     def task_names(self) -> tuple[str, ...]:
         """Names that `task_id` indexes: the built-in speech tasks, the config's tasks, text_sft."""
         names = ("asr", "continuation", "spoken_qa", *self.tasks, TEXT_KIND)
-        # Only runs that read conversations count them, so other runs' metrics keep their names.
+        # Only runs that read conversations or running text count them, so other runs' metrics keep their names.
         if self.conversation_sources:
             names += (CONVERSATION_KIND,)
+        if self.kinds.get(RUNNING_TEXT_KIND, 0) > 0:
+            names += (RUNNING_TEXT_KIND,)
         return tuple(dict.fromkeys(names))

@@ -43,7 +43,7 @@ from speechlm_jax.data.audio import (
     encoded_duration,
     load_audio,
 )
-from speechlm_jax.data.config import CONVERSATION_KIND, TEXT_KIND, PipelineConfig
+from speechlm_jax.data.config import CONVERSATION_KIND, RUNNING_TEXT_KIND, TEXT_KIND, PipelineConfig
 from speechlm_jax.data.conversations import conversation_segments, teacher_responses
 from speechlm_jax.data.examples import (
     Audio,
@@ -51,6 +51,7 @@ from speechlm_jax.data.examples import (
     ExampleError,
     Segment,
     Skipped,
+    Text,
     build_example,
     chat_segments,
     leading_space,
@@ -101,6 +102,11 @@ def _skip_message(record: Record, error: Exception) -> str:
     return f"id {record.get('id', '?')}{named}: {text}"
 
 
+def _split(segments: list[Segment]) -> bool:
+    """Whether two audio slots are adjacent (the pieces of one split clip)."""
+    return any(isinstance(a, Audio) and isinstance(b, Audio) for a, b in zip(segments, segments[1:]))
+
+
 class ExampleMaker:
     """The per-record map: a record and Grain's per-index rng -> `Example` or `Skipped`."""
 
@@ -127,7 +133,6 @@ class ExampleMaker:
                 example = build_example(
                     segments, self.tokenizer, downsample=self.config.downsample, task_id=self.task_ids[TEXT_KIND]
                 )
-                split = False
             elif "conversation" in record:
                 segments = self._conversation_segments(record, rng)
                 example = build_example(
@@ -136,14 +141,17 @@ class ExampleMaker:
                     downsample=self.config.downsample,
                     task_id=self.task_ids[CONVERSATION_KIND],
                 )
-                split = any(isinstance(a, Audio) and isinstance(b, Audio) for a, b in zip(segments, segments[1:]))
             else:
                 kind = self.kinds[int(rng.choice(len(self.kinds), p=self.kind_p))]
-                segments, task, split = self._speech_segments(kind, record, rng)
+                if kind == RUNNING_TEXT_KIND:
+                    segments, task_name = self._running_text_segments(record, rng), kind
+                else:
+                    segments, task_name = self._speech_segments(kind, record, rng)
                 example = build_example(
-                    segments, self.tokenizer, downsample=self.config.downsample, task_id=self.task_ids[task.name]
+                    segments, self.tokenizer, downsample=self.config.downsample, task_id=self.task_ids[task_name]
                 )
-            example.split = split
+            # Spoken spans are separated by text, so adjacent slots are the pieces of a split clip.
+            example.split = _split(segments)
             return self._bucketed(example)
         except ExampleError as e:
             return Skipped(e.reason, _skip_message(record, e))
@@ -228,6 +236,24 @@ class ExampleMaker:
 
         return conversation_segments(self.tokenizer, record["conversation"], spoken=spoken, responses=responses)
 
+    def _running_text_segments(self, record: Record, rng: np.random.Generator) -> list[Segment]:
+        """`<bos>` and the transcript with random spans spoken, its written words supervised."""
+        text = " ".join(record.get("text", "").split())
+        if not text:
+            raise ExampleError("empty_text")
+        words = interleave.record_words(record)
+        if words is None:
+            raise ExampleError("no_word_timings")
+        spans = self._sample_spans(len(words), rng, self.config.max_slots)
+        if all(span.audio for span in spans):  # nothing written, nothing to distil: speak a prefix only
+            if len(words) < 2:
+                raise ExampleError("too_short", "a one-word transcript has no written word after its speech")
+            cut = int(rng.integers(1, len(words)))
+            spans = [interleave.Span(0, cut, True), interleave.Span(cut, len(words), False)]
+        content = self._content_segments(self._waveform(record), words, spans, False)
+        written = [Text(s.text, supervised=True) if isinstance(s, Text) else s for s in content]
+        return [Text(self.tokenizer.hf.bos_token or ""), *written]
+
     def _prompt_and_response(
         self, task: TextTask, record: Record, text: str, rng: np.random.Generator
     ) -> tuple[str, str]:
@@ -251,9 +277,7 @@ class ExampleMaker:
         prompt = usable[int(rng.integers(len(usable)))]
         return prompt, responses[prompt]
 
-    def _speech_segments(
-        self, kind: str, record: Record, rng: np.random.Generator
-    ) -> tuple[list[Segment], TextTask, bool]:
+    def _speech_segments(self, kind: str, record: Record, rng: np.random.Generator) -> tuple[list[Segment], str]:
         config = self.config
         text = " ".join(record.get("text", "").split())
         if not text:
@@ -288,6 +312,4 @@ class ExampleMaker:
                 split_long=split_long,
                 sample_rate=config.sample_rate,
             )
-        # Spoken spans are separated by text, so adjacent slots are the pieces of a split one.
-        split = any(isinstance(a, Audio) and isinstance(b, Audio) for a, b in zip(content, content[1:]))
-        return prompt_segments(self.tokenizer, prompt, content, response), task, split
+        return prompt_segments(self.tokenizer, prompt, content, response), task.name

@@ -426,6 +426,41 @@ def test_interleaved_synthesized_speech_keeps_word_order(librispeech_corpus, wor
     assert checked == len(rows) and stats.as_dict()["skipped"] == 0
 
 
+def test_running_text_is_the_transcript_after_bos_with_spans_spoken(librispeech_corpus, word_tokenizer):
+    """SALAD's running text: no prompt, no chat frame; the teacher reads the transcript after BOS, the
+    student the same with spans spoken; the written words are supervised and carry the KL."""
+    _, manifest = librispeech_corpus
+    texts = [json.loads(line)["text"] for line in manifest.read_text().splitlines()]
+    config = _config(
+        manifest,
+        kinds={"running_text": 1.0},
+        interleave_ratio=0.5,
+        span_min=1,
+        span_max=2,
+        buckets=((48000, 64),),
+        margin_s=0.02,
+    )
+    assert config.task_names[-1] == "running_text"
+    iterator, stats = build_pipeline(config, tokenizer=word_tokenizer, split="eval", seed=3)
+    bos = word_tokenizer.hf.bos_token_id
+    checked = 0
+    for batch in iterator:
+        _check_batch(batch, config, word_tokenizer)
+        for i in np.flatnonzero(batch["weight"]):
+            assert batch["task_id"][i] == config.task_names.index("running_text")
+            teacher = batch["teacher_tokens"][i][batch["teacher_input_mask"][i] > 0].tolist()
+            assert teacher[0] == bos and word_tokenizer.decode(teacher[1:]).strip() in texts
+            student = batch["tokens"][i][batch["input_mask"][i] > 0]
+            spoken = batch["audio_index"][i][: len(student)] >= 0
+            assert spoken.any()
+            # Every written token after BOS is a target of NLL and of KL; no position predicts an audio frame.
+            written = np.flatnonzero(~spoken)[1:]
+            np.testing.assert_array_equal(np.flatnonzero(batch["loss_mask"][i]), written - 1)
+            assert set(np.flatnonzero(batch["kl_mask"][i])) >= set(written - 1)
+            checked += 1
+    assert checked == len(texts) and stats.as_dict()["skipped"] == 0
+
+
 def test_checkpoint_manager_composite_and_config_dict(wav_manifest, word_tokenizer, tmp_path):
     """The trainer's way: the iterator as one item of an orbax CheckpointManager; a ConfigDict config."""
     import grain
