@@ -2,8 +2,10 @@
 
 The paper resumes stage 1 before its learning-rate decay and decays linearly to 0 over
 the stage-2 steps. A stage-1 run on the `warmup_stable_decay` schedule keeps the checkpoint
-of its last step before the decay, and stage 2 starts there by default. This is done with the real trainer (`train.trainer.train`) and the
-stage-1 run's own resolved config (`configs/salad.py` as it ran), changed in these keys:
+of its last step before the decay, and stage 2 starts there by default.
+
+This is done with the real trainer (`train.trainer.train`) and the stage-1 run's own resolved
+config (`configs/salad.py` as it ran), changed in these keys:
 
     data.speech_sources   the stage-1 sources + the synthesised manifest (`repeat` times:
                           a ConcatSource samples sources by size, so repeating upweights it)

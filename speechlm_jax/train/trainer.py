@@ -36,7 +36,18 @@ from jax.sharding import Mesh
 from speechlm_jax import distributed, storage
 from speechlm_jax.data import preflight
 from speechlm_jax.sharding import batch_sharding, make_mesh
-from speechlm_jax.train import build, checkpoint, data, metrics, objectives, optimizer, partitions, restore, step, wandb_run
+from speechlm_jax.train import (
+    build,
+    checkpoint,
+    data,
+    metrics,
+    objectives,
+    optimizer,
+    partitions,
+    restore,
+    step,
+    wandb_run,
+)
 from speechlm_jax.train import config as config_lib
 from speechlm_jax.train import state as state_lib
 
