@@ -37,9 +37,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if a.variant == "toy":
         # KL to the teacher on every text position of the same (interleaved) examples, plus 20%
         # text-only examples: KL to the teacher there holds the LoRA'd LLM to the original on
-        # text (the forgetting term); projector + LLM LoRA.
+        # text (the forgetting term); projector + LLM LoRA. A fifth of the speech is running text
+        # (the transcript with spans spoken, no prompt): SALAD's own stage-1 data, the form M is
+        # measured in, which stage 2's selection then targets.
         c = toyworld.recipe(c, a.out)
-        c.data.kinds = ml_collections.ConfigDict({"imitation": 0.8, "asr": 0.2})
+        c.data.kinds = ml_collections.ConfigDict({"imitation": 0.6, "running_text": 0.2, "asr": 0.2})
         c.data.tasks = SEEN_TASKS
         c.data.targets = toyworld.targets(a.out)
         c.data.text_sources = (toyworld.paths(a.out)["text_sft"],)
