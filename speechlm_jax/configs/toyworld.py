@@ -139,6 +139,19 @@ ALIGNED_PROJECTOR_LR = 5e-5
 BATCH_SIZE = 32
 SPEECH_BATCH_SIZE = 16
 
+# SALAD's stage 2 on the demo's salad run (`speechlm-select`, the `salad+stage2` row): a "web"
+# corpus of toy training sentences the speech does not hold, clustered, probed; the texts drawn
+# at P(c) ∝ P_web(c) M(c)^gamma up to a tenth of the stage-1 speech, spoken, and stage 2 run from
+# the step-80 checkpoint (before the decay) for as many steps as stage 1, the new speech entering
+# its mixture 4 times (about a quarter of the speech it reads; once, it would be a twelfth).
+STAGE2_CORPUS = 2000
+STAGE2_CLUSTERS = 32
+STAGE2_PROBES = 12  # probe texts per cluster
+STAGE2_GAMMA = 5.0
+STAGE2_BUDGET_FRACTION = 0.1
+STAGE2_STEPS = RECIPE_STEPS
+STAGE2_REPEAT = 4
+
 
 def paths(out: str | Path) -> dict[str, str]:
     """Where every stage of the demo reads and writes, under the (absolute) demo folder."""

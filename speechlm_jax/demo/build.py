@@ -61,6 +61,10 @@ class Sizes:
     # Times each task is asked per training sentence in the teacher's data (others: once).
     asks: tuple[tuple[str, int], ...] = tuple(toy_config.TEXT_SFT_ASKS.items())
     copy_sequences: int = toy_config.COPY_SEQUENCES  # the teacher's copying rows (`copy_lm.jsonl`)
+    # SALAD's stage 2 (`build_stage2`): the web corpus, its clusters and probe texts per cluster.
+    stage2_corpus: int = toy_config.STAGE2_CORPUS
+    stage2_clusters: int = toy_config.STAGE2_CLUSTERS
+    stage2_probes: int = toy_config.STAGE2_PROBES
     seed: int = 0
 
 
@@ -188,6 +192,58 @@ def export_encoder(run: Path, out: Path) -> Path:
     with export.staged_folder(out) as folder:
         export.write_whisper_encoder(encoder, folder)
     return out
+
+
+# --- SALAD stage 2
+
+
+def transcripts(manifest: str | Path) -> set[str]:
+    """The transcripts of a speech manifest, whitespace-normalised."""
+    lines = Path(manifest).read_text(encoding="utf-8").splitlines()
+    return {" ".join(json.loads(line)["text"].split()) for line in lines if line.strip()}
+
+
+def write_web_corpus(path: Path, seen: set[str], size: int, *, seed: int = 0) -> Path:
+    """Stage 2's text corpus: `size` toy training sentences not in `seen` (the stage-1 speech), as JSONL."""
+    fresh = [s for s in toy_sentences.sentences("train", size * 4 + len(seen), seed=seed) if s not in seen][:size]
+    if len(fresh) < size:
+        raise ValueError(f"only {len(fresh)} toy training sentences are not in the stage-1 speech; ask fewer")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": f"t{i:05d}", "text": t}) + "\n" for i, t in enumerate(fresh)))
+    return path
+
+
+def stage2_options(stage1: str | Path, corpus: str | Path, sizes: Sizes) -> dict[str, Any]:
+    """`speechlm-select`'s settings for stage 2 on a toy stage-1 SALAD run (`configs.toyworld`'s STAGE2_*)."""
+    return dict(
+        corpus=str(corpus),
+        stage1=str(stage1),
+        clusters=sizes.stage2_clusters,
+        tolerance=0.1,
+        probe_size=sizes.stage2_probes,
+        budget_fraction=toy_config.STAGE2_BUDGET_FRACTION,
+        steps=toy_config.STAGE2_STEPS,
+        repeat=toy_config.STAGE2_REPEAT,
+        batch_size=32,
+        quiet=True,
+        max_new_tokens=16,
+    )
+
+
+def build_stage2(folder: Path, stage1: Path, speech: str | Path, sizes: Sizes, *, workers: int = 2) -> Path:
+    """SALAD's stage 2 on the stage-1 run `stage1` (one seed, active selection); returns its run folder."""
+    from speechlm_jax.selection import main as select
+
+    corpus = write_web_corpus(folder / "corpus.jsonl", transcripts(speech), sizes.stage2_corpus, seed=sizes.seed)
+    select.run_stages(
+        ["embed", "cluster", "probe", "sample", "synthesize", "targets", "train"],
+        workdir=str(folder),
+        gamma=toy_config.STAGE2_GAMMA,
+        seed=sizes.seed,
+        tts_workers=workers,
+        **stage2_options(stage1, corpus, sizes),
+    )
+    return folder / "train"
 
 
 # --- teacher targets

@@ -9,6 +9,8 @@ reports), then prints and writes the table the design asks for:
     recipe    speech accuracy on seen tasks / train phrasings, seen tasks / held-out
               phrasings and held-out tasks; the gap (teacher text - speech) on held-out
               tasks; text retention (text accuracy with the adapter on); WER
+    salad+stage2  SALAD's stage 2 on the salad run (`speechlm-select`, one seed, active
+              selection: `configs.toyworld`'s STAGE2_*), whenever salad is built
 
 into `<out>/report.json` (keys `teacher.text_acc`, `recipes.<name>.speech_acc_seen`,
 `.speech_acc_heldout_prompts`, `.speech_acc_heldout_tasks`, `.gap_heldout_tasks`,
@@ -38,6 +40,9 @@ from typing import Any
 from speechlm_jax import cli
 
 RECIPES = ("asr", "mtbi", "salad", "vtb")
+# SALAD's stage 2 (`speechlm-select`) on the salad run, built whenever salad is: its folder and row.
+STAGE2 = "stage2/salad"
+STAGE2_ROW = "salad+stage2"
 SPLIT_KEYS = {
     "seen_tasks/train_prompts": "speech_acc_seen",
     "seen_tasks/heldout_prompts": "speech_acc_heldout_prompts",
@@ -407,6 +412,28 @@ def plan(out: Path, recipes: Sequence[str], sizes: Any, eval_sentences: int, *, 
                 ),
             )
         )
+    if "salad" in recipes:
+        # SALAD's stage 2 from the salad run's pre-decay checkpoint (one seed, active selection).
+        stage2_spec = {
+            "sizes": [sizes.stage2_corpus, sizes.stage2_clusters, sizes.stage2_probes, sizes.seed],
+            "settings": {k: v for k, v in vars(toy_config).items() if k.startswith("STAGE2_")},
+        }
+        steps.append(
+            Stage(
+                STAGE2,
+                stage2_spec,
+                ("recipe/salad", "speech"),
+                lambda f: build.build_stage2(f, out / "recipe" / "salad", p["speech"], sizes, workers=speakers),
+            )
+        )
+        steps.append(
+            Stage(
+                f"eval/{STAGE2_ROW}",
+                eval_spec,
+                (STAGE2,),
+                lambda f: build.evaluate(f, workdir=str(out / STAGE2 / "train"), sentences=eval_sentences, asr=True),
+            )
+        )
     return steps
 
 
@@ -422,6 +449,8 @@ def side_by_side(recipes: Sequence[str], jobs: int) -> list[list[list[str]]]:
     workers = [[] for _ in range(min(jobs, len(recipes)) or 1)]
     for i, name in enumerate(recipes):
         workers[i % len(workers)] += [f"recipe/{name}", f"eval/{name}"]
+        if name == "salad":  # stage 2 continues the salad run, in the same worker
+            workers[i % len(workers)] += [STAGE2, f"eval/{STAGE2_ROW}"]
     return [[["teacher", "targets", "eval/teacher"], ["speech", "encoder", "eval/encoder"]], workers]
 
 
@@ -537,6 +566,8 @@ def run_demo(
         stages.run(s.name, s.spec, s.deps, s.build)
 
     rows = {name: recipe_scores(json.loads((out / "eval" / name / "report.json").read_text())) for name in recipes}
+    if STAGE2 in by_name:
+        rows[STAGE2_ROW] = recipe_scores(json.loads((out / "eval" / STAGE2_ROW / "report.json").read_text()))
     report = {
         "teacher": teacher_scores(json.loads((out / "eval" / "teacher" / "report.json").read_text())),
         "encoder": encoder_scores(json.loads((out / "eval" / "encoder" / "report.json").read_text())),

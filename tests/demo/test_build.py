@@ -127,17 +127,27 @@ def miniature(monkeypatch: pytest.MonkeyPatch) -> build.Sizes:
         SPEECH_BATCH_SIZE=8,
         ASR_EVAL_UTTERANCES=2,
         TARGET_SHARDS=1,
+        STAGE2_STEPS=3,
+        STAGE2_BUDGET_FRACTION=1.0,  # of eight utterances: some texts to speak
     )
     for name, value in small.items():
         monkeypatch.setattr(toy_config, name, value)
-    return build.Sizes(train_sentences=8, heldout_sentences=4, voices=(Voice(rate=220),), copy_sequences=16)
+    return build.Sizes(
+        train_sentences=8,
+        heldout_sentences=4,
+        voices=(Voice(rate=220),),
+        copy_sequences=16,
+        stage2_corpus=12,
+        stage2_clusters=2,
+        stage2_probes=2,
+    )
 
 
 def test_miniature_demo_builds_every_stage_and_reports(tmp_path: Path, miniature: build.Sizes):
     out = tmp_path / "demo_out"
-    report = demo.run_demo(out, ("mtbi",), sizes=miniature, eval_sentences=1)
+    report = demo.run_demo(out, ("mtbi", "salad"), sizes=miniature, eval_sentences=1)
 
-    assert set(report["recipes"]) == {"mtbi"}
+    assert set(report["recipes"]) == {"mtbi", "salad", "salad+stage2"}
     assert 0.0 <= report["teacher"]["text_acc"] <= 1.0
     assert set(report["encoder"]) == {"wer", "cer", "exact"} and 0.0 <= report["encoder"]["cer"]
     for key in ("speech_acc_seen", "speech_acc_heldout_prompts", "speech_acc_heldout_tasks"):
@@ -167,8 +177,16 @@ def test_miniature_demo_builds_every_stage_and_reports(tmp_path: Path, miniature
     assert (out / "accuracy.png").stat().st_size > 0 and (out / "retention.png").stat().st_size > 0
     # The frozen teacher: projector-only mtbi cannot change the LLM's text answers.
     assert report["recipes"]["mtbi"]["text_retention_drop"] == 0.0
+    # SALAD's stage 2 continued the salad run from its last step before the decay (2 of 3), on its
+    # mixture plus the texts drawn from the web corpus and spoken, for STAGE2_STEPS more steps.
+    assert sorted(p.name for p in (out / "recipe" / "salad" / "checkpoints").iterdir()) == ["2", "3"]
+    stage2 = json.loads((out / "stage2" / "salad" / "train" / "config.json").read_text())
+    assert stage2["train"]["steps"] == 2 + 3
+    assert stage2["data"]["speech_sources"][-1]["path"] == str(out / "stage2" / "salad" / "synth" / "manifest.jsonl")
+    drawn = (out / "stage2" / "salad" / "sample" / "selected.jsonl").read_text().splitlines()
+    assert drawn and "| salad+stage2 |" in (out / "report.md").read_text()
 
-    again = demo.run_demo(out, ("mtbi",), sizes=miniature, eval_sentences=1)
+    again = demo.run_demo(out, ("mtbi", "salad"), sizes=miniature, eval_sentences=1)
     assert again["cached"] == list(again["timings"]) and again["timings"] == report["timings"]
     assert again["recipes"] == report["recipes"]
 
@@ -218,7 +236,11 @@ def test_side_by_side_groups_share_no_stage_and_cover_the_recipes():
     phases = demo.side_by_side(("asr", "mtbi", "salad"), jobs=2)
     branches, recipes = phases
     assert branches == [["teacher", "targets", "eval/teacher"], ["speech", "encoder", "eval/encoder"]]
-    assert recipes == [["recipe/asr", "eval/asr", "recipe/salad", "eval/salad"], ["recipe/mtbi", "eval/mtbi"]]
+    # SALAD's stage 2 continues the salad run in the salad run's worker.
+    assert recipes == [
+        ["recipe/asr", "eval/asr", "recipe/salad", "eval/salad", "stage2/salad", "eval/salad+stage2"],
+        ["recipe/mtbi", "eval/mtbi"],
+    ]
     assert demo.side_by_side(("vtb",), jobs=4)[1] == [["recipe/vtb", "eval/vtb"]]
 
 
