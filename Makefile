@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test lint demo install clean
+.PHONY: test lint demo selection-study install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed-demo
 	$(BIN)/python -m speechlm_jax.demo.main --out demo_out
+
+# SALAD stage 2's seed study on the demo's world (after the demo; its stages are cached too).
+selection-study: demo
+	$(BIN)/python -m speechlm_jax.demo.selection_study --demo demo_out --out demo_out/selection_study
 
 # The formatter and linter settings are in pyproject.toml.
 lint: $(VENV)/.installed

@@ -28,6 +28,7 @@ setup(
         "soundfile>=0.12",
         "soxr>=0.5",
         "jiwer>=3.1",
+        "scipy>=1.11",  # the selection study's paired t-tests (and librosa's)
         "tensorflow-datasets>=4.9.9",
         "pyarrow>=15",  # Hugging Face datasets' Arrow and Parquet files (data/hf_source.py)
         "importlib_resources>=6",
@@ -58,7 +59,6 @@ setup(
             "pytest-xdist>=3.6",
             "ruff==0.17.6",
             "hypothesis>=6.100",
-            "scipy>=1.11",
             "scikit-learn>=1.4",
             "peft>=0.17",
             # The writers of the Hugging Face, Lhotse and NeMo sources' files.
