@@ -205,7 +205,7 @@ class Study:
         a = self.args
         name = f"runs/g{gamma:g}/s{seed}"
 
-        def build(f: Path) -> None:
+        def build_run(f: Path) -> None:
             for part in SHARED_FOLDERS:  # the same corpus, clusters and probes: only the sampling differs
                 shutil.copytree(self.out / "shared" / part, f / part)
             select.run_stages(
@@ -218,7 +218,7 @@ class Study:
             )
 
         spec = {k: getattr(a, k) for k in ("budget_fraction", "steps", "repeat")} | {"gamma": gamma, "seed": seed}
-        self.stages.run(name, spec, ("shared",), build)
+        self.stages.run(name, spec, ("shared",), build_run)
         return self.out / name / "train"
 
     # --- evaluation
@@ -232,7 +232,8 @@ class Study:
             "corpus": (sentences("heldout", a.heldout, seed=1), folder / "corpus.txt"),
         }
         pool = sentences("heldout", 20 * a.heldout, seed=2)
-        files["under_covered"] = ([s for s in pool if about(s, a.under_covered)][: a.heldout], folder / "food.txt")
+        about_kind = [s for s in pool if about(s, a.under_covered)][: a.heldout]
+        files["under_covered"] = (about_kind, folder / f"{a.under_covered}.txt")
         for texts, path in files.values():
             path.write_text("\n".join(texts) + "\n")
         return {k: p for k, (_, p) in files.items()}
@@ -244,7 +245,7 @@ class Study:
         common = dict(workdir=str(run), task_modules=(toy_config.TASK_MODULE,), batch_size=64, max_new_tokens=16)
         common["mesh"] = {"data": -1}
 
-        def build(f: Path) -> None:
+        def build_eval(f: Path) -> None:
             report = run_eval(
                 out=str(f / "all"),
                 generalisation=str(items["tasks"]),
@@ -267,7 +268,7 @@ class Study:
 
         a = self.args
         spec = {"sentences": a.eval_sentences, "heldout": a.heldout, "under_covered": a.under_covered}
-        folder = self.stages.run(f"eval/{name}", spec, (dep,), build)
+        folder = self.stages.run(f"eval/{name}", spec, (dep,), build_eval)
         return json.loads((folder / "scores.json").read_text())
 
 
