@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
+from speechlm_jax import cli
 from speechlm_jax.data.config import PipelineConfig
 from speechlm_jax.data.examples import Example, Skipped
 from speechlm_jax.models.frontend import audio_token_count
@@ -109,22 +110,37 @@ def _report_skip(skipped: Skipped, count: int) -> None:
         logging.warning("skipped (%s): %s%s", skipped.reason, skipped.message, last)
 
 
+class NoExamplesError(cli.UsageError):
+    """A whole pass over the data was skipped: no record makes an example (exit status 2)."""
+
+
 class BucketBatchDataset(grain.IterDataset):
     """Groups examples by bucket and emits a padded batch whenever a bucket fills.
 
     `examples` is the (unsliced) MapDataset the parent iterates; waiting examples are
     saved as their indices in it and rebuilt from it on restore. At the end of a finite
-    input, `flush` emits the partly filled buckets (padding rows have weight 0).
+    input, `flush` emits the partly filled buckets (padding rows have weight 0). A repeated
+    input that skips twice `records_per_pass` records in a row raises NoExamplesError instead
+    of reading on forever (every audio path wrong, say): a shuffled pass holds every record
+    once, so with one good record the longest run of skips, across a pass's end, is shorter.
     """
 
     def __init__(
-        self, parent: grain.IterDataset, examples: grain.MapDataset, config: PipelineConfig, *, pad_id: int, flush: bool
+        self,
+        parent: grain.IterDataset,
+        examples: grain.MapDataset,
+        config: PipelineConfig,
+        *,
+        pad_id: int,
+        flush: bool,
+        records_per_pass: int | None = None,
     ) -> None:
         super().__init__(parent)
         self.examples = examples
         self.config = config
         self.pad_id = pad_id
         self.flush = flush
+        self.records_per_pass = records_per_pass
 
     def __iter__(self) -> _BucketBatchIterator:
         return _BucketBatchIterator(self._parent.__iter__(), self)
@@ -140,6 +156,7 @@ class _BucketBatchIterator(grain.DatasetIterator):
         self._buffers: list[list[Example]] = [[] for _ in ds.config.buckets]
         self._counts: Counter = Counter()
         self._exhausted = False
+        self._skipped_in_a_row = 0  # not checkpointed: after a restore the count starts again
 
     def _batch(self, bucket: int) -> dict[str, np.ndarray]:
         examples, self._buffers[bucket] = self._buffers[bucket], []
@@ -165,7 +182,11 @@ class _BucketBatchIterator(grain.DatasetIterator):
             if isinstance(item, Skipped):
                 self._counts[f"skipped/{item.reason}"] += 1
                 _report_skip(item, self._counts[f"skipped/{item.reason}"])
+                self._skipped_in_a_row += 1
+                if self._ds.records_per_pass and self._skipped_in_a_row >= 2 * self._ds.records_per_pass:
+                    raise self._no_examples()
                 continue
+            self._skipped_in_a_row = 0
             self._counts["examples"] += 1
             self._counts["split"] += int(item.split)
             self._buffers[item.bucket].append(item)
@@ -176,6 +197,14 @@ class _BucketBatchIterator(grain.DatasetIterator):
                 if buffer:
                     return self._batch(bucket)
         raise StopIteration
+
+    def _no_examples(self) -> NoExamplesError:
+        skips = sorted((k.removeprefix("skipped/"), n) for k, n in self._counts.items() if k.startswith("skipped/"))
+        return NoExamplesError(
+            f"no example in {self._skipped_in_a_row} records in a row, two passes over the "
+            f"{self._ds.records_per_pass} records this process reads: every one was skipped "
+            f"({', '.join(f'{cause} {n}' for cause, n in skips)}); the warnings above name the first of each cause"
+        )
 
     def get_state(self) -> dict[str, Any]:
         return {

@@ -81,6 +81,7 @@ class HostMixture:
     records: grain.MapDataset
     targets: TargetTable
     source_skipped: Counter
+    records_per_pass: int = 0  # this host's records of every source, once each
 
 
 def _prepared(ds: grain.MapDataset, *, train: bool, seed: int, num_epochs: int | None) -> grain.MapDataset:
@@ -122,4 +123,5 @@ def host_mixture(
     if not parts:
         raise ValueError("the pipeline config names no readable speech, text or conversation data")
     records = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-    return HostMixture(records, targets, source_skipped)
+    per_pass = sum(len(range(len(source))[host]) for source in (speech, text, conversations))
+    return HostMixture(records, targets, source_skipped, records_per_pass=per_pass)

@@ -80,8 +80,14 @@ def build_dataset(
         _with_index
     )
     read = grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.prefetch_buffer_size)
+    train = split == "train"
     ds = BucketBatchDataset(
-        examples.to_iter_dataset(read), examples, config, pad_id=tokenizer.pad_id, flush=split != "train"
+        examples.to_iter_dataset(read),
+        examples,
+        config,
+        pad_id=tokenizer.pad_id,
+        flush=not train,
+        records_per_pass=mixture.records_per_pass if train else None,
     )
     if config.num_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))

@@ -196,6 +196,10 @@ def train(
             rng = checkpoint.rng_from_meta(meta["rng"], rng)
             logging.info("resumed from step %d", start)
 
+        # --- The first batch before anything is written: data that makes no example (every audio
+        # path wrong, say) fails here, and leaves the workdir as it was.
+        first_batch = next(train_iter) if start < config.train.steps else None
+
         # --- The run starts: record exactly what runs.
         if jax.process_index() == 0:
             config_lib.write_resolved(config, workdir)
@@ -253,7 +257,7 @@ def train(
 
         step_index, reason = start, "done"
         while step_index < config.train.steps:
-            batch = next(train_iter)
+            batch, first_batch = (next(train_iter) if first_batch is None else first_batch), None
             throughput.add(*metrics.batch_counts(batch), flops.of_batch(batch))
             trainable, opt_state, step_metrics = train_step(
                 trainable, frozen, opt_state, _global_batch(batch, batch_shardings), jax.random.fold_in(rng, step_index)

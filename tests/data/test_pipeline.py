@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from speechlm_jax.data.audio import load_audio
+from speechlm_jax.data.batching import NoExamplesError
 from speechlm_jax.data.config import PipelineConfig
 from speechlm_jax.data.pipeline import build_pipeline, restore_iterator, save_iterator
 from speechlm_jax.models.frontend import audio_token_count
@@ -185,6 +186,30 @@ def test_bad_files_are_skipped_and_counted_by_cause(wav_manifest, word_tokenizer
         "skipped": sum(skipped.values()) + sum(source_skipped.values()),
     }
     assert stats.as_dict() == expected
+
+
+def test_a_training_pass_with_no_example_fails_naming_the_causes_instead_of_reading_forever(
+    wav_manifest, word_tokenizer, tmp_path
+):
+    rows = [json.loads(line) for line in wav_manifest.read_text().splitlines()]
+
+    def manifest(good: int) -> Path:
+        path = tmp_path / f"good{good}.jsonl"
+        lines = [dict(r, audio=str(wav_manifest.parent / r["audio"])) for r in rows[:good]]
+        lines += [dict(r, audio=str(tmp_path / "gone" / f"{r['id']}.wav")) for r in rows[good:]]
+        path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+        return path
+
+    iterator, stats = build_pipeline(_config(manifest(0)), tokenizer=word_tokenizer, split="train")
+    with pytest.raises(
+        NoExamplesError, match=r"no example in 20 records in a row.*every one was skipped \(missing_file 20\)"
+    ):
+        next(iterator)
+    # One good record of ten: twelve passes give batches, never the error.
+    iterator, stats = build_pipeline(_config(manifest(1)), tokenizer=word_tokenizer, split="train")
+    for _ in range(6):
+        assert int(next(iterator)["weight"].sum()) == 2
+    assert stats.as_dict()["skipped/missing_file"] >= 9 * 10
 
 
 def test_skip_counts_per_epoch_survive_a_restore(wav_manifest, word_tokenizer, tmp_path):

@@ -45,3 +45,19 @@ def test_a_tiny_run_before_its_corpus_exists_names_the_folder_and_its_builder(pr
     assert f"data.tokenizer: {corpus}/tokenizer does not exist" in errors[0]
     assert f"`python -m speechlm_jax.toyworld.corpus {corpus}` writes {corpus}" in errors[0]
     assert not corpus.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_run_whose_audio_is_all_missing_fails_in_one_line_and_writes_nothing(tmp_path):
+    """Not a hang: every record skipped for two passes is an error (exit 2), before the workdir exists."""
+    from speechlm_jax.toyworld.corpus import build_tiny_corpus
+
+    corpus = build_tiny_corpus(tmp_path / "corpus", train_sentences=4, heldout_sentences=2)
+    for audio in (corpus / "train").rglob("*.flac"):
+        audio.unlink()
+    result = _run(
+        "-m", "speechlm_jax.train.main", f"--config=configs/asr.py:tiny,data_dir={corpus}", f"--workdir={tmp_path}/run"
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("speechlm-train: no example in 8 records in a row") and "missing_file 8" in last, last
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
