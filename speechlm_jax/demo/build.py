@@ -299,12 +299,14 @@ def evaluate(
     diagnostics: bool = True,
     asr_limit: int = toy_config.ASR_EVAL_UTTERANCES,
     batch_size: int = 64,
+    corpus_sentences: int | None = None,
 ) -> dict[str, Any]:
     """`speechlm-eval` of a run (or of a base LLM alone) into `out`; returns its report dict.
 
     The toy world's benchmark (`tasks`): `sentences` held-out sentences per task for prompt
     and task generalisation (seen tasks in train and held-out phrasings, held-out tasks),
-    another `sentences` held-out sentences for SALAD's M and F (`diagnostics`, a run only). `asr`: the run's generated
+    another `corpus_sentences` (default `sentences`) held-out sentences for SALAD's M and F
+    (`diagnostics`, a run only). `asr`: the run's generated
     transcripts; `ctc_asr`: its greedy CTC transcripts (WER/CER, `asr_limit` held-out
     utterances); `cascade`: its CTC transcripts answered by the base LLM on the same items.
     """
@@ -314,7 +316,8 @@ def evaluate(
     benchmark = {}
     if tasks:
         (out / "sentences.txt").write_text("\n".join(toy_sentences.sentences("heldout", sentences, seed=0)) + "\n")
-        (out / "corpus.txt").write_text("\n".join(toy_sentences.sentences("heldout", sentences, seed=1)) + "\n")
+        corpus = toy_sentences.sentences("heldout", corpus_sentences or sentences, seed=1)
+        (out / "corpus.txt").write_text("\n".join(corpus) + "\n")
         benchmark = dict(
             generalisation=str(out / "sentences.txt"),
             seen_tasks=tuple(SEEN_TASKS),

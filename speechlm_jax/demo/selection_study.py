@@ -46,7 +46,6 @@ import numpy as np
 from speechlm_jax import cli, stages
 from speechlm_jax.configs import toyworld as toy_config
 from speechlm_jax.toyworld.sentences import parse, sentences
-from speechlm_jax.toyworld.tasks import HELDOUT_TASKS, SEEN_TASKS
 
 SHARED = ("embed", "cluster", "probe")  # `speechlm-select` stages; `probe` writes `probe_before`
 SHARED_FOLDERS = ("embed", "cluster", "probe_before")
@@ -223,50 +222,46 @@ class Study:
 
     # --- evaluation
 
-    def eval_items(self) -> dict[str, Path]:
-        folder = self.out / "eval_items"
-        folder.mkdir(parents=True, exist_ok=True)
+    def under_covered_items(self) -> Path:
+        """Held-out sentences about the under-covered domain, for its own M (the rest: `build.evaluate`)."""
         a = self.args
-        files = {
-            "tasks": (sentences("heldout", a.eval_sentences, seed=0), folder / "sentences.txt"),
-            "corpus": (sentences("heldout", a.heldout, seed=1), folder / "corpus.txt"),
-        }
         pool = sentences("heldout", 20 * a.heldout, seed=2)
-        about_kind = [s for s in pool if about(s, a.under_covered)][: a.heldout]
-        files["under_covered"] = (about_kind, folder / f"{a.under_covered}.txt")
-        for texts, path in files.values():
-            path.write_text("\n".join(texts) + "\n")
-        return {k: p for k, (_, p) in files.items()}
+        path = self.out / "eval_items" / f"{a.under_covered}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join([s for s in pool if about(s, a.under_covered)][: a.heldout]) + "\n")
+        return path
 
-    def evaluate(self, name: str, run: Path, dep: str, items: dict[str, Path]) -> dict[str, float]:
+    def evaluate(self, name: str, run: Path, dep: str, under_covered: Path) -> dict[str, float]:
+        from speechlm_jax.demo import build
         from speechlm_jax.demo.main import recipe_scores
         from speechlm_jax.evaluation.main import evaluate as run_eval
 
-        common = dict(workdir=str(run), task_modules=(toy_config.TASK_MODULE,), batch_size=64, max_new_tokens=16)
-        common["mesh"] = {"data": -1}
+        a = self.args
 
         def build_eval(f: Path) -> None:
-            report = run_eval(
-                out=str(f / "all"),
-                generalisation=str(items["tasks"]),
-                seen_tasks=tuple(SEEN_TASKS),
-                heldout_tasks=tuple(HELDOUT_TASKS),
-                corpus=str(items["corpus"]),
-                **common,
+            # The demo's benchmark (tasks on `eval_sentences` held-out sentences each, M and F on
+            # `heldout` others), then M on the under-covered domain's sentences alone.
+            report = build.evaluate(f / "all", workdir=str(run), sentences=a.eval_sentences, corpus_sentences=a.heldout)
+            domain = run_eval(
+                workdir=str(run),
+                out=str(f / "under_covered"),
+                corpus=str(under_covered),
+                task_modules=(toy_config.TASK_MODULE,),
+                batch_size=64,
+                max_new_tokens=16,
+                mesh={"data": -1},
             )
-            food = run_eval(out=str(f / "under_covered"), corpus=str(items["under_covered"]), **common)
             row = recipe_scores(report)
             scores = {
                 "heldout_M": row["misalignment_per_token"],
                 "heldout_F": row["forgetting_per_token"],
-                "heldout_M_under_covered": food["diagnostics"]["misalignment"]["per_token"],
+                "heldout_M_under_covered": domain["diagnostics"]["misalignment"]["per_token"],
                 "speech_acc_heldout_tasks": row["speech_acc_heldout_tasks"],
                 "speech_acc_seen": row["speech_acc_seen"],
                 "text_retention": row["text_retention"],
             }
             (f / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
 
-        a = self.args
         spec = {"sentences": a.eval_sentences, "heldout": a.heldout, "under_covered": a.under_covered}
         folder = self.stages.run(f"eval/{name}", spec, (dep,), build_eval)
         return json.loads((folder / "scores.json").read_text())
@@ -286,7 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     study = Study(args)
     stage1 = study.stage1()
     study.shared(stage1)
-    items = study.eval_items()
+    under_covered = study.under_covered_items()
     clusters = json.loads((study.out / "shared" / "probe_before" / "clusters.json").read_text())
     corpus = [json.loads(line)["text"] for line in (study.out / "shared" / "corpus.jsonl").read_text().splitlines()]
     assignments = np.load(study.out / "shared" / "cluster" / "assignments.npy")
@@ -295,12 +290,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     arms: dict[str, dict[str, list[float]]] = {}
     selections: dict[str, list[dict[str, Any]]] = {}
-    none = study.evaluate("stage1", stage1, "stage1/salad", items)
+    none = study.evaluate("stage1", stage1, "stage1/salad", under_covered)
     for gamma in gammas:
         arm = f"gamma={gamma:g}"
         for seed in range(args.seeds):
             workdir = study.stage2(stage1, gamma, seed)
-            scores = study.evaluate(f"g{gamma:g}/s{seed}", workdir, f"runs/g{gamma:g}/s{seed}", items)
+            scores = study.evaluate(f"g{gamma:g}/s{seed}", workdir, f"runs/g{gamma:g}/s{seed}", under_covered)
             for key, value in scores.items():
                 arms.setdefault(arm, {}).setdefault(key, []).append(value)
             selections.setdefault(arm, []).append(_selection(study.out / f"runs/g{gamma:g}/s{seed}"))
