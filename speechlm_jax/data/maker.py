@@ -102,6 +102,14 @@ def _skip_message(record: Record, error: Exception) -> str:
     return f"id {record.get('id', '?')}{named}: {text}"
 
 
+def _transcript(record: Record) -> str:
+    """The record's transcript, whitespace-normalised; ExampleError("empty_text") when it has none."""
+    text = " ".join(record.get("text", "").split())
+    if not text:
+        raise ExampleError("empty_text")
+    return text
+
+
 def _split(segments: list[Segment]) -> bool:
     """Whether two audio slots are adjacent (the pieces of one split clip)."""
     return any(isinstance(a, Audio) and isinstance(b, Audio) for a, b in zip(segments, segments[1:]))
@@ -238,9 +246,7 @@ class ExampleMaker:
 
     def _running_text_segments(self, record: Record, rng: np.random.Generator) -> list[Segment]:
         """`<bos>` and the transcript with random spans spoken, its written words supervised."""
-        text = " ".join(record.get("text", "").split())
-        if not text:
-            raise ExampleError("empty_text")
+        _transcript(record)
         words = interleave.record_words(record)
         if words is None:
             raise ExampleError("no_word_timings")
@@ -279,9 +285,7 @@ class ExampleMaker:
 
     def _speech_segments(self, kind: str, record: Record, rng: np.random.Generator) -> tuple[list[Segment], str]:
         config = self.config
-        text = " ".join(record.get("text", "").split())
-        if not text:
-            raise ExampleError("empty_text")
+        text = _transcript(record)
         if kind in ("imitation", "mixed_modal"):
             task = get_task(config.tasks[int(rng.integers(len(config.tasks)))])
         else:
