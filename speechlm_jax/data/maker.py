@@ -246,7 +246,7 @@ class ExampleMaker:
 
     def _running_text_segments(self, record: Record, rng: np.random.Generator) -> list[Segment]:
         """`<bos>` and the transcript with random spans spoken, its written words supervised."""
-        _transcript(record)
+        _transcript(record)  # raises empty_text: its words come from the timings below
         words = interleave.record_words(record)
         if words is None:
             raise ExampleError("no_word_timings")

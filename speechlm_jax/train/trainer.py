@@ -257,7 +257,8 @@ def train(
 
         step_index, reason = start, "done"
         while step_index < config.train.steps:
-            batch, first_batch = (next(train_iter) if first_batch is None else first_batch), None
+            batch = next(train_iter) if first_batch is None else first_batch
+            first_batch = None
             throughput.add(*metrics.batch_counts(batch), flops.of_batch(batch))
             trainable, opt_state, step_metrics = train_step(
                 trainable, frozen, opt_state, _global_batch(batch, batch_shardings), jax.random.fold_in(rng, step_index)
