@@ -54,6 +54,7 @@ class Sizes:
     """How big the world is; the demo uses `configs.toyworld`'s values, the tests smaller ones."""
 
     train_sentences: int = toy_config.TRAIN_SENTENCES
+    encoder_sentences: int = toy_config.ENCODER_SENTENCES  # heard by the encoder's pretraining alone
     heldout_sentences: int = toy_config.HELDOUT_SENTENCES
     voices: tuple[Voice, ...] = tuple(
         voice_grid(toy_config.VOICE_NAMES, toy_config.VOICE_RATES, toy_config.VOICE_PITCHES)
@@ -148,6 +149,7 @@ def build_corpus(folder: Path, sizes: Sizes) -> None:
         seed=sizes.seed,
         asks=dict(sizes.asks),
         copy_sequences=sizes.copy_sequences,
+        encoder_sentences=sizes.encoder_sentences,
     )
 
 
@@ -230,11 +232,17 @@ def stage2_options(stage1: str | Path, corpus: str | Path, sizes: Sizes) -> dict
     )
 
 
-def build_stage2(folder: Path, stage1: Path, speech: str | Path, sizes: Sizes, *, workers: int = 2) -> Path:
-    """SALAD's stage 2 on the stage-1 run `stage1` (one seed, active selection); returns its run folder."""
+def build_stage2(
+    folder: Path, stage1: Path, speech: str | Path, sizes: Sizes, *, workers: int = 2, heard: Sequence[str | Path] = ()
+) -> Path:
+    """SALAD's stage 2 on the stage-1 run `stage1` (one seed, active selection); returns its run folder.
+
+    Its web corpus holds no sentence of the stage-1 speech manifest `speech`, nor of the `heard`
+    manifests that exist (the encoder's own pretraining speech): its texts are new to every part."""
     from speechlm_jax.selection import main as select
 
-    corpus = write_web_corpus(folder / "corpus.jsonl", transcripts(speech), sizes.stage2_corpus, seed=sizes.seed)
+    seen = transcripts(speech).union(*(transcripts(m) for m in heard if Path(m).exists()))
+    corpus = write_web_corpus(folder / "corpus.jsonl", seen, sizes.stage2_corpus, seed=sizes.seed)
     select.run_stages(
         ["embed", "cluster", "probe", "sample", "synthesize", "targets", "train"],
         workdir=str(folder),

@@ -423,7 +423,9 @@ def plan(out: Path, recipes: Sequence[str], sizes: Any, eval_sentences: int, *, 
                 STAGE2,
                 stage2_spec,
                 ("recipe/salad", "speech"),
-                lambda f: build.build_stage2(f, out / "recipe" / "salad", p["speech"], sizes, workers=speakers),
+                lambda f: build.build_stage2(
+                    f, out / "recipe" / "salad", p["speech"], sizes, workers=speakers, heard=(p["speech_encoder"],)
+                ),
             )
         )
         steps.append(

@@ -6,6 +6,8 @@ One builder serves the demo (thousands of sentences, many voices) and the `:tiny
 variants and tests (a dozen sentences, one voice). A corpus folder holds
 
     train.txt, heldout.txt       the sentences (hash-disjoint splits, `toyworld.sentences`)
+    encoder.txt                  further training-split sentences, disjoint from train.txt, for
+                                 the speech encoder's pretraining alone (`encoder_sentences`)
     tokenizer/                   a word-level HF tokenizer covering every word a sentence,
                                  a registered phrasing or an answer can contain
     text_sft.jsonl               chat examples of the toy tasks about the training sentences
@@ -33,6 +35,8 @@ from speechlm_jax.toyworld.tasks import TOY_TASKS, all_words, register_toy_tasks
 from speechlm_jax.toyworld.vocab import sentence_words
 
 SPLITS = ("train", "heldout")
+# The speech splits `speak` writes: the two sentence splits, and the encoder's own sentences.
+SPEECH_SPLITS = (*SPLITS, "encoder")
 # The `:tiny` corpus's text SFT asks three tasks only: enough for VoiceTextBlender's text part.
 TINY_TEXT_TASKS = ("first_word", "last_word", "count_words")
 
@@ -46,16 +50,27 @@ def build_corpus(
     tasks: Sequence[TextTask] = TOY_TASKS,
     asks: Mapping[str, int] | None = None,
     copy_sequences: int = 0,
+    encoder_sentences: int = 0,
 ) -> Path:
     """Writes the sentences, the tokenizer, the text SFT data and `copy_sequences` copying
-    sequences (`copy_lm.jsonl`, `write_copy_sequences`) into `folder`; returns it."""
+    sequences (`copy_lm.jsonl`, `write_copy_sequences`) into `folder`; returns it.
+
+    `encoder_sentences`: that many more training-split sentences in `encoder.txt`, the ones drawn
+    after the `train_sentences` (the same seeded stream), so no text SFT row, teacher target or
+    recipe example is about them; only the encoder's pretraining hears them."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     register_toy_tasks()
-    train = toy_sentences.sentences("train", train_sentences, seed=seed)
+    stream = toy_sentences.sentences("train", train_sentences + encoder_sentences, seed=seed)
+    train, encoder = stream[:train_sentences], stream[train_sentences:]
     heldout = toy_sentences.sentences("heldout", heldout_sentences, seed=seed)
     (folder / "train.txt").write_text("\n".join(train) + "\n")
     (folder / "heldout.txt").write_text("\n".join(heldout) + "\n")
+    encoder_file = folder / "encoder.txt"
+    if encoder:
+        encoder_file.write_text("\n".join(encoder) + "\n")
+    else:
+        encoder_file.unlink(missing_ok=True)
     # Every registered phrasing (the built-in asr / continuation / spoken_qa ones too) must tokenize.
     prompts = [
         p.replace("{content}", " ").replace("{question}", " ")
@@ -113,9 +128,12 @@ def speak(
     seed: int = 0,
     progress: bool = False,
 ) -> Path:
-    """Both splits spoken into `out/<split>/manifest.jsonl`, one voice per utterance (hash of its id)."""
+    """Each split of the corpus (`SPEECH_SPLITS`; `encoder` only where the corpus has it) spoken into
+    `out/<split>/manifest.jsonl`, one voice per utterance (hash of its id)."""
     out = Path(out)
-    for split in SPLITS:
+    for split in SPEECH_SPLITS:
+        if split == "encoder" and not (Path(corpus) / "encoder.txt").exists():
+            continue
         items = [{"id": f"{split}{i:05d}", "text": t} for i, t in enumerate(read_sentences(corpus, split))]
         synthesize_corpus(items, out / split, voices=list(voices), workers=workers, seed=seed, progress=progress)
     return out

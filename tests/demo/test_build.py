@@ -134,6 +134,7 @@ def miniature(monkeypatch: pytest.MonkeyPatch) -> build.Sizes:
         monkeypatch.setattr(toy_config, name, value)
     return build.Sizes(
         train_sentences=8,
+        encoder_sentences=3,
         heldout_sentences=4,
         voices=(Voice(rate=220),),
         copy_sequences=16,
@@ -159,6 +160,13 @@ def test_miniature_demo_builds_every_stage_and_reports(tmp_path: Path, miniature
     assert recipe_config["model"]["length_adapter"]["output"] == "embeddings"
     align_config = json.loads((out / "align" / "run" / "config.json").read_text())
     assert align_config["model"]["projector"]["ctc_blank"] and recipe_config["model"]["projector"]["ctc_blank"]
+    # The encoder's pretraining alone hears the corpus's encoder sentences, besides the training speech.
+    paths = toy_config.paths(out)
+    encoder_config = json.loads((out / "encoder" / "run" / "config.json").read_text())
+    assert [s["path"] for s in encoder_config["data"]["speech_sources"]] == [paths["speech"], paths["speech_encoder"]]
+    assert [s["path"] for s in recipe_config["data"]["speech_sources"]] == [paths["speech"]]
+    heard_by_encoder = build.transcripts(paths["speech_encoder"])
+    assert len(heard_by_encoder) == 3 and not heard_by_encoder & build.transcripts(paths["speech"])
     for row in report["recipes"].values():
         for key in (
             "speech_acc_seen",
@@ -184,6 +192,9 @@ def test_miniature_demo_builds_every_stage_and_reports(tmp_path: Path, miniature
     assert stage2["train"]["steps"] == 2 + 3
     assert stage2["data"]["speech_sources"][-1]["path"] == str(out / "stage2" / "salad" / "synth" / "manifest.jsonl")
     drawn = (out / "stage2" / "salad" / "sample" / "selected.jsonl").read_text().splitlines()
+    # Stage 2's web texts are new to the encoder too.
+    web = {json.loads(line)["text"] for line in (out / "stage2" / "salad" / "corpus.jsonl").read_text().splitlines()}
+    assert len(web) == 12 and not web & (heard_by_encoder | build.transcripts(paths["speech"]))
     assert drawn and "| salad+stage2 |" in (out / "report.md").read_text()
 
     again = demo.run_demo(out, ("mtbi", "salad"), sizes=miniature, eval_sentences=1)

@@ -294,3 +294,23 @@ def test_copy_sequences_repeat_random_sentence_words_and_tokenize(tmp_path):
     for row in rows[:50]:
         ids = tokenizer(row["messages"][0]["content"], add_special_tokens=False)["input_ids"]
         assert tokenizer.unk_token_id not in ids
+
+
+def test_encoder_sentences_extend_the_training_stream_and_no_text_data_is_about_them(tmp_path):
+    from speechlm_jax.toyworld.corpus import build_corpus, read_sentences
+
+    plain = build_corpus(tmp_path / "plain", train_sentences=6, heldout_sentences=3)
+    assert not (plain / "encoder.txt").exists()
+    folder = build_corpus(tmp_path / "more", train_sentences=6, heldout_sentences=3, encoder_sentences=5)
+    train, heldout = read_sentences(folder, "train"), read_sentences(folder, "heldout")
+    encoder = read_sentences(folder, "encoder")
+    # The training sentences and the teacher's data are those of a corpus without them.
+    assert train == read_sentences(plain, "train") and heldout == read_sentences(plain, "heldout")
+    assert (folder / "text_sft.jsonl").read_text() == (plain / "text_sft.jsonl").read_text()
+    # The next five of the same training stream: distinct, and in neither split.
+    assert encoder == toy_sentences.sentences("train", 11)[6:]
+    assert len(set(encoder)) == 5 and not set(encoder) & (set(train) | set(heldout))
+    assert all(toy_sentences.split_of(s) == "train" for s in encoder)
+    # A rebuild without them removes the stale file.
+    build_corpus(tmp_path / "more", train_sentences=6, heldout_sentences=3)
+    assert not (folder / "encoder.txt").exists()
