@@ -26,9 +26,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.lr.lora = 1e-4
     c.data.kinds = ml_collections.ConfigDict({"asr": 1.0})
     if a.variant == "toy":
-        # Transcripts only; projector + LLM LoRA.
+        # Transcripts only; projector + LLM LoRA. On the demo's stages its LoRA at 1e-3 kept 87.3% of the
+        # teacher's 93.3 text accuracy (WER 12.4); at 2e-4, 91.7 (WER 13.3); at 1e-4 (an earlier
+        # connector) its transcripts got worse (27.6 against 22.2 at 1e-3). README, the toy world's table.
         c = toyworld.recipe(c, a.out)
-        c.optimizer.lr.lora = 1e-3
+        c.optimizer.lr.lora = 2e-4
         c.data.interleave_prob = 0.0
         c.data.max_slots = 1
         return c
