@@ -205,6 +205,11 @@ def transcripts(manifest: str | Path) -> set[str]:
     return {" ".join(json.loads(line)["text"].split()) for line in lines if line.strip()}
 
 
+def heard_transcripts(manifests: Sequence[str | Path]) -> set[str]:
+    """The transcripts of every manifest in `manifests` that exists: what some part of the model heard."""
+    return set().union(*(transcripts(m) for m in manifests if Path(m).exists()))
+
+
 def write_web_corpus(path: Path, seen: set[str], size: int, *, seed: int = 0) -> Path:
     """Stage 2's text corpus: `size` toy training sentences not in `seen` (the stage-1 speech), as JSONL."""
     fresh = [s for s in toy_sentences.sentences("train", size * 4 + len(seen), seed=seed) if s not in seen][:size]
@@ -241,7 +246,7 @@ def build_stage2(
     manifests that exist (the encoder's own pretraining speech): its texts are new to every part."""
     from speechlm_jax.selection import main as select
 
-    seen = transcripts(speech).union(*(transcripts(m) for m in heard if Path(m).exists()))
+    seen = transcripts(speech) | heard_transcripts(heard)
     corpus = write_web_corpus(folder / "corpus.jsonl", seen, sizes.stage2_corpus, seed=sizes.seed)
     select.run_stages(
         ["embed", "cluster", "probe", "sample", "synthesize", "targets", "train"],

@@ -188,7 +188,9 @@ class Study:
         folder = self.out / "shared"
 
         def build_shared(f: Path) -> None:
-            build.write_web_corpus(f / "corpus.jsonl", build.transcripts(self.speech), a.corpus_size, seed=a.seed)
+            # No sentence the stage-1 speech or the encoder's pretraining holds (as the demo's stage 2).
+            heard = build.heard_transcripts((self.speech, self.paths["speech_encoder"]))
+            build.write_web_corpus(f / "corpus.jsonl", heard, a.corpus_size, seed=a.seed)
             select.run_stages(
                 list(SHARED), workdir=str(f), seed=a.seed, set=[self.cache], **self._select_options(stage1)
             )
